@@ -1,0 +1,32 @@
+"""Native kernels of cynag: arrays and scalars in, nothing else.
+
+This package never imports :mod:`cynag`; it can be used, tested and
+benchmarked on its own.
+
+* :func:`nesterov_ag_cpu` -- fused NesterovAG step on NumPy arrays
+  (Cython, typed memoryviews, OpenMP ``prange``).
+* :func:`nesterov_ag_coefficients` -- the scalar coefficients, rounded as
+  Chainer rounds them; shared by the kernels and the tests.
+* :mod:`cynag_kernels.threads` -- thread count and parallel threshold.
+"""
+from cynag_kernels._openmp_helpers import build_info, openmp_enabled
+from cynag_kernels.nesterov import (
+    SUPPORTED_DTYPES,
+    check_nesterov_ag_arrays,
+    compute_dtype,
+    nesterov_ag_coefficients,
+    nesterov_ag_cpu,
+)
+from cynag_kernels.threads import (
+    DEFAULT_PARALLEL_THRESHOLD,
+    get_num_threads,
+    get_parallel_threshold,
+    set_num_threads,
+    set_parallel_threshold,
+)
+
+__all__ = [
+    "SUPPORTED_DTYPES", "DEFAULT_PARALLEL_THRESHOLD", "build_info", "openmp_enabled",
+    "check_nesterov_ag_arrays", "compute_dtype", "nesterov_ag_coefficients", "nesterov_ag_cpu",
+    "get_num_threads", "set_num_threads", "get_parallel_threshold", "set_parallel_threshold",
+]

@@ -1,0 +1,174 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Fused NesterovAG update on the CPU: one pass over param, grad and v.
+
+Per element, in exactly the order of Chainer's numpy sequence
+(``v *= m; v -= lr * g; p += mm * v; p -= c * g``)::
+
+    v = v * m - lr * g
+    p = (p + mm * v) - c * g
+
+where ``lr``, ``m``, ``mm = m * m`` and ``c = (1 + m) * lr`` have already been
+rounded to the compute type by :func:`cynag_kernels.nesterov_ag_coefficients`.
+The build disables floating-point contraction, so float32 and float64 results
+are bit-identical to numpy's.  float16 arrays are read into float32, updated in
+float32 and stored as float16 (round to nearest even); the parameter update
+uses the stored float16 ``v``, as Chainer's sequence does.
+
+The entry points take typed memoryviews of one element type (float32,
+float64, or float16 viewed as uint16) and plain scalars; the thread count is a
+plain ``int`` decided by the caller.  Nothing here reads the environment.
+"""
+from cython.parallel cimport prange
+from libc.stdint cimport uint16_t
+
+cdef extern from "_half.h" nogil:
+    float cynag_half_to_float(uint16_t h)
+    uint16_t cynag_float_to_half(float f)
+
+
+ctypedef fused storage_t:
+    float
+    double
+    uint16_t
+
+# Elements handed to one thread at a time are a multiple of this, so that
+# two threads never write the same 64-byte cache line of a contiguous array.
+cdef enum:
+    CHUNK_ALIGN = 64
+
+
+# --------------------------------------------------------------------------
+# Per-element arithmetic: the only place where the update is written down.
+# --------------------------------------------------------------------------
+cdef inline void _elem(storage_t* p, const storage_t* g, storage_t* v,
+                       double lr, double m, double mm, double c) noexcept nogil:
+    cdef float lr32, m32, mm32, c32, g32, v32
+    cdef double gd, vd
+    if storage_t is double:
+        gd = g[0]
+        vd = v[0] * m - lr * gd
+        v[0] = vd
+        p[0] = (p[0] + mm * vd) - c * gd
+    elif storage_t is float:
+        lr32 = <float>lr
+        m32 = <float>m
+        mm32 = <float>mm
+        c32 = <float>c
+        g32 = g[0]
+        v32 = v[0] * m32 - lr32 * g32
+        v[0] = v32
+        p[0] = (p[0] + mm32 * v32) - c32 * g32
+    else:
+        lr32 = <float>lr
+        m32 = <float>m
+        mm32 = <float>mm
+        c32 = <float>c
+        g32 = cynag_half_to_float(g[0])
+        v[0] = cynag_float_to_half(cynag_half_to_float(v[0]) * m32 - lr32 * g32)
+        v32 = cynag_half_to_float(v[0])
+        p[0] = cynag_float_to_half((cynag_half_to_float(p[0]) + mm32 * v32) - c32 * g32)
+
+
+cdef inline void _span(storage_t* p, const storage_t* g, storage_t* v, Py_ssize_t n,
+                       double lr, double m, double mm, double c) noexcept nogil:
+    """Contiguous run of ``n`` elements (the loop the compiler vectorises)."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        _elem(p + i, g + i, v + i, lr, m, mm, c)
+
+
+# --------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------
+def nesterov_ag_contiguous(storage_t[::1] param,        # IN/OUT
+                           const storage_t[::1] grad,   # IN
+                           storage_t[::1] v,            # IN/OUT
+                           double lr, double momentum, double mm, double c,
+                           int n_threads):
+    """Update 1-d contiguous views in place; ``n_threads <= 1`` runs serially."""
+    cdef Py_ssize_t n = param.shape[0]
+    cdef Py_ssize_t chunk, n_chunks, k, start, stop
+    cdef storage_t* pp
+    cdef const storage_t* gp
+    cdef storage_t* vp
+    if grad.shape[0] != n or v.shape[0] != n:
+        raise ValueError("param, grad and v must have the same length")
+    if n == 0:
+        return
+    pp = &param[0]
+    gp = &grad[0]
+    vp = &v[0]
+    if n_threads <= 1:
+        with nogil:
+            _span(pp, gp, vp, n, lr, momentum, mm, c)
+        return
+    # One static chunk per thread, rounded up to whole cache lines.
+    chunk = (n + n_threads - 1) // n_threads
+    k = CHUNK_ALIGN // sizeof(storage_t)
+    chunk = ((chunk + k - 1) // k) * k
+    n_chunks = (n + chunk - 1) // chunk
+    for k in prange(n_chunks, nogil=True, schedule="static",
+                    num_threads=min(n_threads, n_chunks)):
+        start = k * chunk
+        stop = min(start + chunk, n)
+        _span(pp + start, gp + start, vp + start, stop - start,
+              lr, momentum, mm, c)
+
+
+def nesterov_ag_strided(storage_t[:, :] param,          # IN/OUT
+                        const storage_t[:, :] grad,     # IN
+                        storage_t[:, :] v,              # IN/OUT
+                        double lr, double momentum, double mm, double c,
+                        int n_threads):
+    """Update 2-d views of any strides in place (row-major walk).
+
+    The caller collapses any array whose axes can be merged to at most two
+    axes; the flattened index range is split into one chunk per thread.
+    """
+    cdef Py_ssize_t rows = param.shape[0]
+    cdef Py_ssize_t cols = param.shape[1]
+    cdef Py_ssize_t total = rows * cols
+    cdef Py_ssize_t chunk, n_chunks, k, start, stop, i, r, col
+    if (grad.shape[0] != rows or grad.shape[1] != cols
+            or v.shape[0] != rows or v.shape[1] != cols):
+        raise ValueError("param, grad and v must have the same shape")
+    if total == 0:
+        return
+    if n_threads < 1:
+        n_threads = 1
+    chunk = (total + n_threads - 1) // n_threads
+    n_chunks = (total + chunk - 1) // chunk
+    for k in prange(n_chunks, nogil=True, schedule="static",
+                    num_threads=min(n_threads, n_chunks),
+                    use_threads_if=n_chunks > 1):
+        start = k * chunk
+        stop = min(start + chunk, total)
+        r = start // cols
+        col = start - r * cols
+        i = start
+        while i < stop:
+            _elem(&param[r, col], &grad[r, col], &v[r, col], lr, momentum, mm, c)
+            col = col + 1
+            if col == cols:
+                col = 0
+                r = r + 1
+            i = i + 1
+
+
+# --------------------------------------------------------------------------
+# float16 conversion, exposed for the tests of _half.h
+# --------------------------------------------------------------------------
+def half_bits_to_float(const uint16_t[::1] src, float[::1] dst):
+    """dst[i] = float(src[i]) where src holds float16 bit patterns."""
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(src.shape[0]):
+            dst[i] = cynag_half_to_float(src[i])
+
+
+def float_to_half_bits(const float[::1] src, uint16_t[::1] dst):
+    """dst[i] = float16 bit pattern of src[i], rounded to nearest even."""
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(src.shape[0]):
+            dst[i] = cynag_float_to_half(src[i])

@@ -1,0 +1,178 @@
+"""NesterovAG update: scalar coefficients, argument checks and the CPU launcher.
+
+Everything here takes arrays and scalars; it knows nothing of parameters,
+update rules or hooks.
+"""
+import numpy
+
+from cynag_kernels import _nesterov_cpu
+from cynag_kernels.threads import threads_for
+
+#: Array dtypes the kernels update.
+SUPPORTED_DTYPES = (numpy.dtype(numpy.float16), numpy.dtype(numpy.float32),
+                    numpy.dtype(numpy.float64))
+
+_ARRAY_NAMES = ("param", "grad", "v")
+
+
+def compute_dtype(dtype):
+    """dtype in which the kernels compute for arrays of ``dtype`` (float16 -> float32)."""
+    dtype = numpy.dtype(dtype)
+    return numpy.dtype(numpy.float32) if dtype == numpy.float16 else dtype
+
+
+def nesterov_ag_coefficients(lr, momentum, dtype, device="cpu"):
+    """Scalar coefficients of one NesterovAG step, rounded as Chainer rounds them.
+
+    Args:
+        lr, momentum: the hyperparameters (Python or NumPy scalars).
+        dtype: dtype of the parameter array.
+        device: ``'cpu'`` or ``'gpu'``.
+
+    Returns:
+        For ``'cpu'``, ``(lr, momentum, mm, c)`` as scalars of the compute
+        dtype, where ``mm = momentum * momentum`` and
+        ``c = (1 + momentum) * lr`` are first evaluated on the given scalars
+        (in double precision for Python floats) and rounded once, exactly as
+        Chainer's numpy sequence ``v *= m; v -= lr * g; p += m * m * v;
+        p -= (1 + m) * lr * g`` rounds them when it meets a float32 or
+        float64 array.  For ``'gpu'``, ``(lr, momentum)`` converted to the
+        kernel's scalar type: Chainer's elementwise kernel receives them in
+        the array dtype and forms the products on the device.
+
+    float16 arrays compute in float32, so their coefficients are float32.
+    """
+    cdtype = compute_dtype(dtype)
+    if device == "cpu":
+        mm = momentum * momentum
+        c = (1 + momentum) * lr
+        t = cdtype.type
+        return t(lr), t(momentum), t(mm), t(c)
+    if device == "gpu":
+        t = cdtype.type
+        return t(lr), t(momentum)
+    raise ValueError("device must be 'cpu' or 'gpu', got %r" % (device,))
+
+
+def _array_kind(a):
+    return "%s.%s" % (type(a).__module__.split(".")[0], type(a).__name__)
+
+
+def check_nesterov_ag_arrays(param, grad, v, xp=numpy):
+    """Raise TypeError/ValueError if the three arrays cannot be updated together.
+
+    Checks: arrays of module ``xp`` (NumPy by default), a supported floating
+    dtype in native byte order shared by all three, equal shapes, ``param``
+    and ``v`` writeable, and no two of them overlapping in memory.  Messages
+    name the array (``param``, ``grad`` or ``v``).
+    """
+    arrays = (param, grad, v)
+    for name, a in zip(_ARRAY_NAMES, arrays):
+        if not isinstance(a, xp.ndarray):
+            raise TypeError(
+                "%s must be a %s.ndarray, got %s (param, grad and state must live on "
+                "the same device)" % (name, xp.__name__, _array_kind(a)))
+    if param.dtype not in SUPPORTED_DTYPES or not param.dtype.isnative:
+        raise TypeError(
+            "param has dtype %s; NesterovAG updates float16, float32 and float64 "
+            "arrays in native byte order" % (param.dtype.str if not param.dtype.isnative
+                                             else param.dtype,))
+    for name, a in (("grad", grad), ("v", v)):
+        if a.dtype != param.dtype:
+            raise TypeError("%s has dtype %s but param has dtype %s"
+                            % (name, a.dtype, param.dtype))
+        if a.shape != param.shape:
+            raise ValueError("%s has shape %s but param has shape %s"
+                             % (name, a.shape, param.shape))
+    if xp is numpy:
+        for name, a in (("param", param), ("v", v)):
+            if not a.flags.writeable:
+                raise ValueError("%s is read-only (its array is not writeable)" % name)
+        for (n1, a1), (n2, a2) in (((("param", param), ("v", v))),
+                                   (("param", param), ("grad", grad)),
+                                   (("v", v), ("grad", grad))):
+            if a1.size and a2.size and numpy.may_share_memory(a1, a2) \
+                    and numpy.shares_memory(a1, a2):
+                raise ValueError("%s and %s overlap in memory" % (n1, n2))
+
+
+def _collapse(shape, strides_list):
+    """Merge axes that all arrays can walk as one; drop length-1 axes."""
+    axes = []
+    for i, size in enumerate(shape):
+        if size == 1:
+            continue
+        strides = [s[i] for s in strides_list]
+        if axes and all(outer == inner * size for outer, inner in zip(axes[-1][1], strides)):
+            axes[-1] = (axes[-1][0] * size, strides)
+        else:
+            axes.append((size, strides))
+    return axes
+
+
+def _kernel_views(param, grad, v):
+    """('contiguous' | 'strided', p, g, v) views for the kernel, or None."""
+    if param.ndim == 0:
+        param, grad, v = param.reshape(1), grad.reshape(1), v.reshape(1)
+    for order, flag in (("C", "c_contiguous"), ("F", "f_contiguous")):
+        if getattr(param.flags, flag) and getattr(grad.flags, flag) and getattr(v.flags, flag):
+            return "contiguous", param.ravel(order), grad.ravel(order), v.ravel(order)
+    arrays = (param, grad, v)
+    axes = _collapse(param.shape, [a.strides for a in arrays])
+    if len(axes) > 2:
+        return None
+    while len(axes) < 2:
+        axes.insert(0, (1, [0, 0, 0]))
+    shape = (axes[0][0], axes[1][0])
+    views = [numpy.lib.stride_tricks.as_strided(a, shape, (axes[0][1][k], axes[1][1][k]))
+             for k, a in enumerate(arrays)]
+    return ("strided",) + tuple(views)
+
+
+def nesterov_ag_cpu(param, grad, v, lr, momentum, num_threads=None, check=True):
+    """One fused NesterovAG step on NumPy arrays, in place.
+
+    ``param`` and ``v`` are updated in place from ``grad``::
+
+        v     = v * momentum - lr * grad
+        param = (param + mm * v) - c * grad
+
+    with the coefficients of :func:`nesterov_ag_coefficients`.  Any shape
+    and strides are accepted (0-d and empty arrays included); arrays that can
+    be walked as one contiguous block take the vectorised fast path.
+
+    Args:
+        param, grad, v: NumPy arrays of one float dtype and one shape.
+        lr, momentum: hyperparameters (scalars).
+        num_threads: OpenMP threads; ``None`` applies
+            :func:`cynag_kernels.threads.threads_for` (one thread below the
+            parallel threshold).
+        check: validate the arguments first (see
+            :func:`check_nesterov_ag_arrays`); pass ``False`` only when the
+            caller has just done so.
+    """
+    if check:
+        check_nesterov_ag_arrays(param, grad, v)
+    n = param.size
+    if n == 0:
+        return
+    lr_c, m_c, mm_c, c_c = nesterov_ag_coefficients(lr, momentum, param.dtype)
+    if num_threads is None:
+        num_threads = threads_for(n)
+    if param.dtype == numpy.float16:
+        param, grad, v = (a.view(numpy.uint16) for a in (param, grad, v))
+    views = _kernel_views(param, grad, v)
+    args = (float(lr_c), float(m_c), float(mm_c), float(c_c), int(num_threads))
+    if views is None:
+        # Axes that cannot be collapsed to two: update contiguous copies and
+        # write them back (rare: e.g. a transposed 3-d view next to a C array).
+        pc, gc, vc = (numpy.ascontiguousarray(a) for a in (param, grad, v))
+        _nesterov_cpu.nesterov_ag_contiguous(pc.reshape(-1), gc.reshape(-1), vc.reshape(-1), *args)
+        param[...] = pc
+        v[...] = vc
+        return
+    kind, p, g, vv = views
+    if kind == "contiguous":
+        _nesterov_cpu.nesterov_ag_contiguous(p, g, vv, *args)
+    else:
+        _nesterov_cpu.nesterov_ag_strided(p, g, vv, *args)

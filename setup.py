@@ -1,0 +1,155 @@
+"""Build script for the native kernels in ``cynag_kernels``.
+
+The package metadata lives in ``pyproject.toml``; this file only declares the
+Cython extensions and decides how to compile them:
+
+* OpenMP is probed for the compiler in use by compiling, linking and running a
+  tiny parallel program with the flags that compiler needs (``-fopenmp`` for
+  GCC and Clang, ``/openmp`` for MSVC, ``-Xpreprocessor -fopenmp -lomp`` for
+  Apple Clang).  If no flag works the extensions are built without OpenMP,
+  single-threaded and still correct, with a loud warning; ``cynag.show_config()``
+  reports it.  ``CYNAG_DISABLE_OPENMP=1`` forces such a build.
+* Floating-point contraction into fused multiply-add is switched off
+  (``-ffp-contract=off``; MSVC's default ``/fp:precise`` does not contract), so
+  that the CPU update is bit-identical to Chainer's numpy sequence.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+_OPENMP_TEST_PROGRAM = textwrap.dedent(
+    """
+    #include <omp.h>
+    #include <stdio.h>
+    int main(void) {
+        int n = 0;
+        #pragma omp parallel reduction(+:n)
+        n += 1;
+        printf("%d %d\\n", n, omp_get_max_threads());
+        return n == omp_get_max_threads() ? 0 : 1;
+    }
+    """
+)
+
+
+def _compiler_family(compiler):
+    """'msvc', 'apple-clang', 'clang', 'intel' or 'gcc' for a distutils compiler."""
+    if compiler.compiler_type == "msvc":
+        return "msvc"
+    exe = os.path.basename(str(compiler.compiler[0])) if getattr(compiler, "compiler", None) else "cc"
+    try:
+        version = subprocess.run(
+            [compiler.compiler[0], "--version"], capture_output=True, text=True, timeout=30
+        ).stdout.lower()
+    except Exception:  # pragma: no cover - exotic toolchains
+        version = exe
+    if "apple" in version and "clang" in version:
+        return "apple-clang"
+    if "clang" in version:
+        return "clang"
+    if "icc" in exe or "icx" in exe or "intel" in version:
+        return "intel"
+    return "gcc"
+
+
+def _openmp_flags(family):
+    """Candidate (compile_args, link_args) pairs for OpenMP, best first."""
+    if family == "msvc":
+        return [(["/openmp"], [])]
+    if family == "apple-clang":
+        return [(["-Xpreprocessor", "-fopenmp"], ["-lomp"])]
+    if family == "intel":
+        return [(["-fiopenmp"], ["-fiopenmp"]), (["-qopenmp"], ["-qopenmp"])]
+    return [(["-fopenmp"], ["-fopenmp"])]
+
+
+def _probe_openmp(compiler, compile_args, link_args):
+    """Compile, link and run a tiny OpenMP program; True if it all works."""
+    tmp = tempfile.mkdtemp(prefix="cynag-omp-")
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp)
+        with open("omp_probe.c", "w") as f:
+            f.write(_OPENMP_TEST_PROGRAM)
+        objects = compiler.compile(["omp_probe.c"], extra_postargs=compile_args)
+        exe = "omp_probe" + (".exe" if sys.platform == "win32" else "")
+        compiler.link_executable(objects, "omp_probe", extra_postargs=link_args)
+        out = subprocess.run([os.path.join(tmp, exe)], capture_output=True, text=True, timeout=60)
+        return out.returncode == 0
+    except Exception:
+        return False
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class BuildExt(build_ext):
+    """build_ext that adds OpenMP (when it works) and strict FP flags."""
+
+    def build_extensions(self):
+        family = _compiler_family(self.compiler)
+        compile_args, link_args, openmp = [], [], False
+        if os.environ.get("CYNAG_DISABLE_OPENMP", "0") not in ("", "0"):
+            print("cynag: OpenMP disabled by CYNAG_DISABLE_OPENMP", file=sys.stderr)
+        else:
+            for c_args, l_args in _openmp_flags(family):
+                if _probe_openmp(self.compiler, c_args, l_args):
+                    compile_args, link_args, openmp = list(c_args), list(l_args), True
+                    break
+            if not openmp:
+                print(
+                    "\n" + "*" * 72 + "\n"
+                    "cynag: WARNING: the compiler (%s) could not build an OpenMP program.\n"
+                    "The CPU kernels are built single-threaded (still correct).\n"
+                    "Install an OpenMP runtime (libgomp / libomp) to get threads.\n" % family
+                    + "*" * 72 + "\n",
+                    file=sys.stderr,
+                )
+        if family == "msvc":
+            fp_args = ["/fp:precise"]
+        else:
+            fp_args = ["-ffp-contract=off", "-fno-fast-math", "-O3"]
+        compiler_desc = "%s (%s)" % (family, os.path.basename(str(self.compiler.compiler[0]))
+                                     if getattr(self.compiler, "compiler", None) else family)
+        for ext in self.extensions:
+            ext.extra_compile_args = fp_args + compile_args + list(ext.extra_compile_args or [])
+            ext.extra_link_args = link_args + list(ext.extra_link_args or [])
+            ext.define_macros = list(ext.define_macros or []) + [
+                ("CYNAG_COMPILER", '"%s"' % compiler_desc.replace('"', "")),
+                ("CYNAG_OPENMP_FLAGS", '"%s"' % " ".join(compile_args)),
+            ]
+        super().build_extensions()
+
+
+def _extensions():
+    from Cython.Build import cythonize
+
+    names = ["_openmp_helpers", "_nesterov_cpu"]
+    exts = [
+        Extension(
+            "cynag_kernels.%s" % name,
+            ["cynag_kernels/%s.pyx" % name],
+            include_dirs=["cynag_kernels"],
+            depends=["cynag_kernels/_half.h", "cynag_kernels/_openmp.pxd"],
+        )
+        for name in names
+    ]
+    return cythonize(
+        exts,
+        language_level=3,
+        compiler_directives={
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+        },
+    )
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})
