@@ -1,0 +1,25 @@
+"""cynag: Chainer's NesterovAG optimizer with a fused native update.
+
+Chainer's optimizer API under a new name: port Chainer code by changing
+``chainer`` to ``cynag`` in the imports.  A ``chainer.Link`` can be passed to
+``setup`` as is.
+"""
+__version__ = "0.1.0"
+
+from cynag import optimizer, optimizers
+from cynag._config import config, show_config
+from cynag.link import Chain, ChainList, Link
+from cynag.optimizer import GradientMethod, Hyperparameter, Optimizer, UpdateRule
+from cynag.parameter import Parameter
+from cynag_kernels.threads import (
+    get_num_threads,
+    get_parallel_threshold,
+    set_num_threads,
+    set_parallel_threshold,
+)
+
+__all__ = [
+    "Chain", "ChainList", "GradientMethod", "Hyperparameter", "Link", "Optimizer",
+    "Parameter", "UpdateRule", "config", "get_num_threads", "get_parallel_threshold",
+    "optimizer", "optimizers", "set_num_threads", "set_parallel_threshold", "show_config",
+]

@@ -1,0 +1,35 @@
+"""Which device an array lives on, without importing CuPy."""
+import numpy
+
+
+def is_cupy_array(a):
+    """True for a ``cupy.ndarray`` (checked by type, CuPy is never imported)."""
+    return type(a).__module__.split(".")[0] == "cupy" and hasattr(a, "device")
+
+
+def device_of(a):
+    """``'cpu'`` for NumPy arrays, ``'gpu:N'`` for CuPy arrays, else None."""
+    if isinstance(a, numpy.ndarray):
+        return "cpu"
+    if is_cupy_array(a):
+        return "gpu:%d" % a.device.id
+    return None
+
+
+def array_module(a):
+    """numpy for NumPy arrays, cupy for CuPy arrays (imported only then)."""
+    if is_cupy_array(a):
+        import cupy
+
+        return cupy
+    return numpy
+
+
+def describe(a):
+    """Short description of an array for error messages."""
+    if a is None:
+        return "None"
+    dev = device_of(a)
+    if dev is None:
+        return type(a).__name__
+    return "%s array on %s" % (type(a).__module__.split(".")[0], dev)

@@ -1,0 +1,60 @@
+"""show_config(): what this cynag build can do on this machine."""
+import importlib.util
+import platform
+import sys
+
+import numpy
+
+import cynag_kernels
+from cynag_kernels import threads
+
+
+def _cupy_status():
+    if importlib.util.find_spec("cupy") is None:
+        return "not installed (CPU only; pip install cupy-cuda12x or cupy-cuda13x for GPUs)"
+    try:
+        import cupy
+
+        n = cupy.cuda.runtime.getDeviceCount()
+        return "cupy %s, CUDA runtime %s, %d device(s)" % (
+            cupy.__version__, cupy.cuda.runtime.runtimeGetVersion(), n)
+    except Exception as e:  # a CuPy without a usable GPU
+        return "cupy installed but no usable GPU (%s: %s)" % (type(e).__name__, e)
+
+
+def config():
+    """The information printed by :func:`show_config`, as a dict."""
+    from cynag import __version__
+
+    build = cynag_kernels.build_info()
+    return {
+        "cynag": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "numpy": numpy.__version__,
+        "build": build,
+        "threads": threads.thread_config(),
+        "cupy": _cupy_status(),
+    }
+
+
+def show_config(file=None):
+    """Print version, build (OpenMP on/off, compiler), thread settings and CuPy status."""
+    c = config()
+    b, t = c["build"], c["threads"]
+    lines = [
+        "cynag %s" % c["cynag"],
+        "  python:    %s on %s" % (c["python"], c["platform"]),
+        "  numpy:     %s" % c["numpy"],
+        "  compiler:  %s" % b["compiler"],
+        "  OpenMP:    %s" % ("enabled (%s)" % b["openmp_flags"] if b["openmp"]
+                             else "DISABLED: kernels run on one thread"),
+        "  threads:   %d (from %s)" % (t["num_threads"], t["source"]),
+        "             CYNAG_NUM_THREADS=%s OMP_NUM_THREADS=%s omp_get_max_threads()=%d "
+        "usable CPUs=%d" % (t["CYNAG_NUM_THREADS"], t["OMP_NUM_THREADS"],
+                            t["omp_get_max_threads"], t["cpu_count"]),
+        "  parallel threshold: %d elements (CYNAG_PARALLEL_THRESHOLD, "
+        "cynag.set_parallel_threshold)" % t["parallel_threshold"],
+        "  GPU:       %s" % c["cupy"],
+    ]
+    print("\n".join(lines), file=file or sys.stdout)

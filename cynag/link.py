@@ -1,0 +1,342 @@
+"""Containers of parameters: Link, Chain and ChainList, as in Chainer.
+
+Parameters are registered by assignment inside ``init_scope()``; paths follow
+Chainer: ``/W`` for a parameter of the link itself, ``/l1/W`` for a child
+named ``l1`` of a :class:`Chain`, ``/0/W`` for the first child of a
+:class:`ChainList`.  Children and parameters are visited in sorted name order
+(list order for a ChainList), as Chainer visits them.
+"""
+import collections.abc
+import contextlib
+import warnings
+
+import numpy
+
+from cynag.parameter import Parameter
+
+
+class Link:
+    """A building block holding parameters.
+
+    Args:
+        **params: ``name=shape`` or ``name=(shape, dtype)`` registers an
+            uninitialized-valued (NaN) parameter of that shape, as in Chainer.
+    """
+
+    def __init__(self, **params):
+        self._params = set()
+        self._persistent = set()
+        self._within_init_scope = False
+        self.name = None
+        for name, value in params.items():
+            if (isinstance(value, tuple) and len(value) == 2
+                    and not isinstance(value[1], (int, numpy.integer))):
+                shape, dtype = value
+            else:
+                shape, dtype = value, numpy.float32
+            self.add_param(name, shape, dtype=dtype)
+
+    # -- registration ----------------------------------------------------
+    @property
+    def within_init_scope(self):
+        """True inside :meth:`init_scope`."""
+        return getattr(self, "_within_init_scope", False)
+
+    @contextlib.contextmanager
+    def init_scope(self):
+        """Context in which assigning a Parameter (or a Link, for a Chain) registers it."""
+        if "_params" not in self.__dict__:
+            raise RuntimeError("Link.__init__() has not been called.")
+        old = self.within_init_scope
+        self._within_init_scope = True
+        try:
+            yield
+        finally:
+            self._within_init_scope = old
+
+    def __setattr__(self, name, value):
+        if self.within_init_scope and isinstance(value, Parameter):
+            value.name = name
+            self._params.add(name)
+            self._persistent.discard(name)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        self._params.discard(name)
+        self._persistent.discard(name)
+        super().__delattr__(name)
+
+    def add_param(self, name, shape=None, dtype=numpy.float32, initializer=None):
+        """Register a new parameter ``name`` (NaN-filled unless ``initializer`` says otherwise)."""
+        if name in self.__dict__:
+            raise AttributeError("cannot register a new parameter %s: attribute exists" % name)
+        if initializer is None and shape is not None:
+            param = Parameter(numpy.full(shape, numpy.nan, dtype=dtype))
+        elif initializer is None:
+            param = Parameter(_NaN(dtype))
+        else:
+            param = Parameter(initializer, shape)
+        with self.init_scope():
+            setattr(self, name, param)
+
+    def add_persistent(self, name, value):
+        """Register a persistent (non-parameter) value."""
+        if name in self.__dict__:
+            raise AttributeError("cannot register a new persistent value %s: attribute exists"
+                                 % name)
+        self._persistent.add(name)
+        self._params.discard(name)
+        super().__setattr__(name, value)
+
+    def register_persistent(self, name):
+        """Mark an existing attribute as persistent."""
+        if not hasattr(self, name):
+            raise AttributeError("cannot register non-existent attribute %s as a persistent value"
+                                 % name)
+        self._persistent.add(name)
+        self._params.discard(name)
+
+    # -- traversal -------------------------------------------------------
+    def params(self, include_uninit=True):
+        """All parameters under this link, in Chainer's order."""
+        d = self.__dict__
+        for name in sorted(self._params):
+            if include_uninit or d[name].array is not None:
+                yield d[name]
+
+    def namedparams(self, include_uninit=True):
+        """All ``(path, parameter)`` pairs under this link."""
+        d = self.__dict__
+        for name in sorted(self._params):
+            if include_uninit or d[name].array is not None:
+                yield "/" + name, d[name]
+
+    def links(self, skipself=False):
+        """This link (unless ``skipself``) and all links under it."""
+        if not skipself:
+            yield self
+
+    def namedlinks(self, skipself=False):
+        """All ``(path, link)`` pairs, this link being ``'/'``."""
+        if not skipself:
+            yield "/", self
+
+    def children(self):
+        """Direct child links."""
+        return iter(())
+
+    # -- gradients and update flags ----------------------------------------
+    def cleargrads(self):
+        """Set every gradient to ``None``."""
+        for param in self.params():
+            param.cleargrad()
+
+    def zerograds(self):
+        """Fill every gradient with zeros (deprecated in Chainer: use cleargrads)."""
+        warnings.warn("Link.zerograds is deprecated. Use Link.cleargrads instead.",
+                      DeprecationWarning, stacklevel=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for param in self.params():
+                param.zerograd()
+
+    def enable_update(self):
+        """Enable the update rule of every parameter."""
+        for param in self.params():
+            if param.update_rule is not None:
+                param.update_rule.enabled = True
+
+    def disable_update(self):
+        """Disable (freeze) the update rule of every parameter."""
+        for param in self.params():
+            if param.update_rule is not None:
+                param.update_rule.enabled = False
+
+    @property
+    def update_enabled(self):
+        """True if at least one parameter has an enabled update rule."""
+        return any(p.update_rule is not None and p.update_rule.enabled for p in self.params())
+
+    def count_params(self):
+        """Total number of elements of the initialized parameters."""
+        return sum(p.size for p in self.params(include_uninit=False))
+
+    def serialize(self, serializer):
+        """Serialize parameters and persistent values (arrives with checkpoint support)."""
+        raise NotImplementedError("Link.serialize: checkpoint support is not available yet")
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__, ", ".join(
+            "%s=%s" % (p.name, getattr(p, "shape", None)) for p in self.params()))
+
+
+class _NaN:
+    """Initializer that fills with NaN and carries the dtype (Chainer's NaN)."""
+
+    def __init__(self, dtype):
+        self.dtype = numpy.dtype(dtype)
+
+    def __call__(self, array):
+        array[...] = numpy.nan
+
+
+class Chain(Link):
+    """A link made of named child links (registered in ``init_scope``).
+
+    Args:
+        **links: child links to register under their keyword names.
+    """
+
+    def __init__(self, **links):
+        super().__init__()
+        self._children = set()
+        for name, link in links.items():
+            self.add_link(name, link)
+
+    def __getitem__(self, name):
+        return getattr(self, name)
+
+    def __setattr__(self, name, value):
+        if self.within_init_scope and isinstance(value, Link):
+            if hasattr(self, name):
+                raise AttributeError("cannot register a new link %s: attribute exists" % name)
+            value.name = name
+            self._children.add(name)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        self._children.discard(name)
+        super().__delattr__(name)
+
+    def add_link(self, name, link):
+        """Register ``link`` as the child ``name``."""
+        if name in self.__dict__:
+            raise AttributeError("cannot register a new link %s: attribute exists" % name)
+        if not isinstance(link, Link):
+            raise TypeError("cannot register a non-link object as a child")
+        with self.init_scope():
+            setattr(self, name, link)
+
+    def params(self, include_uninit=True):
+        yield from super().params(include_uninit)
+        d = self.__dict__
+        for name in sorted(self._children):
+            yield from d[name].params(include_uninit)
+
+    def namedparams(self, include_uninit=True):
+        yield from super().namedparams(include_uninit)
+        d = self.__dict__
+        for name in sorted(self._children):
+            prefix = "/" + name
+            for path, param in d[name].namedparams(include_uninit):
+                yield prefix + path, param
+
+    def links(self, skipself=False):
+        if not skipself:
+            yield self
+        d = self.__dict__
+        for name in sorted(self._children):
+            yield from d[name].links()
+
+    def namedlinks(self, skipself=False):
+        if not skipself:
+            yield "/", self
+        d = self.__dict__
+        for name in sorted(self._children):
+            prefix = "/" + name
+            yield prefix, d[name]
+            for path, link in d[name].namedlinks(True):
+                yield prefix + path, link
+
+    def children(self):
+        d = self.__dict__
+        for name in sorted(self._children):
+            yield d[name]
+
+
+class ChainList(Link, collections.abc.MutableSequence):
+    """A link made of a list of child links, named ``'0'``, ``'1'``, ...
+
+    Args:
+        *links: initial child links.
+    """
+
+    def __init__(self, *links):
+        super().__init__()
+        self._children = []
+        for link in links:
+            self.add_link(link)
+
+    def __setattr__(self, name, value):
+        if self.within_init_scope and isinstance(value, Link):
+            raise TypeError('cannot register a new link within a "with chainlist.init_scope():" '
+                            "block.")
+        super().__setattr__(name, value)
+
+    def __setitem__(self, index, value):
+        if isinstance(index, int):
+            value.name = str(index)
+            self._children[index] = value
+        elif isinstance(index, slice):
+            self._children[index] = value
+            for i, c in enumerate(self._children):
+                c.name = str(i)
+        else:
+            raise TypeError("ChainList indices must be integers or slices, not %s"
+                            % type(index).__name__)
+
+    def __getitem__(self, index):
+        return self._children[index]
+
+    def __delitem__(self, index):
+        del self._children[index]
+        for i, c in enumerate(self._children):
+            c.name = str(i)
+
+    def insert(self, index, link):
+        """Insert ``link`` at ``index`` and renumber the children."""
+        if not isinstance(link, Link):
+            raise TypeError("cannot register a non-link object as a child")
+        self._children.insert(index, link)
+        for i, c in enumerate(self._children):
+            c.name = str(i)
+
+    def __iter__(self):
+        return iter(self._children)
+
+    def __len__(self):
+        return len(self._children)
+
+    def add_link(self, link):
+        """Append ``link`` as the last child."""
+        self.append(link)
+
+    def params(self, include_uninit=True):
+        yield from super().params(include_uninit)
+        for link in self._children:
+            yield from link.params(include_uninit)
+
+    def namedparams(self, include_uninit=True):
+        yield from super().namedparams(include_uninit)
+        for idx, link in enumerate(self._children):
+            prefix = "/%d" % idx
+            for path, param in link.namedparams(include_uninit):
+                yield prefix + path, param
+
+    def links(self, skipself=False):
+        if not skipself:
+            yield self
+        for child in self._children:
+            yield from child.links()
+
+    def namedlinks(self, skipself=False):
+        if not skipself:
+            yield "/", self
+        for idx, child in enumerate(self._children):
+            prefix = "/%d" % idx
+            yield prefix, child
+            for path, link in child.namedlinks(True):
+                yield prefix + path, link
+
+    def children(self):
+        return iter(list(self._children))

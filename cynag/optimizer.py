@@ -1,0 +1,572 @@
+"""Optimizer machinery, as in ``chainer.optimizer`` (Chainer v7).
+
+* :class:`Hyperparameter` -- a set of hyperparameters that falls back to a
+  parent (an update rule's falls back to its optimizer's).
+* :class:`UpdateRule` -- how one parameter is updated: rule-level hooks,
+  lazily created state, and the dispatch of :meth:`UpdateRule.update_core` to
+  :meth:`~UpdateRule.update_core_cpu` (NumPy arrays) or
+  :meth:`~UpdateRule.update_core_gpu` (CuPy arrays).
+* :class:`Optimizer` / :class:`GradientMethod` -- target link, ``t``,
+  ``epoch``, optimizer hooks with ``'pre'``/``'post'`` timing, and the update
+  loop.
+* :class:`HyperparameterProxy` -- ``optimizer.lr`` as an alias of
+  ``optimizer.hyperparam.lr``.
+
+cynag adds one guarantee to Chainer's behaviour: :meth:`GradientMethod.update`
+checks every parameter (gradient shape and dtype, device, writeable arrays,
+state, hyperparameters) before it changes anything, and raises an exception
+that names the parameter by its path, so a bad step updates nothing.
+"""
+import collections
+import numbers
+import warnings
+
+import numpy
+
+from cynag import _backend
+from cynag.link import Link
+
+_TIMINGS = ("pre", "post")
+
+
+class _Hookable:
+    """Ordered ``'pre'`` and ``'post'`` hooks with Chainer's naming rules.
+
+    Args:
+        invalid_timing_fallback (bool): with ``timing='auto'``, a hook whose
+            ``timing`` attribute is neither ``'pre'`` nor ``'post'`` is
+            registered as ``'pre'`` with a warning (Chainer's optimizer
+            behaviour); otherwise it is a ``ValueError``.
+    """
+
+    def __init__(self, invalid_timing_fallback=False):
+        self._pre_update_hooks = collections.OrderedDict()
+        self._post_update_hooks = collections.OrderedDict()
+        self._invalid_timing_fallback = invalid_timing_fallback
+
+    def add_hook(self, hook, name, timing):
+        if not callable(hook):
+            raise TypeError("hook function must be callable, got %r" % (hook,))
+        if timing not in ("pre", "post", "auto"):
+            raise ValueError("timing must be one of ('pre', 'post', 'auto'), got %r" % (timing,))
+        if timing == "auto":
+            timing = getattr(hook, "timing", "pre")
+            if timing not in _TIMINGS:
+                if not self._invalid_timing_fallback:
+                    raise ValueError(
+                        "hook %r has timing attribute %r; it must be 'pre' or 'post'"
+                        % (name if name is not None else hook, timing))
+                warnings.warn("Hook timing attribute not in ('pre', 'post'), "
+                              "defaulting timing to 'pre'.")
+                timing = "pre"
+        if name is None:
+            name = getattr(hook, "name", getattr(hook, "__name__", None))
+            if name is None:
+                raise ValueError("the name of the hook function is not specified")
+        if not isinstance(name, str):
+            raise TypeError("hook name must be a str, got %r" % (name,))
+        if name in self._pre_update_hooks or name in self._post_update_hooks:
+            raise KeyError('hook "{}" already exists'.format(name))
+        if timing == "pre":
+            self._pre_update_hooks[name] = hook
+        else:
+            self._post_update_hooks[name] = hook
+
+    def remove_hook(self, name):
+        if name in self._pre_update_hooks:
+            del self._pre_update_hooks[name]
+        else:
+            del self._post_update_hooks[name]
+
+    def hooks(self, timing):
+        if timing == "pre":
+            return self._pre_update_hooks
+        if timing == "post":
+            return self._post_update_hooks
+        raise ValueError("timing must be either 'pre' or 'post', got %r" % (timing,))
+
+    def call_hooks(self, timing, args):
+        for hook in list(self.hooks(timing).values()):
+            self.call_hook(hook, args)
+
+    def call_hook(self, hook, args):
+        hook(*args)
+
+
+class Hyperparameter:
+    """Set of hyperparameter entries, falling back to a parent.
+
+    An attribute missing here is looked up in the parent.  The hyperparameter
+    of each update rule has the optimizer's as its parent, so changing
+    ``optimizer.hyperparam.lr`` changes every rule that has not set its own.
+
+    Args:
+        parent (Hyperparameter): parent hyperparameter.
+    """
+
+    def __init__(self, parent=None):
+        self._parent = parent
+
+    def __getattr__(self, name):
+        if "_parent" not in self.__dict__:
+            raise AttributeError("_parent is not set up yet")
+        parent = self._parent
+        if parent is None:
+            raise AttributeError("hyperparameter %r is not set" % (name,))
+        return getattr(parent, name)
+
+    def __repr__(self):
+        d = self.get_dict()
+        return "Hyperparameter(%s)" % ", ".join("%s=%s" % (k, d[k]) for k in sorted(d))
+
+    @property
+    def parent(self):
+        """Parent hyperparameter object."""
+        return self._parent
+
+    def get_dict(self):
+        """All entries visible from this object (own ones override the parent's)."""
+        d = {} if self._parent is None else self._parent.get_dict()
+        for k, v in self.__dict__.items():
+            if k != "_parent":
+                d[k] = v
+        return d
+
+
+class HyperparameterProxy:
+    """Property that aliases an attribute of ``self.hyperparam``.
+
+    Args:
+        attr_name (str): name of the hyperparameter.
+    """
+
+    def __init__(self, attr_name):
+        self._attr_name = attr_name
+        self.__doc__ = "Alias to ``self.hyperparam.{}``".format(attr_name)
+
+    def __get__(self, obj, type=None):
+        if obj is None:
+            return self
+        return getattr(obj.hyperparam, self._attr_name)
+
+    def __set__(self, obj, value):
+        setattr(obj.hyperparam, self._attr_name, value)
+
+
+def _param_label(param, path=None):
+    if path is not None:
+        return "parameter %r" % (path,)
+    name = getattr(param, "name", None)
+    return "parameter %r" % (name,) if name is not None else "parameter (unnamed)"
+
+
+class UpdateRule:
+    """Base class of update rules: how one parameter is updated.
+
+    Hooks registered with :meth:`add_hook` are called as ``hook(rule, param)``
+    before (``'pre'``) or after (``'post'``) the update of the parameter.  The
+    state (e.g. NesterovAG's ``v``) is created by :meth:`init_state` at the
+    first update.  Implementations override :meth:`update_core_cpu` and
+    :meth:`update_core_gpu` (or :meth:`update_core`).
+
+    Args:
+        parent_hyperparam (Hyperparameter): hyperparameter that provides the
+            default values.
+
+    Attributes:
+        enabled (bool): ``False`` freezes the parameter.
+        hyperparam (Hyperparameter): hyperparameters of this rule.
+        t (int): number of updates made by this rule.
+    """
+
+    is_elementwise = False
+
+    def __init__(self, parent_hyperparam=None):
+        self._state = None
+        self.enabled = True
+        self.hyperparam = Hyperparameter(parent_hyperparam)
+        self.t = 0
+        self._use_fp32_update = False
+        self._fp32_param = None
+        self._hookable = _Hookable()
+        self._checked = False
+
+    @property
+    def state(self):
+        """State dictionary (``None`` until the first update)."""
+        return self._state
+
+    def add_hook(self, hook, name=None, timing="auto"):
+        """Add a hook called as ``hook(rule, param)``.
+
+        Args:
+            hook (callable): the hook.
+            name (str): registration name; defaults to ``hook.name``, then
+                ``hook.__name__``.  A duplicate name is a ``KeyError``.
+            timing (str): ``'pre'``, ``'post'``, or ``'auto'`` (the hook's
+                ``timing`` attribute, ``'pre'`` if it has none).
+        """
+        self._hookable.add_hook(hook, name, timing)
+
+    def remove_hook(self, name):
+        """Remove the hook registered as ``name`` (``KeyError`` if none)."""
+        self._hookable.remove_hook(name)
+
+    @property
+    def has_hooks(self):
+        """True if any rule-level hook is registered."""
+        return bool(self._hookable._pre_update_hooks or self._hookable._post_update_hooks)
+
+    # -- checking ------------------------------------------------------------
+    def check_param(self, param, path=None):
+        """Raise if :meth:`update` could not update ``param``; changes nothing.
+
+        The base implementation checks that the gradient (if any) matches the
+        parameter in type, device, dtype and shape, that the parameter array
+        is writeable, and that every state array lives on the parameter's
+        device.  Exceptions name the parameter by ``path`` (or its name).
+        """
+        array = param.array
+        if array is None:
+            return
+        try:
+            self._check_arrays(array, param.grad)
+        except (TypeError, ValueError) as e:
+            raise type(e)("%s: %s" % (_param_label(param, path), e)) from None
+
+    def _check_arrays(self, array, grad):
+        dev = _backend.device_of(array)
+        if dev is None:
+            raise TypeError("param array must be a numpy or cupy ndarray, got %s"
+                            % type(array).__name__)
+        if grad is not None:
+            gdev = _backend.device_of(grad)
+            if gdev != dev:
+                raise TypeError("param is a %s but grad is a %s; they must be on the same "
+                                "device" % (_backend.describe(array), _backend.describe(grad)))
+            if grad.dtype != array.dtype:
+                raise TypeError("grad has dtype %s but param has dtype %s"
+                                % (grad.dtype, array.dtype))
+            if grad.shape != array.shape:
+                raise ValueError("grad has shape %s but param has shape %s"
+                                 % (grad.shape, array.shape))
+        if dev == "cpu" and not array.flags.writeable:
+            raise ValueError("param is read-only (its array is not writeable)")
+        for key, value in (self._state or {}).items():
+            vdev = _backend.device_of(value)
+            if vdev is not None and vdev != dev:
+                raise TypeError("state %r is a %s but param is a %s"
+                                % (key, _backend.describe(value), _backend.describe(array)))
+
+    # -- updating ------------------------------------------------------------
+    def update(self, param):
+        """Call the hooks and update ``param`` (nothing if disabled).
+
+        Increments :attr:`t`, creates the state on the first call, then runs
+        ``'pre'`` hooks, :meth:`update_core` and ``'post'`` hooks.
+        """
+        if not self.enabled:
+            return
+        if self._checked:
+            self._checked = False
+        else:
+            self.check_param(param)
+        if self._use_fp32_update and param.array is not None \
+                and param.array.dtype == numpy.float16:
+            raise NotImplementedError("fp32 master updates are not available yet")
+        self.t += 1
+        if param.array is not None:
+            self._init_states(param)
+        self._hookable.call_hooks("pre", (self, param))
+        self.update_core(param)
+        self._hookable.call_hooks("post", (self, param))
+
+    def update_core(self, param):
+        """Update ``param`` on its device: CPU for NumPy arrays, GPU for CuPy arrays."""
+        array = param.array
+        if array is None or isinstance(array, numpy.ndarray):
+            self.update_core_cpu(param)
+        elif _backend.is_cupy_array(array):
+            self.update_core_gpu(param)
+        else:
+            raise TypeError("%s: cannot update an array of type %s"
+                            % (_param_label(param), type(array).__name__))
+
+    def update_core_cpu(self, param):
+        """Update ``param`` whose array is a NumPy array."""
+        raise NotImplementedError
+
+    def update_core_gpu(self, param):
+        """Update ``param`` whose array is a CuPy array."""
+        raise NotImplementedError
+
+    def init_state(self, param):
+        """Create the state entries for ``param`` (called at the first update)."""
+
+    def _init_states(self, param):
+        if self._state is None:
+            self._state = {}
+            self.init_state(param)
+
+    def serialize(self, serializer):
+        """Save or load ``t`` and the state (arrives with checkpoint support)."""
+        raise NotImplementedError("UpdateRule.serialize: checkpoint support is not "
+                                  "available yet")
+
+    def use_fp32_update(self, flag=True):
+        """Update float16 parameters through a float32 copy (arrives with fp32 support)."""
+        if flag:
+            raise NotImplementedError("use_fp32_update: fp32 master updates are not "
+                                      "available yet")
+        self._use_fp32_update = False
+
+
+class _OptimizerHookable(_Hookable):
+    def __init__(self, optimizer):
+        super().__init__(invalid_timing_fallback=True)
+        self.optimizer = optimizer
+
+    def call_hook(self, hook, args):
+        self.optimizer.call_hook(hook)
+
+
+def _is_link_like(obj):
+    """A cynag Link, or any object with Chainer's params()/namedparams()."""
+    return isinstance(obj, Link) or (callable(getattr(obj, "params", None))
+                                     and callable(getattr(obj, "namedparams", None)))
+
+
+class Optimizer:
+    """Base class of optimizers.
+
+    The target link is registered by :meth:`setup`; :meth:`update` updates its
+    parameters.  Hooks registered by :meth:`add_hook` are called once per step
+    as ``hook(optimizer)``, or, if ``hook.call_for_each_param`` is true, as
+    ``hook(param.update_rule, param)`` for every parameter.
+
+    Attributes:
+        target: the link set by :meth:`setup` (a cynag link or any
+            Chainer-style link, e.g. a ``chainer.Link``).
+        t (int): number of update steps.
+        epoch (int): current epoch, incremented by :meth:`new_epoch`.
+        use_auto_new_epoch (bool): set by an updater that calls
+            ``new_epoch(auto=True)`` itself.
+    """
+
+    target = None
+    t = 0
+    epoch = 0
+    use_auto_new_epoch = False
+    _loss_scale = None
+    _hookable = None
+
+    def setup(self, link):
+        """Set the target link, reset ``t``, ``epoch`` and hooks; return ``self``.
+
+        ``link`` is a :class:`cynag.Link` or any object with Chainer's link
+        interface (``params()``, ``namedparams()``, ``cleargrads()``), such as
+        a ``chainer.Link``.
+        """
+        if not _is_link_like(link):
+            raise TypeError("optimization target must be a link (an object with params() and "
+                            "namedparams()), got %s" % type(link).__name__)
+        self.target = link
+        self.t = 0
+        self.epoch = 0
+        self._hookable = _OptimizerHookable(self)
+        return self
+
+    def update(self, lossfun=None, *args, **kwds):
+        """Update the parameters (implemented by subclasses)."""
+        raise NotImplementedError
+
+    def new_epoch(self, auto=False):
+        """Increment :attr:`epoch`.
+
+        Args:
+            auto (bool): ``True`` when called by an updater; it must then have
+                set :attr:`use_auto_new_epoch`.  Calling with the other value
+                than :attr:`use_auto_new_epoch` says is a ``RuntimeError``.
+        """
+        if auto:
+            if not self.use_auto_new_epoch:
+                raise RuntimeError("invalid new_epoch call with auto=True.\n"
+                                   "Fix the updater to set optimizer.use_auto_new_epoch = True.")
+        elif self.use_auto_new_epoch:
+            raise RuntimeError("duplicated new_epoch with the updater.\n"
+                               "Pass auto_new_epoch=False to the updater or stop calling "
+                               "new_epoch outside the updater.")
+        self.epoch += 1
+
+    def _check_set_up(self):
+        if self._hookable is None:
+            raise RuntimeError("Optimizer is not set up. Call `setup` method.")
+
+    def add_hook(self, hook, name=None, timing="auto"):
+        """Register an optimizer hook.
+
+        Args:
+            hook (callable): called as ``hook(optimizer)``, or as
+                ``hook(rule, param)`` for every parameter if
+                ``hook.call_for_each_param`` is true.
+            name (str): registration name; defaults to ``hook.name``, then
+                ``hook.__name__``.  A duplicate name is a ``KeyError``.
+            timing (str): ``'pre'`` (before the parameters are updated),
+                ``'post'`` (after), or ``'auto'``: the hook's ``timing``
+                attribute, ``'pre'`` if it has none (an invalid attribute
+                warns and falls back to ``'pre'``, as in Chainer).
+        """
+        self._check_set_up()
+        self._hookable.add_hook(hook, name, timing)
+
+    def remove_hook(self, name):
+        """Remove the hook registered as ``name``."""
+        self._check_set_up()
+        self._hookable.remove_hook(name)
+
+    def call_hooks(self, timing="pre"):
+        """Call the hooks of ``timing`` in registration order."""
+        self._check_set_up()
+        self._hookable.call_hooks(timing, ())
+
+    def call_hook(self, hook):
+        if getattr(hook, "call_for_each_param", False):
+            for param in self.target.params():
+                hook(param.update_rule, param)
+        else:
+            hook(self)
+
+    def serialize(self, serializer):
+        """Save or load ``t``, ``epoch`` and the rules' state (arrives with checkpoint support)."""
+        raise NotImplementedError("Optimizer.serialize: checkpoint support is not available yet")
+
+    def loss_scaling(self, interval=1000, scale=None):
+        """Configure loss scaling (arrives with loss-scaling support)."""
+        raise NotImplementedError("loss scaling is not available yet")
+
+    def set_loss_scale(self, loss_scale):
+        """Set a static loss scale (arrives with loss-scaling support)."""
+        self.loss_scaling(scale=loss_scale)
+
+
+class GradientMethod(Optimizer):
+    """Base class of single-gradient optimizers built from update rules.
+
+    Subclasses override :meth:`create_update_rule`.  :attr:`hyperparam` is
+    the parent of every rule's hyperparameter.
+
+    Attributes:
+        hyperparam (Hyperparameter): default hyperparameters of the rules.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.hyperparam = Hyperparameter()
+        self._use_fp32_update = False
+
+    def setup(self, link):
+        """Set the target and give every parameter a fresh update rule; return ``self``."""
+        super().setup(link)
+        for param in link.params():
+            param.update_rule = self.create_update_rule()
+        return self
+
+    def _namedparams(self, include_uninit=True):
+        return self.target.namedparams(include_uninit)
+
+    def reallocate_cleared_grads(self):
+        """Allocate zeros for every gradient cleared to ``None``.
+
+        Called before and after the hooks of every step.  Uninitialized
+        parameters are skipped.
+        """
+        for _, param in self._namedparams(False):
+            if param.grad is None:
+                array = param.array
+                param.grad = _backend.array_module(array).zeros_like(array)
+
+    def call_hook(self, hook):
+        super().call_hook(hook)
+        self.reallocate_cleared_grads()
+
+    def check_params(self):
+        """Raise, naming the parameter by its path, if a step could not apply.
+
+        Checks every parameter with an enabled update rule (see
+        :meth:`UpdateRule.check_param`).  Changes nothing.
+        """
+        self._check_set_up()
+        for path, param in self._namedparams():
+            rule = getattr(param, "update_rule", None)
+            if rule is not None and rule.enabled:
+                rule.check_param(param, path)
+
+    def update(self, lossfun=None, *args, **kwds):
+        """Update the parameters from a loss function or from computed gradients.
+
+        With ``lossfun``: ``loss = lossfun(*args, **kwds)``, the target's
+        gradients are cleared (``cleargrads()``, or ``zerograds()`` after
+        ``use_cleargrads(False)``), and ``loss.backward(loss_scale=...)`` is
+        called.  Then, in Chainer's order: cleared gradients are reallocated as
+        zeros, ``'pre'`` hooks run, :attr:`t` is incremented, every parameter
+        is updated by its rule, gradients are reallocated again and ``'post'``
+        hooks run.
+
+        Every parameter is checked before any change (see
+        :meth:`check_params`): a bad gradient, a read-only array, mixed
+        devices or a bad hyperparameter raise an exception that names the
+        parameter, and leave every parameter, gradient and state as it was.
+        """
+        self._check_set_up()
+        if lossfun is not None:
+            use_cleargrads = getattr(self, "_use_cleargrads", True)
+            loss = lossfun(*args, **kwds)
+            if use_cleargrads:
+                self.target.cleargrads()
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self.target.zerograds()
+            loss.backward(loss_scale=self._loss_scale)
+            del loss
+        self.check_params()
+        self.reallocate_cleared_grads()
+        self.call_hooks("pre")
+        self.t += 1
+        for param in self.target.params():
+            rule = getattr(param, "update_rule", None)
+            if rule is not None:
+                # Checked above; hooks that ran since are trusted.
+                rule._checked = True
+            param.update()
+        self.reallocate_cleared_grads()
+        self.call_hooks("post")
+
+    def use_cleargrads(self, use=True):
+        """Choose ``cleargrads`` (default) or ``zerograds`` in :meth:`update`.
+
+        .. deprecated:: Chainer v2; kept for compatibility.
+        """
+        warnings.warn("GradientMethod.use_cleargrads is deprecated.", DeprecationWarning,
+                      stacklevel=2)
+        self._use_cleargrads = use
+
+    def create_update_rule(self):
+        """Create the update rule of one parameter (overridden by each method)."""
+        raise NotImplementedError
+
+    def use_fp32_update(self, flag=True):
+        """Update float16 parameters through float32 copies (arrives with fp32 support)."""
+        if flag:
+            raise NotImplementedError("use_fp32_update: fp32 master updates are not "
+                                      "available yet")
+        self._use_fp32_update = False
+
+
+def _check_scalar(name, value):
+    """Raise TypeError unless ``value`` is a real scalar."""
+    if isinstance(value, bool) or not (
+            isinstance(value, (numbers.Real, numpy.floating, numpy.integer))
+            or (isinstance(value, numpy.ndarray) and value.ndim == 0
+                and value.dtype.kind in "fiu")):
+        raise TypeError("hyperparameter %s must be a real number, got %r" % (name, value))

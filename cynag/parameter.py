@@ -1,0 +1,176 @@
+"""cynag.Parameter: an array, its gradient and its update rule."""
+import warnings
+
+import numpy
+
+from cynag import _backend
+
+
+def _generate_array(initializer, shape, dtype=None):
+    """Array of ``shape`` filled by ``initializer`` (Chainer's conventions)."""
+    if initializer is None:
+        arr = numpy.full(shape, numpy.nan, dtype=dtype or numpy.float32)
+    elif isinstance(initializer, numpy.ndarray) or _backend.is_cupy_array(initializer):
+        xp = _backend.array_module(initializer)
+        arr = xp.empty(shape, dtype=initializer.dtype)
+        arr[...] = initializer
+    elif numpy.isscalar(initializer):
+        arr = numpy.full(shape, initializer, dtype=dtype or numpy.float32)
+    elif callable(initializer):
+        arr = numpy.empty(shape, dtype=getattr(initializer, "dtype", None) or dtype
+                          or numpy.float32)
+        initializer(arr)
+    else:
+        raise TypeError("invalid initializer: %r" % (initializer,))
+    return arr
+
+
+class Parameter:
+    """An array to be optimized, with its gradient and update rule.
+
+    Mirrors ``chainer.Parameter`` for what an optimizer needs.
+
+    Args:
+        initializer: the data array itself (a NumPy or CuPy array, used as
+            is), a scalar (fill value, float32), a callable that fills a given
+            array (it may carry a ``dtype`` attribute), or ``None``.  With
+            ``shape`` given the array is created at once (``None`` fills it
+            with NaN, as Chainer does); without ``shape`` a non-array
+            initializer leaves the parameter uninitialized until
+            :meth:`initialize`.
+        shape (tuple of ints or None): shape of the array to create.
+        name (str): name of the parameter; set by the link on registration.
+            ``Parameter(array, 'W')`` is accepted as a short form of
+            ``Parameter(array, name='W')``.
+        array: keyword alias of ``initializer`` for an existing array.
+
+    Attributes:
+        array / data: the parameter array (``None`` while uninitialized).
+        grad: the gradient array, or ``None`` (cleared).
+        update_rule: the :class:`~cynag.optimizer.UpdateRule` set by an
+            optimizer's ``setup``.
+    """
+
+    def __init__(self, initializer=None, shape=None, name=None, *, array=None):
+        if isinstance(shape, str) and name is None:
+            shape, name = None, shape
+        if array is not None:
+            if initializer is not None:
+                raise TypeError("Parameter: give either initializer or array, not both")
+            initializer = array
+        self.name = name
+        self.update_rule = None
+        self._loss_scale = None
+        self.initializer = initializer
+        is_array = isinstance(initializer, numpy.ndarray) or _backend.is_cupy_array(initializer)
+        if shape is None:
+            if is_array:
+                self._array = initializer
+                self._grad = None
+            else:
+                if initializer is not None and not (numpy.isscalar(initializer)
+                                                    or callable(initializer)):
+                    raise TypeError("invalid initializer: %r" % (initializer,))
+                self._array = None
+                self._grad = None
+            # what initialize() gives the gradient: NaN until cleared/zeroed
+            self._grad_fill = numpy.nan
+        else:
+            self._array = _generate_array(initializer, shape)
+            xp = _backend.array_module(self._array)
+            self._grad = xp.full_like(self._array, numpy.nan)
+            self._grad_fill = numpy.nan
+
+    # -- arrays ------------------------------------------------------------
+    @property
+    def array(self):
+        """The parameter array."""
+        return self._array
+
+    @array.setter
+    def array(self, value):
+        self._array = value
+
+    data = array
+
+    @property
+    def grad(self):
+        """The gradient array (``None`` when cleared)."""
+        return self._grad
+
+    @grad.setter
+    def grad(self, value):
+        self._grad = value
+
+    @property
+    def is_initialized(self):
+        return self._array is not None
+
+    @property
+    def shape(self):
+        return None if self._array is None else self._array.shape
+
+    @property
+    def ndim(self):
+        return None if self._array is None else self._array.ndim
+
+    @property
+    def size(self):
+        return None if self._array is None else self._array.size
+
+    @property
+    def dtype(self):
+        if self._array is not None:
+            return self._array.dtype
+        dtype = getattr(self.initializer, "dtype", None)
+        if dtype is not None:
+            return numpy.dtype(dtype)
+        raise RuntimeError("the dtype of parameter %r is not determined yet: it is "
+                           "uninitialized and no dtype was given" % (self.name,))
+
+    @property
+    def xp(self):
+        """numpy or cupy, after the array."""
+        return _backend.array_module(self._array)
+
+    def initialize(self, shape):
+        """Create the array of an uninitialized parameter from its initializer."""
+        self._array = _generate_array(self.initializer, shape,
+                                      getattr(self.initializer, "dtype", None))
+        if self._grad_fill is None:
+            self._grad = None
+        else:
+            self._grad = numpy.full_like(self._array, self._grad_fill)
+
+    # -- gradients ---------------------------------------------------------
+    def cleargrad(self):
+        """Set the gradient to ``None`` (the optimizer reallocates it as zeros)."""
+        self._grad = None
+        if self._array is None:
+            self._grad_fill = None
+
+    def zerograd(self):
+        """Fill the gradient with zeros, allocating it if needed.
+
+        .. deprecated:: mirrors Chainer; prefer :meth:`cleargrad`.
+        """
+        warnings.warn("Parameter.zerograd is deprecated. Use Parameter.cleargrad instead.",
+                      DeprecationWarning, stacklevel=2)
+        if self._array is None:
+            self._grad_fill = 0
+            return
+        if self._grad is None:
+            self._grad = _backend.array_module(self._array).zeros_like(self._array)
+        else:
+            self._grad.fill(0)
+
+    def update(self):
+        """Update the array with the attached update rule (if any)."""
+        if self.update_rule is not None:
+            self.update_rule.update(self)
+
+    def __repr__(self):
+        if self._array is None:
+            return "Parameter(name=%r, uninitialized)" % (self.name,)
+        return "Parameter(name=%r, shape=%s, dtype=%s)" % (self.name, self._array.shape,
+                                                          self._array.dtype)
