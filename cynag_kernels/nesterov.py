@@ -59,15 +59,18 @@ def _array_kind(a):
 
 
 def check_nesterov_ag_arrays(param, grad, v, xp=numpy):
-    """Raise TypeError/ValueError if the three arrays cannot be updated together.
+    """Raise TypeError/ValueError if the arrays cannot be updated together.
 
     Checks: arrays of module ``xp`` (NumPy by default), a supported floating
-    dtype in native byte order shared by all three, equal shapes, ``param``
-    and ``v`` writeable, and no two of them overlapping in memory.  Messages
-    name the array (``param``, ``grad`` or ``v``).
+    dtype in native byte order shared by all of them, equal shapes, ``param``
+    and ``v`` writeable, and no two of them overlapping in memory.  ``grad``
+    or ``v`` may be ``None`` (not created yet): only the others are checked.
+    Messages name the array (``param``, ``grad`` or ``v``).  Nothing is
+    modified.
     """
-    arrays = (param, grad, v)
-    for name, a in zip(_ARRAY_NAMES, arrays):
+    named = [(name, a) for name, a in zip(_ARRAY_NAMES, (param, grad, v))
+             if a is not None or name == "param"]
+    for name, a in named:
         if not isinstance(a, xp.ndarray):
             raise TypeError(
                 "%s must be a %s.ndarray, got %s (param, grad and state must live on "
@@ -75,24 +78,24 @@ def check_nesterov_ag_arrays(param, grad, v, xp=numpy):
     if param.dtype not in SUPPORTED_DTYPES or not param.dtype.isnative:
         raise TypeError(
             "param has dtype %s; NesterovAG updates float16, float32 and float64 "
-            "arrays in native byte order" % (param.dtype.str if not param.dtype.isnative
-                                             else param.dtype,))
-    for name, a in (("grad", grad), ("v", v)):
+            "arrays in native byte order"
+            % (param.dtype if param.dtype.isnative else param.dtype.str,))
+    for name, a in named[1:]:
         if a.dtype != param.dtype:
             raise TypeError("%s has dtype %s but param has dtype %s"
                             % (name, a.dtype, param.dtype))
         if a.shape != param.shape:
             raise ValueError("%s has shape %s but param has shape %s"
                              % (name, a.shape, param.shape))
-    if xp is numpy:
-        for name, a in (("param", param), ("v", v)):
-            if not a.flags.writeable:
-                raise ValueError("%s is read-only (its array is not writeable)" % name)
-        for (n1, a1), (n2, a2) in (((("param", param), ("v", v))),
-                                   (("param", param), ("grad", grad)),
-                                   (("v", v), ("grad", grad))):
-            if a1.size and a2.size and numpy.may_share_memory(a1, a2) \
-                    and numpy.shares_memory(a1, a2):
+    if xp is not numpy:
+        return
+    for name, a in named:
+        if name != "grad" and not a.flags.writeable:
+            raise ValueError("%s is read-only (its array is not writeable)" % name)
+    for i, (n1, a1) in enumerate(named):
+        for n2, a2 in named[i + 1:]:
+            if (a1.size and a2.size and numpy.may_share_memory(a1, a2)
+                    and numpy.shares_memory(a1, a2)):
                 raise ValueError("%s and %s overlap in memory" % (n1, n2))
 
 
