@@ -128,6 +128,7 @@ class BuildExt(build_ext):
 
 
 def _extensions():
+    import numpy
     from Cython.Build import cythonize
 
     names = ["_openmp_helpers", "_nesterov_cpu"]
@@ -135,7 +136,8 @@ def _extensions():
         Extension(
             "cynag_kernels.%s" % name,
             ["cynag_kernels/%s.pyx" % name],
-            include_dirs=["cynag_kernels"],
+            include_dirs=["cynag_kernels", numpy.get_include()],
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
             depends=["cynag_kernels/_half.h", "cynag_kernels/_openmp.pxd"],
         )
         for name in names

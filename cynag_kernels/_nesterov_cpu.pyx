@@ -18,8 +18,14 @@ The entry points take typed memoryviews of one element type (float32,
 float64, or float16 viewed as uint16) and plain scalars; the thread count is a
 plain ``int`` decided by the caller.  Nothing here reads the environment.
 """
+cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.stdint cimport uint16_t
+
+cnp.import_array()
+
+cdef extern from "numpy/arrayobject.h":
+    enum: NPY_HALF
 
 cdef extern from "_half.h" nogil:
     float cynag_half_to_float(uint16_t h)
@@ -80,6 +86,25 @@ cdef inline void _span(storage_t* p, const storage_t* g, storage_t* v, Py_ssize_
 # --------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------
+cdef void _contiguous_run(storage_t* pp, const storage_t* gp, storage_t* vp, Py_ssize_t n,
+                          double lr, double momentum, double mm, double c,
+                          int n_threads) noexcept nogil:
+    """Update ``n`` contiguous elements; one static chunk per thread."""
+    cdef Py_ssize_t chunk, n_chunks, k, start, stop
+    if n_threads <= 1:
+        _span(pp, gp, vp, n, lr, momentum, mm, c)
+        return
+    # One chunk per thread, rounded up to whole cache lines.
+    chunk = (n + n_threads - 1) // n_threads
+    k = CHUNK_ALIGN // sizeof(storage_t)
+    chunk = ((chunk + k - 1) // k) * k
+    n_chunks = (n + chunk - 1) // chunk
+    for k in prange(n_chunks, schedule="static", num_threads=min(n_threads, n_chunks)):
+        start = k * chunk
+        stop = min(start + chunk, n)
+        _span(pp + start, gp + start, vp + start, stop - start, lr, momentum, mm, c)
+
+
 def nesterov_ag_contiguous(storage_t[::1] param,        # IN/OUT
                            const storage_t[::1] grad,   # IN
                            storage_t[::1] v,            # IN/OUT
@@ -87,32 +112,93 @@ def nesterov_ag_contiguous(storage_t[::1] param,        # IN/OUT
                            int n_threads):
     """Update 1-d contiguous views in place; ``n_threads <= 1`` runs serially."""
     cdef Py_ssize_t n = param.shape[0]
-    cdef Py_ssize_t chunk, n_chunks, k, start, stop
-    cdef storage_t* pp
-    cdef const storage_t* gp
-    cdef storage_t* vp
     if grad.shape[0] != n or v.shape[0] != n:
         raise ValueError("param, grad and v must have the same length")
     if n == 0:
         return
-    pp = &param[0]
-    gp = &grad[0]
-    vp = &v[0]
-    if n_threads <= 1:
-        with nogil:
-            _span(pp, gp, vp, n, lr, momentum, mm, c)
-        return
-    # One static chunk per thread, rounded up to whole cache lines.
-    chunk = (n + n_threads - 1) // n_threads
-    k = CHUNK_ALIGN // sizeof(storage_t)
-    chunk = ((chunk + k - 1) // k) * k
-    n_chunks = (n + chunk - 1) // chunk
-    for k in prange(n_chunks, nogil=True, schedule="static",
-                    num_threads=min(n_threads, n_chunks)):
-        start = k * chunk
-        stop = min(start + chunk, n)
-        _span(pp + start, gp + start, vp + start, stop - start,
-              lr, momentum, mm, c)
+    with nogil:
+        _contiguous_run(&param[0], &grad[0], &v[0], n, lr, momentum, mm, c, n_threads)
+
+
+cdef inline bint _same_layout(cnp.ndarray a, cnp.ndarray b, int type_num) noexcept:
+    cdef int i
+    if cnp.PyArray_TYPE(b) != type_num or cnp.PyArray_NDIM(b) != cnp.PyArray_NDIM(a):
+        return False
+    for i in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(a)[i] != cnp.PyArray_DIMS(b)[i]:
+            return False
+    return True
+
+
+cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b, Py_ssize_t nbytes) noexcept:
+    cdef char* pa = <char*>cnp.PyArray_DATA(a)
+    cdef char* pb = <char*>cnp.PyArray_DATA(b)
+    return pa + nbytes <= pb or pb + nbytes <= pa
+
+
+def try_nesterov_ag_dense(object param, object grad, object v, object lr, object momentum,
+                          int n_threads):
+    """Fast path for the common case; returns False (doing nothing) otherwise.
+
+    Handles NumPy arrays of one native float dtype and one shape that are
+    all C-contiguous or all F-contiguous, aligned and disjoint, with
+    ``param`` and ``v`` writeable, and Python ``float`` hyperparameters.  All
+    checks read the array headers directly, so a small update costs well
+    under a microsecond of overhead.  The coefficients are rounded exactly as
+    :func:`cynag_kernels.nesterov_ag_coefficients` rounds them.
+    """
+    cdef cnp.ndarray p, g, vv
+    cdef int type_num, flag
+    cdef Py_ssize_t n, nbytes
+    cdef double lr_d, m_d, mm_d, c_d
+    if not (cnp.PyArray_CheckExact(param) and cnp.PyArray_CheckExact(grad)
+            and cnp.PyArray_CheckExact(v) and type(lr) is float and type(momentum) is float):
+        return False
+    p, g, vv = param, grad, v
+    type_num = cnp.PyArray_TYPE(p)
+    if type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE and type_num != NPY_HALF:
+        return False
+    if not (_same_layout(p, g, type_num) and _same_layout(p, vv, type_num)):
+        return False
+    flag = cnp.NPY_ARRAY_C_CONTIGUOUS
+    if not (cnp.PyArray_CHKFLAGS(p, flag) and cnp.PyArray_CHKFLAGS(g, flag)
+            and cnp.PyArray_CHKFLAGS(vv, flag)):
+        flag = cnp.NPY_ARRAY_F_CONTIGUOUS
+        if not (cnp.PyArray_CHKFLAGS(p, flag) and cnp.PyArray_CHKFLAGS(g, flag)
+                and cnp.PyArray_CHKFLAGS(vv, flag)):
+            return False
+    if not (cnp.PyArray_ISWRITEABLE(p) and cnp.PyArray_ISWRITEABLE(vv)
+            and cnp.PyArray_ISALIGNED(p) and cnp.PyArray_ISALIGNED(g)
+            and cnp.PyArray_ISALIGNED(vv) and cnp.PyArray_ISNOTSWAPPED(p)
+            and cnp.PyArray_ISNOTSWAPPED(g) and cnp.PyArray_ISNOTSWAPPED(vv)):
+        return False
+    n = cnp.PyArray_SIZE(p)
+    if n == 0:
+        return True
+    nbytes = n * cnp.PyArray_ITEMSIZE(p)
+    if not (_disjoint(p, g, nbytes) and _disjoint(p, vv, nbytes) and _disjoint(g, vv, nbytes)):
+        return False
+    lr_d = lr
+    m_d = momentum
+    mm_d = m_d * m_d
+    c_d = (1.0 + m_d) * lr_d
+    if type_num != cnp.NPY_DOUBLE:
+        lr_d = <float>lr_d
+        m_d = <float>m_d
+        mm_d = <float>mm_d
+        c_d = <float>c_d
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            _contiguous_run(<float*>cnp.PyArray_DATA(p), <const float*>cnp.PyArray_DATA(g),
+                            <float*>cnp.PyArray_DATA(vv), n, lr_d, m_d, mm_d, c_d, n_threads)
+        elif type_num == cnp.NPY_DOUBLE:
+            _contiguous_run(<double*>cnp.PyArray_DATA(p), <const double*>cnp.PyArray_DATA(g),
+                            <double*>cnp.PyArray_DATA(vv), n, lr_d, m_d, mm_d, c_d, n_threads)
+        else:
+            _contiguous_run(<uint16_t*>cnp.PyArray_DATA(p),
+                            <const uint16_t*>cnp.PyArray_DATA(g),
+                            <uint16_t*>cnp.PyArray_DATA(vv), n, lr_d, m_d, mm_d, c_d, n_threads)
+    return True
 
 
 def nesterov_ag_strided(storage_t[:, :] param,          # IN/OUT

@@ -142,7 +142,9 @@ def nesterov_ag_cpu(param, grad, v, lr, momentum, num_threads=None, check=True):
 
     with the coefficients of :func:`nesterov_ag_coefficients`.  Any shape
     and strides are accepted (0-d and empty arrays included); arrays that can
-    be walked as one contiguous block take the vectorised fast path.
+    be walked as one contiguous block take the vectorised fast path; dense
+    arrays with Python-float hyperparameters are checked and dispatched
+    without leaving native code.
 
     Args:
         param, grad, v: NumPy arrays of one float dtype and one shape.
@@ -154,14 +156,16 @@ def nesterov_ag_cpu(param, grad, v, lr, momentum, num_threads=None, check=True):
             :func:`check_nesterov_ag_arrays`); pass ``False`` only when the
             caller has just done so.
     """
+    if num_threads is None:
+        num_threads = threads_for(getattr(param, "size", 0))
+    if _nesterov_cpu.try_nesterov_ag_dense(param, grad, v, lr, momentum, num_threads):
+        return
     if check:
         check_nesterov_ag_arrays(param, grad, v)
     n = param.size
     if n == 0:
         return
     lr_c, m_c, mm_c, c_c = nesterov_ag_coefficients(lr, momentum, param.dtype)
-    if num_threads is None:
-        num_threads = threads_for(n)
     if param.dtype == numpy.float16:
         param, grad, v = (a.view(numpy.uint16) for a in (param, grad, v))
     views = _kernel_views(param, grad, v)
