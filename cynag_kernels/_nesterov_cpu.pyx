@@ -140,7 +140,7 @@ def try_nesterov_ag_dense(object param, object grad, object v, object lr, object
                           int n_threads):
     """Fast path for the common case; returns False (doing nothing) otherwise.
 
-    Handles NumPy arrays of one native float dtype and one shape that are
+    Handles NumPy arrays (at least 1-d) of one native float dtype and one shape that are
     all C-contiguous or all F-contiguous, aligned and disjoint, with
     ``param`` and ``v`` writeable, and Python ``float`` hyperparameters.  All
     checks read the array headers directly, so a small update costs well
@@ -155,6 +155,8 @@ def try_nesterov_ag_dense(object param, object grad, object v, object lr, object
             and cnp.PyArray_CheckExact(v) and type(lr) is float and type(momentum) is float):
         return False
     p, g, vv = param, grad, v
+    if cnp.PyArray_NDIM(p) == 0:
+        return False  # 0-d arrays follow scalar promotion (see nesterov.py)
     type_num = cnp.PyArray_TYPE(p)
     if type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE and type_num != NPY_HALF:
         return False

@@ -21,6 +21,25 @@ def compute_dtype(dtype):
     return numpy.dtype(numpy.float32) if dtype == numpy.float16 else dtype
 
 
+def _strong_scalar(x):
+    """``x`` as a NumPy scalar, typed the way NumPy 1.x types a Python scalar.
+
+    Chainer 7.8.1 runs on NumPy 1.x, where arithmetic among scalars promotes
+    a Python ``int`` as int64 and a Python ``float`` as float64 (NumPy 2's
+    NEP 50 would let them adopt the other operand's type).  Converting first
+    makes the arithmetic below give NumPy 1.x's result under either version.
+    """
+    if isinstance(x, bool):
+        return numpy.bool_(x)
+    if isinstance(x, int):
+        return numpy.int64(x)
+    if isinstance(x, float):
+        return numpy.float64(x)
+    if isinstance(x, numpy.ndarray) and x.ndim == 0:
+        return x[()]
+    return x
+
+
 def nesterov_ag_coefficients(lr, momentum, dtype, device="cpu"):
     """Scalar coefficients of one NesterovAG step, rounded as Chainer rounds them.
 
@@ -32,9 +51,10 @@ def nesterov_ag_coefficients(lr, momentum, dtype, device="cpu"):
     Returns:
         For ``'cpu'``, ``(lr, momentum, mm, c)`` as scalars of the compute
         dtype, where ``mm = momentum * momentum`` and
-        ``c = (1 + momentum) * lr`` are first evaluated on the given scalars
-        (in double precision for Python floats) and rounded once, exactly as
-        Chainer's numpy sequence ``v *= m; v -= lr * g; p += m * m * v;
+        ``c = (1 + momentum) * lr`` are first evaluated on the scalars as
+        NumPy 1.x evaluates them (double precision for Python floats; see
+        :func:`_strong_scalar`) and then rounded once, exactly as Chainer's
+        numpy sequence ``v *= m; v -= lr * g; p += m * m * v;
         p -= (1 + m) * lr * g`` rounds them when it meets a float32 or
         float64 array.  For ``'gpu'``, ``(lr, momentum)`` converted to the
         kernel's scalar type: Chainer's elementwise kernel receives them in
@@ -43,15 +63,37 @@ def nesterov_ag_coefficients(lr, momentum, dtype, device="cpu"):
     float16 arrays compute in float32, so their coefficients are float32.
     """
     cdtype = compute_dtype(dtype)
+    t = cdtype.type
+    lr_s, m_s = _strong_scalar(lr), _strong_scalar(momentum)
     if device == "cpu":
-        mm = momentum * momentum
-        c = (1 + momentum) * lr
-        t = cdtype.type
-        return t(lr), t(momentum), t(mm), t(c)
+        mm = m_s * m_s
+        c = (numpy.int64(1) + m_s) * lr_s
+        return t(lr_s), t(m_s), t(mm), t(c)
     if device == "gpu":
-        t = cdtype.type
-        return t(lr), t(momentum)
+        return t(lr_s), t(m_s)
     raise ValueError("device must be 'cpu' or 'gpu', got %r" % (device,))
+
+
+def _nesterov_ag_0d(param, grad, v, lr, momentum):
+    """The step for 0-d arrays, with NumPy 1.x's promotion of 0-d operands.
+
+    NumPy 1.x (Chainer's) treats 0-d arrays as scalars: in
+    ``v *= m; v -= lr * g; p += m * m * v; p -= (1 + m) * lr * g`` each
+    operation runs in the promoted type of its operands (float64 for a
+    float32 parameter and Python-float hyperparameters) and only the stores
+    into ``v`` and ``param`` round to the array dtype.  Reproduced here with
+    NumPy scalars, whose promotion is the same under NumPy 1.x and 2.x.
+    """
+    lr_s, m_s = _strong_scalar(lr), _strong_scalar(momentum)
+    g = grad[()]
+    store = param.dtype.type
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        vv = store(v[()] * m_s)
+        vv = store(vv - lr_s * g)
+        pp = store(param[()] + (m_s * m_s) * vv)
+        pp = store(pp - ((numpy.int64(1) + m_s) * lr_s) * g)
+    v[()] = vv
+    param[()] = pp
 
 
 def _array_kind(a):
@@ -115,8 +157,6 @@ def _collapse(shape, strides_list):
 
 def _kernel_views(param, grad, v):
     """('contiguous' | 'strided', p, g, v) views for the kernel, or None."""
-    if param.ndim == 0:
-        param, grad, v = param.reshape(1), grad.reshape(1), v.reshape(1)
     for order, flag in (("C", "c_contiguous"), ("F", "f_contiguous")):
         if getattr(param.flags, flag) and getattr(grad.flags, flag) and getattr(v.flags, flag):
             return "contiguous", param.ravel(order), grad.ravel(order), v.ravel(order)
@@ -164,6 +204,9 @@ def nesterov_ag_cpu(param, grad, v, lr, momentum, num_threads=None, check=True):
         check_nesterov_ag_arrays(param, grad, v)
     n = param.size
     if n == 0:
+        return
+    if param.ndim == 0:
+        _nesterov_ag_0d(param, grad, v, lr, momentum)
         return
     lr_c, m_c, mm_c, c_c = nesterov_ag_coefficients(lr, momentum, param.dtype)
     if param.dtype == numpy.float16:
