@@ -535,8 +535,9 @@ class GradientMethod(Optimizer):
         self.t += 1
         for param in self.target.params():
             rule = getattr(param, "update_rule", None)
-            if rule is not None:
-                # Checked above; hooks that ran since are trusted.
+            if rule is not None and rule.enabled:
+                # Checked above (the hooks that ran since are trusted): the
+                # rule need not check this parameter again.
                 rule._checked = True
             param.update()
         self.reallocate_cleared_grads()
