@@ -70,12 +70,9 @@ class Link:
         """Register a new parameter ``name`` (NaN-filled unless ``initializer`` says otherwise)."""
         if name in self.__dict__:
             raise AttributeError("cannot register a new parameter %s: attribute exists" % name)
-        if initializer is None and shape is not None:
-            param = Parameter(numpy.full(shape, numpy.nan, dtype=dtype))
-        elif initializer is None:
-            param = Parameter(_NaN(dtype))
-        else:
-            param = Parameter(initializer, shape)
+        # As in Chainer: NaN-filled array and gradient of the given dtype
+        # (or an uninitialized parameter without a shape).
+        param = Parameter(_NaN(dtype) if initializer is None else initializer, shape)
         with self.init_scope():
             setattr(self, name, param)
 

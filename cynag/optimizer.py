@@ -227,9 +227,11 @@ class UpdateRule:
         device.  Exceptions name the parameter by ``path`` (or its name).
         """
         array = param.array
-        if array is None:
-            return
         try:
+            if array is None:
+                if param.grad is not None:
+                    raise ValueError("param is uninitialized but has a gradient")
+                return
             self._check_arrays(array, param.grad)
         except (TypeError, ValueError) as e:
             raise type(e)("%s: %s" % (_param_label(param, path), e)) from None
@@ -565,9 +567,12 @@ class GradientMethod(Optimizer):
 
 
 def _check_scalar(name, value):
-    """Raise TypeError unless ``value`` is a real scalar."""
+    """Raise unless ``value`` is a real scalar the kernels can take."""
     if isinstance(value, bool) or not (
             isinstance(value, (numbers.Real, numpy.floating, numpy.integer))
             or (isinstance(value, numpy.ndarray) and value.ndim == 0
                 and value.dtype.kind in "fiu")):
         raise TypeError("hyperparameter %s must be a real number, got %r" % (name, value))
+    if isinstance(value, int) and not -2 ** 63 <= value < 2 ** 63:
+        raise ValueError("hyperparameter %s=%r is an integer out of the int64 range"
+                         % (name, value))

@@ -40,10 +40,13 @@ class NesterovAGRule(optimizer.UpdateRule):
             optimizer._check_scalar("lr", self.hyperparam.lr)
             optimizer._check_scalar("momentum", self.hyperparam.momentum)
             array = param.array
+            if _backend.is_cupy_array(array):
+                raise NotImplementedError("the GPU path is not available yet (param is a %s)"
+                                          % _backend.describe(array))
             if array is not None and isinstance(array, numpy.ndarray):
                 v = None if self._state is None else self._state.get("v")
                 cynag_kernels.check_nesterov_ag_arrays(array, param.grad, v)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, NotImplementedError) as e:
             raise type(e)("%s: %s" % (optimizer._param_label(param, path), e)) from None
 
     def update_core_cpu(self, param):
