@@ -155,8 +155,15 @@ class Link:
         return any(p.update_rule is not None and p.update_rule.enabled for p in self.params())
 
     def count_params(self):
-        """Total number of elements of the initialized parameters."""
-        return sum(p.size for p in self.params(include_uninit=False))
+        """Total number of elements of the parameters (uninitialized ones warn)."""
+        size = 0
+        for name, param in self.namedparams():
+            if param.array is None:
+                warnings.warn("Parameter '{}' has not been initialized, so the resulting count "
+                              "will not include the number of parameters in it.".format(name))
+                continue
+            size += param.size
+        return size
 
     def serialize(self, serializer):
         """Serialize parameters and persistent values (arrives with checkpoint support)."""

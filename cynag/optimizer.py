@@ -526,9 +526,7 @@ class GradientMethod(Optimizer):
             if use_cleargrads:
                 self.target.cleargrads()
             else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    self.target.zerograds()
+                self.target.zerograds()
             loss.backward(loss_scale=self._loss_scale)
             del loss
         self.check_params()
@@ -568,7 +566,7 @@ class GradientMethod(Optimizer):
 
 def _check_scalar(name, value):
     """Raise unless ``value`` is a real scalar the kernels can take."""
-    if isinstance(value, bool) or not (
+    if not (
             isinstance(value, (numbers.Real, numpy.floating, numpy.integer))
             or (isinstance(value, numpy.ndarray) and value.ndim == 0
                 and value.dtype.kind in "fiu")):

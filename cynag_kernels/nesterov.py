@@ -29,9 +29,7 @@ def _strong_scalar(x):
     NEP 50 would let them adopt the other operand's type).  Converting first
     makes the arithmetic below give NumPy 1.x's result under either version.
     """
-    if isinstance(x, bool):
-        return numpy.bool_(x)
-    if isinstance(x, int):
+    if isinstance(x, int):  # bool included: Chainer's arithmetic treats True as 1
         return numpy.int64(x)
     if isinstance(x, float):
         return numpy.float64(x)

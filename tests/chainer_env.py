@@ -1,0 +1,344 @@
+"""A Python interpreter with real Chainer 7.8.1 *and* cynag, for the parity tests.
+
+Chainer 7.8.1 needs ``numpy<2`` and an old ``setuptools``, so it lives in its
+own virtual environment; the parity tests run scripts in that interpreter
+(see ``tests/test_chainer_parity.py``).
+
+Location: ``$CYNAG_CHAINER_VENV`` if set, else ``<repo>/.chainer-venv``
+(gitignored).  An existing environment is reused when
+``import chainer; assert chainer.__version__ == '7.8.1'`` works in it;
+otherwise it is created (one to two minutes, network access to PyPI needed)::
+
+    python -m venv DIR
+    DIR/bin/pip install "setuptools<70" wheel "numpy<2"
+    DIR/bin/pip install --no-build-isolation chainer==7.8.1
+    DIR/bin/pip install "Cython>=3.1"
+
+cynag itself is (re)installed into it, non-editable, once per test session so
+that the tests always exercise the current source::
+
+    DIR/bin/pip install --no-build-isolation --force-reinstall --no-deps <copy of repo>
+
+The build runs on a temporary copy of the source tree (generated ``.c``
+files, build folders and ``*.so`` left out) so that it never writes
+``build/``, ``*.egg-info`` or regenerated Cython output into the working tree
+other people are building in.
+
+If the environment cannot be created or cynag cannot be installed, the tests
+that need it fail with pip's output -- unless ``CYNAG_SKIP_CHAINER=1`` is set,
+in which case they are skipped with the reason.
+
+Command line: ``python tests/chainer_env.py`` creates/updates the environment
+and prints the interpreter's path (useful to warm a CI cache).
+"""
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - command-line use without pytest
+    pytest = None
+
+__all__ = ["CHAINER_VERSION", "ChainerEnvError", "chainer_python", "clean_env",
+           "ensure_chainer_python", "repo_root", "venv_dir", "venv_python"]
+
+CHAINER_VERSION = "7.8.1"
+ENV_VENV = "CYNAG_CHAINER_VENV"
+ENV_SKIP = "CYNAG_SKIP_CHAINER"
+
+#: Timeout of one pip command (chainer is built from its sdist).
+PIP_TIMEOUT_S = 1200
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LOCK_NAME = ".cynag-env.lock"
+_STAMP_NAME = ".cynag-install-stamp"
+# Environment variables that would make the venv's interpreter import the
+# working tree (or another installation) instead of its own packages.
+_DROPPED_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE",
+                "PIP_USER", "PIP_TARGET", "PIP_PREFIX", "PIP_REQUIRE_VIRTUALENV",
+                "VIRTUAL_ENV", "__PYVENV_LAUNCHER__")
+# Never copied when installing cynag from the working tree.
+_SKIP_NAMES = {".git", ".hg", "build", "dist", "__pycache__", ".pytest_cache", ".hypothesis",
+               ".eggs", ".tox", ".nox", ".mypy_cache", ".ruff_cache", ".benchmarks"}
+_SKIP_SUFFIXES = (".egg-info", ".so", ".pyd", ".pyc", ".pyo", ".o", ".obj", ".dll", ".dylib")
+
+_cached_python = None  # per process: cynag is reinstalled once per session
+
+
+class ChainerEnvError(RuntimeError):
+    """The Chainer environment could not be created, or cynag not installed into it."""
+
+
+def repo_root():
+    """Root of the cynag repository (the parent of ``tests/``)."""
+    return _REPO_ROOT
+
+
+def venv_dir():
+    """Directory of the Chainer virtual environment."""
+    d = os.environ.get(ENV_VENV) or os.path.join(_REPO_ROOT, ".chainer-venv")
+    return os.path.abspath(os.path.expanduser(d))
+
+
+def venv_python(d=None):
+    """Path of the interpreter of the environment ``d`` (default :func:`venv_dir`)."""
+    d = venv_dir() if d is None else d
+    if os.name == "nt":
+        return os.path.join(d, "Scripts", "python.exe")
+    return os.path.join(d, "bin", "python")
+
+
+def clean_env(extra=None):
+    """``os.environ`` without the variables that would leak the calling environment."""
+    env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env["PYTHONNOUSERSITE"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def _progress(msg):
+    sys.stderr.write("[cynag chainer-env] %s\n" % msg)
+    sys.stderr.flush()
+
+
+def _run(cmd, what, timeout=PIP_TIMEOUT_S, cwd=None):
+    """Run ``cmd``; return its output, or raise ChainerEnvError carrying it."""
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              universal_newlines=True, timeout=timeout, env=clean_env(),
+                              cwd=cwd or tempfile.gettempdir())
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout or ""
+        if isinstance(out, bytes):
+            out = out.decode("utf-8", "replace")
+        raise ChainerEnvError("%s timed out after %d s: %s\n%s"
+                              % (what, timeout, " ".join(cmd), out)) from None
+    except OSError as e:
+        raise ChainerEnvError("%s could not run %s: %s" % (what, " ".join(cmd), e)) from None
+    if proc.returncode != 0:
+        raise ChainerEnvError("%s failed (exit status %d): %s\n%s"
+                              % (what, proc.returncode, " ".join(cmd), proc.stdout))
+    return proc.stdout, time.time() - t0
+
+
+def _python_ok(python, code):
+    """True if ``python -c code`` exits 0."""
+    if not os.path.exists(python):
+        return False
+    try:
+        return subprocess.run([python, "-c", code], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=120, env=clean_env(),
+                              cwd=tempfile.gettempdir()).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _has_chainer(python):
+    return _python_ok(python, "import chainer; assert chainer.__version__ == %r"
+                      % CHAINER_VERSION)
+
+
+@contextlib.contextmanager
+def _locked(d):
+    """Exclusive lock on ``d`` (several pytest processes may set it up at once)."""
+    os.makedirs(d, exist_ok=True)
+    f = open(os.path.join(d, _LOCK_NAME), "a+")
+    try:
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        else:  # pragma: no cover - Windows
+            import msvcrt
+
+            while True:
+                try:
+                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:
+                    time.sleep(0.5)
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
+def _check_target_dir(d):
+    """Refuse to write into an existing directory that is not a virtual environment."""
+    if not os.path.isdir(d):
+        if os.path.exists(d):
+            raise ChainerEnvError("%s exists and is not a directory; set %s to another path"
+                                  % (d, ENV_VENV))
+        return
+    entries = set(os.listdir(d)) - {_LOCK_NAME, _STAMP_NAME}
+    if entries and not os.path.exists(os.path.join(d, "pyvenv.cfg")):
+        raise ChainerEnvError(
+            "%s exists, is not empty and is not a virtual environment; refusing to install "
+            "into it.  Remove it or set %s to another path." % (d, ENV_VENV))
+
+
+def _create_venv(d, python):
+    """Create the environment in ``d`` (or complete a partial one) with Chainer."""
+    _check_target_dir(d)
+    t_start = time.time()
+    _progress("creating a Chainer %s environment in %s (takes 1-2 minutes; "
+              "needs network access to PyPI) ..." % (CHAINER_VERSION, d))
+    if not _python_ok(python, "import pip"):
+        _progress("  python -m venv %s" % d)
+        _, dt = _run([sys.executable, "-m", "venv", d], "creating the virtual environment")
+        _progress("  ... done (%.0f s)" % dt)
+    steps = [
+        (["install", "setuptools<70", "wheel", "numpy<2"],
+         "installing setuptools<70, wheel, numpy<2"),
+        (["install", "--no-build-isolation", "chainer==%s" % CHAINER_VERSION],
+         "installing chainer==%s" % CHAINER_VERSION),
+    ]
+    for args, what in steps:
+        _progress("  %s ..." % what)
+        _, dt = _run([python, "-m", "pip"] + args, what)
+        _progress("  ... done (%.0f s)" % dt)
+    if not _has_chainer(python):
+        out, _ = _run([python, "-c", "import chainer; print(chainer.__version__)"],
+                      "importing chainer")
+        raise ChainerEnvError("chainer==%s was installed in %s but does not import as that "
+                              "version:\n%s" % (CHAINER_VERSION, d, out))
+    _progress("Chainer environment ready (%.0f s)" % (time.time() - t_start))
+
+
+def _ignore_for_copy(venv):
+    venv = os.path.normcase(os.path.abspath(venv))
+
+    def ignore(src, names):
+        skipped = set()
+        for name in names:
+            path = os.path.join(src, name)
+            if (name in _SKIP_NAMES or name.endswith(_SKIP_SUFFIXES)
+                    or os.path.normcase(os.path.abspath(path)) == venv
+                    or os.path.exists(os.path.join(path, "pyvenv.cfg"))):
+                skipped.add(name)
+                continue
+            stem, ext = os.path.splitext(name)
+            # Cython output next to its .pyx: regenerated by the venv's Cython.
+            if ext in (".c", ".cpp", ".html") and stem + ".pyx" in names:
+                skipped.add(name)
+        return skipped
+
+    return ignore
+
+
+def _install_cynag(python, d):
+    """Build and install the current cynag source into the environment."""
+    if not _python_ok(python, "import Cython; v = Cython.__version__.split('.'); "
+                              "assert (int(v[0]), int(v[1])) >= (3, 1)"):
+        _progress("  installing Cython>=3.1 ...")
+        _, dt = _run([python, "-m", "pip", "install", "Cython>=3.1"], "installing Cython>=3.1")
+        _progress("  ... done (%.0f s)" % dt)
+    _progress("building and installing cynag from %s into %s ..." % (_REPO_ROOT, d))
+    tmp = tempfile.mkdtemp(prefix="cynag-src-")
+    try:
+        src = os.path.join(tmp, "cynag")
+        shutil.copytree(_REPO_ROOT, src, ignore=_ignore_for_copy(d), symlinks=True)
+        _, dt = _run([python, "-m", "pip", "install", "--no-build-isolation", "--force-reinstall",
+                      "--no-deps", src], "installing cynag into the Chainer environment")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _progress("  ... done (%.0f s)" % dt)
+    # The installed copy must be the one imported, next to chainer 7.8.1.
+    out, _ = _run([python, "-c", "import os, chainer, numpy, cynag, cynag_kernels; "
+                                 "print(chainer.__version__); print(numpy.__version__); "
+                                 "print(os.path.dirname(os.path.abspath(cynag.__file__)))"],
+                  "importing chainer and cynag in the Chainer environment")
+    lines = out.strip().splitlines()
+    cynag_dir = os.path.normcase(os.path.realpath(lines[-1]))
+    if (cynag_dir == os.path.normcase(os.path.realpath(os.path.join(_REPO_ROOT, "cynag")))
+            or not cynag_dir.startswith(os.path.normcase(os.path.realpath(d)) + os.sep)):
+        raise ChainerEnvError("the Chainer environment imports cynag from %s, not from its "
+                              "own site-packages" % lines[-1])
+    _progress("chainer %s, numpy %s, cynag from %s" % (lines[-3], lines[-2], lines[-1]))
+
+
+def ensure_chainer_python(reinstall_cynag=True):
+    """Path of an interpreter with chainer 7.8.1 and the current cynag.
+
+    Creates the environment if needed and (re)installs cynag, once per
+    process (and once per pytest-xdist run).  Raises :class:`ChainerEnvError`
+    with the failing command's output.
+    """
+    global _cached_python
+    if _cached_python is not None:
+        return _cached_python
+    d = venv_dir()
+    python = venv_python(d)
+    if not os.path.exists(os.path.join(d, _LOCK_NAME)):
+        _check_target_dir(d)
+    with _locked(d):
+        if _has_chainer(python):
+            _progress("reusing the Chainer %s environment in %s" % (CHAINER_VERSION, d))
+        else:
+            _create_venv(d, python)
+        if reinstall_cynag:
+            # pytest-xdist workers of one run share PYTEST_XDIST_TESTRUNUID:
+            # the first one installs, the others reuse its installation.
+            run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+            stamp = os.path.join(d, _STAMP_NAME)
+            done = False
+            if run_id:
+                try:
+                    with open(stamp) as f:
+                        done = f.read().strip() == run_id
+                except OSError:
+                    done = False
+            if done:
+                _progress("cynag already installed in %s for this test run" % d)
+            else:
+                _install_cynag(python, d)
+                with open(stamp, "w") as f:
+                    f.write(run_id or "pid-%d-%f" % (os.getpid(), time.time()))
+    _cached_python = python
+    return python
+
+
+def _capture_disabled(request):
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    if capman is None:
+        return contextlib.nullcontext()
+    return capman.global_and_fixture_disabled()
+
+
+if pytest is not None:
+
+    @pytest.fixture(scope="session")
+    def chainer_python(request):
+        """Session fixture: path of a Python with chainer 7.8.1 and the current cynag.
+
+        Fails with pip's output if the environment cannot be set up, or skips
+        when ``CYNAG_SKIP_CHAINER=1``.
+        """
+        try:
+            with _capture_disabled(request):
+                return ensure_chainer_python()
+        except ChainerEnvError as e:
+            error = str(e)   # reported outside the except block: no chained traceback
+        if os.environ.get(ENV_SKIP, "0") not in ("", "0"):
+            pytest.skip("%s=1 and the Chainer %s environment is not available: %s"
+                        % (ENV_SKIP, CHAINER_VERSION, error.splitlines()[0]))
+        pytest.fail("could not set up the Chainer %s environment in %s "
+                    "(set %s=1 to skip these tests):\n%s"
+                    % (CHAINER_VERSION, venv_dir(), ENV_SKIP, error), pytrace=False)
+
+
+if __name__ == "__main__":
+    try:
+        print(ensure_chainer_python())
+    except ChainerEnvError as e:
+        sys.stderr.write("%s\n" % e)
+        sys.exit(1)

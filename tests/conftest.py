@@ -1,0 +1,16 @@
+"""pytest configuration shared by the test modules.
+
+Makes the helper modules in this directory (``oracle``) importable as
+top-level modules when the tests are run from the repository root
+(``python -m pytest``) with any import mode.
+"""
+import os
+import sys
+
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+# Session fixture ``chainer_python``: an interpreter with Chainer 7.8.1 and the
+# current cynag (see chainer_env.py), for test_chainer_parity.py.
+from chainer_env import chainer_python  # noqa: E402,F401

@@ -1,0 +1,105 @@
+"""Parity with real Chainer 7.8.1, in its own virtual environment.
+
+The cases live in ``chainer_parity_cases.py``; they run in the interpreter
+given by the ``chainer_python`` fixture (``tests/chainer_env.py``: chainer
+7.8.1 and the current cynag, installed once per session), one subprocess per
+group of cases, and each case becomes one test here.
+
+Bit-identical: float32/float64 parameters and NesterovAG ``v`` states over
+300+ steps (shapes (), (0,), (1, 0, 2), (3, 4, 5), large; C, Fortran,
+transposed, strided and negative-stride layouts; Python, int and numpy-scalar
+hyperparameters; lr/momentum changed mid-run, per-rule overrides, disabled
+and frozen rules, cleared gradients, uninitialized and late parameters) and
+``update(lossfun)`` on chainer links; inf/NaN/subnormal/signed-zero values
+(NaN payloads aside).  float16, which cynag computes in float32: each step
+from a common state is at least as close to exact math as Chainer's or
+faithfully rounded, and over 20 free steps its mean/RMS error against a
+float64 run is no larger than Chainer's.  Also hook timing/order/errors,
+hyperparameter chaining, counters, epochs, deprecation warnings, and
+Chainer's link/parameter naming and order.
+
+``CYNAG_CHAINER_VENV`` chooses the environment's location;
+``CYNAG_SKIP_CHAINER=1`` skips these tests when it cannot be set up.
+"""
+import json
+import os
+import subprocess
+
+import pytest
+
+import chainer_parity_cases
+from chainer_env import clean_env, venv_dir
+
+pytestmark = pytest.mark.chainer
+
+_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chainer_parity_cases.py")
+#: Wall-clock limit of one group of cases.
+GROUP_TIMEOUT_S = 300
+
+_CASES = chainer_parity_cases.case_names()
+
+
+@pytest.fixture(scope="module")
+def run_group(chainer_python, tmp_path_factory):
+    """run_group(group) -> results of that group (run once, in the Chainer env)."""
+    cache = {}
+
+    def run(group):
+        if group not in cache:
+            out = tmp_path_factory.mktemp("chainer-parity") / ("%s.json" % group)
+            try:
+                proc = subprocess.run(
+                    [chainer_python, _SCRIPT, str(out), group], stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, universal_newlines=True,
+                    timeout=GROUP_TIMEOUT_S, env=clean_env({"PYTHONHASHSEED": "0"}),
+                    cwd=str(out.parent))
+                output, rc = proc.stdout, proc.returncode
+            except subprocess.TimeoutExpired as e:
+                output, rc = (e.stdout or ""), "timeout after %d s" % GROUP_TIMEOUT_S
+                if isinstance(output, bytes):
+                    output = output.decode("utf-8", "replace")
+            results = None
+            if out.exists():
+                with open(str(out)) as f:
+                    results = json.load(f)
+            cache[group] = (results, rc, output)
+        return cache[group]
+
+    return run
+
+
+def _case_result(run_group, group, name):
+    results, rc, output = run_group(group)
+    if results is None or name not in results["cases"]:
+        pytest.fail("the Chainer subprocess for group %r ended (exit status %s) without a "
+                    "result for %s; its output:\n%s" % (group, rc, name, output), pytrace=False)
+    return results, results["cases"][name]
+
+
+@pytest.mark.parametrize("group,name", _CASES, ids=[n for _, n in _CASES])
+def test_parity(run_group, group, name):
+    _, res = _case_result(run_group, group, name)
+    if not res["ok"]:
+        pytest.fail("cynag differs from Chainer 7.8.1 in %s:\n%s" % (name, res["error"]),
+                    pytrace=False)
+
+
+def test_environment(run_group):
+    """The cases ran against chainer 7.8.1 and the installed (not in-tree) cynag."""
+    group, name = _CASES[0]
+    results, _ = _case_result(run_group, group, name)
+    meta = results["meta"]
+    assert meta["chainer"] == "7.8.1"
+    assert meta["numpy"].split(".")[0] == "1"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cynag_file = os.path.normcase(os.path.realpath(meta["cynag_file"]))
+    in_tree = os.path.normcase(os.path.realpath(os.path.join(repo, "cynag", "__init__.py")))
+    assert cynag_file != in_tree, meta["cynag_file"]
+    venv = os.path.normcase(os.path.realpath(venv_dir()))
+    assert cynag_file.startswith(venv + os.sep), (meta["cynag_file"], venv_dir())
+
+
+def test_every_group_has_cases():
+    assert sorted({g for g, _ in _CASES}) == sorted(
+        ["float16", "hooks", "hyperparam", "lossfun", "naming", "trajectory"])
+    assert len({n for _, n in _CASES}) == len(_CASES)
