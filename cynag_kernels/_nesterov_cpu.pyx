@@ -20,6 +20,7 @@ plain ``int`` decided by the caller.  Nothing here reads the environment.
 """
 cimport numpy as cnp
 from cython.parallel cimport prange
+from libc.math cimport isinf
 from libc.stdint cimport uint16_t
 
 cnp.import_array()
@@ -136,6 +137,11 @@ cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b, Py_ssize_t nbytes) noex
     return pa + nbytes <= pb or pb + nbytes <= pa
 
 
+cdef inline bint _fits_float(double x) noexcept:
+    """False for a finite double that rounds to an infinite float."""
+    return not (isinf(<float>x) and not isinf(x))
+
+
 def try_nesterov_ag_dense(object param, object grad, object v, object lr, object momentum,
                           int n_threads):
     """Fast path for the common case; returns False (doing nothing) otherwise.
@@ -185,6 +191,9 @@ def try_nesterov_ag_dense(object param, object grad, object v, object lr, object
     mm_d = m_d * m_d
     c_d = (1.0 + m_d) * lr_d
     if type_num != cnp.NPY_DOUBLE:
+        if not (_fits_float(lr_d) and _fits_float(m_d) and _fits_float(mm_d)
+                and _fits_float(c_d)):
+            return False  # NumPy 1.x would compute in float64: general path
         lr_d = <float>lr_d
         m_d = <float>m_d
         mm_d = <float>mm_d
@@ -249,6 +258,8 @@ def nesterov_ag_strided(storage_t[:, :] param,          # IN/OUT
 def half_bits_to_float(const uint16_t[::1] src, float[::1] dst):
     """dst[i] = float(src[i]) where src holds float16 bit patterns."""
     cdef Py_ssize_t i
+    if dst.shape[0] != src.shape[0]:
+        raise ValueError("dst has %d elements but src has %d" % (dst.shape[0], src.shape[0]))
     with nogil:
         for i in range(src.shape[0]):
             dst[i] = cynag_half_to_float(src[i])
@@ -257,6 +268,8 @@ def half_bits_to_float(const uint16_t[::1] src, float[::1] dst):
 def float_to_half_bits(const float[::1] src, uint16_t[::1] dst):
     """dst[i] = float16 bit pattern of src[i], rounded to nearest even."""
     cdef Py_ssize_t i
+    if dst.shape[0] != src.shape[0]:
+        raise ValueError("dst has %d elements but src has %d" % (dst.shape[0], src.shape[0]))
     with nogil:
         for i in range(src.shape[0]):
             dst[i] = cynag_float_to_half(src[i])

@@ -38,6 +38,43 @@ def _strong_scalar(x):
     return x
 
 
+def _round_value_based(x, t):
+    """``t(x)``, or float64 where NumPy 1.x's value-based casting keeps float64.
+
+    NumPy 1.x rounds a scalar to the array's float type only if its value
+    fits; a finite scalar beyond that range (``lr=1e39`` against float32)
+    makes the operation run in float64.  Such a coefficient is returned as
+    ``numpy.float64`` and the launcher takes the NumPy path for it.
+    """
+    with numpy.errstate(over="ignore"):
+        r = t(x)
+    if t is not numpy.float64 and not numpy.isfinite(r):
+        wide = numpy.float64(x)
+        if numpy.isfinite(wide):
+            return wide
+    return r
+
+
+def _nesterov_ag_wide(param, grad, v, lr, m, mm, c):
+    """The step with some coefficient kept in float64 (see _round_value_based)."""
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        if param.dtype == numpy.float16:
+            g = grad.astype(numpy.float32)
+            vv = v.astype(numpy.float32)
+            vv *= m
+            vv -= lr * g
+            v[...] = vv
+            pp = param.astype(numpy.float32)
+            pp += mm * v.astype(numpy.float32)
+            pp -= c * g
+            param[...] = pp
+        else:
+            v *= m
+            v -= lr * grad
+            param += mm * v
+            param -= c * grad
+
+
 def nesterov_ag_coefficients(lr, momentum, dtype, device="cpu"):
     """Scalar coefficients of one NesterovAG step, rounded as Chainer rounds them.
 
@@ -66,7 +103,7 @@ def nesterov_ag_coefficients(lr, momentum, dtype, device="cpu"):
     if device == "cpu":
         mm = m_s * m_s
         c = (numpy.int64(1) + m_s) * lr_s
-        return t(lr_s), t(m_s), t(mm), t(c)
+        return tuple(_round_value_based(x, t) for x in (lr_s, m_s, mm, c))
     if device == "gpu":
         return t(lr_s), t(m_s)
     raise ValueError("device must be 'cpu' or 'gpu', got %r" % (device,))
@@ -206,7 +243,11 @@ def nesterov_ag_cpu(param, grad, v, lr, momentum, num_threads=None, check=True):
     if param.ndim == 0:
         _nesterov_ag_0d(param, grad, v, lr, momentum)
         return
-    lr_c, m_c, mm_c, c_c = nesterov_ag_coefficients(lr, momentum, param.dtype)
+    coefficients = nesterov_ag_coefficients(lr, momentum, param.dtype)
+    if any(type(k) is not type(coefficients[0]) for k in coefficients):
+        _nesterov_ag_wide(param, grad, v, *coefficients)
+        return
+    lr_c, m_c, mm_c, c_c = coefficients
     if param.dtype == numpy.float16:
         param, grad, v = (a.view(numpy.uint16) for a in (param, grad, v))
     views = _kernel_views(param, grad, v)

@@ -21,6 +21,8 @@ import math
 import operator
 import os
 
+import numpy
+
 from cynag_kernels import _openmp_helpers
 
 #: Elements below which an update stays on one thread (see module docstring).
@@ -94,6 +96,16 @@ def openmp_default_threads():
     return max(1, n)
 
 
+def _as_int(func, name, value):
+    """``value`` as an int (NumPy integers accepted); TypeError for bool, float, ..."""
+    if isinstance(value, (bool, numpy.bool_)):
+        raise TypeError("%s: %s must be an int or None, got %r" % (func, name, value))
+    try:
+        return int(operator.index(value))
+    except TypeError:
+        raise TypeError("%s: %s must be an int or None, got %r" % (func, name, value)) from None
+
+
 def get_num_threads():
     """Number of OpenMP threads the CPU kernels use for a large array."""
     if not _OPENMP:
@@ -119,11 +131,7 @@ def set_num_threads(n):
     if n is None:
         _fixed_threads = None
         return
-    if isinstance(n, bool) or not isinstance(n, int):
-        try:
-            n = operator.index(n)
-        except TypeError:
-            raise TypeError("set_num_threads: n must be an int or None, got %r" % (n,)) from None
+    n = _as_int("set_num_threads", "n", n)
     if n == 0:
         raise ValueError("set_num_threads: n must not be 0 (use None for the default)")
     if n < 0:
@@ -142,10 +150,9 @@ def set_parallel_threshold(n_elements):
     if n_elements is None:
         _parallel_threshold = DEFAULT_PARALLEL_THRESHOLD
         return
-    if isinstance(n_elements, bool) or not isinstance(n_elements, int) or n_elements < 0:
-        raise ValueError(
-            "set_parallel_threshold: expected an int >= 0 or None, got %r" % (n_elements,)
-        )
+    n_elements = _as_int("set_parallel_threshold", "n_elements", n_elements)
+    if n_elements < 0:
+        raise ValueError("set_parallel_threshold: n_elements must be >= 0, got %d" % n_elements)
     _parallel_threshold = n_elements
 
 

@@ -38,8 +38,16 @@ SMOKE = textwrap.dedent(
 )
 
 
-def _run(cmd, **kw):
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, **kw)
+def _clean_env(extra=None):
+    """The environment without variables that would import the working tree."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(extra or {})
+    return env
+
+
+def _run(cmd, env=None, **kw):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                          env=env or _clean_env(), **kw)
     if proc.returncode != 0:
         pytest.fail("command failed: %s\n--- stdout\n%s\n--- stderr\n%s"
                     % (" ".join(cmd), proc.stdout[-5000:], proc.stderr[-5000:]))
@@ -86,7 +94,7 @@ def test_install_from_sdist_and_run(tmp_path, sdist):
 
 @pytest.mark.slow
 def test_build_without_openmp_is_single_threaded_and_correct(tmp_path, sdist):
-    env = dict(os.environ, CYNAG_DISABLE_OPENMP="1")
+    env = _clean_env({"CYNAG_DISABLE_OPENMP": "1"})
     py = _venv_install(tmp_path, sdist, env=env)
     out = _run([py, "-c", SMOKE, ROOT], cwd=str(tmp_path))
     assert "OpenMP:    DISABLED" in out.stdout
