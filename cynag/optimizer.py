@@ -86,8 +86,10 @@ class _Hookable:
         raise ValueError("timing must be either 'pre' or 'post', got %r" % (timing,))
 
     def call_hooks(self, timing, args):
-        for hook in list(self.hooks(timing).values()):
-            self.call_hook(hook, args)
+        hooks = self.hooks(timing)
+        if hooks:
+            for hook in list(hooks.values()):
+                self.call_hook(hook, args)
 
     def call_hook(self, hook, args):
         hook(*args)
@@ -226,15 +228,19 @@ class UpdateRule:
         is writeable, and that every state array lives on the parameter's
         device.  Exceptions name the parameter by ``path`` (or its name).
         """
-        array = param.array
         try:
-            if array is None:
-                if param.grad is not None:
-                    raise ValueError("param is uninitialized but has a gradient")
-                return
-            self._check_arrays(array, param.grad)
-        except (TypeError, ValueError) as e:
+            self._check_param(param)
+        except (TypeError, ValueError, NotImplementedError) as e:
             raise type(e)("%s: %s" % (_param_label(param, path), e)) from None
+
+    def _check_param(self, param):
+        """The checks of :meth:`check_param`; messages without the parameter's name."""
+        array = param.array
+        if array is None:
+            if param.grad is not None:
+                raise ValueError("param is uninitialized but has a gradient")
+            return
+        self._check_arrays(array, param.grad)
 
     def _check_arrays(self, array, grad):
         dev = _backend.device_of(array)

@@ -16,6 +16,7 @@ from cynag_kernels.nesterov import (
     compute_dtype,
     nesterov_ag_coefficients,
     nesterov_ag_cpu,
+    nesterov_ag_dense_ok,
 )
 from cynag_kernels.threads import (
     DEFAULT_PARALLEL_THRESHOLD,
@@ -28,5 +29,5 @@ from cynag_kernels.threads import (
 __all__ = [
     "SUPPORTED_DTYPES", "DEFAULT_PARALLEL_THRESHOLD", "build_info", "openmp_enabled",
     "check_nesterov_ag_arrays", "compute_dtype", "nesterov_ag_coefficients", "nesterov_ag_cpu",
-    "get_num_threads", "set_num_threads", "get_parallel_threshold", "set_parallel_threshold",
+    "nesterov_ag_dense_ok", "get_num_threads", "set_num_threads", "get_parallel_threshold", "set_parallel_threshold",
 ]

@@ -142,50 +142,81 @@ cdef inline bint _fits_float(double x) noexcept:
     return not (isinf(<float>x) and not isinf(x))
 
 
-def try_nesterov_ag_dense(object param, object grad, object v, object lr, object momentum,
-                          int n_threads):
-    """Fast path for the common case; returns False (doing nothing) otherwise.
+cdef int _dense_type(object param, object grad, object v) noexcept:
+    """NumPy type number if the arrays qualify for the dense path, else -1.
 
-    Handles NumPy arrays (at least 1-d) of one native float dtype and one shape that are
-    all C-contiguous or all F-contiguous, aligned and disjoint, with
-    ``param`` and ``v`` writeable, and Python ``float`` hyperparameters.  All
-    checks read the array headers directly, so a small update costs well
-    under a microsecond of overhead.  The coefficients are rounded exactly as
-    :func:`cynag_kernels.nesterov_ag_coefficients` rounds them.
+    Qualify: NumPy arrays (at least 1-d) of one native float dtype and one
+    shape, all C-contiguous or all F-contiguous, aligned, pairwise disjoint,
+    ``param`` and ``v`` writeable.  Reads the array headers only.
     """
     cdef cnp.ndarray p, g, vv
     cdef int type_num, flag
-    cdef Py_ssize_t n, nbytes
-    cdef double lr_d, m_d, mm_d, c_d
+    cdef Py_ssize_t nbytes
     if not (cnp.PyArray_CheckExact(param) and cnp.PyArray_CheckExact(grad)
-            and cnp.PyArray_CheckExact(v) and type(lr) is float and type(momentum) is float):
-        return False
+            and cnp.PyArray_CheckExact(v)):
+        return -1
     p, g, vv = param, grad, v
     if cnp.PyArray_NDIM(p) == 0:
-        return False  # 0-d arrays follow scalar promotion (see nesterov.py)
+        return -1  # 0-d arrays follow scalar promotion (see nesterov.py)
     type_num = cnp.PyArray_TYPE(p)
     if type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE and type_num != NPY_HALF:
-        return False
+        return -1
     if not (_same_layout(p, g, type_num) and _same_layout(p, vv, type_num)):
-        return False
+        return -1
     flag = cnp.NPY_ARRAY_C_CONTIGUOUS
     if not (cnp.PyArray_CHKFLAGS(p, flag) and cnp.PyArray_CHKFLAGS(g, flag)
             and cnp.PyArray_CHKFLAGS(vv, flag)):
         flag = cnp.NPY_ARRAY_F_CONTIGUOUS
         if not (cnp.PyArray_CHKFLAGS(p, flag) and cnp.PyArray_CHKFLAGS(g, flag)
                 and cnp.PyArray_CHKFLAGS(vv, flag)):
-            return False
+            return -1
     if not (cnp.PyArray_ISWRITEABLE(p) and cnp.PyArray_ISWRITEABLE(vv)
             and cnp.PyArray_ISALIGNED(p) and cnp.PyArray_ISALIGNED(g)
             and cnp.PyArray_ISALIGNED(vv) and cnp.PyArray_ISNOTSWAPPED(p)
             and cnp.PyArray_ISNOTSWAPPED(g) and cnp.PyArray_ISNOTSWAPPED(vv)):
+        return -1
+    nbytes = cnp.PyArray_SIZE(p) * cnp.PyArray_ITEMSIZE(p)
+    if nbytes and not (_disjoint(p, g, nbytes) and _disjoint(p, vv, nbytes)
+                       and _disjoint(g, vv, nbytes)):
+        return -1
+    return type_num
+
+
+def dense_arrays_ok(object param, object grad, object v):
+    """True if ``param``, ``grad`` and ``v`` qualify for the dense path.
+
+    Such arrays pass every check of ``check_nesterov_ag_arrays``; the test
+    costs a few header reads, so callers use it to skip the full checks.
+    """
+    return _dense_type(param, grad, v) >= 0
+
+
+def try_nesterov_ag_dense(object param, object grad, object v, object lr, object momentum,
+                          int n_threads):
+    """Fast path for the common case; returns False (doing nothing) otherwise.
+
+    Takes arrays that qualify for the dense path (see ``dense_arrays_ok``)
+    and Python ``float`` hyperparameters, so that a small update costs well
+    under a microsecond of overhead.  The coefficients are rounded exactly as
+    :func:`cynag_kernels.nesterov_ag_coefficients` rounds them.
+    """
+    cdef int type_num
+    cdef Py_ssize_t n
+    cdef double lr_d, m_d, mm_d, c_d
+    cdef void* pp
+    cdef void* gp
+    cdef void* vp
+    if type(lr) is not float or type(momentum) is not float:
         return False
-    n = cnp.PyArray_SIZE(p)
+    type_num = _dense_type(param, grad, v)
+    if type_num < 0:
+        return False
+    n = cnp.PyArray_SIZE(<cnp.ndarray>param)
     if n == 0:
         return True
-    nbytes = n * cnp.PyArray_ITEMSIZE(p)
-    if not (_disjoint(p, g, nbytes) and _disjoint(p, vv, nbytes) and _disjoint(g, vv, nbytes)):
-        return False
+    pp = cnp.PyArray_DATA(<cnp.ndarray>param)
+    gp = cnp.PyArray_DATA(<cnp.ndarray>grad)
+    vp = cnp.PyArray_DATA(<cnp.ndarray>v)
     lr_d = lr
     m_d = momentum
     mm_d = m_d * m_d
@@ -200,15 +231,14 @@ def try_nesterov_ag_dense(object param, object grad, object v, object lr, object
         c_d = <float>c_d
     with nogil:
         if type_num == cnp.NPY_FLOAT:
-            _contiguous_run(<float*>cnp.PyArray_DATA(p), <const float*>cnp.PyArray_DATA(g),
-                            <float*>cnp.PyArray_DATA(vv), n, lr_d, m_d, mm_d, c_d, n_threads)
+            _contiguous_run(<float*>pp, <const float*>gp, <float*>vp,
+                            n, lr_d, m_d, mm_d, c_d, n_threads)
         elif type_num == cnp.NPY_DOUBLE:
-            _contiguous_run(<double*>cnp.PyArray_DATA(p), <const double*>cnp.PyArray_DATA(g),
-                            <double*>cnp.PyArray_DATA(vv), n, lr_d, m_d, mm_d, c_d, n_threads)
+            _contiguous_run(<double*>pp, <const double*>gp, <double*>vp,
+                            n, lr_d, m_d, mm_d, c_d, n_threads)
         else:
-            _contiguous_run(<uint16_t*>cnp.PyArray_DATA(p),
-                            <const uint16_t*>cnp.PyArray_DATA(g),
-                            <uint16_t*>cnp.PyArray_DATA(vv), n, lr_d, m_d, mm_d, c_d, n_threads)
+            _contiguous_run(<uint16_t*>pp, <const uint16_t*>gp, <uint16_t*>vp,
+                            n, lr_d, m_d, mm_d, c_d, n_threads)
     return True
 
 

@@ -176,6 +176,18 @@ def check_nesterov_ag_arrays(param, grad, v, xp=numpy):
                 raise ValueError("%s and %s overlap in memory" % (n1, n2))
 
 
+def nesterov_ag_dense_ok(param, grad, v):
+    """True if the arrays take the dense native path (and so pass every check).
+
+    Dense: NumPy arrays (at least 1-d) of one native float dtype and one
+    shape, all C- or all F-contiguous, aligned, disjoint, ``param`` and ``v``
+    writeable.  Reads the array headers only (tens of nanoseconds), so
+    callers use it to skip :func:`check_nesterov_ag_arrays` in the common
+    case.
+    """
+    return _nesterov_cpu.dense_arrays_ok(param, grad, v)
+
+
 def _collapse(shape, strides_list):
     """Merge axes that all arrays can walk as one; drop length-1 axes."""
     axes = []

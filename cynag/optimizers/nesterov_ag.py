@@ -33,21 +33,23 @@ class NesterovAGRule(optimizer.UpdateRule):
     def init_state(self, param):
         self.state["v"] = _backend.array_module(param.array).zeros_like(param.array)
 
-    def check_param(self, param, path=None):
+    def _check_param(self, param):
         """Check hyperparameters, arrays and the state ``v`` before an update."""
-        super().check_param(param, path)
-        try:
-            optimizer._check_scalar("lr", self.hyperparam.lr)
-            optimizer._check_scalar("momentum", self.hyperparam.momentum)
-            array = param.array
-            if _backend.is_cupy_array(array):
-                raise NotImplementedError("the GPU path is not available yet (param is a %s)"
-                                          % _backend.describe(array))
-            if array is not None and isinstance(array, numpy.ndarray):
-                v = None if self._state is None else self._state.get("v")
-                cynag_kernels.check_nesterov_ag_arrays(array, param.grad, v)
-        except (TypeError, ValueError, NotImplementedError) as e:
-            raise type(e)("%s: %s" % (optimizer._param_label(param, path), e)) from None
+        lr, momentum = self.hyperparam.lr, self.hyperparam.momentum
+        array, grad = param.array, param.grad
+        v = None if self._state is None else self._state.get("v")
+        if (type(lr) is float and type(momentum) is float and grad is not None
+                and v is not None and len(self._state) == 1
+                and cynag_kernels.nesterov_ag_dense_ok(array, grad, v)):
+            return  # the common case, checked natively
+        super()._check_param(param)
+        optimizer._check_scalar("lr", lr)
+        optimizer._check_scalar("momentum", momentum)
+        if _backend.is_cupy_array(array):
+            raise NotImplementedError("the GPU path is not available yet (param is a %s)"
+                                      % _backend.describe(array))
+        if array is not None:
+            cynag_kernels.check_nesterov_ag_arrays(array, grad, v)
 
     def update_core_cpu(self, param):
         grad = param.grad
