@@ -166,8 +166,20 @@ class Link:
         return size
 
     def serialize(self, serializer):
-        """Serialize parameters and persistent values (arrives with checkpoint support)."""
-        raise NotImplementedError("Link.serialize: checkpoint support is not available yet")
+        """Save or load the parameters (key: their name) and persistent values.
+
+        Loading into an uninitialized parameter initializes it with the
+        stored array's shape, as in Chainer.
+        """
+        d = self.__dict__
+        for name in sorted(self._params):
+            param = d[name]
+            data = serializer(name, param.array)
+            if param.array is None and data is not None:
+                param.initialize(data.shape)
+                param.array[...] = data
+        for name in sorted(self._persistent):
+            d[name] = serializer(name, d[name])
 
     def __repr__(self):
         return "%s(%s)" % (type(self).__name__, ", ".join(
@@ -257,6 +269,12 @@ class Chain(Link):
         for name in sorted(self._children):
             yield d[name]
 
+    def serialize(self, serializer):
+        super().serialize(serializer)
+        d = self.__dict__
+        for name in sorted(self._children):
+            d[name].serialize(serializer[name])
+
 
 class ChainList(Link, collections.abc.MutableSequence):
     """A link made of a list of child links, named ``'0'``, ``'1'``, ...
@@ -344,3 +362,8 @@ class ChainList(Link, collections.abc.MutableSequence):
 
     def children(self):
         return iter(list(self._children))
+
+    def serialize(self, serializer):
+        super().serialize(serializer)
+        for idx, child in enumerate(self._children):
+            child.serialize(serializer["%d" % idx])

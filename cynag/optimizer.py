@@ -18,6 +18,8 @@ state, hyperparameters) before it changes anything, and raises an exception
 that names the parameter by its path, so a bad step updates nothing.
 """
 import collections
+import copy
+import math
 import numbers
 import warnings
 
@@ -25,6 +27,8 @@ import numpy
 
 from cynag import _backend
 from cynag.link import Link
+from cynag.parameter import Parameter
+from cynag.serializer import Deserializer
 
 _TIMINGS = ("pre", "post")
 
@@ -270,7 +274,11 @@ class UpdateRule:
     def update(self, param):
         """Call the hooks and update ``param`` (nothing if disabled).
 
-        Increments :attr:`t`, creates the state on the first call, then runs
+        As in Chainer: increments :attr:`t`; with :meth:`use_fp32_update`
+        and a float16 parameter, works on the float32 master copy (gradient
+        converted to float32, result cast back into ``param.array``);
+        creates the state on the first call; divides the gradient by the
+        loss scale that produced it (``param._loss_scale``); then runs
         ``'pre'`` hooks, :meth:`update_core` and ``'post'`` hooks.
         """
         if not self.enabled:
@@ -279,15 +287,46 @@ class UpdateRule:
             self._checked = False
         else:
             self.check_param(param)
-        if self._use_fp32_update and param.array is not None \
-                and param.array.dtype == numpy.float16:
-            raise NotImplementedError("fp32 master updates are not available yet")
         self.t += 1
-        if param.array is not None:
-            self._init_states(param)
-        self._hookable.call_hooks("pre", (self, param))
-        self.update_core(param)
-        self._hookable.call_hooks("post", (self, param))
+        is_initialized = param.array is not None
+        loss_scale = getattr(param, "_loss_scale", None)
+        fp32_param = self._fp32_master(param) if self._uses_fp32(param) else None
+        param_ = param if fp32_param is None else fp32_param
+        if is_initialized:
+            self._init_states(param_)
+            if loss_scale is not None:
+                _divide_grad(param_.grad, loss_scale)
+        self._hookable.call_hooks("pre", (self, param_))
+        self.update_core(param_)
+        self._hookable.call_hooks("post", (self, param_))
+        if fp32_param is not None:
+            if is_initialized:
+                param.array = fp32_param.array.astype(param.array.dtype)
+            fp32_param.grad = None
+
+    def _uses_fp32(self, param):
+        """True if ``param`` is updated through a float32 master copy."""
+        if not self._use_fp32_update:
+            return False
+        try:
+            dtype = param.dtype
+        except RuntimeError:  # uninitialized, dtype unknown
+            return False
+        return dtype == numpy.float16
+
+    def _fp32_master(self, param):
+        """The float32 master copy of ``param``, created (or initialized) lazily."""
+        array = param.array
+        master = self._fp32_param
+        if master is None or (master.array is None and array is not None):
+            if array is not None:
+                master = Parameter(array.astype(numpy.float32), name=param.name)
+            else:
+                master = Parameter(_Float32Placeholder(), name=param.name)
+            self._fp32_param = master
+        if array is not None:
+            master.grad = None if param.grad is None else param.grad.astype(numpy.float32)
+        return master
 
     def update_core(self, param):
         """Update ``param`` on its device: CPU for NumPy arrays, GPU for CuPy arrays."""
@@ -317,16 +356,56 @@ class UpdateRule:
             self.init_state(param)
 
     def serialize(self, serializer):
-        """Save or load ``t`` and the state (arrives with checkpoint support)."""
-        raise NotImplementedError("UpdateRule.serialize: checkpoint support is not "
-                                  "available yet")
+        """Save or load :attr:`t` and the state, under Chainer's keys.
+
+        Keys: ``t`` and one per state entry (``v`` for NesterovAG).  Loading
+        into a rule whose state does not exist yet creates it from the
+        checkpoint; if the checkpoint has no state (the rule had never
+        updated), the state stays uninitialized and is created at the first
+        update.  A missing key is tolerated for a disabled rule, as in
+        Chainer.  The parameters themselves are saved by the link.
+        """
+        self.t = serializer("t", self.t)
+        if self._state is None:
+            if isinstance(serializer, Deserializer):
+                # Find the state's keys by initializing a stand-in.
+                keys = self._state_keys()
+                state = {}
+                for key in keys:
+                    try:
+                        value = serializer(key, None)
+                    except KeyError:
+                        if self.enabled:
+                            raise
+                        value = None
+                    if value is None:
+                        state = None
+                        break
+                    state[key] = value
+                self._state = state if keys else None
+        else:
+            for key in self._state:
+                self._state[key] = serializer(key, self._state[key])
+
+    def _state_keys(self):
+        """Names of the state entries, found by initializing a throw-away copy."""
+        stand_in = copy.copy(self)
+        stand_in._state = {}
+        arr = numpy.empty(1, dtype=numpy.float32)
+        dummy = Parameter(arr)
+        dummy.grad = arr
+        stand_in.init_state(dummy)
+        return list(stand_in._state)
 
     def use_fp32_update(self, flag=True):
-        """Update float16 parameters through a float32 copy (arrives with fp32 support)."""
-        if flag:
-            raise NotImplementedError("use_fp32_update: fp32 master updates are not "
-                                      "available yet")
-        self._use_fp32_update = False
+        """Update float16 parameters through a float32 master copy.
+
+        The copy is created at the first update (also for a parameter that is
+        uninitialized at setup, once it has an array); each step converts the
+        gradient to float32, updates the copy in float32 and casts the result
+        back into the parameter, as Chainer does.
+        """
+        self._use_fp32_update = flag
 
 
 class _OptimizerHookable(_Hookable):
@@ -366,6 +445,9 @@ class Optimizer:
     epoch = 0
     use_auto_new_epoch = False
     _loss_scale = None
+    _loss_scale_max = 65504  # largest finite float16
+    _loss_scaling_is_dynamic = False
+    _loss_scaling_isnan = False
     _hookable = None
 
     def setup(self, link):
@@ -445,16 +527,83 @@ class Optimizer:
             hook(self)
 
     def serialize(self, serializer):
-        """Save or load ``t``, ``epoch`` and the rules' state (arrives with checkpoint support)."""
-        raise NotImplementedError("Optimizer.serialize: checkpoint support is not available yet")
+        """Save or load :attr:`t`, :attr:`epoch` and every rule's ``t`` and state.
+
+        Keys are Chainer's: ``t``, ``epoch`` and, for a parameter at path
+        ``/l1/W``, ``l1/W/t`` and ``l1/W/v``.  The parameters themselves are
+        not saved; serialize the link for them.  Use
+        :func:`cynag.serializers.save_npz` / :func:`~cynag.serializers.load_npz`
+        (all-or-nothing loading) rather than calling this directly.
+        """
+        self.t = serializer("t", self.t)
+        self.epoch = serializer("epoch", self.epoch)
+        for name, param in self.target.namedparams():
+            rule = getattr(param, "update_rule", None)
+            if rule is not None:
+                rule.serialize(serializer[name])
 
     def loss_scaling(self, interval=1000, scale=None):
-        """Configure loss scaling (arrives with loss-scaling support)."""
-        raise NotImplementedError("loss scaling is not available yet")
+        """Configure loss scaling.
+
+        Args:
+            interval (int): with dynamic scaling, steps between doublings...
+                precisely, the scale grows by ``2 ** (1 / interval)`` per
+                step once a non-finite gradient has been seen (by 2 per step
+                before that).
+            scale (float): a static loss scale; ``None`` selects dynamic
+                scaling, starting at 1: a step whose gradients are not all
+                finite is skipped with a warning and halves the scale; the
+                scale stays within ``[1, 65504]``.
+        """
+        if scale is None:
+            self._loss_scaling_is_dynamic = True
+            if interval < 1:
+                raise ValueError("interval must be greater than or equal to 1."
+                                 " Actual: {}".format(interval))
+            self._loss_scale = 1.0
+            self._loss_scaling_multiplier = math.pow(2.0, 1.0 / interval)
+            self._loss_scaling_isnan_ever = False
+        else:
+            if scale <= 0:
+                raise ValueError("loss_scale must be a positive number. "
+                                 "Actual: {}".format(scale))
+            self._loss_scale = scale
 
     def set_loss_scale(self, loss_scale):
-        """Set a static loss scale (arrives with loss-scaling support)."""
+        """Set a static loss scale (``None``: dynamic scaling)."""
         self.loss_scaling(scale=loss_scale)
+
+    def check_nan_in_grads(self):
+        """With dynamic scaling, look for non-finite gradients (warns for each)."""
+        self._loss_scaling_isnan = False
+        if not self._loss_scaling_is_dynamic:
+            return
+        for name, param in self.target.namedparams():
+            grad = param.grad
+            if grad is None:
+                continue
+            xp = _backend.array_module(grad)
+            if not xp.all(xp.isfinite(grad)):
+                self._loss_scaling_isnan = True
+                self._loss_scaling_isnan_ever = True
+                warnings.warn("Non finite number found in param.grad of {} (iteration: {}, "
+                              "loss_scale: {})".format(name, self.t, self._loss_scale))
+
+    def is_safe_to_update(self):
+        """False when dynamic loss scaling found a non-finite gradient this step."""
+        return not self._loss_scaling_isnan
+
+    def update_loss_scale(self):
+        """Adjust the dynamic loss scale after a step."""
+        if not self._loss_scaling_is_dynamic:
+            return
+        if self._loss_scaling_isnan:
+            multiplier = 0.5
+        elif self._loss_scaling_isnan_ever:
+            multiplier = self._loss_scaling_multiplier
+        else:
+            multiplier = 2.0
+        self._loss_scale = max(1, min(self._loss_scale_max, self._loss_scale * multiplier))
 
 
 class GradientMethod(Optimizer):
@@ -477,6 +626,8 @@ class GradientMethod(Optimizer):
         super().setup(link)
         for param in link.params():
             param.update_rule = self.create_update_rule()
+            if self._use_fp32_update:
+                param.update_rule.use_fp32_update()
         return self
 
     def _namedparams(self, include_uninit=True):
@@ -535,19 +686,27 @@ class GradientMethod(Optimizer):
                 self.target.zerograds()
             loss.backward(loss_scale=self._loss_scale)
             del loss
+            # A Chainer backward pass records its loss scale on every
+            # parameter it reaches; for cynag's parameters cynag does.
+            for param in self.target.params():
+                if isinstance(param, Parameter):
+                    param._loss_scale = self._loss_scale
         self.check_params()
         self.reallocate_cleared_grads()
+        self.check_nan_in_grads()
         self.call_hooks("pre")
         self.t += 1
-        for param in self.target.params():
-            rule = getattr(param, "update_rule", None)
-            if rule is not None and rule.enabled:
-                # Checked above (the hooks that ran since are trusted): the
-                # rule need not check this parameter again.
-                rule._checked = True
-            param.update()
+        if self.is_safe_to_update():
+            for param in self.target.params():
+                rule = getattr(param, "update_rule", None)
+                if rule is not None and rule.enabled:
+                    # Checked above (the hooks that ran since are trusted):
+                    # the rule need not check this parameter again.
+                    rule._checked = True
+                param.update()
         self.reallocate_cleared_grads()
         self.call_hooks("post")
+        self.update_loss_scale()
 
     def use_cleargrads(self, use=True):
         """Choose ``cleargrads`` (default) or ``zerograds`` in :meth:`update`.
@@ -563,11 +722,34 @@ class GradientMethod(Optimizer):
         raise NotImplementedError
 
     def use_fp32_update(self, flag=True):
-        """Update float16 parameters through float32 copies (arrives with fp32 support)."""
-        if flag:
-            raise NotImplementedError("use_fp32_update: fp32 master updates are not "
-                                      "available yet")
-        self._use_fp32_update = False
+        """Update float16 parameters through float32 master copies (see UpdateRule)."""
+        self._use_fp32_update = flag
+        link = getattr(self, "target", None)
+        if link is not None:
+            for param in link.params():
+                param.update_rule.use_fp32_update()
+
+
+class _Float32Placeholder:
+    """Initializer of a not-yet-initialized float32 master copy (carries the dtype)."""
+
+    dtype = numpy.dtype(numpy.float32)
+
+    def __call__(self, array):
+        raise RuntimeError("the float32 master copy is created from the parameter's array")
+
+
+def _divide_grad(grad, scale):
+    """``grad /= scale`` in place, with NumPy 1.x's promotion (as in Chainer).
+
+    NumPy 1.x divides an array of at least one dimension in its own dtype
+    (the scale is rounded to it), but a 0-d array in the promoted type
+    (float64 for a Python-float scale), rounding only the result.
+    """
+    if grad.ndim == 0:
+        grad[()] = numpy.float64(grad[()]) / numpy.float64(scale)
+    else:
+        grad /= float(scale)
 
 
 def _check_scalar(name, value):

@@ -452,10 +452,6 @@ class TestLink:
         with pytest.raises(RuntimeError):
             Bad()
 
-    def test_serialize_not_implemented(self):
-        with pytest.raises(NotImplementedError):
-            Link().serialize(None)
-
 
 # ---------------------------------------------------------------------------
 # Chain

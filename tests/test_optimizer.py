@@ -1119,33 +1119,6 @@ def _view_like(base, kind):
 # ---------------------------------------------------------------------------
 # features not available yet, configuration
 # ---------------------------------------------------------------------------
-class TestNotImplemented:
-    def test_use_fp32_update(self):
-        opt = NesterovAG().setup(make_link((2,)))
-        with pytest.raises(NotImplementedError):
-            opt.use_fp32_update()
-        opt.use_fp32_update(False)
-        rule = NesterovAGRule()
-        with pytest.raises(NotImplementedError):
-            rule.use_fp32_update()
-        rule.use_fp32_update(False)
-
-    def test_loss_scale(self):
-        opt = NesterovAG().setup(make_link((2,)))
-        with pytest.raises(NotImplementedError):
-            opt.set_loss_scale(128.0)
-        with pytest.raises(NotImplementedError):
-            opt.loss_scaling()
-
-    def test_serialize(self):
-        link = make_link((2,))
-        opt = NesterovAG().setup(link)
-        with pytest.raises(NotImplementedError):
-            opt.serialize(None)
-        with pytest.raises(NotImplementedError):
-            link.p0.update_rule.serialize(None)
-
-
 class TestConfig:
     def test_show_config(self, capsys):
         cynag.show_config()

@@ -48,7 +48,17 @@ class NesterovAGRule(optimizer.UpdateRule):
         if _backend.is_cupy_array(array):
             raise NotImplementedError("the GPU path is not available yet (param is a %s)"
                                       % _backend.describe(array))
-        if array is not None:
+        if array is None:
+            return
+        if self._uses_fp32(param):
+            # v belongs to the float32 master copy, which the grad is converted for.
+            master = self._fp32_param
+            if master is not None and master.array is not None:
+                cynag_kernels.check_nesterov_ag_arrays(master.array, None, v)
+            elif v is not None:
+                cynag_kernels.check_nesterov_ag_arrays(
+                    numpy.empty(array.shape, numpy.float32), None, v)
+        else:
             cynag_kernels.check_nesterov_ag_arrays(array, grad, v)
 
     def update_core_cpu(self, param):
