@@ -137,7 +137,9 @@ def _extensions():
             "cynag_kernels.%s" % name,
             ["cynag_kernels/%s.pyx" % name],
             include_dirs=["cynag_kernels", numpy.get_include()],
-            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
+            # Runs on NumPy >= 1.23 whichever NumPy it is built against.
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION"),
+                           ("NPY_TARGET_VERSION", "NPY_1_23_API_VERSION")],
             depends=["cynag_kernels/_half.h", "cynag_kernels/_openmp.pxd"],
         )
         for name in names

@@ -36,6 +36,13 @@ class Link:
                 shape, dtype = value, numpy.float32
             self.add_param(name, shape, dtype=dtype)
 
+    def __call__(self, *args, **kwargs):
+        """Call :meth:`forward` (define it in a subclass), as Chainer's links do."""
+        forward = getattr(self, "forward", None)
+        if forward is None:
+            raise TypeError("%s defines no forward() method" % type(self).__name__)
+        return forward(*args, **kwargs)
+
     # -- registration ----------------------------------------------------
     @property
     def within_init_scope(self):

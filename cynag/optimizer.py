@@ -159,6 +159,16 @@ class HyperparameterProxy:
         setattr(obj.hyperparam, self._attr_name, value)
 
 
+def _with_label(error, label):
+    """``error`` with ``label: `` in front of its message (same type when possible)."""
+    try:
+        labelled = type(error)("%s: %s" % (label, error.args[0] if len(error.args) == 1
+                                           else error))
+    except Exception:
+        return error
+    return labelled
+
+
 def _param_label(param, path=None):
     if path is not None:
         return "parameter %r" % (path,)
@@ -234,17 +244,21 @@ class UpdateRule:
         """
         try:
             self._check_param(param)
-        except (TypeError, ValueError, NotImplementedError) as e:
-            raise type(e)("%s: %s" % (_param_label(param, path), e)) from None
+        except Exception as e:
+            raise _with_label(e, _param_label(param, path)) from None
 
     def _check_param(self, param):
         """The checks of :meth:`check_param`; messages without the parameter's name."""
         array = param.array
+        grad = param.grad
         if array is None:
-            if param.grad is not None:
+            if grad is not None:
                 raise ValueError("param is uninitialized but has a gradient")
             return
-        self._check_arrays(array, param.grad)
+        self._check_arrays(array, grad)
+        if (getattr(param, "_loss_scale", None) is not None and isinstance(grad, numpy.ndarray)
+                and not grad.flags.writeable):
+            raise ValueError("grad is read-only but must be divided by the loss scale in place")
 
     def _check_arrays(self, array, grad):
         dev = _backend.device_of(array)
@@ -281,11 +295,10 @@ class UpdateRule:
         loss scale that produced it (``param._loss_scale``); then runs
         ``'pre'`` hooks, :meth:`update_core` and ``'post'`` hooks.
         """
+        checked, self._checked = self._checked, False
         if not self.enabled:
             return
-        if self._checked:
-            self._checked = False
-        else:
+        if not checked:
             self.check_param(param)
         self.t += 1
         is_initialized = param.array is not None
@@ -655,10 +668,15 @@ class GradientMethod(Optimizer):
         :meth:`UpdateRule.check_param`).  Changes nothing.
         """
         self._check_set_up()
+        checked = []
         for path, param in self._namedparams():
             rule = getattr(param, "update_rule", None)
-            if rule is not None and rule.enabled:
-                rule.check_param(param, path)
+            check = getattr(rule, "check_param", None)  # Chainer's rules have none
+            if check is not None and rule.enabled:
+                check(param, path)
+                checked.append(rule)
+        for rule in checked:
+            rule._checked = True  # update() need not check again
 
     def update(self, lossfun=None, *args, **kwds):
         """Update the parameters from a loss function or from computed gradients.
@@ -694,16 +712,15 @@ class GradientMethod(Optimizer):
         self.check_params()
         self.reallocate_cleared_grads()
         self.check_nan_in_grads()
-        self.call_hooks("pre")
+        if self._hookable._pre_update_hooks:
+            self.call_hooks("pre")
+            # Hooks may have replaced gradients or hyperparameters: check
+            # again, before anything is updated.
+            self.check_params()
         self.t += 1
         if self.is_safe_to_update():
             for param in self.target.params():
-                rule = getattr(param, "update_rule", None)
-                if rule is not None and rule.enabled:
-                    # Checked above (the hooks that ran since are trusted):
-                    # the rule need not check this parameter again.
-                    rule._checked = True
-                param.update()
+                param.update()  # a checked rule skips its own check once
         self.reallocate_cleared_grads()
         self.call_hooks("post")
         self.update_loss_scale()

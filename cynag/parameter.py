@@ -11,8 +11,10 @@ def _generate_array(initializer, shape, dtype=None):
     if initializer is None:
         arr = numpy.full(shape, numpy.nan, dtype=dtype or numpy.float32)
     elif isinstance(initializer, numpy.ndarray) or _backend.is_cupy_array(initializer):
+        # Chainer wraps the array in a Constant initializer, whose dtype is
+        # the default float32 (not the array's).
         xp = _backend.array_module(initializer)
-        arr = xp.empty(shape, dtype=initializer.dtype)
+        arr = xp.empty(shape, dtype=dtype or numpy.float32)
         arr[...] = initializer
     elif numpy.isscalar(initializer):
         arr = numpy.full(shape, initializer, dtype=dtype or numpy.float32)
@@ -32,7 +34,8 @@ class Parameter:
 
     Args:
         initializer: the data array itself (a NumPy or CuPy array, used as
-            is), a scalar (fill value, float32), a callable that fills a given
+            is; with ``shape`` it is a fill pattern and the array is float32,
+            as in Chainer), a scalar (fill value, float32), a callable that fills a given
             array (it may carry a ``dtype`` attribute), or ``None``.  With
             ``shape`` given the array is created at once (``None`` fills it
             with NaN, as Chainer does); without ``shape`` a non-array

@@ -283,6 +283,70 @@ def nesterov_ag_strided(storage_t[:, :] param,          # IN/OUT
 
 
 # --------------------------------------------------------------------------
+# Step with per-operation rounding (NumPy 1.x promotion)
+# --------------------------------------------------------------------------
+cdef inline double _round_to(double x, int bits) noexcept nogil:
+    """``x`` rounded to float16 (16), float32 (32) or left in float64 (64).
+
+    Each operation is done in double and rounded to its result type; for
+    +, -, * of operands no wider than that type this equals the operation in
+    that type (53 >= 2 * 24 + 2 and 24 >= 2 * 11 + 2 rule out double
+    rounding).
+    """
+    if bits == 32:
+        return <float>x
+    if bits == 16:
+        return cynag_half_to_float(cynag_float_to_half(<float>x))
+    return x
+
+
+cdef inline double _load(storage_t* a) noexcept nogil:
+    if storage_t is uint16_t:
+        return cynag_half_to_float(a[0])
+    else:
+        return a[0]
+
+
+cdef inline void _store(storage_t* a, double x) noexcept nogil:
+    if storage_t is uint16_t:
+        a[0] = cynag_float_to_half(<float>x)
+    else:
+        a[0] = <storage_t>x
+
+
+def nesterov_ag_promoted(storage_t[::1] param,        # IN/OUT
+                         const storage_t[::1] grad,   # IN
+                         storage_t[::1] v,            # IN/OUT
+                         double lr, double momentum, double mm, double c,
+                         int r_vm, int r_lrg, int r_vsub, int r_mmv, int r_padd,
+                         int r_cg, int r_psub):
+    """Chainer's four in-place operations with explicit result types.
+
+    Runs ``v *= m; v -= lr * g; p += mm * v; p -= c * g`` element by element,
+    each operation rounded to the type given by its ``r_*`` code (16, 32 or
+    64 bits) and each in-place result stored into the array's own dtype, as
+    NumPy does.  The caller derives the codes from NumPy 1.x's promotion
+    rules: used for 0-d arrays (which NumPy 1.x promotes like scalars) and
+    for coefficients too large for float32 (kept in float64 by value-based
+    casting).  Serial: these cases are tiny or pathological.
+    """
+    cdef Py_ssize_t i, n = param.shape[0]
+    cdef double gi, t
+    if grad.shape[0] != n or v.shape[0] != n:
+        raise ValueError("param, grad and v must have the same length")
+    with nogil:
+        for i in range(n):
+            gi = _load(&grad[i])
+            _store(&v[i], _round_to(_load(&v[i]) * momentum, r_vm))
+            t = _round_to(lr * gi, r_lrg)
+            _store(&v[i], _round_to(_load(&v[i]) - t, r_vsub))
+            t = _round_to(mm * _load(&v[i]), r_mmv)
+            _store(&param[i], _round_to(_load(&param[i]) + t, r_padd))
+            t = _round_to(c * gi, r_cg)
+            _store(&param[i], _round_to(_load(&param[i]) - t, r_psub))
+
+
+# --------------------------------------------------------------------------
 # float16 conversion, exposed for the tests of _half.h
 # --------------------------------------------------------------------------
 def half_bits_to_float(const uint16_t[::1] src, float[::1] dst):

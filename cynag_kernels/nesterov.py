@@ -55,26 +55,6 @@ def _round_value_based(x, t):
     return r
 
 
-def _nesterov_ag_wide(param, grad, v, lr, m, mm, c):
-    """The step with some coefficient kept in float64 (see _round_value_based)."""
-    with numpy.errstate(over="ignore", invalid="ignore"):
-        if param.dtype == numpy.float16:
-            g = grad.astype(numpy.float32)
-            vv = v.astype(numpy.float32)
-            vv *= m
-            vv -= lr * g
-            v[...] = vv
-            pp = param.astype(numpy.float32)
-            pp += mm * v.astype(numpy.float32)
-            pp -= c * g
-            param[...] = pp
-        else:
-            v *= m
-            v -= lr * grad
-            param += mm * v
-            param -= c * grad
-
-
 def nesterov_ag_coefficients(lr, momentum, dtype, device="cpu"):
     """Scalar coefficients of one NesterovAG step, rounded as Chainer rounds them.
 
@@ -109,26 +89,43 @@ def nesterov_ag_coefficients(lr, momentum, dtype, device="cpu"):
     raise ValueError("device must be 'cpu' or 'gpu', got %r" % (device,))
 
 
-def _nesterov_ag_0d(param, grad, v, lr, momentum):
-    """The step for 0-d arrays, with NumPy 1.x's promotion of 0-d operands.
+def _bits(dtype):
+    return numpy.dtype(dtype).itemsize * 8
 
-    NumPy 1.x (Chainer's) treats 0-d arrays as scalars: in
-    ``v *= m; v -= lr * g; p += m * m * v; p -= (1 + m) * lr * g`` each
-    operation runs in the promoted type of its operands (float64 for a
-    float32 parameter and Python-float hyperparameters) and only the stores
-    into ``v`` and ``param`` round to the array dtype.  Reproduced here with
-    NumPy scalars, whose promotion is the same under NumPy 1.x and 2.x.
+
+def _promoted_codes_0d(dtype, lr_s, m_s, mm, c):
+    """Result type (in bits) of each of Chainer's operations on a 0-d array.
+
+    NumPy 1.x treats a 0-d array as a scalar, so ``v * m`` runs in
+    ``result_type(v, m)`` (float64 for a float32 array and a Python float),
+    and so on for the other products and differences.
     """
-    lr_s, m_s = _strong_scalar(lr), _strong_scalar(momentum)
-    g = grad[()]
-    store = param.dtype.type
-    with numpy.errstate(over="ignore", invalid="ignore"):
-        vv = store(v[()] * m_s)
-        vv = store(vv - lr_s * g)
-        pp = store(param[()] + (m_s * m_s) * vv)
-        pp = store(pp - ((numpy.int64(1) + m_s) * lr_s) * g)
-    v[()] = vv
-    param[()] = pp
+    rt = numpy.result_type  # on dtypes: NumPy 1.x applies value-based rules to values
+    lr_s, m_s, mm, c = (numpy.asarray(x).dtype for x in (lr_s, m_s, mm, c))
+    lrg = rt(lr_s, dtype)
+    mmv = rt(mm, dtype)
+    cg = rt(c, dtype)
+    return (_bits(rt(dtype, m_s)), _bits(lrg), _bits(rt(dtype, lrg)), _bits(mmv),
+            _bits(rt(dtype, mmv)), _bits(cg), _bits(rt(dtype, cg)))
+
+
+def _promoted_codes_wide(dtype, coefficients):
+    """Result types when some coefficient is float64 by value-based casting."""
+    base = _bits(compute_dtype(dtype))
+    lr_b, m_b, mm_b, c_b = (64 if type(k) is numpy.float64 else base for k in coefficients)
+    return (m_b, lr_b, max(base, lr_b), mm_b, max(base, mm_b), c_b, max(base, c_b))
+
+
+def _nesterov_ag_promoted(param, grad, v, scalars, codes):
+    """Run the native per-operation-rounding step on (contiguous copies of) the arrays."""
+    if param.dtype == numpy.float16:
+        param, grad, v = (a.view(numpy.uint16) for a in (param, grad, v))
+    pc, gc, vc = (numpy.ascontiguousarray(a).reshape(-1) for a in (param, grad, v))
+    _nesterov_cpu.nesterov_ag_promoted(pc, gc, vc, *(float(k) for k in scalars), *codes)
+    if not numpy.shares_memory(pc, param):
+        param[...] = pc.reshape(param.shape)
+    if not numpy.shares_memory(vc, v):
+        v[...] = vc.reshape(v.shape)
 
 
 def _array_kind(a):
@@ -253,11 +250,16 @@ def nesterov_ag_cpu(param, grad, v, lr, momentum, num_threads=None, check=True):
     if n == 0:
         return
     if param.ndim == 0:
-        _nesterov_ag_0d(param, grad, v, lr, momentum)
+        # NumPy 1.x promotes 0-d arrays like scalars (see _promoted_codes_0d).
+        lr_s, m_s = _strong_scalar(lr), _strong_scalar(momentum)
+        mm, c = m_s * m_s, (numpy.int64(1) + m_s) * lr_s
+        _nesterov_ag_promoted(param, grad, v, (lr_s, m_s, mm, c),
+                              _promoted_codes_0d(param.dtype, lr_s, m_s, mm, c))
         return
     coefficients = nesterov_ag_coefficients(lr, momentum, param.dtype)
     if any(type(k) is not type(coefficients[0]) for k in coefficients):
-        _nesterov_ag_wide(param, grad, v, *coefficients)
+        _nesterov_ag_promoted(param, grad, v, coefficients,
+                              _promoted_codes_wide(param.dtype, coefficients))
         return
     lr_c, m_c, mm_c, c_c = coefficients
     if param.dtype == numpy.float16:

@@ -24,6 +24,7 @@ import sys
 import numpy as np
 import pytest
 
+import cynag
 from cynag import Chain, ChainList, Link, Parameter
 from cynag.optimizers import NesterovAG, NesterovAGRule
 
@@ -533,3 +534,97 @@ def test_gpu_parameter_update_is_atomic(monkeypatch):
         opt.update()
     assert_unchanged(model, opt, snap)
     assert BAD in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# Hooks that break a parameter after the first check, and foreign rules
+# ---------------------------------------------------------------------------
+def _two_param_link():
+    link = cynag.Link()
+    with link.init_scope():
+        link.a = cynag.Parameter(np.ones(3, np.float32))
+        link.b = cynag.Parameter(np.ones(3, np.float32))
+    link.a.grad = np.full(3, 0.5, np.float32)
+    link.b.grad = np.full(3, 0.5, np.float32)
+    return link
+
+
+@pytest.mark.parametrize("breakage", ["dtype", "shape", "hyperparameter"])
+def test_pre_hook_breaking_a_later_param_changes_nothing(breakage):
+    link = _two_param_link()
+    opt = cynag.optimizers.NesterovAG().setup(link)
+
+    def hook(optimizer):
+        if breakage == "dtype":
+            link.b.grad = link.b.grad.astype(np.float64)
+        elif breakage == "shape":
+            link.b.grad = np.ones(4, np.float32)
+        else:
+            link.b.update_rule.hyperparam.lr = "0.1"
+
+    opt.add_hook(hook, name="breaker")
+    before = link.a.array.copy(), link.b.array.copy()
+    with pytest.raises((TypeError, ValueError)) as info:
+        opt.update()
+    assert "'/b'" in str(info.value)
+    assert opt.t == 0 and link.a.update_rule.t == 0 and link.b.update_rule.t == 0
+    assert np.array_equal(link.a.array, before[0]) and np.array_equal(link.b.array, before[1])
+    assert link.a.update_rule.state is None
+
+
+def test_rule_enabled_by_a_pre_hook_is_checked():
+    link = _two_param_link()
+    opt = cynag.optimizers.NesterovAG().setup(link)
+    link.b.update_rule.enabled = False
+    link.b.grad = np.ones(5, np.float32)  # bad, but b is frozen at the first check
+
+    def hook(optimizer):
+        link.b.update_rule.enabled = True
+
+    opt.add_hook(hook, name="enabler")
+    with pytest.raises(ValueError, match="'/b'.*shape"):
+        opt.update()
+    assert opt.t == 0 and np.array_equal(link.a.array, np.ones(3, np.float32))
+
+
+def test_read_only_grad_with_loss_scale_is_rejected_first():
+    link = _two_param_link()
+    opt = cynag.optimizers.NesterovAG().setup(link)
+    for p in link.params():
+        p._loss_scale = 4.0
+    link.b.grad = np.broadcast_to(np.float32(0.5), (3,))
+    with pytest.raises(ValueError, match="'/b'.*read-only"):
+        opt.update()
+    assert opt.t == 0 and np.array_equal(link.a.array, np.ones(3, np.float32))
+
+
+def test_foreign_update_rule_without_check_param_is_used_as_is():
+    """A rule from another library (e.g. Chainer's SGDRule) has no check_param."""
+    link = _two_param_link()
+    opt = cynag.optimizers.NesterovAG().setup(link)
+
+    class ForeignRule:
+        enabled = True
+        is_elementwise = True
+
+        def __init__(self):
+            self.calls = 0
+
+        def update(self, param):
+            self.calls += 1
+            param.array -= param.grad
+
+    link.b.update_rule = ForeignRule()
+    opt.update()
+    assert link.b.update_rule.calls == 1
+    assert np.array_equal(link.b.array, np.full(3, 0.5, np.float32))
+    assert opt.t == 1 and link.a.update_rule.t == 1
+
+
+def test_missing_hyperparameter_error_names_the_path():
+    link = _two_param_link()
+    opt = cynag.optimizers.NesterovAG().setup(link)
+    link.b.update_rule = cynag.optimizers.NesterovAGRule(cynag.optimizer.Hyperparameter())
+    with pytest.raises(AttributeError, match="'/b'"):
+        opt.update()
+    assert opt.t == 0

@@ -103,7 +103,7 @@ class TestParameterConstruction:
         src = np.arange(3, dtype=np.float64)
         p = Parameter(src, (2, 3))
         assert p.array is not src
-        assert p.dtype == np.float64
+        assert p.dtype == np.float32  # Chainer: Constant initializer, default dtype
         np.testing.assert_array_equal(p.array, np.broadcast_to(src, (2, 3)))
         assert _nan_like(p.grad)
 
@@ -670,3 +670,22 @@ def test_cynag_link_types_exported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Link()
+
+
+def test_link_call_runs_forward_as_in_chainer():
+    class Doubler(Link):
+        def forward(self, x, scale=1):
+            return 2 * x * scale
+
+    assert Doubler()(3, scale=2) == 12
+    with pytest.raises(TypeError, match="forward"):
+        Link()(1)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import cynag.optimizers.nesterov_ag as module
+
+    failures, tried = doctest.testmod(module)
+    assert tried > 0 and failures == 0

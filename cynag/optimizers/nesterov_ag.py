@@ -111,7 +111,7 @@ class NesterovAG(optimizer.GradientMethod):
         >>> link.W.grad = np.ones(3, np.float32)
         >>> opt.update()
         >>> link.W.array
-        array([0.729, 0.729, 0.729], dtype=float32)
+        array([0.72900003, 0.72900003, 0.72900003], dtype=float32)
     """
 
     def __init__(self, lr=_default_hyperparam.lr, momentum=_default_hyperparam.momentum):
