@@ -376,9 +376,17 @@ class UpdateRule:
         checkpoint; if the checkpoint has no state (the rule had never
         updated), the state stays uninitialized and is created at the first
         update.  A missing key is tolerated for a disabled rule, as in
-        Chainer.  The parameters themselves are saved by the link.
+        Chainer.  The parameters themselves are saved by the link.  The
+        float32 master copy of :meth:`use_fp32_update` is not saved (as in
+        Chainer); loading drops it, and the next update rebuilds it from the
+        (loaded) parameter.
         """
         self.t = serializer("t", self.t)
+        if isinstance(serializer, Deserializer) and not getattr(serializer, "checking", False):
+            # The float32 master copy is not saved (as in Chainer); drop a
+            # stale one so that the next update rebuilds it from the loaded
+            # parameter instead of overwriting that parameter.
+            self._fp32_param = None
         if self._state is None:
             if isinstance(serializer, Deserializer):
                 # Find the state's keys by initializing a stand-in.

@@ -22,7 +22,6 @@ checkpoints safe:
 """
 import os
 import tempfile
-import zipfile
 
 import numpy
 
@@ -146,6 +145,7 @@ def save_npz(file, obj, compression=True):
             write(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -153,6 +153,16 @@ def save_npz(file, obj, compression=True):
         except OSError:
             pass
         raise
+
+
+def _file_mode(path):
+    """Mode for the new file: the replaced file's, else what open() would give."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 class _LoadContext:
@@ -183,16 +193,16 @@ class _LoadContext:
             except KeyError:
                 raise
             except ValueError as e:
-                if "allow_pickle" in str(e) or "pickle" in str(e).lower():
+                if "pickle" in str(e).lower():
                     raise CheckpointError(
                         "key %r holds a pickled Python object (Chainer writes None this way); "
                         "cynag loads with pickle disabled. If you trust this file, pass "
                         "allow_pickle=True to load_npz (unpickling can run arbitrary code)"
                         % (key,)) from None
                 raise CheckpointError("cannot read key %r: %s" % (key, e)) from e
-            except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as e:
-                raise CheckpointError("cannot read key %r (truncated or corrupt file?): %s"
-                                      % (key, e)) from e
+            except Exception as e:  # zlib.error, BadZipFile, EOFError, OSError, ...
+                raise CheckpointError("cannot read key %r (truncated or corrupt file?): %s: %s"
+                                      % (key, type(e).__name__, e)) from e
             value = numpy.asarray(value)
             if value.dtype == object:
                 if not self.allow_pickle:  # a dict target may hold object arrays
@@ -220,9 +230,19 @@ def _check_compatible(key, stored, value):
                                   "(a different kind of number)"
                                   % (key, stored.dtype, value.dtype))
         return
-    if value is None:
-        return
     kind = stored.dtype.kind
+    if value is None:
+        # Becomes an array of the object (a state entry, an uninitialized
+        # parameter): it must be numeric.
+        if kind not in "biufc":
+            raise CheckpointError("key %r holds dtype %s, not a numeric array"
+                                  % (key, stored.dtype))
+        return
+    if isinstance(value, str):
+        if stored.shape != () or kind not in "US":
+            raise CheckpointError("key %r: expected a string, got an array of shape %s and "
+                                  "dtype %s" % (key, stored.shape, stored.dtype))
+        return
     if stored.size != 1 or kind not in "biuf":
         raise CheckpointError("key %r: expected a scalar for %s, got an array of shape %s and "
                               "dtype %s" % (key, type(value).__name__, stored.shape, stored.dtype))
@@ -312,7 +332,15 @@ class NpzDeserializer(Deserializer):
         if _backend.is_cupy_array(value):
             value.set(numpy.asarray(stored, dtype=value.dtype))
             return value
-        return type(value)(stored)
+        # A scalar (possibly stored as a one-element array, as NumPy 1.x allows).
+        return type(value)(stored.reshape(())[()])
+
+    @property
+    def checking(self):
+        """True during the first pass of :meth:`load`, which reads and checks
+        every value but assigns nothing (``serialize`` methods that do more
+        than call the serializer can test it)."""
+        return self._ctx.validating
 
     def load(self, obj):
         """Load ``obj``: check every value first, then assign (all or nothing)."""
@@ -355,11 +383,11 @@ def load_npz(file, obj, path="", strict=True, ignore_names=None, *, allow_pickle
     """
     try:
         npz = numpy.load(file, allow_pickle=allow_pickle)
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise CheckpointError("cannot open %r as an NPZ checkpoint (truncated or corrupt?): %s"
-                              % (file, e)) from e
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # BadZipFile, ValueError, EOFError, UnpicklingError, ...
+        raise CheckpointError("cannot open %r as an NPZ checkpoint (truncated or corrupt?): "
+                              "%s: %s" % (file, type(e).__name__, e)) from e
     if not isinstance(npz, numpy.lib.npyio.NpzFile):
         raise CheckpointError("%r is a .npy array, not an NPZ checkpoint" % (file,))
     with npz:
