@@ -49,6 +49,8 @@ def show_config(file=None):
         "  compiler:  %s" % b["compiler"],
         "  OpenMP:    %s" % ("enabled (%s)" % b["openmp_flags"] if b["openmp"]
                              else "DISABLED: kernels run on one thread"),
+        "  float16:   %s" % ("F16C conversion instructions" if b["f16c"]
+                             else "portable conversions (no F16C on this CPU)"),
         "  threads:   %d (from %s)" % (t["num_threads"], t["source"]),
         "             CYNAG_NUM_THREADS=%s OMP_NUM_THREADS=%s omp_get_max_threads()=%d "
         "usable CPUs=%d" % (t["CYNAG_NUM_THREADS"], t["OMP_NUM_THREADS"],

@@ -9,7 +9,9 @@ benchmarked on its own.
   Chainer rounds them; shared by the kernels and the tests.
 * :mod:`cynag_kernels.threads` -- thread count and parallel threshold.
 """
-from cynag_kernels._openmp_helpers import build_info, openmp_enabled
+from cynag_kernels import _nesterov_cpu
+from cynag_kernels._openmp_helpers import build_info as _build_info
+from cynag_kernels._openmp_helpers import openmp_enabled
 from cynag_kernels.nesterov import (
     SUPPORTED_DTYPES,
     check_nesterov_ag_arrays,
@@ -25,6 +27,13 @@ from cynag_kernels.threads import (
     set_num_threads,
     set_parallel_threshold,
 )
+
+def build_info():
+    """How the extensions were built and what this CPU lets them use."""
+    info = _build_info()
+    info["f16c"] = _nesterov_cpu.f16c_enabled()
+    return info
+
 
 __all__ = [
     "SUPPORTED_DTYPES", "DEFAULT_PARALLEL_THRESHOLD", "build_info", "openmp_enabled",

@@ -31,6 +31,30 @@ cdef extern from "numpy/arrayobject.h":
 cdef extern from "_half.h" nogil:
     float cynag_half_to_float(uint16_t h)
     uint16_t cynag_float_to_half(float f)
+    void cynag_nag_span_f16c(uint16_t* p, const uint16_t* g, uint16_t* v, Py_ssize_t n,
+                             float lr, float m, float mm, float c)
+    int cynag_cpu_has_f16c()
+
+# Whether the float16 span may use the F16C instructions (decided once).
+cdef bint _use_f16c = cynag_cpu_has_f16c() != 0
+
+
+def f16c_available():
+    """True if this CPU has the AVX and F16C instructions the fast float16 span uses."""
+    return cynag_cpu_has_f16c() != 0
+
+
+def f16c_enabled():
+    """True if float16 updates use the CPU's F16C conversion instructions."""
+    return _use_f16c
+
+
+def set_f16c_enabled(flag):
+    """Use (if the CPU has them) or avoid the F16C instructions; returns the old setting."""
+    global _use_f16c
+    old = _use_f16c
+    _use_f16c = bool(flag) and cynag_cpu_has_f16c() != 0
+    return old
 
 
 ctypedef fused storage_t:
@@ -80,6 +104,10 @@ cdef inline void _span(storage_t* p, const storage_t* g, storage_t* v, Py_ssize_
                        double lr, double m, double mm, double c) noexcept nogil:
     """Contiguous run of ``n`` elements (the loop the compiler vectorises)."""
     cdef Py_ssize_t i
+    if storage_t is uint16_t:
+        if _use_f16c:
+            cynag_nag_span_f16c(p, g, v, n, <float>lr, <float>m, <float>mm, <float>c)
+            return
     for i in range(n):
         _elem(p + i, g + i, v + i, lr, m, mm, c)
 
@@ -300,7 +328,7 @@ cdef inline double _round_to(double x, int bits) noexcept nogil:
     return x
 
 
-cdef inline double _load(storage_t* a) noexcept nogil:
+cdef inline double _load(const storage_t* a) noexcept nogil:
     if storage_t is uint16_t:
         return cynag_half_to_float(a[0])
     else:

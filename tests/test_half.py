@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import cynag_kernels
-from cynag_kernels import nesterov_ag_cpu
+from cynag_kernels import _nesterov_cpu, nesterov_ag_cpu
 from cynag_kernels._nesterov_cpu import float_to_half_bits, half_bits_to_float
 
 from oracle import assert_same_bits, nesterov_ag_numpy
@@ -241,3 +241,42 @@ def test_kernel_float16_rounding_matches_numpy(num_threads, lr, m):
     assert_same_bits(v, v_exp, "v", nan_payload=False)
     assert_same_bits(p, p_exp, "param", nan_payload=False)
     np.testing.assert_array_equal(np.isnan(p), np.isnan(p_exp))
+
+
+# ---------------------------------------------------------------------------
+# The F16C span against the portable one
+# ---------------------------------------------------------------------------
+def _special_halves(rng, n):
+    """float16 values mixing ordinary, subnormal, huge, zero, inf and NaN."""
+    pool = np.concatenate([
+        rng.standard_normal(n).astype(np.float16),
+        (rng.standard_normal(n) * 1e-6).astype(np.float16),       # subnormals
+        np.clip(rng.standard_normal(n) * 3e4, -65504, 65504).astype(np.float16),  # near overflow
+        np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 65504, -65504,
+                  6e-8, -6e-8, 6.1e-5], dtype=np.float16),
+    ])
+    return rng.permutation(pool)
+
+
+@pytest.mark.skipif(not _nesterov_cpu.f16c_available(),
+                    reason="this CPU has no F16C instructions: only the portable span exists")
+@pytest.mark.parametrize("lr, m", [(0.01, 0.9), (3.0, 0.5), (1e-4, 0.999), (200.0, 1.5)])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 4099])
+def test_f16c_span_is_bit_identical_to_portable(lr, m, n):
+    rng = np.random.default_rng(n)
+    p0, g, v0 = (_special_halves(rng, n)[:n].copy() for _ in range(3))
+    results = []
+    old = _nesterov_cpu.f16c_enabled()
+    try:
+        for flag in (True, False):
+            _nesterov_cpu.set_f16c_enabled(flag)
+            p, v = p0.copy(), v0.copy()
+            with np.errstate(all="ignore"):
+                for _ in range(3):
+                    nesterov_ag_cpu(p, g, v, lr, m, num_threads=1)
+            results.append((p, v))
+    finally:
+        _nesterov_cpu.set_f16c_enabled(old)
+    (p_hw, v_hw), (p_sw, v_sw) = results
+    assert_same_bits(p_hw, p_sw, "param", nan_payload=False)
+    assert_same_bits(v_hw, v_sw, "v", nan_payload=False)
