@@ -159,6 +159,12 @@ class HyperparameterProxy:
         setattr(obj.hyperparam, self._attr_name, value)
 
 
+def _is_deserializer(serializer):
+    """True for cynag's deserializers and for Chainer's (e.g. a Trainer snapshot)."""
+    return isinstance(serializer, Deserializer) or any(
+        cls.__name__ == "Deserializer" for cls in type(serializer).__mro__)
+
+
 def _with_label(error, label):
     """``error`` with ``label: `` in front of its message (same type when possible)."""
     try:
@@ -382,13 +388,14 @@ class UpdateRule:
         (loaded) parameter.
         """
         self.t = serializer("t", self.t)
-        if isinstance(serializer, Deserializer) and not getattr(serializer, "checking", False):
+        loading = _is_deserializer(serializer)
+        if loading and not getattr(serializer, "checking", False):
             # The float32 master copy is not saved (as in Chainer); drop a
             # stale one so that the next update rebuilds it from the loaded
             # parameter instead of overwriting that parameter.
             self._fp32_param = None
         if self._state is None:
-            if isinstance(serializer, Deserializer):
+            if loading:
                 # Find the state's keys by initializing a stand-in.
                 keys = self._state_keys()
                 state = {}

@@ -21,6 +21,7 @@ checkpoints safe:
   a bad file raises an error naming the key and leaves the object unchanged.
 """
 import os
+import sys
 import tempfile
 
 import numpy
@@ -290,9 +291,9 @@ class NpzDeserializer(Deserializer):
 
     def __getitem__(self, key):
         key = key.strip("/")
-        return NpzDeserializer(self.npz, self.path + key + "/", strict=self.strict,
-                               ignore_names=self.ignore_names, allow_pickle=self.allow_pickle,
-                               _context=self._ctx)
+        return type(self)(self.npz, self.path + key + "/", strict=self.strict,
+                          ignore_names=self.ignore_names, allow_pickle=self.allow_pickle,
+                          _context=self._ctx)
 
     def _ignored(self, key):
         names = self.ignore_names
@@ -352,13 +353,35 @@ class NpzDeserializer(Deserializer):
         obj.serialize(self)
 
 
+_chainer_compatible = {}
+
+
+def _deserializer_class():
+    """NpzDeserializer, also a ``chainer.serializer.Deserializer`` if Chainer is loaded.
+
+    Chainer's update rules tell loading from saving by
+    ``isinstance(serializer, chainer.serializer.Deserializer)``; with this,
+    cynag's loaders restore the state of Chainer optimizers too.  Chainer is
+    never imported here: only a Chainer the program already uses counts.
+    """
+    chainer_serializer = sys.modules.get("chainer.serializer")
+    base = getattr(chainer_serializer, "Deserializer", None)
+    if base is None:
+        return NpzDeserializer
+    cls = _chainer_compatible.get(base)
+    if cls is None:
+        cls = type("NpzDeserializer", (NpzDeserializer, base), {"__module__": __name__})
+        _chainer_compatible[base] = cls
+    return cls
+
+
 def deserialize(target, obj, path="", strict=True, ignore_names=None, *, allow_pickle=False):
     """Load ``obj`` from a flat dict of arrays (the inverse of :func:`serialize`).
 
     All or nothing, like :func:`load_npz`.
     """
-    NpzDeserializer(target, path=path, strict=strict, ignore_names=ignore_names,
-                    allow_pickle=allow_pickle).load(obj)
+    _deserializer_class()(target, path=path, strict=strict, ignore_names=ignore_names,
+                          allow_pickle=allow_pickle).load(obj)
 
 
 def load_npz(file, obj, path="", strict=True, ignore_names=None, *, allow_pickle=False):
@@ -391,5 +414,5 @@ def load_npz(file, obj, path="", strict=True, ignore_names=None, *, allow_pickle
     if not isinstance(npz, numpy.lib.npyio.NpzFile):
         raise CheckpointError("%r is a .npy array, not an NPZ checkpoint" % (file,))
     with npz:
-        NpzDeserializer(npz, path=path, strict=strict, ignore_names=ignore_names,
-                        allow_pickle=allow_pickle).load(obj)
+        _deserializer_class()(npz, path=path, strict=strict, ignore_names=ignore_names,
+                              allow_pickle=allow_pickle).load(obj)
