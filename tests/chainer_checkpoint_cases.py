@@ -42,14 +42,11 @@ Results: RESULTS.json, as ``{"meta": {...}, "cases": {name: {"group", "ok",
 """
 import hashlib
 import io
-import json
 import os
 import pathlib
 import shutil
 import sys
 import tempfile
-import time
-import traceback
 import warnings
 import zipfile
 
@@ -70,7 +67,7 @@ try:
 except ImportError:
     cynag = None
 
-from chainer_parity_cases import assert_same, assert_same_array, outcome
+from chainer_parity_cases import assert_same, assert_same_array, main, outcome
 
 #: group -> [(case name, function)], in definition order.
 CASES = {}
@@ -1494,50 +1491,5 @@ def interop_cynag_load_npz_into_chainer_optimizer():
 
 
 # ---------------------------------------------------------------------------
-def main(argv):
-    if len(argv) < 2:
-        sys.stderr.write(__doc__)
-        return 2
-    out_path = argv[1]
-    groups = argv[2:] or list(CASES)
-    if chainer is None or cynag is None:
-        sys.stderr.write("chainer (%s) and cynag (%s) must both import\n" % (chainer, cynag))
-        return 2
-    results = {
-        "meta": {
-            "chainer": chainer.__version__,
-            "numpy": np.__version__,
-            "cynag": cynag.__version__,
-            "cynag_file": os.path.abspath(cynag.__file__),
-            "python": sys.version,
-        },
-        "cases": {},
-    }
-
-    def dump():
-        tmp = out_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, out_path)
-
-    dump()
-    for group in groups:
-        for name, fn in CASES[group]:
-            t0 = time.time()
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    fn()
-                ok, err = True, None
-            except Exception:  # noqa: BLE001 - reported to pytest
-                ok, err = False, traceback.format_exc()
-            results["cases"][name] = {"group": group, "ok": ok, "error": err,
-                                      "seconds": round(time.time() - t0, 3)}
-            print("%-60s %s %.2fs" % (name, "ok" if ok else "FAIL", time.time() - t0),
-                  flush=True)
-            dump()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(main(sys.argv, CASES, __doc__))

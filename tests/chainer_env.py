@@ -44,8 +44,8 @@ try:
 except ImportError:  # pragma: no cover - command-line use without pytest
     pytest = None
 
-__all__ = ["CHAINER_VERSION", "ChainerEnvError", "chainer_python", "clean_env",
-           "ensure_chainer_python", "repo_root", "venv_dir", "venv_python"]
+__all__ = ["CHAINER_VERSION", "ChainerEnvError", "case_group_runner", "chainer_python",
+           "clean_env", "case_result", "ensure_chainer_python", "repo_root", "venv_dir", "venv_python"]
 
 CHAINER_VERSION = "7.8.1"
 ENV_VENV = "CYNAG_CHAINER_VENV"
@@ -342,3 +342,51 @@ if __name__ == "__main__":
     except ChainerEnvError as e:
         sys.stderr.write("%s\n" % e)
         sys.exit(1)
+
+
+#: Wall-clock limit of one group of parity cases.
+GROUP_TIMEOUT_S = 300
+
+
+def case_group_runner(python, script, out_dir_factory):
+    """run(group) -> (results, exit status, output) of one group of cases.
+
+    Runs ``script OUT.json GROUP`` (a cases module whose ``main`` writes
+    results as JSON) in ``python`` once per group, caching the result.
+    ``out_dir_factory()`` gives a fresh folder for the output.
+    """
+    import json
+
+    cache = {}
+
+    def run(group):
+        if group not in cache:
+            out = os.path.join(str(out_dir_factory()), "%s.json" % group)
+            try:
+                proc = subprocess.run(
+                    [python, script, out, group], stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, universal_newlines=True,
+                    timeout=GROUP_TIMEOUT_S, env=clean_env({"PYTHONHASHSEED": "0"}),
+                    cwd=os.path.dirname(out))
+                output, rc = proc.stdout, proc.returncode
+            except subprocess.TimeoutExpired as e:
+                output, rc = (e.stdout or ""), "timeout after %d s" % GROUP_TIMEOUT_S
+                if isinstance(output, bytes):
+                    output = output.decode("utf-8", "replace")
+            results = None
+            if os.path.exists(out):
+                with open(out) as f:
+                    results = json.load(f)
+            cache[group] = (results, rc, output)
+        return cache[group]
+
+    return run
+
+
+def case_result(run_group, group, name):
+    """The result of case ``name``; fails the test if the group produced none."""
+    results, rc, output = run_group(group)
+    if results is None or name not in results["cases"]:
+        pytest.fail("the Chainer subprocess for group %r ended (exit status %s) without a "
+                    "result for %s; its output:\n%s" % (group, rc, name, output), pytrace=False)
+    return results, results["cases"][name]

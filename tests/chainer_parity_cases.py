@@ -1177,12 +1177,15 @@ def parameter_construction_and_initialize():
 
 
 # ---------------------------------------------------------------------------
-def main(argv):
+def main(argv, cases=None, doc=__doc__):
+    """Run the groups named in ``argv[2:]`` (all by default) of ``cases``
+    (this module's CASES by default) and write the results to ``argv[1]``."""
+    cases = CASES if cases is None else cases
     if len(argv) < 2:
-        sys.stderr.write(__doc__)
+        sys.stderr.write(doc)
         return 2
     out_path = argv[1]
-    groups = argv[2:] or list(CASES)
+    groups = argv[2:] or list(cases)
     if chainer is None or cynag is None:
         sys.stderr.write("chainer (%s) and cynag (%s) must both import\n" % (chainer, cynag))
         return 2
@@ -1205,7 +1208,7 @@ def main(argv):
 
     dump()
     for group in groups:
-        for name, fn in CASES[group]:
+        for name, fn in cases[group]:
             t0 = time.time()
             try:
                 with warnings.catch_warnings():

@@ -21,64 +21,29 @@ Chainer's link/parameter naming and order.
 ``CYNAG_CHAINER_VENV`` chooses the environment's location;
 ``CYNAG_SKIP_CHAINER=1`` skips these tests when it cannot be set up.
 """
-import json
 import os
-import subprocess
 
 import pytest
 
 import chainer_parity_cases
-from chainer_env import clean_env, venv_dir
+from chainer_env import case_group_runner, case_result, venv_dir
 
 pytestmark = pytest.mark.chainer
 
 _SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chainer_parity_cases.py")
-#: Wall-clock limit of one group of cases.
-GROUP_TIMEOUT_S = 300
-
 _CASES = chainer_parity_cases.case_names()
 
 
 @pytest.fixture(scope="module")
 def run_group(chainer_python, tmp_path_factory):
     """run_group(group) -> results of that group (run once, in the Chainer env)."""
-    cache = {}
-
-    def run(group):
-        if group not in cache:
-            out = tmp_path_factory.mktemp("chainer-parity") / ("%s.json" % group)
-            try:
-                proc = subprocess.run(
-                    [chainer_python, _SCRIPT, str(out), group], stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT, universal_newlines=True,
-                    timeout=GROUP_TIMEOUT_S, env=clean_env({"PYTHONHASHSEED": "0"}),
-                    cwd=str(out.parent))
-                output, rc = proc.stdout, proc.returncode
-            except subprocess.TimeoutExpired as e:
-                output, rc = (e.stdout or ""), "timeout after %d s" % GROUP_TIMEOUT_S
-                if isinstance(output, bytes):
-                    output = output.decode("utf-8", "replace")
-            results = None
-            if out.exists():
-                with open(str(out)) as f:
-                    results = json.load(f)
-            cache[group] = (results, rc, output)
-        return cache[group]
-
-    return run
-
-
-def _case_result(run_group, group, name):
-    results, rc, output = run_group(group)
-    if results is None or name not in results["cases"]:
-        pytest.fail("the Chainer subprocess for group %r ended (exit status %s) without a "
-                    "result for %s; its output:\n%s" % (group, rc, name, output), pytrace=False)
-    return results, results["cases"][name]
+    return case_group_runner(chainer_python, _SCRIPT,
+                             lambda: tmp_path_factory.mktemp("chainer-parity"))
 
 
 @pytest.mark.parametrize("group,name", _CASES, ids=[n for _, n in _CASES])
 def test_parity(run_group, group, name):
-    _, res = _case_result(run_group, group, name)
+    _, res = case_result(run_group, group, name)
     if not res["ok"]:
         pytest.fail("cynag differs from Chainer 7.8.1 in %s:\n%s" % (name, res["error"]),
                     pytrace=False)
@@ -87,7 +52,7 @@ def test_parity(run_group, group, name):
 def test_environment(run_group):
     """The cases ran against chainer 7.8.1 and the installed (not in-tree) cynag."""
     group, name = _CASES[0]
-    results, _ = _case_result(run_group, group, name)
+    results, _ = case_result(run_group, group, name)
     meta = results["meta"]
     assert meta["chainer"] == "7.8.1"
     assert meta["numpy"].split(".")[0] == "1"
