@@ -33,3 +33,13 @@ def describe(a):
     if dev is None:
         return type(a).__name__
     return "%s array on %s" % (type(a).__module__.split(".")[0], dev)
+
+
+def zeros_like(a):
+    """Zeros shaped like ``a``, on ``a``'s device (for CuPy, not the current one)."""
+    if is_cupy_array(a):
+        import cupy
+
+        with cupy.cuda.Device(a.device.id):
+            return cupy.zeros_like(a)
+    return numpy.zeros_like(a)

@@ -71,9 +71,10 @@ def nesterov_ag_coefficients(lr, momentum, dtype, device="cpu"):
         :func:`_strong_scalar`) and then rounded once, exactly as Chainer's
         numpy sequence ``v *= m; v -= lr * g; p += m * m * v;
         p -= (1 + m) * lr * g`` rounds them when it meets a float32 or
-        float64 array.  For ``'gpu'``, ``(lr, momentum)`` converted to the
-        kernel's scalar type: Chainer's elementwise kernel receives them in
-        the array dtype and forms the products on the device.
+        float64 array.  For ``'gpu'``, ``(lr, momentum)`` rounded to the array
+        dtype, as Chainer's elementwise kernel receives them, and held in the
+        kernel's scalar type (float32 for float16 arrays); the kernel forms
+        the products on the device.
 
     float16 arrays compute in float32, so their coefficients are float32.
     """
@@ -85,7 +86,10 @@ def nesterov_ag_coefficients(lr, momentum, dtype, device="cpu"):
         c = (numpy.int64(1) + m_s) * lr_s
         return tuple(_round_value_based(x, t) for x in (lr_s, m_s, mm, c))
     if device == "gpu":
-        return t(lr_s), t(m_s)
+        # Chainer's kernel takes lr and momentum in the array dtype.
+        stored = numpy.dtype(dtype).type
+        with numpy.errstate(over="ignore"):
+            return t(stored(lr_s)), t(stored(m_s))
     raise ValueError("device must be 'cpu' or 'gpu', got %r" % (device,))
 
 

@@ -488,54 +488,6 @@ def test_rule_update_directly_after_frozen_step_still_checks():
     assert calls == []
 
 
-def _fake_cupy_module():
-    import types
-
-    mod = types.ModuleType("cupy")
-    mod.ndarray = FakeCupyArray
-    mod.zeros_like = FakeCupyArray
-    mod.full_like = lambda a, fill: FakeCupyArray(a)
-    mod.get_array_module = lambda *args: mod
-    return mod
-
-
-def test_gpu_parameter_update_is_atomic(monkeypatch):
-    """A parameter on a GPU while the GPU path is unavailable: nothing changes.
-
-    Simulated without a GPU: ``/l1/W`` and its gradient are FakeCupyArray
-    objects on the same (fake) device, and a minimal fake ``cupy`` module
-    (``zeros_like``...) is put in ``sys.modules`` so that cynag's
-    ``import cupy`` works as it would with CuPy installed.  The device checks
-    pass (everything of ``/l1/W`` is on one device), but
-    ``NesterovAGRule.update_core_gpu`` raises ``NotImplementedError``.  The
-    step must fail before ``/l0/W`` and ``/l0/b`` (CPU, earlier in
-    ``namedparams`` order) are updated and before any counter moves.
-
-    Only meaningful while the GPU path is unavailable: skipped once
-    ``update_core_gpu`` works.
-    """
-    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy_module())
-    model, opt = _prepared(warmup=0)
-    p = _param(model, BAD)
-    p.array = FakeCupyArray(p.array)
-    p.grad = FakeCupyArray(p.array)
-    probe = NesterovAGRule()
-    probe._state = {"v": FakeCupyArray(p.array)}
-    try:
-        probe.update_core_gpu(p)
-    except NotImplementedError:
-        pass
-    except Exception:
-        pytest.skip("the GPU path exists; a fake CuPy array cannot exercise it")
-    else:
-        pytest.skip("the GPU path exists; a fake CuPy array cannot exercise it")
-    snap = snapshot(model, opt)
-    with pytest.raises((NotImplementedError, TypeError, ValueError)) as info:
-        opt.update()
-    assert_unchanged(model, opt, snap)
-    assert BAD in str(info.value)
-
-
 # ---------------------------------------------------------------------------
 # Hooks that break a parameter after the first check, and foreign rules
 # ---------------------------------------------------------------------------

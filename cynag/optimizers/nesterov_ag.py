@@ -31,7 +31,7 @@ class NesterovAGRule(optimizer.UpdateRule):
             self.hyperparam.momentum = momentum
 
     def init_state(self, param):
-        self.state["v"] = _backend.array_module(param.array).zeros_like(param.array)
+        self.state["v"] = _backend.zeros_like(param.array)
 
     def _check_param(self, param):
         """Check hyperparameters, arrays and the state ``v`` before an update."""
@@ -45,21 +45,19 @@ class NesterovAGRule(optimizer.UpdateRule):
         super()._check_param(param)
         optimizer._check_scalar("lr", lr)
         optimizer._check_scalar("momentum", momentum)
-        if _backend.is_cupy_array(array):
-            raise NotImplementedError("the GPU path is not available yet (param is a %s)"
-                                      % _backend.describe(array))
         if array is None:
             return
+        xp = _backend.array_module(array)
         if self._uses_fp32(param):
             # v belongs to the float32 master copy, which the grad is converted for.
             master = self._fp32_param
             if master is not None and master.array is not None:
-                cynag_kernels.check_nesterov_ag_arrays(master.array, None, v)
+                cynag_kernels.check_nesterov_ag_arrays(master.array, None, v, xp=xp)
             elif v is not None:
                 cynag_kernels.check_nesterov_ag_arrays(
-                    numpy.empty(array.shape, numpy.float32), None, v)
+                    xp.empty(array.shape, numpy.float32), None, v, xp=xp)
         else:
-            cynag_kernels.check_nesterov_ag_arrays(array, grad, v)
+            cynag_kernels.check_nesterov_ag_arrays(array, grad, v, xp=xp)
 
     def update_core_cpu(self, param):
         grad = param.grad
@@ -69,8 +67,13 @@ class NesterovAGRule(optimizer.UpdateRule):
                                       self.hyperparam.lr, self.hyperparam.momentum)
 
     def update_core_gpu(self, param):
-        raise NotImplementedError("NesterovAGRule: the GPU path is not available yet; "
-                                  "parameter %r is a CuPy array" % (param.name,))
+        grad = param.grad
+        if grad is None:
+            return
+        from cynag_kernels import cuda
+
+        cuda.nesterov_ag_gpu(param.array, grad, self.state["v"],
+                             self.hyperparam.lr, self.hyperparam.momentum)
 
 
 class NesterovAG(optimizer.GradientMethod):
@@ -96,7 +99,11 @@ class NesterovAG(optimizer.GradientMethod):
     :func:`cynag_kernels.nesterov_ag_coefficients`), with no fused
     multiply-add.  float16 parameters are computed in float32 and stored as
     float16.  The update is one fused native pass (Cython, OpenMP threads for
-    large arrays) instead of four numpy passes.
+    large arrays) instead of four numpy passes.  On the GPU (CuPy arrays),
+    Chainer's elementwise kernel expression ``param += m * m * v - (1 + m) *
+    lr * g`` with ``lr`` and ``m`` in the array dtype, in CUDA source compiled
+    by NVRTC (which contracts to fused multiply-adds: agreement with the CPU
+    is to rounding).
 
     Args:
         lr (float): learning rate.
