@@ -1,0 +1,385 @@
+"""The CUDA source compiles with NVRTC for sm_75, sm_80 and sm_90, without a GPU.
+
+``cynag_kernels.cuda.kernel_source()`` -- exactly the text the launcher gives
+to ``cupy.RawModule`` -- is compiled by NVRTC from PyPI wheels (see
+``cuda_env.py``: no GPU, no driver and no system CUDA toolkit needed) with the
+options CuPy's RawModule passes on a device of that compute capability
+(CuPy's own ``assemble_cupy_compiler_options`` applied to
+``cynag_kernels.cuda.nvrtc_options()``, then ``-ftz=true``, ``-arch=sm_XX``
+and ``--device-as-default-execution-space``) plus ``--ptxas-options=-v``, all
+architectures in one subprocess.  For every architecture and every entry
+point of ``KERNEL_NAMES``:
+
+* the entry point is in the PTX unmangled (``.visible .entry NAME(``) with the
+  parameter types that ``kernel_args`` passes (pointers, ``lr``/``momentum``
+  of ``SCALAR_TYPES``, 64-bit ``n``);
+* ptxas compiled it for that architecture; its registers and spills are
+  reported, and any spill store or load fails the test;
+* the index arithmetic is 64-bit (see :func:`index_width_problems`; a probe
+  kernel with an ``int`` index shows that the check catches the 32-bit form).
+
+A probe kernel squeezed into 16 registers shows that the spill parsing sees
+spills.
+
+A broken copy of the source must fail to compile, with the error reported
+against ``nesterov_ag.cu`` (the ``#line`` directive of ``kernel_source()``),
+which shows that the harness can fail and that messages point at the file.
+
+The table of registers and spills is printed in the terminal summary (and is
+in the failure messages).  ``CYNAG_SKIP_CUDA_COMPILE=1`` skips these tests when
+the NVRTC environment cannot be set up.
+"""
+import os
+import re
+
+import numpy
+import pytest
+
+from cuda_env import PINNED, CudaEnvError, run_compile_job, venv_dir
+from cuda_env import cuda_compile_python  # noqa: F401  (session fixture)
+from cynag_kernels import cuda as cuda_launcher
+
+ARCHS = ("75", "80", "90")
+#: Name given to NVRTC for the program (CuPy uses a temporary ``<hash>.cu``);
+#: errors must name the ``#line`` file instead.
+PROGRAM_NAME = "cynag_rawmodule.cu"
+KERNELS = tuple(sorted(cuda_launcher.KERNEL_NAMES.items(), key=lambda kv: kv[1]))
+_PTX_TYPE = {numpy.dtype(numpy.float32): "f32", numpy.dtype(numpy.float64): "f64"}
+
+#: Small kernels that check the 64-bit index check itself (arch sm_80).
+PROBE_SOURCE = r"""
+extern "C" __global__ void probe_index32(float* x, long long n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x)
+        x[i] *= 2.0f;
+}
+extern "C" __global__ void probe_n32(float* x, int n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x)
+        x[i] *= 2.0f;
+}
+extern "C" __global__ void probe_index64(float* x, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x)
+        x[i] *= 2.0f;
+}
+"""
+
+#: A kernel that spills under ``--maxrregcount=16`` (checks the spill parsing).
+SPILL_PROBE_SOURCE = r"""
+extern "C" __global__ void probe_spill(float* x, long long n) {
+    float a[48];
+    #pragma unroll
+    for (int k = 0; k < 48; ++k) a[k] = x[k * n + threadIdx.x];
+    float s = 0.0f;
+    #pragma unroll
+    for (int k = 0; k < 48; ++k) s += a[k] * a[47 - k] + a[(k * 7) % 48];
+    x[threadIdx.x] = s;
+}
+"""
+
+
+def _broken_source():
+    """kernel_source() plus an undeclared identifier; (source, line of the error)."""
+    src = cuda_launcher.kernel_source()
+    if not src.endswith("\n"):
+        src += "\n"
+    # Line 1 of the file is the line after the #line directive.
+    line = src.count("\n")  # = lines of the file + 1 (the directive's line)
+    return src + "cynag_broken_on_purpose x;\n", line
+
+
+# ---------------------------------------------------------------------------
+# Parsing: ptxas -v log and PTX
+# ---------------------------------------------------------------------------
+_RE_COMPILING = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
+_RE_PROPERTIES = re.compile(r"Function properties for (\S+)")
+_RE_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                       r"(\d+) bytes spill loads")
+_RE_USED = re.compile(r"Used (\d+) registers")
+
+
+def parse_ptxas_log(log):
+    """{entry: {"arch", "registers", "stack", "spill_stores", "spill_loads"}} from ptxas -v."""
+    entries = {}
+    entry = props = None
+    for line in log.splitlines():
+        m = _RE_COMPILING.search(line)
+        if m:
+            entry = m.group(1)
+            entries[entry] = {"arch": m.group(2)}
+            continue
+        m = _RE_PROPERTIES.search(line)
+        if m:
+            props = m.group(1)
+            continue
+        m = _RE_FRAME.search(line)
+        if m and props in entries:
+            entries[props].update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                                  spill_loads=int(m.group(3)))
+            continue
+        m = _RE_USED.search(line)
+        if m and entry is not None:
+            entries[entry]["registers"] = int(m.group(1))
+    return entries
+
+
+def spill_problem(info):
+    """Why the ptxas report ``info`` of one entry is not spill-free (None if it is)."""
+    if "spill_stores" not in info or "spill_loads" not in info:
+        return "ptxas reported no spill figures"
+    if info["spill_stores"] or info["spill_loads"]:
+        return "%d bytes spill stores, %d bytes spill loads" % (info["spill_stores"],
+                                                                info["spill_loads"])
+    return None
+
+
+def ptx_entry(ptx, name):
+    """(parameter types, body) of the entry ``name`` in ``ptx``, or None."""
+    m = re.search(r"\.visible\s+\.entry\s+%s\s*\((.*?)\)\s*\{" % re.escape(name), ptx, re.S)
+    if m is None:
+        return None
+    params = re.findall(r"\.param\s+\.(\w+)\s+%s_param_(\d+)" % re.escape(name), m.group(1))
+    types = [t for t, _ in sorted(params, key=lambda p: int(p[1]))]
+    # The body ends at the first closing brace at the start of a line.
+    end = re.search(r"^\}", ptx[m.end():], re.M)
+    body = ptx[m.end():m.end() + (end.start() if end else len(ptx))]
+    return types, body
+
+
+_SPECIAL = ("ctaid", "ntid", "nctaid")
+
+
+def index_width_problems(ptx, name):
+    """Reasons why the index arithmetic of entry ``name`` is not 64-bit ([] if it is).
+
+    The element count ``n`` is the last parameter (as ``kernel_args`` passes
+    it).  The check, on the PTX:
+
+    1. ``n`` is a 64-bit parameter (``.u64``/``.s64``/``.b64``);
+    2. the register it is loaded into is never narrowed to 32 bits
+       (``cvt.u32.u64``/``cvt.s32.s64`` of it), and every comparison reading
+       it is a 64-bit ``setp`` -- there is at least one, the loop's ``i < n``;
+    3. ``blockIdx.x * blockDim.x`` and ``blockDim.x * gridDim.x`` are not
+       formed in 32 bits: no ``mul.lo``/``mad.lo``/``mul24``/``mad24`` of
+       ``.s32``/``.u32`` type reads a register moved from ``%ctaid.x``,
+       ``%ntid.x`` or ``%nctaid.x``.  A 64-bit index gives ``mul.wide.u32``
+       (exact 64-bit product) or 64-bit ``mul.lo.s64``; the classic
+       ``int i = blockIdx.x * blockDim.x + threadIdx.x`` gives ``mad.lo.s32``.
+
+    Point 3 is what catches an ``int`` loop index compared with a 64-bit
+    ``n`` (the comparison itself is then 64-bit after sign extension);
+    :func:`test_index_check_catches_32_bit_indexing` shows it does.
+    """
+    entry = ptx_entry(ptx, name)
+    if entry is None:
+        return ["entry %s not in the PTX" % name]
+    types, body = entry
+    problems = []
+    n_index = len(types) - 1
+    if not types or types[-1] not in ("u64", "s64", "b64"):
+        problems.append("n (parameter %d) is .%s, not 64-bit" % (n_index, types[-1] if types else "?"))
+    n_regs = re.findall(r"ld\.param\.\w+\s+(%%\w+),\s*\[%s_param_%d\]"
+                        % (re.escape(name), n_index), body)
+    if not n_regs:
+        problems.append("n (parameter %d) is never loaded" % n_index)
+    for reg in n_regs:
+        r = re.escape(reg)
+        if re.search(r"cvt(\.\w+)*\.[us](8|16|32)\.[usb]64\s+%\w+,\s*" + r + r"\s*;", body):
+            problems.append("n (%s) is narrowed to 32 bits" % reg)
+        compares = [(t, ops) for t, ops in re.findall(r"setp\.\w+\.(\w+)\s+[^,]+,\s*([^;]+);",
+                                                      body)
+                    if re.search(r + r"\b", ops)]
+        if not compares:
+            problems.append("n (%s) is never compared" % reg)
+        for t, ops in compares:
+            if t not in ("s64", "u64", "b64"):
+                problems.append("n (%s) is compared as .%s: setp %s" % (reg, t, ops.strip()))
+    special_regs = {reg for reg, _ in re.findall(r"mov\.u32\s+(%%\w+),\s*%%(%s)\.x\b"
+                                                  % "|".join(_SPECIAL), body)}
+    special_regs |= {"%%%s.x" % s for s in _SPECIAL}
+    for m in re.finditer(r"\b(mul|mad)(\.lo|24\.lo|24\.hi|\.hi)?\.([us]32)\s+([^;]+);", body):
+        operands = [o.strip() for o in m.group(4).split(",")][1:]
+        hits = [o for o in operands if o in special_regs]
+        if hits and m.group(2) in (".lo", "24.lo", None):
+            problems.append("32-bit index arithmetic on %s: %s" % (", ".join(hits),
+                                                                     m.group(0)))
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# The compile job: one subprocess for everything
+# ---------------------------------------------------------------------------
+class _Report:
+    """Terminal-summary plugin that prints the register/spill table."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def pytest_terminal_summary(self, terminalreporter):
+        terminalreporter.write_sep("-", "cynag CUDA compile (NVRTC, ptxas -v)")
+        terminalreporter.write_line(self.text)
+
+
+def _table(result):
+    rows = [("arch", "kernel", "registers", "stack", "spill stores", "spill loads")]
+    for unit in result["units"]:
+        if unit["label"] != "kernels":
+            continue
+        info = parse_ptxas_log(unit["log"])
+        for _, name in KERNELS:
+            e = info.get(name, {})
+            rows.append(("sm_" + unit["arch"], name) + tuple(
+                str(e.get(k, "?")) for k in ("registers", "stack", "spill_stores",
+                                             "spill_loads")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    v = result["versions"]
+    lines.append("NVRTC %d.%d (nvidia-cuda-nvrtc %s), cupy-cuda13x %s; CuPy options + "
+                 "--ptxas-options=-v; compile %.2f s"
+                 % (tuple(result["nvrtc_version"]) + (v["nvidia-cuda-nvrtc"],
+                                                      v["cupy-cuda13x"],
+                                                      sum(u["seconds"] for u in
+                                                          result["units"]))))
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def compiled(request, cuda_compile_python, tmp_path_factory):
+    broken, _ = _broken_source()
+    units = [{"label": "kernels", "arch": a, "name": PROGRAM_NAME,
+              "source": cuda_launcher.kernel_source()} for a in ARCHS]
+    units.append({"label": "broken", "arch": "80", "name": PROGRAM_NAME, "source": broken})
+    units.append({"label": "probe", "arch": "80", "name": "probe.cu", "source": PROBE_SOURCE})
+    units.append({"label": "spill_probe", "arch": "80", "name": "spill_probe.cu",
+                  "source": SPILL_PROBE_SOURCE, "extra_options": ["--maxrregcount=16"]})
+    job = {"options": list(cuda_launcher.nvrtc_options()),
+           "extra_options": ["--ptxas-options=-v"], "units": units}
+    try:
+        result = run_compile_job(cuda_compile_python, job, tmp_path_factory.mktemp("nvrtc"))
+    except CudaEnvError as e:
+        pytest.fail(str(e), pytrace=False)
+    result["table"] = _table(result)
+    config = request.config
+    if not getattr(config, "_cynag_cuda_report", False):
+        config._cynag_cuda_report = True
+        config.pluginmanager.register(_Report(result["table"]), "cynag-cuda-compile-report")
+    return result
+
+
+def _unit(result, label, arch=None):
+    for unit in result["units"]:
+        if unit["label"] == label and (arch is None or unit["arch"] == arch):
+            return unit
+    raise AssertionError("no compile result for %s %s" % (label, arch))
+
+
+def _describe(unit):
+    return "options: %s\nlog:\n%s" % (" ".join(unit["options"]), unit["log"])
+
+
+def _inside(path, root):
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return path == root or path.startswith(root + os.sep)
+
+
+# ---------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------
+def test_toolchain_is_the_pinned_wheels(compiled):
+    """NVRTC, its headers and CuPy come from the environment's wheels, not a system CUDA."""
+    assert compiled["versions"] == dict(PINNED)
+    d = venv_dir()
+    lib = compiled["nvrtc_lib"]
+    assert lib["path"] and _inside(lib["path"], d), lib
+    assert lib["found_via"] == "site-packages", lib
+    assert compiled["cuda_path"] and _inside(compiled["cuda_path"], d), compiled["cuda_path"]
+    assert os.path.exists(os.path.join(compiled["cuda_path"], "include", "cuda_fp16.h"))
+    include_dirs = [o[2:] for o in compiled["cupy_options"] if o.startswith("-I")]
+    assert os.path.join(compiled["cuda_path"], "include") in include_dirs, include_dirs
+    for arch in ARCHS:
+        assert int(arch) in compiled["supported_archs"], compiled["supported_archs"]
+
+
+def test_options_are_cupys_plus_the_launchers(compiled):
+    """The launcher's options reach NVRTC, and CuPy adds no second language standard."""
+    opts = compiled["cupy_options"]
+    for o in cuda_launcher.nvrtc_options():
+        assert o in opts, opts
+    stds = [o for o in opts if o.lstrip("-").startswith("std=")]
+    assert len(stds) == 1, stds
+    unit = _unit(compiled, "kernels", "80")
+    assert "-arch=sm_80" in unit["options"]
+    assert "--device-as-default-execution-space" in unit["options"]
+    assert "-ftz=true" in unit["options"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_source_compiles(compiled, arch):
+    unit = _unit(compiled, "kernels", arch)
+    assert unit["ok"], "NVRTC failed for sm_%s: %s\n%s" % (arch, unit["error"], _describe(unit))
+    assert unit["cubin_size"] > 0
+    # No warning from the compiler about cynag's own file.
+    source_file = os.path.basename(cuda_launcher.SOURCE_FILE)
+    warnings = [l for l in unit["log"].splitlines() if source_file in l and "warning" in l]
+    assert not warnings, _describe(unit)
+    assert "'sm_%s'" % arch in unit["log"], _describe(unit)  # ptxas ran for that arch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype,name", KERNELS, ids=[n for _, n in KERNELS])
+def test_entry_point(compiled, arch, dtype, name):
+    """Unmangled entry with the launcher's argument types, no spills, 64-bit indices."""
+    unit = _unit(compiled, "kernels", arch)
+    assert unit["ok"], "NVRTC failed for sm_%s: %s\n%s" % (arch, unit["error"], _describe(unit))
+    context = "sm_%s %s\n%s\n%s" % (arch, name, compiled["table"], _describe(unit))
+    entry = ptx_entry(unit["ptx"], name)
+    assert entry is not None, "no '.visible .entry %s(' in the PTX: %s" % (name, context)
+    types, _ = entry
+    scalar = _PTX_TYPE[numpy.dtype(cuda_launcher.SCALAR_TYPES[dtype])]
+    # param, grad, v (pointers), lr, momentum (SCALAR_TYPES), n (long long).
+    assert types == ["u64", "u64", "u64", scalar, scalar, "u64"], (types, context)
+
+    info = parse_ptxas_log(unit["log"]).get(name)
+    assert info is not None, "ptxas reported nothing for %s: %s" % (name, context)
+    assert info["arch"] == "sm_" + arch, context
+    assert "registers" in info, context
+    problem = spill_problem(info)
+    assert problem is None, "%s spills on sm_%s (%s): %s" % (name, arch, problem, context)
+    assert info["stack"] == 0, "stack frame of %d bytes: %s" % (info["stack"], context)
+
+    problems = index_width_problems(unit["ptx"], name)
+    assert not problems, "index arithmetic is not 64-bit: %s\n%s" % (problems, context)
+
+
+def test_index_check_catches_32_bit_indexing(compiled):
+    """The 64-bit check flags an int index and an int n, and passes a long long index."""
+    unit = _unit(compiled, "probe")
+    assert unit["ok"], _describe(unit)
+    assert index_width_problems(unit["ptx"], "probe_index64") == []
+    i32 = index_width_problems(unit["ptx"], "probe_index32")
+    assert any("32-bit index arithmetic" in p for p in i32), (i32, unit["ptx"])
+    n32 = index_width_problems(unit["ptx"], "probe_n32")
+    assert any("not 64-bit" in p for p in n32), (n32, unit["ptx"])
+
+
+def test_spill_check_catches_spills(compiled):
+    """The ptxas log parsing sees the spills of a kernel squeezed into 16 registers."""
+    unit = _unit(compiled, "spill_probe")
+    assert unit["ok"], _describe(unit)
+    info = parse_ptxas_log(unit["log"]).get("probe_spill")
+    assert info is not None, _describe(unit)
+    assert spill_problem(info) is not None, (info, _describe(unit))
+    assert info["spill_stores"] > 0, (info, _describe(unit))
+
+
+def test_broken_source_fails_with_the_file_name(compiled):
+    """A syntax error fails the compile, reported at nesterov_ag.cu:LINE (#line mapping)."""
+    unit = _unit(compiled, "broken")
+    assert not unit["ok"], "a broken source compiled: %s" % _describe(unit)
+    assert "COMPILATION" in (unit["error"] or ""), unit["error"]
+    _, line = _broken_source()
+    where = '%s(%d): error' % (cuda_launcher.SOURCE_FILE.replace("\\", "/"), line)
+    assert where in unit["log"], "expected %r in the log:\n%s" % (where, unit["log"])
+    assert "cynag_broken_on_purpose" in unit["log"]
+    errors = [l for l in unit["log"].splitlines() if ": error" in l]
+    assert errors and not any(PROGRAM_NAME in l for l in errors), unit["log"]
