@@ -1,0 +1,906 @@
+"""The CUDA kernels of ``nesterov_ag.cu``, run without a GPU by a host-compiler emulator.
+
+The very source the GPU launcher hands to NVRTC
+(:func:`cynag_kernels.cuda.kernel_source`) is compiled with the host C++
+compiler::
+
+    g++ -std=c++17 -O1 -ffp-contract=off -fPIC -shared
+        -I tests/cuda_emulator -include tests/cuda_emulator/cuda_emu_prelude.h
+
+into a shared library loaded with ctypes.  The prelude turns ``__global__``
+functions into plain functions and ``threadIdx``/``blockIdx``/``blockDim``/
+``gridDim`` into thread-local values; ``tests/cuda_emulator/cuda_fp16.h``
+provides ``__half`` over ``_Float16``; for every ``extern "C" __global__``
+entry point a launcher (generated below, in the same translation unit as the
+kernels, with ``tests/cuda_emulator/cuda_emu_driver.h``) runs every block and
+every thread of a launch one after the other, blocks in a given order.
+
+The arguments are the tuple :func:`cynag_kernels.cuda.kernel_args` builds for
+CuPy, with NumPy arrays in place of CuPy arrays; each argument must have
+exactly the C type of the kernel parameter (parsed from the source, and the
+parse checked by the compiler, see :func:`_generated_launchers`), as CuPy would
+otherwise pass the wrong bytes.  Arrays live between guard regions filled with
+a sentinel bit pattern, so that any write out of bounds is seen.
+
+What the tests establish, for all three entry points:
+
+* the results equal, bit for bit, Chainer's kernel arithmetic evaluated in
+  NumPy without fused multiply-adds (:func:`oracle_step`), over sizes that
+  make the grid-stride loop wrap many times, several hyperparameters and
+  steps, special values included;
+* they do not depend on the order in which blocks (and threads) run;
+* :func:`cynag_kernels.cuda.launch_config` makes every element updated exactly
+  once, for many sizes, multiprocessor counts and block sizes, and nothing
+  outside the arrays is written;
+* the harness itself works: a Python float, an ``int32`` ``n`` or a float64
+  array is rejected, a wrong ``n`` is reported as damaged guards, constructs
+  the emulator cannot run (``__syncthreads``, ``__shared__``, atomics, warp
+  shuffles, ...) fail to compile with a message naming them, and mutated
+  copies of the kernel (wrong stride, wrong bound, reassociated arithmetic)
+  are caught.
+
+What it does not establish: NVRTC compiles with ``--fmad=true`` by default, so
+a GPU contracts ``a * b + c`` into fused multiply-adds and agrees with these
+results to rounding, not bit for bit (as the source says); and nothing here
+runs on a GPU (tests/test_gpu.py does, where there is one).
+
+Skipped only when no C++ compiler with ``_Float16`` is found (``$CXX``, else
+``g++``, ``c++``, ``clang++``).
+"""
+import ctypes
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections import namedtuple
+
+import numpy as np
+import pytest
+
+from cynag_kernels import cuda as cuda_launcher
+from cynag_kernels import nesterov_ag_coefficients
+
+EMU_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulator")
+PRELUDE = os.path.join(EMU_DIR, "cuda_emu_prelude.h")
+CXX_FLAGS = ("-std=c++17", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared")
+DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+# ---------------------------------------------------------------------------
+# Compiler
+# ---------------------------------------------------------------------------
+def _find_cxx():
+    """``(argv, None)`` for a C++ compiler with ``_Float16``, or ``(None, reason)``."""
+    candidates = []
+    if os.environ.get("CXX"):
+        candidates.append(shlex.split(os.environ["CXX"]))
+    for name in ("g++", "c++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            candidates.append([path])
+    if not candidates:
+        return None, "no C++ compiler found ($CXX, g++, c++, clang++)"
+    probe = "_Float16 h(float f) { return static_cast<_Float16>(f); }\n"
+    problems = []
+    tmp = tempfile.mkdtemp(prefix="cynag-cuda-emu-probe-")
+    try:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write(probe)
+        for argv in candidates:
+            try:
+                proc = subprocess.run(argv + list(CXX_FLAGS) + [src, "-o",
+                                                                os.path.join(tmp, "probe.so")],
+                                      capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as e:
+                problems.append("%s: %s" % (" ".join(argv), e))
+                continue
+            if proc.returncode == 0:
+                return argv, None
+            problems.append("%s: %s" % (" ".join(argv), proc.stderr.strip()[-300:]))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return None, ("no C++ compiler supporting _Float16 with %s: %s"
+                  % (" ".join(CXX_FLAGS), "; ".join(problems)))
+
+
+_CXX, _CXX_PROBLEM = _find_cxx()
+
+
+@pytest.fixture(scope="module")
+def cxx():
+    if _CXX is None:
+        pytest.skip(_CXX_PROBLEM)
+    missing = [f for f in ("cuda_emu_prelude.h", "cuda_emu_driver.h", "cuda_fp16.h")
+               if not os.path.isfile(os.path.join(EMU_DIR, f))]
+    if missing:  # e.g. tests run from an sdist whose MANIFEST.in leaves out tests/**/*.h
+        pytest.fail("the emulator headers %s are missing from %s" % (missing, EMU_DIR))
+    return _CXX
+
+
+# ---------------------------------------------------------------------------
+# Kernel signatures, parsed from the source
+# ---------------------------------------------------------------------------
+#: C parameter of a kernel: ``base`` C type, pointer or not, pointee const or not.
+Param = namedtuple("Param", "name base pointer const")
+
+#: NumPy scalar dtype and ctypes type of a by-value parameter.
+SCALAR_CTYPES = {
+    "float": (np.dtype(np.float32), ctypes.c_float),
+    "double": (np.dtype(np.float64), ctypes.c_double),
+    "long long": (np.dtype(np.int64), ctypes.c_longlong),
+    "unsigned long long": (np.dtype(np.uint64), ctypes.c_ulonglong),
+    "int": (np.dtype(np.int32), ctypes.c_int),
+    "unsigned int": (np.dtype(np.uint32), ctypes.c_uint),
+}
+
+#: NumPy dtype of the elements a pointer parameter points to.
+POINTEE_DTYPES = {
+    "__half": np.dtype(np.float16),
+    "float": np.dtype(np.float32),
+    "double": np.dtype(np.float64),
+    "long long": np.dtype(np.int64),
+    "int": np.dtype(np.int32),
+    "unsigned int": np.dtype(np.uint32),
+}
+
+#: Macros whose use would make the host build compile other code than NVRTC does.
+_DEVICE_ONLY_MACROS = ("__CUDA_ARCH__", "__CUDACC__", "__CUDACC_RTC__", "__NVCC__")
+
+_TOKEN_RE = re.compile(r'"(?:\\.|[^"\\\n])*"|//[^\n]*|/\*.*?\*/', re.S)
+_KERNEL_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+([A-Za-z_]\w*)\s*\(([^()]*)\)\s*\{')
+
+
+class EmulatorUnsupported(Exception):
+    """The source uses something the emulator cannot reproduce."""
+
+
+class EmulatorCompileError(Exception):
+    """The host compiler rejected the source; the message holds its output."""
+
+
+class KernelArgumentError(TypeError):
+    """An argument does not have the exact C type of the kernel parameter."""
+
+
+class EmulatedLaunchError(RuntimeError):
+    """The launch itself was invalid (dimensions or orders)."""
+
+
+def _strip_comments(source):
+    return _TOKEN_RE.sub(lambda m: m.group(0) if m.group(0).startswith('"') else " ", source)
+
+
+def _parse_param(text, kernel):
+    words = re.sub(r"\b(__restrict__|__restrict)\b", " ", text).replace("*", " * ").split()
+    if len(words) < 2 or not re.match(r"^[A-Za-z_]\w*$", words[-1]):
+        raise EmulatorUnsupported("kernel %s: cannot parse parameter %r (a name is needed)"
+                                  % (kernel, text.strip()))
+    name, type_words = words[-1], words[:-1]
+    stars = type_words.count("*")
+    if stars > 1:
+        raise EmulatorUnsupported("kernel %s: parameter %r: pointers to pointers are not supported"
+                                  % (kernel, text.strip()))
+    if stars == 1:
+        k = type_words.index("*")
+        if type_words[k + 1:] not in ([], ["const"]):  # T* const p: top-level, ignored
+            raise EmulatorUnsupported("kernel %s: cannot parse parameter %r" % (kernel, text.strip()))
+        type_words = type_words[:k]
+    const = "const" in type_words
+    base = " ".join(w for w in type_words if w != "const")
+    base = {"long long int": "long long", "signed long long": "long long",
+            "unsigned": "unsigned int", "unsigned long long int": "unsigned long long"}.get(base, base)
+    table = POINTEE_DTYPES if stars else SCALAR_CTYPES
+    if base not in table:
+        raise EmulatorUnsupported("kernel %s: parameter %r has a type the emulator does not marshal "
+                                  "(%s%s)" % (kernel, text.strip(), base, " *" if stars else ""))
+    if const and not stars:
+        const = False  # const by-value parameter: same C type
+    return Param(name, base, bool(stars), const)
+
+
+def parse_kernels(source):
+    """``{name: [Param, ...]}`` of the ``extern "C" __global__`` entry points, in source order."""
+    code = _strip_comments(source)
+    kernels = {}
+    for m in _KERNEL_RE.finditer(code):
+        name, params = m.group(1), m.group(2).strip()
+        if name in kernels:
+            raise EmulatorUnsupported("kernel %s is defined twice" % name)
+        kernels[name] = [] if params in ("", "void") else [
+            _parse_param(p, name) for p in params.split(",")]
+    n_global = len(re.findall(r"\b__global__\b", code))
+    if n_global != len(kernels):
+        raise EmulatorUnsupported(
+            "the source has %d __global__ functions but %d are 'extern \"C\" __global__ void "
+            "NAME(...) {' definitions the emulator can launch" % (n_global, len(kernels)))
+    return kernels
+
+
+def _c_decl(p, cname):
+    return "%s%s%s %s" % ("const " if p.const else "", p.base, "*" if p.pointer else "", cname)
+
+
+def _generated_launchers(kernels):
+    """C++ launchers for the kernels, appended to the kernel source.
+
+    Each kernel is first redeclared with the parsed parameter types: an
+    ``extern "C"`` function redeclared with other parameter types is a
+    compile error ("conflicting declaration of C function"), so a library
+    that builds is one whose marshalling table matches the source exactly.
+    """
+    out = ['#line 1 "<cynag emulator: generated launchers>"', '#include "cuda_emu_driver.h"']
+    for name, params in kernels.items():
+        decl = ", ".join(_c_decl(p, "a%d" % i) for i, p in enumerate(params))
+        call = ", ".join("a%d" % i for i in range(len(params)))
+        out.append('extern "C" __global__ void %s(%s);' % (name, decl or "void"))
+        out.append('extern "C" int cynag_emu_launch__%s(const long long* dims, '
+                   'const long long* block_order, const long long* thread_order%s) {'
+                   % (name, "".join(", " + _c_decl(p, "a%d" % i) for i, p in enumerate(params))))
+        out.append("    return ::cynag_emu::launch(dims, block_order, thread_order, "
+                   "[&]() { %s(%s); });" % (name, call))
+        out.append("}")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Build and launch
+# ---------------------------------------------------------------------------
+_LAUNCH_ERRORS = {
+    1: "grid dimensions outside CUDA's limits",
+    2: "block dimensions outside CUDA's limits (at most 1024 threads, z at most 64)",
+    3: "block_order is not a permutation of the blocks",
+    4: "thread_order is not a permutation of a block's threads",
+    5: "more threads than the emulator runs (2**31)",
+}
+
+
+class Emulator:
+    """The kernels of one source, compiled for the host and launchable from Python."""
+
+    def __init__(self, lib, kernels, compiler_output):
+        self.lib = lib
+        self.kernels = kernels
+        self.compiler_output = compiler_output
+        self._functions = {}
+        for name, params in kernels.items():
+            fn = getattr(lib, "cynag_emu_launch__" + name)
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p] * 3 + [
+                ctypes.c_void_p if p.pointer else SCALAR_CTYPES[p.base][1] for p in params]
+            self._functions[name] = fn
+
+    def marshal(self, name, args):
+        """ctypes values for ``args``, each checked against the kernel's C parameter type."""
+        params = self.kernels[name]
+        if len(args) != len(params):
+            raise KernelArgumentError("%s takes %d arguments, got %d"
+                                      % (name, len(params), len(args)))
+        out = []
+        for i, (p, a) in enumerate(zip(params, args)):
+            where = "%s argument %d (%s %s)" % (name, i, _c_decl(p, "").strip(), p.name)
+            if p.pointer:
+                want = POINTEE_DTYPES[p.base]
+                if not isinstance(a, np.ndarray):
+                    raise KernelArgumentError("%s: needs a numpy.ndarray of %s, got %s"
+                                              % (where, want, type(a).__name__))
+                if a.dtype != want:
+                    raise KernelArgumentError("%s: needs dtype %s, got an array of %s"
+                                              % (where, want, a.dtype))
+                if not (a.flags.c_contiguous and a.flags.aligned):
+                    raise KernelArgumentError("%s: the array must be C-contiguous and aligned "
+                                              "(a kernel ignores strides)" % where)
+                if not p.const and not a.flags.writeable:
+                    raise KernelArgumentError("%s: the kernel writes through this pointer but "
+                                              "the array is read-only" % where)
+                out.append(ctypes.c_void_p(a.ctypes.data))
+            else:
+                want, ctype = SCALAR_CTYPES[p.base]
+                if (not isinstance(a, np.generic) or isinstance(a, np.bool_)
+                        or a.dtype != want):
+                    raise KernelArgumentError(
+                        "%s: needs a numpy.%s scalar, got %s.%s %r (CuPy would pass other bytes)"
+                        % (where, want.type.__name__, type(a).__module__, type(a).__qualname__, a))
+                out.append(ctype(a.item()))
+        return out
+
+    def launch(self, name, grid, block, args, block_order=None, thread_order=None):
+        """Run ``name<<<grid, block>>>(*args)``, blocks in ``block_order`` (None: 0, 1, ...)."""
+        cargs = self.marshal(name, args)
+        g, b = _dims(grid, "grid"), _dims(block, "block")
+        dims = np.array(g + b, np.int64)
+        keep = [dims]
+
+        def order(o, count):
+            if o is None:
+                return None
+            o = np.ascontiguousarray(o, dtype=np.int64)
+            if o.shape != (count,):
+                raise EmulatedLaunchError("an order of %d indices is needed, got shape %s"
+                                          % (count, o.shape))
+            keep.append(o)
+            return o.ctypes.data
+
+        nblocks = g[0] * g[1] * g[2]
+        nthreads = b[0] * b[1] * b[2]
+        rc = self._functions[name](dims.ctypes.data, order(block_order, nblocks),
+                                   order(thread_order, nthreads), *cargs)
+        if rc:
+            raise EmulatedLaunchError("%s<<<%s, %s>>>: %s"
+                                      % (name, g, b, _LAUNCH_ERRORS.get(rc, "error %d" % rc)))
+
+
+def _dims(d, what):
+    if isinstance(d, (int, np.integer)) and not isinstance(d, (bool, np.bool_)):
+        d = (d,)
+    if not isinstance(d, tuple) or not 1 <= len(d) <= 3 or not all(
+            isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in d):
+        raise EmulatedLaunchError("%s must be an int or a tuple of 1 to 3 ints, got %r" % (what, d))
+    d = tuple(int(x) for x in d) + (1,) * (3 - len(d))
+    if min(d) < 1:
+        raise EmulatedLaunchError("%s dimensions must be positive, got %r" % (what, d))
+    return d
+
+
+_build_count = [0]
+
+
+def build(cxx, source, tamper=None):
+    """Compile ``source`` for the host and load it; the build directory is removed at once.
+
+    ``tamper`` (tests of the harness only) edits the parsed signatures before
+    the launchers are generated.
+    """
+    code = _strip_comments(source)
+    for macro in _DEVICE_ONLY_MACROS:
+        if re.search(r"\b%s\b" % macro, code):
+            raise EmulatorUnsupported(
+                "cynag emulator: the source tests %s; the host build would compile other code "
+                "than NVRTC does" % macro)
+    kernels = parse_kernels(source)
+    if tamper is not None:
+        kernels = tamper(kernels)
+    tmp = tempfile.mkdtemp(prefix="cynag-cuda-emu-")
+    try:
+        kernel_file = os.path.join(tmp, "kernel.cu")
+        with open(kernel_file, "w") as f:
+            f.write(source)
+        main = os.path.join(tmp, "emulated.cpp")
+        with open(main, "w") as f:
+            f.write('#include "kernel.cu"\n' + _generated_launchers(kernels))
+        _build_count[0] += 1
+        lib_path = os.path.join(tmp, "emulated_%d_%d.so" % (os.getpid(), _build_count[0]))
+        cmd = list(cxx) + list(CXX_FLAGS) + ["-Wall", "-I", EMU_DIR, "-include", PRELUDE,
+                                             "-x", "c++", main, "-o", lib_path]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise EmulatorCompileError("%s\n%s%s" % (" ".join(cmd), proc.stdout, proc.stderr))
+        lib = ctypes.CDLL(lib_path)  # stays mapped after the directory is removed
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Emulator(lib, kernels, proc.stdout + proc.stderr)
+
+
+@pytest.fixture(scope="module")
+def emu(cxx):
+    return build(cxx, cuda_launcher.kernel_source())
+
+
+# ---------------------------------------------------------------------------
+# Guarded arrays, orders, oracle
+# ---------------------------------------------------------------------------
+GUARD = 64
+_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+#: Guard fill: NaNs with a payload no arithmetic produces.
+SENTINEL = {2: 0x7D5A, 4: 0x7FA5A5A5, 8: 0x7FF5A5A5A5A5A5A5}
+
+
+def _bits(a):
+    return a.view(_UINT[a.dtype.itemsize])
+
+
+class Guarded:
+    """``values`` (1-d) copied between two guards of :data:`GUARD` sentinel elements."""
+
+    def __init__(self, values):
+        values = np.asarray(values).reshape(-1)
+        self.n = values.size
+        self.buf = np.empty(self.n + 2 * GUARD, values.dtype)
+        _bits(self.buf)[...] = SENTINEL[values.dtype.itemsize]
+        self.array = self.buf[GUARD:GUARD + self.n]
+        self.array[...] = values
+
+    def damage(self):
+        """Offsets (relative to the array: negative before it, >= n after it) of changed guards."""
+        bits = _bits(self.buf)
+        s = SENTINEL[self.buf.dtype.itemsize]
+        before = np.nonzero(bits[:GUARD] != s)[0] - GUARD
+        after = np.nonzero(bits[GUARD + self.n:] != s)[0] + self.n
+        return [int(k) for k in np.concatenate([before, after])]
+
+
+def orders(rng, grid, block):
+    """(label, block_order, thread_order): forward, reversed, and a random permutation of both."""
+    nb = int(np.prod(grid))
+    nt = int(np.prod(block))
+    return [("forward", None, None),
+            ("reversed", np.arange(nb)[::-1], np.arange(nt)[::-1]),
+            ("random", rng.permutation(nb), rng.permutation(nt))]
+
+
+def oracle_step(param, grad, v, lr, momentum):
+    """Chainer's GPU kernel arithmetic, each operation rounded, no FMA: ``(param, v)`` after.
+
+    ``lr`` and ``momentum`` are the kernel's scalar arguments (float32 for
+    float16 arrays).  float16 computes in float32; ``v`` is stored as float16
+    before the parameter update reads it back.
+    """
+    dtype = param.dtype
+    c = np.float32 if dtype == np.float16 else dtype.type
+    assert type(lr) is c and type(momentum) is c
+    one = c(1)
+    with np.errstate(all="ignore"):
+        g = grad.astype(c)
+        v_new = (v.astype(c) * momentum - lr * g).astype(dtype)  # float16: RNE
+        vv = v_new.astype(c)
+        mm = momentum * momentum
+        cl = (one + momentum) * lr
+        p_new = (param.astype(c) + (mm * vv - cl * g)).astype(dtype)
+    return p_new, v_new
+
+
+def mismatches(actual, expected):
+    """Indices where the bit patterns differ (two NaNs of any payload agree)."""
+    diff = _bits(actual) != _bits(expected)
+    diff &= ~(np.isnan(actual) & np.isnan(expected))
+    return np.nonzero(diff.reshape(-1))[0]
+
+
+def random_values(rng, dtype, n, log10_range, specials=True):
+    x = rng.standard_normal(n) * 10.0 ** rng.uniform(*log10_range, size=n)
+    with np.errstate(over="ignore"):
+        x = x.astype(dtype)
+    if specials and n >= 32:
+        fi = np.finfo(dtype)
+        sp = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, fi.smallest_subnormal,
+                       -fi.smallest_subnormal, fi.tiny, fi.max, -fi.max], dtype)
+        x[rng.choice(n, size=sp.size, replace=False)] = sp
+    return x
+
+
+def random_shape(rng, size):
+    if size == 0:
+        return (0,) if rng.random() < 0.5 else (3, 0)
+    shape = []
+    rest = size
+    for _ in range(rng.integers(0, 3)):
+        divisors = [d for d in range(2, min(rest, 64) + 1) if rest % d == 0]
+        if not divisors:
+            break
+        d = int(rng.choice(divisors))
+        shape.append(d)
+        rest //= d
+    shape.append(rest)
+    rng.shuffle(shape)
+    return tuple(shape)
+
+
+LOG10_RANGES = {np.dtype(np.float16): (-5, 3), np.dtype(np.float32): (-8, 6),
+                np.dtype(np.float64): (-12, 8)}
+
+
+def run_step(emu, name, grid, block, p, g, v, lr, momentum, order_list):
+    """One launch per order on guarded copies; ``[(label, param, v, guard damage)]``."""
+    out = []
+    for label, bo, to in order_list:
+        P, G, V = Guarded(p), Guarded(g), Guarded(v)
+        args = cuda_launcher.kernel_args(P.array, G.array, V.array, lr, momentum)
+        emu.launch(name, grid, block, args, block_order=bo, thread_order=to)
+        damage = {k: A.damage() for k, A in (("param", P), ("grad", G), ("v", V)) if A.damage()}
+        if _bits(G.array).tobytes() != _bits(g.reshape(-1)).tobytes():
+            damage["grad (const, modified)"] = [-1]
+        out.append((label, P.array.copy(), V.array.copy(), damage))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Signatures and marshalling
+# ---------------------------------------------------------------------------
+def test_signatures_match_the_launcher_tables():
+    """The parsed entry points are exactly KERNEL_NAMES, typed as SCALAR_TYPES says."""
+    kernels = parse_kernels(cuda_launcher.kernel_source())
+    assert sorted(kernels) == sorted(cuda_launcher.KERNEL_NAMES.values())
+    for dtype, name in cuda_launcher.KERNEL_NAMES.items():
+        params = kernels[name]
+        assert [p.name for p in params] == ["param", "grad", "v", "lr", "momentum", "n"], name
+        for p, const in zip(params[:3], (False, True, False)):
+            assert p.pointer and p.const == const and POINTEE_DTYPES[p.base] == dtype, (name, p)
+        for p in params[3:5]:
+            assert not p.pointer
+            assert SCALAR_CTYPES[p.base][0] == np.dtype(cuda_launcher.SCALAR_TYPES[dtype]), (name, p)
+        assert not params[5].pointer and params[5].base == "long long"
+
+
+def test_kernel_args_scalars_are_the_gpu_coefficients():
+    """kernel_args passes lr and momentum rounded to the array dtype, in the kernel's scalar type."""
+    for dtype in DTYPES:
+        for lr, m in ((0.01, 0.9), (1e-3, 0.99), (0.1, 0.0), (1e-8, 0.123456789), (3, 1)):
+            a = np.zeros(5, dtype)
+            args = cuda_launcher.kernel_args(a, a.copy(), a.copy(), lr, m)
+            assert args[5] == 5 and type(args[5]) is np.int64
+            scalar = cuda_launcher.SCALAR_TYPES[dtype]
+            assert type(args[3]) is scalar and type(args[4]) is scalar
+            assert (args[3], args[4]) == nesterov_ag_coefficients(lr, m, dtype, device="gpu")
+            assert args[3] == scalar(dtype.type(lr)) and args[4] == scalar(dtype.type(m))
+
+
+def test_kernel_args_marshal_and_wrong_types_are_rejected(emu):
+    """kernel_args' tuple marshals for every kernel; any argument of another C type is rejected."""
+    for dtype, name in cuda_launcher.KERNEL_NAMES.items():
+        p, g, v = (np.ones(8, dtype) for _ in range(3))
+        args = cuda_launcher.kernel_args(p, g, v, 0.01, 0.9)
+        emu.marshal(name, args)
+
+        def rejected(i, value, match):
+            bad = list(args)
+            bad[i] = value
+            with pytest.raises(KernelArgumentError, match=match):
+                emu.marshal(name, tuple(bad))
+
+        scalar = cuda_launcher.SCALAR_TYPES[dtype]
+        other = np.float64 if scalar is np.float32 else np.float32
+        rejected(3, 0.01, "lr")                      # Python float
+        rejected(4, other(0.9), "momentum")          # float64 for float (float32 for double)
+        rejected(3, np.array(0.01, scalar), "lr")    # 0-d array, not a scalar
+        rejected(5, 8, "long long n")                # Python int
+        rejected(5, np.int32(8), "long long n")
+        rejected(5, np.uint64(8), "long long n")
+        rejected(5, np.float64(8), "long long n")
+        for wrong in DTYPES:
+            if wrong != dtype:
+                rejected(0, np.ones(8, wrong), "param.*dtype")
+                rejected(1, np.ones(8, wrong), "grad.*dtype")
+        rejected(2, np.ones(16, dtype)[::2], "contiguous")
+        ro = np.ones(8, dtype)
+        ro.flags.writeable = False
+        rejected(0, ro, "read-only")
+        emu.marshal(name, args[:1] + (ro,) + args[2:])  # const grad may be read-only
+        rejected(0, [1.0] * 8, "ndarray")
+        with pytest.raises(KernelArgumentError, match="takes 6 arguments"):
+            emu.marshal(name, args[:5])
+    # The issue's three examples, on the float32 kernel.
+    p, g, v = (np.ones(4, np.float32) for _ in range(3))
+    args = cuda_launcher.kernel_args(p, g, v, 0.01, 0.9)
+    name = cuda_launcher.KERNEL_NAMES[np.dtype(np.float32)]
+    for bad in ((p, g, v, 0.01, args[4], args[5]),
+                (p, g, v, args[3], args[4], np.int32(4)),
+                (p, np.ones(4, np.float64), v, args[3], args[4], args[5])):
+        with pytest.raises(KernelArgumentError):
+            emu.launch(name, (1,), (32,), bad)
+    assert (p == 1).all() and (v == 1).all()
+
+
+def test_wrong_parsed_signature_does_not_build(cxx):
+    """The compiler checks the parsed signatures: a wrong one is a conflicting declaration."""
+    def tamper(kernels):
+        kernels = dict(kernels)
+        name = cuda_launcher.KERNEL_NAMES[np.dtype(np.float32)]
+        params = list(kernels[name])
+        params[3] = params[3]._replace(base="double")  # lr as double
+        params[1] = params[1]._replace(const=False)     # grad non-const
+        kernels[name] = params
+        return kernels
+
+    with pytest.raises(EmulatorCompileError, match="conflicting declaration"):
+        build(cxx, cuda_launcher.kernel_source(), tamper=tamper)
+
+
+# ---------------------------------------------------------------------------
+# The emulator's own pieces
+# ---------------------------------------------------------------------------
+_CONVERT_SOURCE = r"""
+#include <cuda_fp16.h>
+extern "C" __global__ void to_half(const float* __restrict__ x, __half* __restrict__ h, long long n)
+{
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x)
+        h[i] = __float2half_rn(x[i]);
+}
+extern "C" __global__ void to_float(const __half* __restrict__ h, float* __restrict__ x, long long n)
+{
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x)
+        x[i] = __half2float(h[i]);
+}
+extern "C" __global__ void where_am_i(int* __restrict__ out)
+{
+    const long long t = ((long long)threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+    const long long b = ((long long)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    const long long k = b * blockDim.x * blockDim.y * blockDim.z + t;
+    out[6 * k + 0] = threadIdx.x; out[6 * k + 1] = threadIdx.y; out[6 * k + 2] = threadIdx.z;
+    out[6 * k + 3] = blockIdx.x; out[6 * k + 4] = blockIdx.y; out[6 * k + 5] = blockIdx.z;
+}
+"""
+
+
+def test_half_conversions_match_numpy(cxx):
+    """The stub's __float2half_rn is round-to-nearest-even (ties, subnormals, overflow), as NumPy's."""
+    e = build(cxx, _CONVERT_SOURCE)
+    # Every float16 value -> float32.
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    x = np.empty(h.size, np.float32)
+    e.launch("to_float", (64,), (256,), (h, x, np.int64(h.size)))
+    assert mismatches(x, h.astype(np.float32)).size == 0
+    # float32 -> float16: every half, the midpoints between neighbours (ties) and
+    # their float32 neighbours, the overflow threshold, and random bit patterns.
+    finite = h[np.isfinite(h)].astype(np.float64)
+    finite = np.unique(finite)
+    mids = ((finite[:-1] + finite[1:]) / 2).astype(np.float32)
+    assert np.all(mids.astype(np.float64) == (finite[:-1] + finite[1:]) / 2)  # exact in float32
+    rng = np.random.default_rng(1)
+    f = np.concatenate([
+        finite.astype(np.float32), mids, np.nextafter(mids, np.float32(np.inf)),
+        np.nextafter(mids, np.float32(-np.inf)),
+        np.array([65504, 65519.996, 65520, -65520, 65536, 1e30, np.inf, -np.inf, np.nan,
+                  2.0 ** -25, 2.0 ** -26, 3 * 2.0 ** -26, 1e-45], np.float32),
+        rng.integers(0, 1 << 32, size=1 << 18, dtype=np.uint64).astype(np.uint32).view(np.float32),
+    ])
+    out = np.empty(f.size, np.float16)
+    e.launch("to_half", (13,), (96,), (f, out, np.int64(f.size)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = f.astype(np.float16)
+    bad = mismatches(out, want)
+    assert bad.size == 0, [(float(f[i]), hex(_bits(out)[i]), hex(_bits(want)[i])) for i in bad[:5]]
+
+
+def test_builtins_and_launch_checks(cxx):
+    """threadIdx/blockIdx/blockDim/gridDim follow the launch in 3-d; invalid launches are refused."""
+    e = build(cxx, _CONVERT_SOURCE)
+    grid, block = (3, 2, 2), (4, 3, 2)
+    nb, nt = 12, 24
+    out = np.full(6 * nb * nt, -1, np.int32)
+    e.launch("where_am_i", grid, block, (out,), block_order=np.arange(nb)[::-1])
+    got = out.reshape(nb, nt, 6)
+    b = np.arange(nb)
+    t = np.arange(nt)
+    assert (got[:, :, 3] == (b % 3)[:, None]).all() and (got[:, :, 4] == (b // 3 % 2)[:, None]).all()
+    assert (got[:, :, 5] == (b // 6)[:, None]).all()
+    assert (got[:, :, 0] == t % 4).all() and (got[:, :, 1] == t // 4 % 3).all()
+    assert (got[:, :, 2] == t // 12).all()
+    x = np.zeros(4, np.float32)
+    h = np.zeros(4, np.float16)
+    args = (x, h, np.int64(4))
+    for grid, block, bo, match in (((1,), (1025,), None, "block dimensions"),
+                                   ((1,), (32, 32, 2), None, "block dimensions"),
+                                   ((1, 70000), (32,), None, "grid dimensions"),
+                                   ((2,), (32,), [0, 0], "not a permutation"),
+                                   ((2,), (32,), [0, 2], "not a permutation")):
+        with pytest.raises(EmulatedLaunchError, match=match):
+            e.launch("to_half", grid, block, args, block_order=bo)
+    with pytest.raises(EmulatedLaunchError, match="dimensions must be positive"):
+        e.launch("to_half", (0,), (32,), args)
+
+
+_TINY = r"""
+extern "C" __global__ void k(float* p, long long n)
+{
+    %s
+}
+"""
+
+UNSUPPORTED = {
+    "__syncthreads": _TINY % "p[threadIdx.x] = 1.0f; __syncthreads(); p[0] += p[1];",
+    "__shared__": _TINY % "__shared__ float buf[32]; buf[threadIdx.x] = p[0]; p[0] = buf[31];",
+    "atomicAdd": _TINY % "atomicAdd(p, 1.0f);",
+    "atomicCAS": _TINY % "atomicCAS((int*)p, 0, 1);",
+    "__shfl_down_sync": _TINY % "p[0] += __shfl_down_sync(0xffffffffu, p[0], 1);",
+    "__shfl_xor_sync": _TINY % "p[0] += __shfl_xor_sync(0xffffffffu, p[0], 16);",
+    "__ballot_sync": _TINY % "if (__ballot_sync(0xffffffffu, p[0] > 0)) p[0] = 0;",
+    "__syncwarp": _TINY % "__syncwarp(); p[0] = 0;",
+    "__threadfence": _TINY % "p[0] = 1; __threadfence();",
+    "warpSize": _TINY % "p[0] = warpSize;",
+    "__constant__": "__constant__ float c[4];\n" + _TINY % "p[0] = c[0];",
+}
+
+
+@pytest.mark.parametrize("construct", sorted(UNSUPPORTED))
+def test_unsupported_constructs_fail_loudly(cxx, construct):
+    with pytest.raises(EmulatorCompileError) as info:
+        build(cxx, UNSUPPORTED[construct])
+    assert "cynag emulator: %s is not supported" % construct in str(info.value)
+
+
+def test_device_only_macros_are_refused(cxx):
+    src = "#ifdef __CUDA_ARCH__\n#define X 1\n#else\n#define X 2\n#endif\n" + _TINY % "p[0] = X;"
+    with pytest.raises(EmulatorUnsupported, match="__CUDA_ARCH__"):
+        build(cxx, src)
+    e = build(cxx, _TINY % "p[0] = 2; // __CUDA_ARCH__ in a comment is fine")
+    assert "k" in e.kernels
+
+
+def test_guards_detect_out_of_bounds_writes(emu, cxx):
+    """n = size + 5 writes the five elements after param and v; a write at -1 is seen too."""
+    rng = np.random.default_rng(5)
+    for dtype, name in cuda_launcher.KERNEL_NAMES.items():
+        size = 300
+        P, G, V = (Guarded(random_values(rng, dtype, size, (-2, 0), specials=False))
+                   for _ in range(3))
+        args = cuda_launcher.kernel_args(P.array, G.array, V.array, 0.01, 0.9)
+        grid, block = cuda_launcher.launch_config(size, 1, 32)
+        emu.launch(name, grid, block, args)
+        assert (P.damage(), G.damage(), V.damage()) == ([], [], [])
+        args = args[:5] + (np.int64(size + 5),)
+        emu.launch(name, grid, block, args)
+        # grad's guard is only read (a const pointer), so it may read as anything but stays intact.
+        assert P.damage() == list(range(size, size + 5)), dtype
+        assert V.damage() == list(range(size, size + 5)), dtype
+        assert G.damage() == []
+    e = build(cxx, _TINY % "p[(long long)threadIdx.x - 1] = 1.0f;")
+    P = Guarded(np.zeros(40, np.float32))
+    e.launch("k", (1,), (3,), (P.array, np.int64(40)))
+    assert P.damage() == [-1]
+
+
+# ---------------------------------------------------------------------------
+# The kernels: coverage and bit-exact results
+# ---------------------------------------------------------------------------
+def _counting_problems(emu, dtype, n, sm_count, block):
+    """Problems of one counting launch: with lr=1, momentum=0, grad=-1 each update adds 1 to param."""
+    grid, blk = cuda_launcher.launch_config(n, sm_count, block)
+    problems = []
+    want_blocks = max(1, min(-(-n // block), sm_count * cuda_launcher.BLOCKS_PER_SM))
+    if grid != (want_blocks,) or blk != (block,):
+        problems.append("launch_config(%d, %d, %d) = %s, %s" % (n, sm_count, block, grid, blk))
+    P, G, V = Guarded(np.zeros(n, dtype)), Guarded(np.full(n, -1, dtype)), Guarded(np.zeros(n, dtype))
+    args = cuda_launcher.kernel_args(P.array, G.array, V.array, 1.0, 0.0)
+    emu.launch(cuda_launcher.KERNEL_NAMES[dtype], grid, blk, args)
+    counts = P.array.astype(np.float64)
+    if not (counts == 1).all():
+        bad = np.nonzero(counts != 1)[0]
+        problems.append("n=%d sm=%d block=%d: %d elements updated other than once (first: index "
+                        "%d, %g times)" % (n, sm_count, block, bad.size, bad[0], counts[bad[0]]))
+    if not (V.array == 1).all():
+        problems.append("n=%d: v not 1 everywhere" % n)
+    for label, A in (("param", P), ("grad", G), ("v", V)):
+        if A.damage():
+            problems.append("n=%d sm=%d block=%d: %s guard written at %s"
+                            % (n, sm_count, block, label, A.damage()[:8]))
+    return problems
+
+
+def _coverage_cases(rng):
+    cases = []
+    for block in (1, 7, 32, 100, 256, 1024):
+        for sm_count in (1, 2, 3, 13, 80, 132):
+            cap = sm_count * cuda_launcher.BLOCKS_PER_SM * block
+            ns = {0, 1, 2, 3, block - 1, block, block + 1, 2 * block + 1, cap - 1, cap, cap + 1,
+                  2 * cap + 3, 3 * cap - 1, int(rng.integers(1, 4 * cap))}
+            cases += [(n, sm_count, block) for n in sorted(ns) if 0 <= n <= 3_000_000]
+    return cases
+
+
+def test_launch_config_updates_every_element_exactly_once(emu):
+    """For many n, sm_count, block: one update per element (counted), no write outside."""
+    rng = np.random.default_rng(7)
+    problems = []
+    for n, sm_count, block in _coverage_cases(rng):
+        problems += _counting_problems(emu, np.dtype(np.float32), n, sm_count, block)
+    for dtype in (np.dtype(np.float16), np.dtype(np.float64)):
+        for n, sm_count, block in ((0, 1, 32), (1, 1, 32), (257, 1, 32), (4099, 2, 64),
+                                   (1000, 80, 256), (2 * 8 * 256 + 1, 1, 256)):
+            problems += _counting_problems(emu, dtype, n, sm_count, block)
+    assert not problems, problems[:10]
+
+
+SIZES = (0, 1, 2, 31, 255, 256, 257, 1000, 2049, 4099, 10007, 65537)
+#: lr 1e-6 is a float16 subnormal: its rounding to the array dtype matters.
+HYPER = ((0.01, 0.9), (0.1, 0.0), (1e-3, 0.99), (0.5, 0.5), (0.0123, 0.95), (1e-6, 0.999))
+CONFIGS = ((1, 32), (2, 64), (1, 256), (80, 256), (3, 100))  # (sm_count, block)
+STEPS = 4
+
+
+def _oracle_problems(emu, dtype, seed, sizes=SIZES, hyper=HYPER, steps=STEPS):
+    rng = np.random.default_rng(seed)
+    name = cuda_launcher.KERNEL_NAMES[dtype]
+    rlog = LOG10_RANGES[dtype]
+    problems = []
+    for si, size in enumerate(sizes):
+        shape = random_shape(rng, size)
+        for hi, (lr, m) in enumerate(hyper):
+            p = random_values(rng, dtype, size, rlog).reshape(shape)
+            v = random_values(rng, dtype, size, rlog).reshape(shape) * dtype.type(0.1)
+            for step in range(steps):
+                sm_count, block = CONFIGS[(si + hi + step) % len(CONFIGS)]
+                grid, blk = cuda_launcher.launch_config(size, sm_count, block)
+                g = random_values(rng, dtype, size, rlog).reshape(shape)
+                args = cuda_launcher.kernel_args(p.ravel(), g.ravel(), v.ravel(), lr, m)
+                want_p, want_v = oracle_step(p.ravel(), g.ravel(), v.ravel(), args[3], args[4])
+                runs = run_step(emu, name, grid, blk, p.ravel(), g.ravel(), v.ravel(), lr, m,
+                                orders(rng, grid, blk))
+                where = "%s size=%d shape=%s lr=%r m=%r step=%d grid=%s block=%s" % (
+                    dtype, size, shape, lr, m, step, grid, blk)
+                label0, p0, v0, _ = runs[0]
+                for label, pk, vk, damage in runs:
+                    if damage:
+                        problems.append("%s order=%s: guards %s" % (where, label, damage))
+                    if pk.tobytes() != p0.tobytes() or vk.tobytes() != v0.tobytes():
+                        problems.append("%s: order %s differs from %s" % (where, label, label0))
+                for what, got, want in (("param", p0, want_p), ("v", v0, want_v)):
+                    bad = mismatches(got, want)
+                    if bad.size:
+                        i = bad[0]
+                        problems.append("%s: %s differs from the oracle at %d elements (first %d: "
+                                        "%r vs %r)" % (where, what, bad.size, i, got[i], want[i]))
+                p, v = p0.reshape(shape), v0.reshape(shape)
+    return problems
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bit_exact_against_oracle_in_every_block_order(emu, dtype):
+    """Bit-for-bit equal to the no-FMA oracle, in forward, reversed and random block orders."""
+    seed = 11 + np.dtype(dtype).itemsize
+    sizes = SIZES + tuple(int(n) for n in np.random.default_rng(seed).integers(3, 20000, size=3))
+    problems = _oracle_problems(emu, np.dtype(dtype), seed=seed, sizes=sizes)
+    assert not problems, "%d problems, first: %s" % (len(problems), problems[:5])
+
+
+# ---------------------------------------------------------------------------
+# Mutants: the checks above catch broken copies of the kernel
+# ---------------------------------------------------------------------------
+def _mutant(old, new):
+    src = cuda_launcher.kernel_source()
+    assert src.count(old) == 1, (
+        "the mutation anchor %r is no longer in nesterov_ag.cu exactly once: update the mutants "
+        "of tests/test_cuda_emulation.py to the new source" % old)
+    return src.replace(old, new)
+
+
+STRIDE = "const long long stride = (long long)blockDim.x * (long long)gridDim.x;"
+MUTANTS = {
+    "stride ignores the grid (elements updated several times)":
+        (STRIDE, "const long long stride = (long long)blockDim.x;", "coverage"),
+    "stride twice the grid (elements skipped)":
+        (STRIDE, "const long long stride = 2 * (long long)blockDim.x * (long long)gridDim.x;",
+         "coverage"),
+    "i <= n (one element past the end)": ("i < n;", "i <= n;", "coverage"),
+    "momentum * (momentum * v)":
+        ("momentum * momentum * vv", "momentum * (momentum * vv)", "oracle"),
+    "(1 + momentum) * (lr * grad)":
+        ("(1 + momentum) * lr * g)", "(1 + momentum) * (lr * g))", "oracle"),
+    "v not rounded to float16 before the param update":
+        ("const C vv = A::load(v_new);",
+         "const C vv = v_new_c;",
+         "oracle16"),
+}
+
+
+def test_mutants_are_caught(cxx):
+    failures = []
+    for label, (old, new, check) in MUTANTS.items():
+        if check == "oracle16":
+            # Keep the unrounded float value next to the stored float16 one.
+            src = _mutant("const T v_new = A::store(A::load(v[i]) * momentum - lr * g);",
+                          "const C v_new_c = A::load(v[i]) * momentum - lr * g;\n"
+                          "    const T v_new = A::store(v_new_c);")
+            assert src.count(old) == 1
+            src = src.replace(old, new)
+        else:
+            src = _mutant(old, new)
+        e = build(cxx, src)
+        if check == "coverage":
+            problems = []
+            for n, sm_count, block in ((1000, 1, 32), (5000, 2, 64), (777, 3, 100)):
+                problems += _counting_problems(e, np.dtype(np.float32), n, sm_count, block)
+        elif check == "oracle":
+            problems = []
+            for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+                problems += _oracle_problems(e, dtype, seed=3, sizes=(4099,),
+                                             hyper=((0.0123, 0.95),), steps=1)
+        else:
+            problems = _oracle_problems(e, np.dtype(np.float16), seed=3, sizes=(4099,),
+                                        hyper=((0.0123, 0.95),), steps=1)
+        if not problems:
+            failures.append(label)
+    assert not failures, "mutants the checks did not catch: %s" % failures
