@@ -43,3 +43,10 @@ def zeros_like(a):
         with cupy.cuda.Device(a.device.id):
             return cupy.zeros_like(a)
     return numpy.zeros_like(a)
+
+
+def device_of_array(a):
+    """Context manager making ``a``'s GPU current (``a`` is a CuPy array)."""
+    import cupy
+
+    return cupy.cuda.Device(a.device.id)

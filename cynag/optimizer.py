@@ -306,6 +306,15 @@ class UpdateRule:
             return
         if not checked:
             self.check_param(param)
+        array = param.array
+        if _backend.is_cupy_array(array):
+            # Everything below (state, master copy, loss scale) on its device.
+            with _backend.device_of_array(array):
+                self._update(param)
+        else:
+            self._update(param)
+
+    def _update(self, param):
         self.t += 1
         is_initialized = param.array is not None
         loss_scale = getattr(param, "_loss_scale", None)
