@@ -189,3 +189,26 @@ def test_gpu_mixed_host_device_is_a_clear_error():
     with pytest.raises(TypeError, match=r"'/W'.*same device"):
         opt.update()
     assert opt.t == 0
+
+
+def test_cupy_without_a_usable_gpu_is_a_clear_error(monkeypatch):
+    """Simulated: a CuPy whose runtime reports no device (no driver / no GPU)."""
+    import types
+
+    class CUDARuntimeError(RuntimeError):
+        pass
+
+    class FakeArray(_FakeCupyArray):
+        flags = types.SimpleNamespace(c_contiguous=True, f_contiguous=True)
+
+    def no_device(*args, **kwargs):
+        raise CUDARuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
+
+    runtime = types.SimpleNamespace(CUDARuntimeError=CUDARuntimeError)
+    fake = types.ModuleType("cupy")
+    fake.ndarray = FakeArray
+    fake.cuda = types.SimpleNamespace(Device=no_device, runtime=runtime)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    a = FakeArray(np.zeros(4, np.float32))
+    with pytest.raises(RuntimeError, match="could not use GPU 0.*no CUDA-capable device"):
+        cuda_launcher.nesterov_ag_gpu(a, FakeArray(a), FakeArray(a), 0.01, 0.9)
