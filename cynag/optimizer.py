@@ -407,6 +407,7 @@ class UpdateRule:
             if loading:
                 # Find the state's keys by initializing a stand-in.
                 keys = self._state_keys()
+                checking = getattr(serializer, "checking", False)
                 state = {}
                 for key in keys:
                     try:
@@ -415,11 +416,14 @@ class UpdateRule:
                         if self.enabled:
                             raise
                         value = None
+                    if checking:
+                        continue  # read and check every key; assign nothing
                     if value is None:
                         state = None
                         break
                     state[key] = value
-                self._state = state if keys else None
+                if not checking:
+                    self._state = state if keys else None
         else:
             for key in self._state:
                 self._state[key] = serializer(key, self._state[key])

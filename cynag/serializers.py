@@ -37,6 +37,10 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be loaded (corrupt, truncated, pickled or mismatching)."""
 
 
+class CheckpointTypeError(CheckpointError, TypeError):
+    """A stored value's type cannot be loaded into the object's (Chainer raises TypeError)."""
+
+
 def _to_numpy(value):
     if _backend.is_cupy_array(value):
         return value.get()
@@ -138,22 +142,41 @@ def save_npz(file, obj, compression=True):
     path = os.fspath(file)
     if isinstance(path, bytes):
         path = os.fsdecode(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
+    # Through a symbolic link (e.g. latest.npz) to the file it names, which is
+    # replaced; the link stays.
+    target = os.path.realpath(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".cynag-",
+                                   suffix=".tmp")
+    except OSError as e:
+        raise _path_error(e, path, "cannot create a temporary file beside") from e
     try:
         with os.fdopen(fd, "wb") as f:
             write(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(path))
-        os.replace(tmp, path)
+        os.chmod(tmp, _file_mode(target))
+        try:
+            os.replace(tmp, target)
+        except OSError as e:
+            raise _path_error(e, path, "cannot rename the temporary file onto") from e
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
+
+
+def _path_error(error, path, what):
+    """An OSError of the same type whose message names the user's path."""
+    message = "%s %r: %s (save_npz writes a temporary file in the same folder and " \
+              "renames it, so the folder must be writable)" % (what, path,
+                                                              error.strerror or error)
+    try:
+        return type(error)(error.errno, message) if error.errno else type(error)(message)
+    except Exception:  # pragma: no cover
+        return error
 
 
 def _file_mode(path):
@@ -226,38 +249,35 @@ def _check_compatible(key, stored, value):
             raise CheckpointError("key %r has shape %s in the checkpoint but %s in the object"
                                   % (key, stored.shape, value.shape))
         kinds = stored.dtype.kind + value.dtype.kind
-        if not (kinds[0] == kinds[1] or set(kinds) <= set("iu")):
-            raise CheckpointError("key %r has dtype %s in the checkpoint but %s in the object "
-                                  "(a different kind of number)"
-                                  % (key, stored.dtype, value.dtype))
+        if not (kinds[0] == kinds[1] or set(kinds) <= set("iu")) or not numpy.can_cast(
+                stored.dtype, value.dtype, casting="same_kind"):
+            raise CheckpointTypeError("key %r has dtype %s in the checkpoint but %s in the "
+                                      "object (a different kind of number)"
+                                      % (key, stored.dtype, value.dtype))
         return
     kind = stored.dtype.kind
     if value is None:
         # Becomes an array of the object (a state entry, an uninitialized
         # parameter): it must be numeric.
         if kind not in "biufc":
-            raise CheckpointError("key %r holds dtype %s, not a numeric array"
-                                  % (key, stored.dtype))
+            raise CheckpointTypeError("key %r holds dtype %s, not a numeric array"
+                                      % (key, stored.dtype))
         return
     if isinstance(value, str):
         if stored.shape != () or kind not in "US":
-            raise CheckpointError("key %r: expected a string, got an array of shape %s and "
-                                  "dtype %s" % (key, stored.shape, stored.dtype))
+            raise CheckpointTypeError("key %r: expected a string, got an array of shape %s and "
+                                      "dtype %s" % (key, stored.shape, stored.dtype))
         return
-    if stored.size != 1 or kind not in "biuf":
-        raise CheckpointError("key %r: expected a scalar for %s, got an array of shape %s and "
-                              "dtype %s" % (key, type(value).__name__, stored.shape, stored.dtype))
-    if isinstance(value, (bool, numpy.bool_)):
-        ok = kind == "b"
-    elif isinstance(value, (int, numpy.integer)):
-        ok = kind in "biu"
-    elif isinstance(value, (float, numpy.floating)):
-        ok = kind in "biuf"
-    else:
-        ok = True
-    if not ok:
-        raise CheckpointError("key %r: cannot safely load dtype %s into a value of type %s"
-                              % (key, stored.dtype, type(value).__name__))
+    if stored.size != 1 or kind not in "biufc":
+        raise CheckpointTypeError("key %r: expected a scalar for %s, got an array of shape %s "
+                                  "and dtype %s" % (key, type(value).__name__, stored.shape,
+                                                    stored.dtype))
+    # Chainer's rule: an integer into a Python int, otherwise a safe cast.
+    if kind in "iu" and type(value) is int:
+        return
+    if not numpy.can_cast(stored.dtype, type(value), casting="safe"):
+        raise CheckpointTypeError("key %r: cannot safely load dtype %s into a value of type %s"
+                                  % (key, stored.dtype, type(value).__name__))
 
 
 class NpzDeserializer(Deserializer):
@@ -279,6 +299,13 @@ class NpzDeserializer(Deserializer):
     assigns only when all are good.  Calling ``obj.serialize(deserializer)``
     directly assigns as it goes, as Chainer does.
     """
+
+    def __new__(cls, *args, **kwargs):
+        # Also a chainer.serializer.Deserializer when Chainer is loaded, so
+        # that Chainer's update rules recognise it (see _deserializer_class).
+        if cls is NpzDeserializer:
+            cls = _deserializer_class()
+        return super().__new__(cls)
 
     def __init__(self, npz, path="", strict=True, ignore_names=None, *, allow_pickle=False,
                  _context=None):
@@ -380,8 +407,8 @@ def deserialize(target, obj, path="", strict=True, ignore_names=None, *, allow_p
 
     All or nothing, like :func:`load_npz`.
     """
-    _deserializer_class()(target, path=path, strict=strict, ignore_names=ignore_names,
-                          allow_pickle=allow_pickle).load(obj)
+    NpzDeserializer(target, path=path, strict=strict, ignore_names=ignore_names,
+                    allow_pickle=allow_pickle).load(obj)
 
 
 def load_npz(file, obj, path="", strict=True, ignore_names=None, *, allow_pickle=False):
@@ -414,5 +441,5 @@ def load_npz(file, obj, path="", strict=True, ignore_names=None, *, allow_pickle
     if not isinstance(npz, numpy.lib.npyio.NpzFile):
         raise CheckpointError("%r is a .npy array, not an NPZ checkpoint" % (file,))
     with npz:
-        _deserializer_class()(npz, path=path, strict=strict, ignore_names=ignore_names,
-                              allow_pickle=allow_pickle).load(obj)
+        NpzDeserializer(npz, path=path, strict=strict, ignore_names=ignore_names,
+                        allow_pickle=allow_pickle).load(obj)

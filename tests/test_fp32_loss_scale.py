@@ -597,3 +597,39 @@ def test_loading_a_checkpoint_drops_a_stale_fp32_master(tmp_path):
         lk.W.grad = numpy.ones(8, numpy.float16)
         op.update()
     assert numpy.array_equal(link.W.array, fresh_link.W.array)
+
+
+def _two_f16_params():
+    link = cynag.Link()
+    with link.init_scope():
+        link.a = cynag.Parameter(numpy.ones(4, numpy.float16))
+        link.b = cynag.Parameter(numpy.ones(4, numpy.float16))
+    for p in link.params():
+        p.grad = numpy.full(4, 0.5, numpy.float16)
+    return link
+
+
+def test_fp32_switched_on_with_float16_state_fails_before_any_change():
+    """v created without fp32 updates is float16; the float32 master needs float32."""
+    link = _two_f16_params()
+    opt = NesterovAG().setup(link)
+    opt.update()
+    opt.use_fp32_update()
+    before = [p.array.copy() for p in link.params()]
+    with pytest.raises(TypeError, match="'/a'.*dtype"):
+        opt.update()
+    assert opt.t == 1 and all(p.update_rule.t == 1 for p in link.params())
+    assert all(numpy.array_equal(p.array, b) for p, b in zip(link.params(), before))
+
+
+def test_read_only_grad_with_loss_scale_after_state_exists():
+    link = _two_f16_params()
+    opt = NesterovAG().setup(link)
+    opt.update()
+    for p in link.params():
+        p._loss_scale = 2.0
+    link.b.grad = numpy.broadcast_to(numpy.float16(1), (4,))
+    before = link.a.array.copy()
+    with pytest.raises(ValueError, match="'/b'.*read-only"):
+        opt.update()
+    assert opt.t == 1 and numpy.array_equal(link.a.array, before)

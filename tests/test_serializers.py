@@ -1113,3 +1113,100 @@ class TestIgnoreNames:
         with pytest.raises(ValueError, match="ignore_names"):
             S.load_npz(path, m, path="model/", ignore_names=bad)
         assert_unchanged(m, o, snap)
+
+
+# ---------------------------------------------------------------------------
+# Found in review
+# ---------------------------------------------------------------------------
+class _TwoStateRule(cynag.UpdateRule):
+    """A rule with two state entries, to check that loading checks both."""
+
+    def init_state(self, param):
+        self.state["a"] = numpy.zeros_like(param.array)
+        self.state["b"] = numpy.zeros_like(param.array)
+
+    def update_core_cpu(self, param):
+        self.state["a"] += 1
+
+
+class _TwoStateMethod(cynag.GradientMethod):
+    def create_update_rule(self):
+        return _TwoStateRule(self.hyperparam)
+
+
+@pytest.mark.parametrize("bad", ["missing", "text"])
+def test_every_state_key_of_an_empty_rule_is_checked_before_assigning(bad):
+    link = cynag.Link()
+    with link.init_scope():
+        link.w = cynag.Parameter(numpy.ones(3, numpy.float32))
+    opt = _TwoStateMethod().setup(link)
+    d = {"t": numpy.asarray(7), "epoch": numpy.asarray(1), "w/t": numpy.asarray(7),
+         "w/a": numpy.ones(3, numpy.float32)}
+    if bad == "text":
+        d["w/b"] = numpy.asarray(["x", "y", "z"])
+    with pytest.raises((KeyError, S.CheckpointError), match="w/b"):
+        S.deserialize(d, opt)
+    assert opt.t == 0 and link.w.update_rule.t == 0 and link.w.update_rule.state is None
+
+
+def test_unsigned_persistent_from_signed_array_is_refused_before_assigning():
+    link = cynag.Link()
+    with link.init_scope():
+        link.w = cynag.Parameter(numpy.ones(2, numpy.float32))
+    link.add_persistent("z", numpy.zeros(2, numpy.uint32))
+    d = {"w": numpy.full(2, 5, numpy.float32), "z": numpy.array([1, -1], numpy.int64)}
+    with pytest.raises(TypeError, match="'z'"):
+        S.deserialize(d, link)
+    assert numpy.array_equal(link.w.array, numpy.ones(2, numpy.float32))
+
+
+@pytest.mark.parametrize("value, stored", [(numpy.int8(1), numpy.asarray(300)),
+                                           (numpy.float16(1), numpy.asarray(1e6)),
+                                           (1, numpy.asarray(2.5))])
+def test_scalars_need_a_safe_cast_as_in_chainer(value, stored):
+    link = cynag.Link()
+    link.add_persistent("s", value)
+    with pytest.raises(TypeError, match="'s'"):
+        S.deserialize({"s": stored}, link)
+    assert link.s == value and type(link.s) is type(value)
+
+
+def test_save_through_a_symlink_replaces_its_target(tmp_path):
+    link = make_chain()
+    real = tmp_path / "step-1.npz"
+    S.save_npz(real, link)
+    latest = tmp_path / "latest.npz"
+    latest.symlink_to(real.name)
+    train_link = make_chain(seed=3)
+    S.save_npz(latest, train_link)
+    assert latest.is_symlink()
+    loaded = make_chain(seed=5)
+    S.load_npz(real, loaded)
+    for (_, a), (_, b) in zip(sorted(loaded.namedparams()), sorted(train_link.namedparams())):
+        assert (a.array is None and b.array is None) or numpy.array_equal(a.array, b.array)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.npz", "step-1.npz"]
+
+
+def test_save_with_a_long_file_name(tmp_path):
+    path = tmp_path / ("c" * 240 + ".npz")
+    S.save_npz(path, make_chain())
+    S.load_npz(path, make_chain(seed=1))
+
+
+def test_save_into_a_missing_folder_names_the_path(tmp_path):
+    path = tmp_path / "nowhere" / "x.npz"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        S.save_npz(path, make_chain())
+
+
+def test_npz_deserializer_used_directly_loads_state():
+    model, opt = make_chain(), None
+    opt = NesterovAG().setup(model)
+    train(model, opt, 0, 2)
+    d = S.serialize(opt, copy=True)
+    fresh_model = make_chain()
+    fresh = NesterovAG().setup(fresh_model)
+    fresh.serialize(S.NpzDeserializer(d))
+    for (_, p), (_, q) in zip(sorted(model.namedparams()), sorted(fresh_model.namedparams())):
+        if p.update_rule.state is not None:
+            assert numpy.array_equal(p.update_rule.state["v"], q.update_rule.state["v"])
