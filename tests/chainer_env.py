@@ -31,7 +31,6 @@ in which case they are skipped with the reason.
 Command line: ``python tests/chainer_env.py`` creates/updates the environment
 and prints the interpreter's path (useful to warm a CI cache).
 """
-import contextlib
 import os
 import shutil
 import subprocess
@@ -39,13 +38,16 @@ import sys
 import tempfile
 import time
 
+from venv_tools import LOCK_NAME, REPO_ROOT, EnvError, Venv, capture_disabled
+
 try:
     import pytest
 except ImportError:  # pragma: no cover - command-line use without pytest
     pytest = None
 
 __all__ = ["CHAINER_VERSION", "ChainerEnvError", "case_group_runner", "chainer_python",
-           "clean_env", "case_result", "ensure_chainer_python", "repo_root", "venv_dir", "venv_python"]
+           "clean_env", "case_result", "ensure_chainer_python", "repo_root", "venv_dir",
+           "venv_python"]
 
 CHAINER_VERSION = "7.8.1"
 ENV_VENV = "CYNAG_CHAINER_VENV"
@@ -54,14 +56,7 @@ ENV_SKIP = "CYNAG_SKIP_CHAINER"
 #: Timeout of one pip command (chainer is built from its sdist).
 PIP_TIMEOUT_S = 1200
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_LOCK_NAME = ".cynag-env.lock"
 _STAMP_NAME = ".cynag-install-stamp"
-# Environment variables that would make the venv's interpreter import the
-# working tree (or another installation) instead of its own packages.
-_DROPPED_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE",
-                "PIP_USER", "PIP_TARGET", "PIP_PREFIX", "PIP_REQUIRE_VIRTUALENV",
-                "VIRTUAL_ENV", "__PYVENV_LAUNCHER__")
 # Never copied when installing cynag from the working tree.
 _SKIP_NAMES = {".git", ".hg", "build", "dist", "__pycache__", ".pytest_cache", ".hypothesis",
                ".eggs", ".tox", ".nox", ".mypy_cache", ".ruff_cache", ".benchmarks"}
@@ -70,120 +65,30 @@ _SKIP_SUFFIXES = (".egg-info", ".so", ".pyd", ".pyc", ".pyo", ".o", ".obj", ".dl
 _cached_python = None  # per process: cynag is reinstalled once per session
 
 
-class ChainerEnvError(RuntimeError):
+class ChainerEnvError(EnvError):
     """The Chainer environment could not be created, or cynag not installed into it."""
+
+
+_VENV = Venv("chainer-env", ENV_VENV, ".chainer-venv", ChainerEnvError,
+             private_files=(_STAMP_NAME,))
+venv_dir, venv_python, clean_env = _VENV.dir, _VENV.python, _VENV.clean_env
+_progress, _python_ok, _locked = _VENV.progress, _VENV.python_ok, _VENV.locked
+_check_target_dir = _VENV.check_target_dir
+_capture_disabled = capture_disabled
 
 
 def repo_root():
     """Root of the cynag repository (the parent of ``tests/``)."""
-    return _REPO_ROOT
-
-
-def venv_dir():
-    """Directory of the Chainer virtual environment."""
-    d = os.environ.get(ENV_VENV) or os.path.join(_REPO_ROOT, ".chainer-venv")
-    return os.path.abspath(os.path.expanduser(d))
-
-
-def venv_python(d=None):
-    """Path of the interpreter of the environment ``d`` (default :func:`venv_dir`)."""
-    d = venv_dir() if d is None else d
-    if os.name == "nt":
-        return os.path.join(d, "Scripts", "python.exe")
-    return os.path.join(d, "bin", "python")
-
-
-def clean_env(extra=None):
-    """``os.environ`` without the variables that would leak the calling environment."""
-    env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    env["PYTHONNOUSERSITE"] = "1"
-    if extra:
-        env.update(extra)
-    return env
-
-
-def _progress(msg):
-    sys.stderr.write("[cynag chainer-env] %s\n" % msg)
-    sys.stderr.flush()
+    return REPO_ROOT
 
 
 def _run(cmd, what, timeout=PIP_TIMEOUT_S, cwd=None):
-    """Run ``cmd``; return its output, or raise ChainerEnvError carrying it."""
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              universal_newlines=True, timeout=timeout, env=clean_env(),
-                              cwd=cwd or tempfile.gettempdir())
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout or ""
-        if isinstance(out, bytes):
-            out = out.decode("utf-8", "replace")
-        raise ChainerEnvError("%s timed out after %d s: %s\n%s"
-                              % (what, timeout, " ".join(cmd), out)) from None
-    except OSError as e:
-        raise ChainerEnvError("%s could not run %s: %s" % (what, " ".join(cmd), e)) from None
-    if proc.returncode != 0:
-        raise ChainerEnvError("%s failed (exit status %d): %s\n%s"
-                              % (what, proc.returncode, " ".join(cmd), proc.stdout))
-    return proc.stdout, time.time() - t0
-
-
-def _python_ok(python, code):
-    """True if ``python -c code`` exits 0."""
-    if not os.path.exists(python):
-        return False
-    try:
-        return subprocess.run([python, "-c", code], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=120, env=clean_env(),
-                              cwd=tempfile.gettempdir()).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+    return _VENV.run(cmd, what, timeout, cwd)
 
 
 def _has_chainer(python):
     return _python_ok(python, "import chainer; assert chainer.__version__ == %r"
                       % CHAINER_VERSION)
-
-
-@contextlib.contextmanager
-def _locked(d):
-    """Exclusive lock on ``d`` (several pytest processes may set it up at once)."""
-    os.makedirs(d, exist_ok=True)
-    f = open(os.path.join(d, _LOCK_NAME), "a+")
-    try:
-        try:
-            import fcntl
-        except ImportError:  # Windows
-            fcntl = None
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        else:  # pragma: no cover - Windows
-            import msvcrt
-
-            while True:
-                try:
-                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
-                    break
-                except OSError:
-                    time.sleep(0.5)
-        yield
-    finally:
-        f.close()  # releases the lock
-
-
-def _check_target_dir(d):
-    """Refuse to write into an existing directory that is not a virtual environment."""
-    if not os.path.isdir(d):
-        if os.path.exists(d):
-            raise ChainerEnvError("%s exists and is not a directory; set %s to another path"
-                                  % (d, ENV_VENV))
-        return
-    entries = set(os.listdir(d)) - {_LOCK_NAME, _STAMP_NAME}
-    if entries and not os.path.exists(os.path.join(d, "pyvenv.cfg")):
-        raise ChainerEnvError(
-            "%s exists, is not empty and is not a virtual environment; refusing to install "
-            "into it.  Remove it or set %s to another path." % (d, ENV_VENV))
 
 
 def _create_venv(d, python):
@@ -242,11 +147,11 @@ def _install_cynag(python, d):
         _progress("  installing Cython>=3.1 ...")
         _, dt = _run([python, "-m", "pip", "install", "Cython>=3.1"], "installing Cython>=3.1")
         _progress("  ... done (%.0f s)" % dt)
-    _progress("building and installing cynag from %s into %s ..." % (_REPO_ROOT, d))
+    _progress("building and installing cynag from %s into %s ..." % (REPO_ROOT, d))
     tmp = tempfile.mkdtemp(prefix="cynag-src-")
     try:
         src = os.path.join(tmp, "cynag")
-        shutil.copytree(_REPO_ROOT, src, ignore=_ignore_for_copy(d), symlinks=True)
+        shutil.copytree(REPO_ROOT, src, ignore=_ignore_for_copy(d), symlinks=True)
         _, dt = _run([python, "-m", "pip", "install", "--no-build-isolation", "--force-reinstall",
                       "--no-deps", src], "installing cynag into the Chainer environment")
     finally:
@@ -259,7 +164,7 @@ def _install_cynag(python, d):
                   "importing chainer and cynag in the Chainer environment")
     lines = out.strip().splitlines()
     cynag_dir = os.path.normcase(os.path.realpath(lines[-1]))
-    if (cynag_dir == os.path.normcase(os.path.realpath(os.path.join(_REPO_ROOT, "cynag")))
+    if (cynag_dir == os.path.normcase(os.path.realpath(os.path.join(REPO_ROOT, "cynag")))
             or not cynag_dir.startswith(os.path.normcase(os.path.realpath(d)) + os.sep)):
         raise ChainerEnvError("the Chainer environment imports cynag from %s, not from its "
                               "own site-packages" % lines[-1])
@@ -278,7 +183,7 @@ def ensure_chainer_python(reinstall_cynag=True):
         return _cached_python
     d = venv_dir()
     python = venv_python(d)
-    if not os.path.exists(os.path.join(d, _LOCK_NAME)):
+    if not os.path.exists(os.path.join(d, LOCK_NAME)):
         _check_target_dir(d)
     with _locked(d):
         if _has_chainer(python):
@@ -305,13 +210,6 @@ def ensure_chainer_python(reinstall_cynag=True):
                     f.write(run_id or "pid-%d-%f" % (os.getpid(), time.time()))
     _cached_python = python
     return python
-
-
-def _capture_disabled(request):
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    if capman is None:
-        return contextlib.nullcontext()
-    return capman.global_and_fixture_disabled()
 
 
 if pytest is not None:

@@ -39,13 +39,14 @@ skipped with the reason.
 Command line: ``python tests/cuda_env.py`` creates/updates the environment and
 prints the interpreter's path (useful to warm a CI cache).
 """
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+
+from venv_tools import LOCK_NAME, REPO_ROOT, EnvError, Venv, capture_disabled
 
 try:
     import pytest
@@ -72,77 +73,30 @@ PIP_TIMEOUT_S = 1200
 #: Timeout of one compile job (all architectures in one process).
 COMPILE_TIMEOUT_S = 300
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_LOCK_NAME = ".cynag-env.lock"
-# Environment variables that would make the venv's interpreter import the
-# working tree (or another installation) instead of its own packages, or make
-# CuPy look for a system CUDA toolkit instead of the wheels.
-_DROPPED_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE",
-                "PIP_USER", "PIP_TARGET", "PIP_PREFIX", "PIP_REQUIRE_VIRTUALENV",
-                "VIRTUAL_ENV", "__PYVENV_LAUNCHER__", "CUDA_PATH", "CUDA_HOME", "NVCC")
-_DROPPED_PREFIXES = ("CUPY_",)
 
 _cached_python = None  # per process
 
 
-class CudaEnvError(RuntimeError):
+class CudaEnvError(EnvError):
     """The NVRTC environment could not be created, or a compile job did not run."""
+
+
+# Also dropped: what would make CuPy look for a system CUDA toolkit.
+_VENV = Venv("cuda-env", ENV_VENV, ".venv-cuda", CudaEnvError,
+             dropped=("CUDA_PATH", "CUDA_HOME", "NVCC"), dropped_prefixes=("CUPY_",))
+venv_dir, venv_python, clean_env = _VENV.dir, _VENV.python, _VENV.clean_env
+_progress, _python_ok, _locked = _VENV.progress, _VENV.python_ok, _VENV.locked
+_check_target_dir = _VENV.check_target_dir
+_capture_disabled = capture_disabled
 
 
 def repo_root():
     """Root of the cynag repository (the parent of ``tests/``)."""
-    return _REPO_ROOT
-
-
-def venv_dir():
-    """Directory of the NVRTC virtual environment."""
-    d = os.environ.get(ENV_VENV) or os.path.join(_REPO_ROOT, ".venv-cuda")
-    return os.path.abspath(os.path.expanduser(d))
-
-
-def venv_python(d=None):
-    """Path of the interpreter of the environment ``d`` (default :func:`venv_dir`)."""
-    d = venv_dir() if d is None else d
-    if os.name == "nt":
-        return os.path.join(d, "Scripts", "python.exe")
-    return os.path.join(d, "bin", "python")
-
-
-def clean_env(extra=None):
-    """``os.environ`` without the variables that would leak the calling environment."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in _DROPPED_ENV and not k.startswith(_DROPPED_PREFIXES)}
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    env["PYTHONNOUSERSITE"] = "1"
-    if extra:
-        env.update(extra)
-    return env
-
-
-def _progress(msg):
-    sys.stderr.write("[cynag cuda-env] %s\n" % msg)
-    sys.stderr.flush()
+    return REPO_ROOT
 
 
 def _run(cmd, what, timeout=PIP_TIMEOUT_S):
-    """Run ``cmd``; return (output, seconds), or raise CudaEnvError carrying the output."""
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              universal_newlines=True, timeout=timeout, env=clean_env(),
-                              cwd=tempfile.gettempdir())
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout or ""
-        if isinstance(out, bytes):
-            out = out.decode("utf-8", "replace")
-        raise CudaEnvError("%s timed out after %d s: %s\n%s"
-                           % (what, timeout, " ".join(cmd), out)) from None
-    except OSError as e:
-        raise CudaEnvError("%s could not run %s: %s" % (what, " ".join(cmd), e)) from None
-    if proc.returncode != 0:
-        raise CudaEnvError("%s failed (exit status %d): %s\n%s"
-                           % (what, proc.returncode, " ".join(cmd), proc.stdout))
-    return proc.stdout, time.time() - t0
+    return _VENV.run(cmd, what, timeout)
 
 
 # Run by the environment's interpreter: exit status 0 when the pinned versions
@@ -179,57 +133,6 @@ def _toolchain_status(python):
     return proc.returncode == 0, proc.stdout
 
 
-def _python_ok(python, code):
-    if not os.path.exists(python):
-        return False
-    try:
-        return subprocess.run([python, "-c", code], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=120, env=clean_env(),
-                              cwd=tempfile.gettempdir()).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-@contextlib.contextmanager
-def _locked(d):
-    """Exclusive lock on ``d`` (several pytest processes may set it up at once)."""
-    os.makedirs(d, exist_ok=True)
-    f = open(os.path.join(d, _LOCK_NAME), "a+")
-    try:
-        try:
-            import fcntl
-        except ImportError:  # Windows
-            fcntl = None
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        else:  # pragma: no cover - Windows
-            import msvcrt
-
-            while True:
-                try:
-                    msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
-                    break
-                except OSError:
-                    time.sleep(0.5)
-        yield
-    finally:
-        f.close()  # releases the lock
-
-
-def _check_target_dir(d):
-    """Refuse to write into an existing directory that is not a virtual environment."""
-    if not os.path.isdir(d):
-        if os.path.exists(d):
-            raise CudaEnvError("%s exists and is not a directory; set %s to another path"
-                               % (d, ENV_VENV))
-        return
-    entries = set(os.listdir(d)) - {_LOCK_NAME}
-    if entries and not os.path.exists(os.path.join(d, "pyvenv.cfg")):
-        raise CudaEnvError(
-            "%s exists, is not empty and is not a virtual environment; refusing to install "
-            "into it.  Remove it or set %s to another path." % (d, ENV_VENV))
-
-
 def _create_venv(d, python, why):
     """Create the environment in ``d`` (or complete/update a partial one)."""
     _check_target_dir(d)
@@ -263,7 +166,7 @@ def ensure_cuda_python():
         return _cached_python
     d = venv_dir()
     python = venv_python(d)
-    if not os.path.exists(os.path.join(d, _LOCK_NAME)):
+    if not os.path.exists(os.path.join(d, LOCK_NAME)):
         _check_target_dir(d)
     with _locked(d):
         ok, out = _toolchain_status(python)
@@ -376,13 +279,6 @@ def _compile_main(job_path, out_path):
         })
     with open(out_path, "w") as f:
         json.dump(result, f)
-
-
-def _capture_disabled(request):
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    if capman is None:
-        return contextlib.nullcontext()
-    return capman.global_and_fixture_disabled()
 
 
 if pytest is not None:
