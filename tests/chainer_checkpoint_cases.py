@@ -67,23 +67,10 @@ try:
 except ImportError:
     cynag = None
 
-from chainer_parity_cases import assert_same, assert_same_array, main, outcome
+from chainer_parity_cases import (assert_same, assert_same_array, case_registry, main,
+                                  outcome)
 
-#: group -> [(case name, function)], in definition order.
-CASES = {}
-
-
-def case(group):
-    """Register a case function under ``group``."""
-    def deco(fn):
-        CASES.setdefault(group, []).append((fn.__name__, fn))
-        return fn
-    return deco
-
-
-def case_names():
-    """[(group, name)] of every registered case."""
-    return [(g, n) for g, cases in CASES.items() for n, _ in cases]
+CASES, case, case_names = case_registry()
 
 
 # ---------------------------------------------------------------------------

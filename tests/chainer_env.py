@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 
-from venv_tools import LOCK_NAME, REPO_ROOT, EnvError, Venv, capture_disabled
+from venv_tools import LOCK_NAME, REPO_ROOT, EnvError, Venv, provide_or_fail
 
 try:
     import pytest
@@ -74,7 +74,6 @@ _VENV = Venv("chainer-env", ENV_VENV, ".chainer-venv", ChainerEnvError,
 venv_dir, venv_python, clean_env = _VENV.dir, _VENV.python, _VENV.clean_env
 _progress, _python_ok, _locked = _VENV.progress, _VENV.python_ok, _VENV.locked
 _check_target_dir = _VENV.check_target_dir
-_capture_disabled = capture_disabled
 
 
 def repo_root():
@@ -221,17 +220,8 @@ if pytest is not None:
         Fails with pip's output if the environment cannot be set up, or skips
         when ``CYNAG_SKIP_CHAINER=1``.
         """
-        try:
-            with _capture_disabled(request):
-                return ensure_chainer_python()
-        except ChainerEnvError as e:
-            error = str(e)   # reported outside the except block: no chained traceback
-        if os.environ.get(ENV_SKIP, "0") not in ("", "0"):
-            pytest.skip("%s=1 and the Chainer %s environment is not available: %s"
-                        % (ENV_SKIP, CHAINER_VERSION, error.splitlines()[0]))
-        pytest.fail("could not set up the Chainer %s environment in %s "
-                    "(set %s=1 to skip these tests):\n%s"
-                    % (CHAINER_VERSION, venv_dir(), ENV_SKIP, error), pytrace=False)
+        return provide_or_fail(request, _VENV, ensure_chainer_python,
+                               "Chainer %s" % CHAINER_VERSION, ENV_SKIP)
 
 
 if __name__ == "__main__":

@@ -40,21 +40,28 @@ try:
 except ImportError:
     cynag = None
 
-#: group -> [(case name, function)], in definition order.
-CASES = {}
+def case_registry():
+    """(CASES, case, case_names) for a module of cases.
+
+    CASES maps group -> [(case name, function)] in definition order;
+    ``@case(group)`` registers a function; ``case_names()`` lists
+    ``(group, name)`` pairs.
+    """
+    cases = {}
+
+    def case(group):
+        def deco(fn):
+            cases.setdefault(group, []).append((fn.__name__, fn))
+            return fn
+        return deco
+
+    def case_names():
+        return [(g, n) for g, fns in cases.items() for n, _ in fns]
+
+    return cases, case, case_names
 
 
-def case(group):
-    """Register a case function under ``group``."""
-    def deco(fn):
-        CASES.setdefault(group, []).append((fn.__name__, fn))
-        return fn
-    return deco
-
-
-def case_names():
-    """[(group, name)] of every registered case."""
-    return [(g, n) for g, cases in CASES.items() for n, _ in cases]
+CASES, case, case_names = case_registry()
 
 
 # ---------------------------------------------------------------------------

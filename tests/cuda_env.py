@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 
-from venv_tools import LOCK_NAME, REPO_ROOT, EnvError, Venv, capture_disabled
+from venv_tools import LOCK_NAME, REPO_ROOT, EnvError, Venv, provide_or_fail
 
 try:
     import pytest
@@ -87,7 +87,6 @@ _VENV = Venv("cuda-env", ENV_VENV, ".venv-cuda", CudaEnvError,
 venv_dir, venv_python, clean_env = _VENV.dir, _VENV.python, _VENV.clean_env
 _progress, _python_ok, _locked = _VENV.progress, _VENV.python_ok, _VENV.locked
 _check_target_dir = _VENV.check_target_dir
-_capture_disabled = capture_disabled
 
 
 def repo_root():
@@ -290,16 +289,7 @@ if pytest is not None:
         Fails with pip's output if the environment cannot be set up, or skips
         when ``CYNAG_SKIP_CUDA_COMPILE=1``.
         """
-        try:
-            with _capture_disabled(request):
-                return ensure_cuda_python()
-        except CudaEnvError as e:
-            error = str(e)   # reported outside the except block: no chained traceback
-        if os.environ.get(ENV_SKIP, "0") not in ("", "0"):
-            pytest.skip("%s=1 and the NVRTC environment is not available: %s"
-                        % (ENV_SKIP, error.splitlines()[0]))
-        pytest.fail("could not set up the NVRTC environment in %s (set %s=1 to skip these "
-                    "tests):\n%s" % (venv_dir(), ENV_SKIP, error), pytrace=False)
+        return provide_or_fail(request, _VENV, ensure_cuda_python, "NVRTC", ENV_SKIP)
 
 
 if __name__ == "__main__":

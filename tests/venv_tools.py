@@ -143,6 +143,26 @@ class Venv:
                 "into it.  Remove it or set %s to another path." % (d, self.env_var))
 
 
+def provide_or_fail(request, venv, ensure, what, skip_var):
+    """Body of a session fixture: ``ensure()``'s interpreter, or a clear fail/skip.
+
+    A setup failure fails the test with the command's output, unless
+    ``skip_var=1`` is set, in which case the test is skipped with the reason.
+    """
+    import pytest
+
+    try:
+        with capture_disabled(request):
+            return ensure()
+    except venv.error as e:
+        error = str(e)  # reported outside the except block: no chained traceback
+    if os.environ.get(skip_var, "0") not in ("", "0"):
+        pytest.skip("%s=1 and the %s environment is not available: %s"
+                    % (skip_var, what, error.splitlines()[0]))
+    pytest.fail("could not set up the %s environment in %s (set %s=1 to skip these "
+                "tests):\n%s" % (what, venv.dir(), skip_var, error), pytrace=False)
+
+
 def capture_disabled(request):
     """Context in which progress messages reach the terminal during a pytest run."""
     capman = request.config.pluginmanager.getplugin("capturemanager")
