@@ -25,7 +25,7 @@ import warnings
 
 import numpy
 
-from cynag import _backend
+from cynag import _backend, _tracking
 from cynag.link import Link
 from cynag.parameter import Parameter
 from cynag.serializer import Deserializer
@@ -75,12 +75,14 @@ class _Hookable:
             self._pre_update_hooks[name] = hook
         else:
             self._post_update_hooks[name] = hook
+        _tracking.structure.bump()
 
     def remove_hook(self, name):
         if name in self._pre_update_hooks:
             del self._pre_update_hooks[name]
         else:
             del self._post_update_hooks[name]
+        _tracking.structure.bump()
 
     def hooks(self, timing):
         if timing == "pre":
@@ -99,6 +101,46 @@ class _Hookable:
         hook(*args)
 
 
+class _State(dict):
+    """The state dictionary of an update rule: a dict that reports replaced entries.
+
+    Replacing, adding or removing an entry (``rule.state['v'] = ...``) tells
+    the multi-tensor plan to look at the rule again; changing the values of
+    a state array in place needs no notice.
+    """
+
+    __slots__ = ()
+
+    def __setitem__(self, key, value):
+        dict.__setitem__(self, key, value)
+        _tracking.structure.bump()
+
+    def __delitem__(self, key):
+        dict.__delitem__(self, key)
+        _tracking.structure.bump()
+
+    def _changed(method):
+        def wrapper(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                _tracking.structure.bump()
+        wrapper.__name__ = method.__name__
+        wrapper.__doc__ = method.__doc__
+        return wrapper
+
+    clear = _changed(dict.clear)
+    pop = _changed(dict.pop)
+    popitem = _changed(dict.popitem)
+    setdefault = _changed(dict.setdefault)
+    update = _changed(dict.update)
+    __ior__ = _changed(dict.__ior__)
+    del _changed
+
+    def __reduce__(self):
+        return (_State, (dict(self),))
+
+
 class Hyperparameter:
     """Set of hyperparameter entries, falling back to a parent.
 
@@ -112,6 +154,19 @@ class Hyperparameter:
 
     def __init__(self, parent=None):
         self._parent = parent
+
+    def __setattr__(self, name, value):
+        # A new entry (or a new parent) can change where every rule finds a
+        # value; a new value for an existing entry changes values only.
+        if name in self.__dict__ and name != "_parent":
+            _tracking.hyper.bump()
+        else:
+            _tracking.structure.bump()
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        object.__delattr__(self, name)
+        _tracking.structure.bump()
 
     def __getattr__(self, name):
         if "_parent" not in self.__dict__:
@@ -204,6 +259,8 @@ class UpdateRule:
     is_elementwise = False
 
     def __init__(self, parent_hyperparam=None):
+        self._t_counter = None  # set while the rule is in a multi-tensor group
+        self._t_mark = 0
         self._state = None
         self.enabled = True
         self.hyperparam = Hyperparameter(parent_hyperparam)
@@ -217,6 +274,59 @@ class UpdateRule:
     def state(self):
         """State dictionary (``None`` until the first update)."""
         return self._state
+
+    @property
+    def _state(self):
+        return self.__dict__["_state_dict"]
+
+    @_state.setter
+    def _state(self, state):
+        if state is not None and type(state) is not _State:
+            state = _State(state)
+        self.__dict__["_state_dict"] = state
+        _tracking.structure.bump()
+
+    @property
+    def enabled(self):
+        """``False`` freezes the parameter."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, flag):
+        self._enabled = flag
+        _tracking.structure.bump()
+
+    @property
+    def hyperparam(self):
+        """Hyperparameters of this rule (falling back to the optimizer's)."""
+        return self._hyperparam
+
+    @hyperparam.setter
+    def hyperparam(self, hyperparam):
+        self._hyperparam = hyperparam
+        _tracking.structure.bump()
+
+    @property
+    def t(self):
+        """Number of updates made by this rule."""
+        counter = self._t_counter
+        if counter is None:
+            return self._t
+        # In a multi-tensor group the group counts the steps for all rules.
+        return self._t + (counter.n - self._t_mark)
+
+    @t.setter
+    def t(self, value):
+        self._t = value
+        counter = self._t_counter
+        if counter is not None:
+            self._t_mark = counter.n
+
+    def _attach_t(self, counter):
+        """Let ``counter`` count this rule's steps from now on (``None``: stop)."""
+        t = self.t
+        self._t_counter = counter
+        self.t = t
 
     def add_hook(self, hook, name=None, timing="auto"):
         """Add a hook called as ``hook(rule, param)``.
@@ -447,6 +557,7 @@ class UpdateRule:
         back into the parameter, as Chainer does.
         """
         self._use_fp32_update = flag
+        _tracking.structure.bump()
 
 
 class _OptimizerHookable(_Hookable):
@@ -661,15 +772,79 @@ class GradientMethod(Optimizer):
         super().__init__()
         self.hyperparam = Hyperparameter()
         self._use_fp32_update = False
+        self._use_multi_tensor = True
+        self._plan = None
+        self._realloc_snapshot = None
 
-    def setup(self, link):
-        """Set the target and give every parameter a fresh update rule; return ``self``."""
+    def __getstate__(self):
+        # The plan points into this optimizer's arrays by address: a copy
+        # (copy.deepcopy, pickle) builds its own at its first update.
+        state = self.__dict__.copy()
+        state["_plan"] = None
+        state["_realloc_snapshot"] = None
+        return state
+
+    def setup(self, link, contiguous=False):
+        """Set the target and give every parameter a fresh update rule; return ``self``.
+
+        Args:
+            link: the target (a cynag link or a Chainer-style link).
+            contiguous (bool): also move the parameters, gradients and the
+                optimizer state into one buffer per device and dtype (see
+                :func:`cynag.contiguous.pack`), so that a step is a single
+                pass over memory.
+        """
+        if self._plan is not None:
+            self._plan.release()
+            self._plan = None
         super().setup(link)
         for param in link.params():
             param.update_rule = self.create_update_rule()
             if self._use_fp32_update:
                 param.update_rule.use_fp32_update()
+        if contiguous:
+            from cynag import contiguous as _contiguous
+
+            _contiguous.pack(link)
         return self
+
+    def use_multi_tensor(self, flag=True):
+        """Update groups of parameters with one native call each (default: on).
+
+        With the multi-tensor path (see :mod:`cynag._multi_tensor`), the
+        parameters that share a device and dtype, whose rules are of one
+        class, enabled, without rule-level hooks or float32 master copies,
+        are updated together by one native call per group; the others one
+        by one.  Results are the same either way (bit for bit on the CPU);
+        ``use_multi_tensor(False)`` selects Chainer's per-parameter loop.
+        """
+        self._use_multi_tensor = bool(flag)
+        if self._plan is not None:
+            self._plan.release()
+            self._plan = None
+
+    def multi_tensor_plan(self):
+        """The current grouping as a dict (``groups`` and ``rest``), for inspection.
+
+        Builds the plan if needed (which checks every parameter).  ``None``
+        when the multi-tensor path is off.
+        """
+        plan = self._current_plan()
+        if plan is None:
+            return None
+        plan.prepare()
+        return plan.describe()
+
+    def _current_plan(self):
+        if not self._use_multi_tensor:
+            return None
+        self._check_set_up()
+        plan = self._plan
+        if plan is None:
+            from cynag._multi_tensor import Plan
+
+            plan = self._plan = Plan(self)
+        return plan
 
     def _namedparams(self, include_uninit=True):
         return self.target.namedparams(include_uninit)
@@ -680,10 +855,24 @@ class GradientMethod(Optimizer):
         Called before and after the hooks of every step.  Uninitialized
         parameters are skipped.
         """
+        snapshot = (_tracking.structure.n, _tracking.grads.n)
+        if snapshot == self._realloc_snapshot:
+            return  # no gradient was cleared since the last pass
+        owned = True
         for _, param in self._namedparams(False):
+            if not isinstance(param, Parameter):
+                owned = False
             if param.grad is None:
-                array = param.array
-                param.grad = _backend.array_module(array).zeros_like(array)
+                view = getattr(param, "_grad_view", None)
+                if view is not None:  # contiguous mode: the buffer's view again
+                    view.fill(0)
+                    param.grad = view
+                else:
+                    array = param.array
+                    param.grad = _backend.array_module(array).zeros_like(array)
+        # Only cynag's parameters report a cleared gradient.
+        self._realloc_snapshot = (
+            (_tracking.structure.n, _tracking.grads.n) if owned else None)
 
     def call_hook(self, hook):
         super().call_hook(hook)
@@ -737,18 +926,29 @@ class GradientMethod(Optimizer):
             for param in self.target.params():
                 if isinstance(param, Parameter):
                     param._loss_scale = self._loss_scale
-        self.check_params()
+        plan = self._current_plan()
+        if plan is None:
+            self.check_params()
+        else:
+            plan.prepare()
         self.reallocate_cleared_grads()
         self.check_nan_in_grads()
         if self._hookable._pre_update_hooks:
             self.call_hooks("pre")
             # Hooks may have replaced gradients or hyperparameters: check
             # again, before anything is updated.
-            self.check_params()
+            if plan is None:
+                self.check_params()
+            else:
+                plan.prepare()
         self.t += 1
         if self.is_safe_to_update():
-            for param in self.target.params():
-                param.update()  # a checked rule skips its own check once
+            if plan is None:
+                for param in self.target.params():
+                    param.update()  # a checked rule skips its own check once
+            else:
+                plan.prepare(final=True)
+                plan.run()
         self.reallocate_cleared_grads()
         self.call_hooks("post")
         self.update_loss_scale()

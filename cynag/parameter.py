@@ -3,7 +3,11 @@ import warnings
 
 import numpy
 
-from cynag import _backend
+from cynag import _backend, _tracking
+
+_structure = _tracking.structure
+_grads = _tracking.grads
+_hyper = _tracking.hyper
 
 
 def _generate_array(initializer, shape, dtype=None):
@@ -62,8 +66,8 @@ class Parameter:
                 raise TypeError("Parameter: give either initializer or array, not both")
             initializer = array
         self.name = name
-        self.update_rule = None
-        self._loss_scale = None
+        self._update_rule = None
+        self.__loss_scale = None
         self.initializer = initializer
         is_array = isinstance(initializer, numpy.ndarray) or _backend.is_cupy_array(initializer)
         if shape is None:
@@ -93,6 +97,7 @@ class Parameter:
     @array.setter
     def array(self, value):
         self._array = value
+        _structure.n += 1
 
     data = array
 
@@ -104,6 +109,29 @@ class Parameter:
     @grad.setter
     def grad(self, value):
         self._grad = value
+        _grads.n += 1
+
+    @property
+    def update_rule(self):
+        """The update rule set by an optimizer's ``setup`` (or ``None``)."""
+        return self._update_rule
+
+    @update_rule.setter
+    def update_rule(self, rule):
+        self._update_rule = rule
+        _structure.n += 1
+
+    @property
+    def _loss_scale(self):
+        """Loss scale of the backward pass that produced :attr:`grad` (or ``None``)."""
+        return self.__loss_scale
+
+    @_loss_scale.setter
+    def _loss_scale(self, value):
+        old = self.__loss_scale
+        if value is not old and not (type(value) is type(old) and value == old):
+            _hyper.n += 1
+        self.__loss_scale = value
 
     @property
     def is_initialized(self):
@@ -144,11 +172,14 @@ class Parameter:
             self._grad = None
         else:
             self._grad = numpy.full_like(self._array, self._grad_fill)
+        _structure.n += 1
+        _grads.n += 1
 
     # -- gradients ---------------------------------------------------------
     def cleargrad(self):
         """Set the gradient to ``None`` (the optimizer reallocates it as zeros)."""
         self._grad = None
+        _grads.n += 1
         if self._array is None:
             self._grad_fill = None
 
@@ -164,6 +195,7 @@ class Parameter:
             return
         if self._grad is None:
             self._grad = _backend.array_module(self._array).zeros_like(self._array)
+            _grads.n += 1
         else:
             self._grad.fill(0)
 

@@ -21,7 +21,7 @@ plain ``int`` decided by the caller.  Nothing here reads the environment.
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport isinf
-from libc.stdint cimport uint16_t
+from libc.stdint cimport int64_t, uint16_t
 
 cnp.import_array()
 
@@ -308,6 +308,163 @@ def nesterov_ag_strided(storage_t[:, :] param,          # IN/OUT
                 col = 0
                 r = r + 1
             i = i + 1
+
+
+# --------------------------------------------------------------------------
+# Multi-tensor step: many tensors of one dtype in one call
+# --------------------------------------------------------------------------
+# Columns of the coefficient table (one row per tensor).
+cdef enum:
+    COEF_LR = 0
+    COEF_M = 1
+    COEF_MM = 2
+    COEF_C = 3
+    COEF_LS = 4       # loss scale, rounded to the compute type
+    COEF_HAS_LS = 5   # nonzero: divide the gradient by the loss scale first
+    N_COEF = 6
+
+
+cdef inline void _span_scaled(storage_t* p, storage_t* g, storage_t* v, Py_ssize_t n,
+                              double lr, double m, double mm, double c,
+                              double ls) noexcept nogil:
+    """``g /= ls`` (stored, in the array dtype) then the update, per element.
+
+    Chainer divides the gradient in place by the loss scale before the
+    update; here both happen in one pass, in the same order.
+    """
+    cdef Py_ssize_t i
+    cdef float ls32 = <float>ls
+    for i in range(n):
+        if storage_t is double:
+            g[i] = g[i] / ls
+        elif storage_t is float:
+            g[i] = g[i] / ls32
+        else:
+            g[i] = cynag_float_to_half(cynag_half_to_float(g[i]) / ls32)
+        _elem(p + i, g + i, v + i, lr, m, mm, c)
+
+
+cdef void _multi_item(storage_t* tag, const int64_t* ptrs, const int64_t* cum,
+                      const double* coef, Py_ssize_t n_tensors, int64_t b0, int64_t b1,
+                      Py_ssize_t t) noexcept nogil:
+    """Elements ``[b0, b1)`` of the concatenation of the tensors, from tensor ``t`` on."""
+    cdef int64_t base, start, stop
+    cdef storage_t* p
+    cdef storage_t* g
+    cdef storage_t* v
+    cdef const double* k
+    while t < n_tensors and cum[t] < b1:
+        base = cum[t]
+        start = b0 - base if b0 > base else 0
+        stop = cum[t + 1] - base
+        if b1 - base < stop:
+            stop = b1 - base
+        if stop > start:
+            p = <storage_t*>ptrs[3 * t]
+            g = <storage_t*>ptrs[3 * t + 1]
+            v = <storage_t*>ptrs[3 * t + 2]
+            k = coef + N_COEF * t
+            if k[COEF_HAS_LS] != 0.0:
+                _span_scaled(p + start, g + start, v + start, stop - start,
+                             k[COEF_LR], k[COEF_M], k[COEF_MM], k[COEF_C], k[COEF_LS])
+            else:
+                _span(p + start, g + start, v + start, stop - start,
+                      k[COEF_LR], k[COEF_M], k[COEF_MM], k[COEF_C])
+        t += 1
+
+
+cdef void _multi_run(storage_t* tag, const int64_t* ptrs, const int64_t* cum,
+                     const double* coef, Py_ssize_t n_tensors, const int64_t* bounds,
+                     const int64_t* first, Py_ssize_t n_items, int n_threads) noexcept nogil:
+    cdef Py_ssize_t k
+    if n_threads <= 1 or n_items <= 1:
+        for k in range(n_items):
+            _multi_item(tag, ptrs, cum, coef, n_tensors, bounds[k], bounds[k + 1], first[k])
+        return
+    for k in prange(n_items, schedule="static", num_threads=min(n_threads, n_items)):
+        _multi_item(tag, ptrs, cum, coef, n_tensors, bounds[k], bounds[k + 1], first[k])
+
+
+def nesterov_ag_multi(const int64_t[:, ::1] ptrs,     # (n, 3) addresses of p, g, v
+                      const int64_t[::1] cum,         # (n + 1,) element offsets
+                      const double[:, ::1] coef,      # (n, N_COEF) coefficients
+                      const int64_t[::1] bounds,      # (k + 1,) work item boundaries
+                      const int64_t[::1] first,       # (k,) first tensor of each item
+                      int type_num, int n_threads):
+    """One NesterovAG step over a table of tensors of one dtype (one native call).
+
+    Tensor ``t`` has ``cum[t + 1] - cum[t]`` elements at the addresses
+    ``ptrs[t]`` (param, grad, v: dense, disjoint, in the dtype ``type_num``)
+    and the coefficients ``coef[t]`` (lr, momentum, mm, c as for
+    ``nesterov_ag_contiguous``; then the loss scale and a flag: when set,
+    the gradient is divided by it in place first).  Work item ``k`` covers
+    the elements ``[bounds[k], bounds[k + 1])`` of the concatenated tensors,
+    starting in tensor ``first[k]``; items are spread over ``n_threads``
+    threads in one parallel region (serial when ``n_threads <= 1``).
+
+    The caller (``cynag_kernels.multi_tensor``) owns the table and keeps
+    the arrays alive; nothing here can check the addresses.
+    """
+    cdef Py_ssize_t n = ptrs.shape[0]
+    cdef Py_ssize_t n_items = bounds.shape[0] - 1
+    if ptrs.shape[1] != 3 or cum.shape[0] != n + 1 or coef.shape[0] != n \
+            or coef.shape[1] != N_COEF or first.shape[0] != n_items:
+        raise ValueError("nesterov_ag_multi: inconsistent table shapes")
+    if n == 0 or n_items <= 0:
+        return
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            _multi_run(<float*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], n, &bounds[0],
+                       &first[0], n_items, n_threads)
+        elif type_num == cnp.NPY_DOUBLE:
+            _multi_run(<double*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], n, &bounds[0],
+                       &first[0], n_items, n_threads)
+        elif type_num == NPY_HALF:
+            _multi_run(<uint16_t*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], n, &bounds[0],
+                       &first[0], n_items, n_threads)
+        else:
+            with gil:
+                raise TypeError("nesterov_ag_multi: unsupported type number %d" % type_num)
+
+
+def arrays_writeable(list arrays):
+    """True if every array of the list (NumPy arrays) is writeable."""
+    cdef object a
+    for a in arrays:
+        if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a):
+            return False
+    return True
+
+
+def multi_pointers(list params, list grads, list vs, int type_num,
+                   int64_t[:, ::1] ptrs, int64_t[::1] sizes, cnp.uint8_t[::1] ok):
+    """Fill ``ptrs``/``sizes`` from lists of arrays; ``ok[i] = 0`` where entry ``i`` fails.
+
+    An entry qualifies when its three arrays take the dense path (see
+    ``dense_arrays_ok``) and have the NumPy type ``type_num``.  Reads the
+    array headers only.
+    """
+    cdef Py_ssize_t i, n = len(params)
+    cdef object p, g, v
+    if len(grads) != n or len(vs) != n or ptrs.shape[0] != n or ptrs.shape[1] != 3 \
+            or sizes.shape[0] != n or ok.shape[0] != n:
+        raise ValueError("multi_pointers: lists and outputs must have the same length")
+    for i in range(n):
+        p = params[i]
+        g = grads[i]
+        v = vs[i]
+        if _dense_type(p, g, v) != type_num:
+            ok[i] = 0
+            ptrs[i, 0] = 0
+            ptrs[i, 1] = 0
+            ptrs[i, 2] = 0
+            sizes[i] = 0
+            continue
+        ok[i] = 1
+        ptrs[i, 0] = <int64_t>cnp.PyArray_DATA(<cnp.ndarray>p)
+        ptrs[i, 1] = <int64_t>cnp.PyArray_DATA(<cnp.ndarray>g)
+        ptrs[i, 2] = <int64_t>cnp.PyArray_DATA(<cnp.ndarray>v)
+        sizes[i] = cnp.PyArray_SIZE(<cnp.ndarray>p)
 
 
 # --------------------------------------------------------------------------

@@ -22,6 +22,9 @@ class NesterovAGRule(optimizer.UpdateRule):
     """
 
     is_elementwise = True
+    # Parameters with this rule can be updated together by the multi-tensor
+    # kernels (cynag_kernels.multi_tensor, cynag_kernels.cuda.GPUTable).
+    _multi_tensor_kind = "nesterov_ag"
 
     def __init__(self, parent_hyperparam=None, lr=None, momentum=None):
         super().__init__(parent_hyperparam or _default_hyperparam)
@@ -31,7 +34,14 @@ class NesterovAGRule(optimizer.UpdateRule):
             self.hyperparam.momentum = momentum
 
     def init_state(self, param):
-        self.state["v"] = _backend.zeros_like(param.array)
+        v = getattr(self, "_contiguous_v", None)  # set by cynag.contiguous.pack
+        array = param.array
+        if (v is not None and type(v) is type(array) and v.shape == array.shape
+                and v.dtype == array.dtype and _backend.device_of(v) == _backend.device_of(array)):
+            v.fill(0)
+            self.state["v"] = v
+        else:
+            self.state["v"] = _backend.zeros_like(array)
 
     def _check_param(self, param):
         """Check hyperparameters, arrays and the state ``v`` before an update."""

@@ -1,0 +1,317 @@
+"""The multi-tensor plan of a :class:`~cynag.optimizer.GradientMethod`.
+
+A plan splits the target's parameters into *groups*, each updated by one
+native call (:class:`cynag_kernels.multi_tensor.CPUTable` on the CPU,
+:class:`cynag_kernels.cuda.GPUTable` on a GPU), and the *rest*, updated one
+by one through ``param.update()`` as in Chainer.  A parameter joins a group
+when its update rule can be replaced by the group's kernel without any
+visible difference:
+
+* the rule's class declares a multi-tensor kernel (``_multi_tensor_kind``)
+  and the parameter's class does not override ``update``;
+* the rule is enabled, has no rule-level hooks and no float32 master copy
+  in use, and its state exists and holds exactly the kernel's entries (the
+  first update, which creates the state, goes through the rule);
+* its hyperparameters and loss scale are Python floats whose coefficients
+  fit the compute type;
+* its arrays are dense, writeable where written, and overlap no other
+  parameter's arrays.
+
+Groups are keyed by device and dtype.  Results are bit-identical to the
+per-parameter path on the CPU: the kernels share their arithmetic.  The
+rules of a group keep their own ``t``: the group counts steps once and each
+rule reads its ``t`` from that count (see ``UpdateRule.t``).
+
+The plan is cached.  The change counters of :mod:`cynag._tracking` tell it
+when it may still hold: when nothing changed, a step costs no Python work per
+parameter; a replaced gradient or a new hyperparameter value rebuilds the
+groups' tables only; anything else rebuilds the plan.  Plans over objects
+cynag does not own (``chainer.Link`` parameters) are rebuilt at every step.
+"""
+import operator
+
+import numpy
+
+from cynag import _backend, _tracking
+from cynag.parameter import Parameter
+
+_ARRAY = operator.attrgetter("_array")
+_GRAD = operator.attrgetter("_grad")
+_LOSS_SCALE = operator.attrgetter("_loss_scale")
+_PARAM_UPDATE = Parameter.update
+_DTYPES = frozenset(numpy.dtype(t) for t in (numpy.float16, numpy.float32, numpy.float64))
+
+
+def _holder(hyperparam, name):
+    """The Hyperparameter object whose own entry ``name`` a lookup finds."""
+    hp = hyperparam
+    while hp is not None:
+        d = hp.__dict__
+        if name in d:
+            return hp
+        hp = d.get("_parent")
+    return None
+
+
+class _Group:
+    """Parameters updated together: same device and dtype, same kind of rule."""
+
+    def __init__(self, key, kind, entries, owned):
+        self.key = key
+        self.kind = kind
+        self.entries = entries          # [(index, path, param, rule)]
+        self.owned = owned              # all params are cynag Parameters
+        self.params = [e[2] for e in entries]
+        self.rules = [e[3] for e in entries]
+        self.table = None
+        self.counter = _tracking.Counter()
+        self.holders = None
+
+    # -- table ---------------------------------------------------------------
+    def _values(self):
+        """(lr, momentum, loss_scale) lists, or None if a value is not a float."""
+        if self.holders is None:
+            self.holders = [(_holder(r.hyperparam, "lr"), _holder(r.hyperparam, "momentum"))
+                            for r in self.rules]
+        values = []
+        for k, name in enumerate(("lr", "momentum")):
+            hs = [h[k] for h in self.holders]
+            if any(h is None for h in hs):
+                return None
+            vals = [h.__dict__[name] for h in hs]
+            if set(map(type, vals)) != {float}:
+                return None
+            values.append(vals)
+        if self.owned:
+            scales = list(map(_LOSS_SCALE, self.params))
+        else:
+            scales = [getattr(p, "_loss_scale", None) for p in self.params]
+        kinds = set(map(type, scales))
+        if kinds - {type(None), float, int}:
+            return None
+        values.append(None if kinds == {type(None)} else scales)
+        return values
+
+    def build_table(self):
+        """Build the native table; return the entries it had to leave out.
+
+        Returns ``None`` (and builds nothing) while some gradient is ``None``:
+        the optimizer allocates it before the update and the table is built
+        then.
+        """
+        params = self.params
+        if self.owned:
+            arrays, grads = list(map(_ARRAY, params)), list(map(_GRAD, params))
+        else:
+            arrays = [p.array for p in params]
+            grads = [p.grad for p in params]
+        self.table = None
+        values = self._values()
+        if values is None:
+            return list(self.entries)
+        lr, momentum, scales = values
+        vs = [r._state["v"] for r in self.rules]
+        pending = [i for i, g in enumerate(grads) if g is None]
+        if pending:
+            # Check the others now; build the table once the optimizer has
+            # allocated the missing gradients.
+            keep = [i for i, g in enumerate(grads) if g is not None]
+            sub = self._make_table([arrays[i] for i in keep], [grads[i] for i in keep],
+                                   [vs[i] for i in keep], [lr[i] for i in keep],
+                                   [momentum[i] for i in keep],
+                                   None if scales is None else [scales[i] for i in keep])
+            excluded = [self.entries[keep[i]] for i in sub.excluded]
+            return excluded or None
+        table = self._make_table(arrays, grads, vs, lr, momentum, scales)
+        excluded = [self.entries[i] for i in table.excluded]
+        if excluded:
+            return excluded
+        self.table = table
+        return []
+
+    def _make_table(self, arrays, grads, vs, lr, momentum, scales):
+        device = self.key[0]
+        if device == "cpu":
+            from cynag_kernels.multi_tensor import CPUTable
+
+            return CPUTable(arrays, grads, vs, lr, momentum, scales, strict=False)
+        else:
+            from cynag_kernels.cuda import GPUTable
+
+            return GPUTable(arrays, grads, vs, lr, momentum, scales, strict=False)
+
+    def run(self):
+        self.table.run()
+        self.counter.n += 1
+
+    def attach(self):
+        for rule in self.rules:
+            rule._attach_t(self.counter)
+
+    def detach(self):
+        for rule in self.rules:
+            if rule._t_counter is self.counter:
+                rule._attach_t(None)
+
+
+class Plan:
+    """Groups and rest of one optimizer's target, rebuilt when something changed."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.target = None
+        self.snapshot = None
+        self.groups = []
+        self.rest = []          # [(index, path, param, rule)] in the target's order
+        self.owned = False      # every parameter is a cynag Parameter
+
+    # -- building ------------------------------------------------------------
+    @staticmethod
+    def _key(param, rule):
+        """Group key of ``param``, or None if it must be updated on its own."""
+        # Declared by the rule's own class: a subclass may change the update.
+        kind = type(rule).__dict__.get("_multi_tensor_kind")
+        if kind is None or not rule.enabled or rule.has_hooks:
+            return None
+        if type(param).update is not _PARAM_UPDATE and isinstance(param, Parameter):
+            return None
+        array = param.array
+        if array is None:
+            return None
+        state = rule._state
+        if state is None or len(state) != 1 or "v" not in state:
+            return None
+        dtype = getattr(array, "dtype", None)
+        if dtype not in _DTYPES:
+            return None
+        if rule._use_fp32_update and dtype == numpy.float16:
+            return None
+        if isinstance(array, numpy.ndarray):
+            return ("cpu", dtype, kind)
+        if _backend.is_cupy_array(array):
+            return ("gpu:%d" % array.device.id, dtype, kind)
+        return None
+
+    def invalidate(self):
+        self.snapshot = None
+
+    def _detach(self):
+        for group in self.groups:
+            group.detach()
+        self.groups = []
+
+    def build(self):
+        """Group the target's parameters and check the rest (may raise)."""
+        self._detach()
+        self.snapshot = None
+        target = self.optimizer.target
+        grouped = {}
+        rest = []
+        owned = True
+        for index, (path, param) in enumerate(target.namedparams()):
+            if not isinstance(param, Parameter):
+                owned = False
+            rule = getattr(param, "update_rule", None)
+            key = None if rule is None else self._key(param, rule)
+            entry = (index, path, param, rule)
+            if key is None:
+                rest.append(entry)
+            else:
+                grouped.setdefault(key, []).append(entry)
+        groups = []
+        for key, entries in grouped.items():
+            group = _Group(key, key[2], entries,
+                           owned and all(isinstance(e[2], Parameter) for e in entries))
+            excluded = group.build_table()
+            if excluded:
+                keep = set(id(e) for e in excluded)
+                rest.extend(excluded)
+                entries = [e for e in entries if id(e) not in keep]
+                if not entries:
+                    continue
+                group = _Group(key, key[2], entries, group.owned)
+                if group.build_table():  # pragma: no cover - the same arrays passed before
+                    rest.extend(group.entries)
+                    continue
+            groups.append(group)
+        rest.sort(key=operator.itemgetter(0))
+        self.rest = rest
+        self.owned = owned
+        self.target = target
+        self.groups = groups
+        for group in groups:
+            group.attach()
+        self.check_rest()
+        self.snapshot = _tracking.snapshot()
+
+    def check_rest(self):
+        """Check the parameters updated one by one, as ``check_params`` does."""
+        checked = []
+        for _, path, param, rule in self.rest:
+            check = getattr(rule, "check_param", None)  # Chainer's rules have none
+            if check is not None and rule.enabled:
+                check(param, path)
+                checked.append(rule)
+        for rule in checked:
+            rule._checked = True
+
+    def _refresh(self):
+        """Rebuild the groups' tables after gradients or values changed (True: done)."""
+        for group in self.groups:
+            excluded = group.build_table()
+            if excluded:
+                return False
+        return True
+
+    def prepare(self, final=False):
+        """Make the plan current and check every parameter; raise on bad input.
+
+        Nothing is modified except the plan itself.  ``final``: the update
+        follows at once; also check that no array was made read-only in
+        place since the tables were built.
+        """
+        snapshot = self.snapshot
+        if (snapshot is None or not self.owned or self.target is not self.optimizer.target
+                or _tracking.structure.n != snapshot[0]):
+            self.build()
+            return
+        if _tracking.snapshot() != snapshot:
+            if not self._refresh():
+                self.build()
+                return
+            self.snapshot = _tracking.snapshot()
+        for group in self.groups if final else ():
+            if group.table is None or not group.table.writeable():
+                # An array was made read-only in place: regroup, and let the
+                # parameter's own check name it.
+                self.build()
+                return
+        self.check_rest()
+
+    # -- updating ------------------------------------------------------------
+    def run(self):
+        """Update every parameter once: one native call per group, then the rest."""
+        for group in self.groups:
+            if group.table is None:  # pragma: no cover - prepare() builds it
+                raise RuntimeError("multi-tensor plan used before its tables were built")
+        for group in self.groups:
+            group.run()
+        for _, _, param, _ in self.rest:
+            param.update()
+
+    def release(self):
+        """Give the rules their own ``t`` back (the plan is dropped)."""
+        self._detach()
+        self.snapshot = None
+        self.rest = []
+
+    def describe(self):
+        """A summary of the plan: groups (key, tensors, table rows, elements) and rest."""
+        return {
+            "groups": [{"device": g.key[0], "dtype": str(g.key[1]), "kind": g.kind,
+                        "params": len(g.params),
+                        "table_rows": None if g.table is None else g.table.n_tensors,
+                        "elements": None if g.table is None else g.table.n_elements}
+                       for g in self.groups],
+            "rest": [e[1] for e in self.rest],
+        }
