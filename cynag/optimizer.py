@@ -802,10 +802,11 @@ class GradientMethod(Optimizer):
             param.update_rule = self.create_update_rule()
             if self._use_fp32_update:
                 param.update_rule.use_fp32_update()
+        self.contiguous_buffers = None
         if contiguous:
             from cynag import contiguous as _contiguous
 
-            _contiguous.pack(link)
+            self.contiguous_buffers = _contiguous.pack(link)
         return self
 
     def use_multi_tensor(self, flag=True):

@@ -66,6 +66,7 @@ class Parameter:
                 raise TypeError("Parameter: give either initializer or array, not both")
             initializer = array
         self.name = name
+        self._grad_view = None  # contiguous mode: this gradient's slice of the buffer
         self._update_rule = None
         self.__loss_scale = None
         self.initializer = initializer
@@ -108,6 +109,14 @@ class Parameter:
 
     @grad.setter
     def grad(self, value):
+        view = self._grad_view
+        if view is not None and value is not None and value is not view:
+            if (type(value) is type(view) and value.shape == view.shape
+                    and value.dtype == view.dtype
+                    and _backend.device_of(value) == _backend.device_of(view)):
+                # Contiguous mode: the gradient lives in the gradient buffer.
+                view[...] = value
+                value = view
         self._grad = value
         _grads.n += 1
 
@@ -194,7 +203,11 @@ class Parameter:
             self._grad_fill = 0
             return
         if self._grad is None:
-            self._grad = _backend.array_module(self._array).zeros_like(self._array)
+            if self._grad_view is not None:
+                self._grad_view.fill(0)
+                self._grad = self._grad_view
+            else:
+                self._grad = _backend.array_module(self._array).zeros_like(self._array)
             _grads.n += 1
         else:
             self._grad.fill(0)

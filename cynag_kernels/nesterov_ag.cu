@@ -21,6 +21,25 @@
 //     cynag_nesterov_ag_f64(double*, const double*, double*, double, double, long long)
 // Arguments: param, grad, v (contiguous, n elements each), lr, momentum, n.
 // Indices are 64-bit; any grid size covers any n; n == 0 does nothing.
+//
+// Multi-tensor entry points: one launch updates every tensor of a table
+// (apex's multi-tensor-apply design, with the table in device memory so
+// that there is no limit on the number of tensors per launch):
+//     cynag_nesterov_ag_multi_f16(const long long* table, const float* coef,
+//                                 long long n_tensors, long long n_items)
+//     cynag_nesterov_ag_multi_f32(const long long* table, const float* coef, ...)
+//     cynag_nesterov_ag_multi_f64(const long long* table, const double* coef, ...)
+// table, for n tensors and k work items, holds in this order:
+//     ptrs[3 * n]    addresses of param, grad, v of each tensor
+//     cum[n + 1]     element offsets of the tensors in their concatenation
+//     bounds[k + 1]  work item boundaries (indices into the concatenation)
+//     first[k]       first tensor of each work item
+// coef[4 * t + {0, 1, 2, 3}]: lr, momentum, loss scale, loss-scale flag of
+// tensor t, in the compute type.  With the flag set the gradient is first
+// divided by the loss scale and stored (Chainer's ``grad /= loss_scale``).
+// Each block takes work items blockIdx.x, blockIdx.x + gridDim.x, ...; its
+// threads stride over the item's elements, tensor by tensor.  The element
+// update is the one of the single-tensor kernels.
 
 #include <cuda_fp16.h>
 
@@ -74,6 +93,41 @@ __device__ __forceinline__ void nesterov_ag_grid_stride(
     }
 }
 
+template <typename T>
+__device__ __forceinline__ void nesterov_ag_multi(
+        const long long* __restrict__ table, const typename Arith<T>::compute* __restrict__ coef,
+        long long n_tensors, long long n_items)
+{
+    typedef Arith<T> A;
+    typedef typename A::compute C;
+    const long long* ptrs = table;
+    const long long* cum = ptrs + 3 * n_tensors;
+    const long long* bounds = cum + n_tensors + 1;
+    const long long* first = bounds + n_items + 1;
+    for (long long item = blockIdx.x; item < n_items; item += gridDim.x) {
+        const long long b0 = bounds[item];
+        const long long b1 = bounds[item + 1];
+        for (long long t = first[item]; t < n_tensors && cum[t] < b1; ++t) {
+            const long long base = cum[t];
+            const long long start = b0 > base ? b0 - base : 0;
+            const long long stop = (cum[t + 1] < b1 ? cum[t + 1] : b1) - base;
+            T* param = reinterpret_cast<T*>(ptrs[3 * t]);
+            T* grad = reinterpret_cast<T*>(ptrs[3 * t + 1]);
+            T* v = reinterpret_cast<T*>(ptrs[3 * t + 2]);
+            const C lr = coef[4 * t];
+            const C momentum = coef[4 * t + 1];
+            const C loss_scale = coef[4 * t + 2];
+            const bool scaled = coef[4 * t + 3] != 0;
+            for (long long i = start + threadIdx.x; i < stop; i += blockDim.x) {
+                if (scaled) {
+                    grad[i] = A::store(A::load(grad[i]) / loss_scale);
+                }
+                nesterov_ag_element<T>(param, grad, v, i, lr, momentum);
+            }
+        }
+    }
+}
+
 }  // namespace cynag
 
 extern "C" __global__ void cynag_nesterov_ag_f16(
@@ -95,4 +149,25 @@ extern "C" __global__ void cynag_nesterov_ag_f64(
         double lr, double momentum, long long n)
 {
     cynag::nesterov_ag_grid_stride<double>(param, grad, v, lr, momentum, n);
+}
+
+extern "C" __global__ void cynag_nesterov_ag_multi_f16(
+        const long long* __restrict__ table, const float* __restrict__ coef,
+        long long n_tensors, long long n_items)
+{
+    cynag::nesterov_ag_multi<__half>(table, coef, n_tensors, n_items);
+}
+
+extern "C" __global__ void cynag_nesterov_ag_multi_f32(
+        const long long* __restrict__ table, const float* __restrict__ coef,
+        long long n_tensors, long long n_items)
+{
+    cynag::nesterov_ag_multi<float>(table, coef, n_tensors, n_items);
+}
+
+extern "C" __global__ void cynag_nesterov_ag_multi_f64(
+        const long long* __restrict__ table, const double* __restrict__ coef,
+        long long n_tensors, long long n_items)
+{
+    cynag::nesterov_ag_multi<double>(table, coef, n_tensors, n_items);
 }
