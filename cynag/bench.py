@@ -1,0 +1,1117 @@
+"""Benchmark of one NesterovAG step on the CPU: ``python -m cynag.bench``.
+
+Times, in one process, with the variants interleaved inside each round and
+medians over rounds, one optimizer step on several parameter sets:
+
+* ``big``      -- one tensor of 2**24 elements;
+* ``small``    -- 2000 tensors of 64 elements;
+* ``medium``   -- 1000 tensors of 1000 elements;
+* ``resnet50`` -- the 161 parameter shapes of ResNet-50 (25,557,032 elements);
+
+with these variants, each at every requested thread count where it has one:
+
+* ``probe 3R+2W``      -- a C memory-bandwidth probe with NesterovAG's traffic
+  (read three arrays, write two) over the same tensors: the reference;
+* ``C loop``           -- NesterovAG written by hand in C over all the tensors
+  in one OpenMP region (``cynag_kernels._probe``);
+* ``cynag kernel``     -- the multi-tensor native call of
+  ``cynag_kernels.multi_tensor`` (skipped with a note where missing);
+* ``cynag contiguous`` -- ``opt.setup(link, contiguous=True)`` then
+  ``opt.update()`` (skipped with a note where ``setup`` lacks it);
+* ``cynag update()``   -- ``NesterovAG(lr=0.01, momentum=0.9).setup(link)``
+  then ``opt.update()``;
+* ``numpy``            -- Chainer's four in-place numpy operations per tensor;
+* ``chainer update()`` -- Chainer's own optimizer, when ``import chainer`` works;
+* ``torch fused``      -- ``torch.optim.SGD(..., nesterov=True, fused=True)``
+  on CPU tensors, when ``import torch`` works.
+
+It then reports where the time of ``update()`` goes (its cost over the native
+call, per tensor) and measures one tensor of 2**12 .. 2**22 elements with one
+and with several threads to recommend ``CYNAG_NUM_THREADS`` and
+``CYNAG_PARALLEL_THRESHOLD`` for this machine.  A benchmark, not a test: it
+exits 0 whatever it measures.
+"""
+import argparse
+import cProfile
+import datetime
+import functools
+import gc
+import json
+import math
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+import warnings
+
+import numpy
+
+import cynag
+import cynag_kernels
+from cynag_kernels import threads as _threads
+
+LR = 0.01
+MOMENTUM = 0.9
+#: Memory accesses per element of one step: read param, grad, v; write param, v.
+ACCESSES = 5
+#: A multi-thread run must be this much faster to count as a win (10%).
+THREAD_WIN = 1.10
+NOISY_IQR_PCT = 25.0
+#: CPUs kept busy by other processes above which a block of timings is flagged.
+OTHER_LOAD_WARN = 0.25
+PROBE_SCALE = 2.0 ** -20
+
+#: ResNet-50's parameter shapes, in torchvision's order (161 arrays, 25,557,032
+#: elements).  Convolutions (out, in, kh, kw) have no bias; each batch
+#: normalization has gamma and beta.  A bottleneck is conv1 1x1, bn1, conv2 3x3,
+#: bn2, conv3 1x1, bn3; the first of each layer also has a downsample conv and bn.
+RESNET50_SHAPES = [
+    # stem: conv1 (7x7), bn1 gamma, beta
+    (64, 3, 7, 7), (64,), (64,),
+    # layer1: 3 bottlenecks, 64 -> 64 -> 256
+    (64, 64, 1, 1), (64,), (64,), (64, 64, 3, 3), (64,), (64,),
+    (256, 64, 1, 1), (256,), (256,),
+    # downsample: conv 1x1, bn
+    (256, 64, 1, 1), (256,), (256,),
+    (64, 256, 1, 1), (64,), (64,), (64, 64, 3, 3), (64,), (64,),
+    (256, 64, 1, 1), (256,), (256,),
+    (64, 256, 1, 1), (64,), (64,), (64, 64, 3, 3), (64,), (64,),
+    (256, 64, 1, 1), (256,), (256,),
+    # layer2: 4 bottlenecks, 256 -> 128 -> 512
+    (128, 256, 1, 1), (128,), (128,), (128, 128, 3, 3), (128,), (128,),
+    (512, 128, 1, 1), (512,), (512,),
+    # downsample: conv 1x1, bn
+    (512, 256, 1, 1), (512,), (512,),
+    (128, 512, 1, 1), (128,), (128,), (128, 128, 3, 3), (128,), (128,),
+    (512, 128, 1, 1), (512,), (512,),
+    (128, 512, 1, 1), (128,), (128,), (128, 128, 3, 3), (128,), (128,),
+    (512, 128, 1, 1), (512,), (512,),
+    (128, 512, 1, 1), (128,), (128,), (128, 128, 3, 3), (128,), (128,),
+    (512, 128, 1, 1), (512,), (512,),
+    # layer3: 6 bottlenecks, 512 -> 256 -> 1024
+    (256, 512, 1, 1), (256,), (256,), (256, 256, 3, 3), (256,), (256,),
+    (1024, 256, 1, 1), (1024,), (1024,),
+    # downsample: conv 1x1, bn
+    (1024, 512, 1, 1), (1024,), (1024,),
+    (256, 1024, 1, 1), (256,), (256,), (256, 256, 3, 3), (256,), (256,),
+    (1024, 256, 1, 1), (1024,), (1024,),
+    (256, 1024, 1, 1), (256,), (256,), (256, 256, 3, 3), (256,), (256,),
+    (1024, 256, 1, 1), (1024,), (1024,),
+    (256, 1024, 1, 1), (256,), (256,), (256, 256, 3, 3), (256,), (256,),
+    (1024, 256, 1, 1), (1024,), (1024,),
+    (256, 1024, 1, 1), (256,), (256,), (256, 256, 3, 3), (256,), (256,),
+    (1024, 256, 1, 1), (1024,), (1024,),
+    (256, 1024, 1, 1), (256,), (256,), (256, 256, 3, 3), (256,), (256,),
+    (1024, 256, 1, 1), (1024,), (1024,),
+    # layer4: 3 bottlenecks, 1024 -> 512 -> 2048
+    (512, 1024, 1, 1), (512,), (512,), (512, 512, 3, 3), (512,), (512,),
+    (2048, 512, 1, 1), (2048,), (2048,),
+    # downsample: conv 1x1, bn
+    (2048, 1024, 1, 1), (2048,), (2048,),
+    (512, 2048, 1, 1), (512,), (512,), (512, 512, 3, 3), (512,), (512,),
+    (2048, 512, 1, 1), (2048,), (2048,),
+    (512, 2048, 1, 1), (512,), (512,), (512, 512, 3, 3), (512,), (512,),
+    (2048, 512, 1, 1), (2048,), (2048,),
+    # fc: W (out, in), b
+    (1000, 2048), (1000,),
+]
+
+#: name -> (description, list of shapes).  Run in this order.
+CASES = {
+    "big": ("1 tensor of 2**24", [(2 ** 24,)]),
+    "small": ("2000 tensors of 64", [(64,)] * 2000),
+    "medium": ("1000 tensors of 1000", [(1000,)] * 1000),
+    "resnet50": ("ResNet-50's 161 parameters", RESNET50_SHAPES),
+}
+
+#: Variant keys, in the order of the tables.
+VARIANTS = [
+    ("probe", "probe 3R+2W"),
+    ("c_loop", "C loop"),
+    ("cynag_kernel", "cynag kernel"),
+    ("cynag_contiguous", "cynag contiguous"),
+    ("cynag_update", "cynag update()"),
+    ("numpy", "numpy"),
+    ("chainer_update", "chainer update()"),
+    ("torch_fused", "torch fused"),
+]
+LABELS = dict(VARIANTS)
+
+#: Sizes (elements of one tensor) of the thread sweep.
+SWEEP_SIZES = [2 ** k for k in range(12, 23)]
+
+
+# ---------------------------------------------------------------------------
+# Progress and formatting
+# ---------------------------------------------------------------------------
+_TTY = sys.stderr.isatty()
+
+
+def progress(msg, final=False):
+    """Progress on stderr (rewritten in place on a terminal)."""
+    if _TTY:
+        sys.stderr.write("\r\033[K" + msg + ("\n" if final else ""))
+    else:
+        sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+def fmt_time(s):
+    """Seconds with a unit, about 3 significant digits."""
+    if s is None:
+        return "-"
+    for unit, f in (("s", 1.0), ("ms", 1e3), ("us", 1e6)):
+        v = s * f
+        if abs(v) >= 1 or unit == "us":
+            a = abs(v)
+            return ("%.0f %s" if a >= 100 else "%.1f %s" if a >= 10 else "%.2f %s") % (v, unit)
+
+
+def sig(x, suffix="", none="-"):
+    """About 3 significant digits."""
+    if x is None:
+        return none
+    if abs(x) >= 100:
+        return "%.0f%s" % (x, suffix)
+    if abs(x) >= 10:
+        return "%.1f%s" % (x, suffix)
+    if abs(x) >= 0.01:
+        return "%.2f%s" % (x, suffix)
+    return "%.1e%s" % (x, suffix)
+
+
+# ---------------------------------------------------------------------------
+# Optional peers
+# ---------------------------------------------------------------------------
+def import_chainer():
+    """(chainer, None) or (None, why not)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import chainer
+            import chainer.optimizers  # noqa: F401
+    except Exception as e:
+        return None, "not importable in %s (%s: %s)" % (sys.executable, type(e).__name__, e)
+    return chainer, None
+
+
+def import_torch():
+    """(torch, None) or (None, why not)."""
+    try:
+        import torch
+    except Exception as e:
+        return None, "not importable in %s (%s: %s)" % (sys.executable, type(e).__name__, e)
+    return torch, None
+
+
+def import_probe():
+    """(cynag_kernels._probe, None) or (None, why not)."""
+    try:
+        from cynag_kernels import _probe
+    except ImportError as e:
+        return None, "cynag_kernels._probe is not built (%s); rebuild cynag" % e
+    return _probe, None
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+def case_shapes(name, scale):
+    """Shapes of a case; with ``scale`` != 1 every tensor is 1-d of size*scale (>= 1)."""
+    shapes = CASES[name][1]
+    if scale == 1:
+        return list(shapes)
+    return [(max(1, int(round(math.prod(s) * scale))),) for s in shapes]
+
+
+def make_params(shapes, dtype, seed):
+    """param ~ U(-1, 1) per tensor, each its own allocation."""
+    rng = numpy.random.default_rng(seed)
+    return [rng.uniform(-1.0, 1.0, s).astype(dtype) for s in shapes]
+
+
+def make_grads(shapes, dtype, seed):
+    """Gradients of magnitude in [0.005, 0.01] with a random sign.
+
+    Small and away from zero, so that thousands of steps neither overflow nor
+    produce subnormals (which would time the FPU's slow path)."""
+    rng = numpy.random.default_rng(seed)
+    out = []
+    for s in shapes:
+        g = rng.choice([-1.0, 1.0], s) * rng.uniform(0.005, 0.01, s)
+        g = g.astype(dtype)
+        g.flags.writeable = False
+        out.append(g)
+    return out
+
+
+def touched_zeros(like):
+    """Zeros whose pages are mapped (numpy.zeros maps the shared zero page lazily)."""
+    out = []
+    for a in like:
+        z = numpy.empty_like(a)
+        z.fill(0)
+        out.append(z)
+    return out
+
+
+class Skip(Exception):
+    """A variant that cannot run here; the message says why."""
+
+
+# ---------------------------------------------------------------------------
+# Variants: each builder returns ({threads: (prepare, step)}, what to keep
+# alive, a note for its rows), over its own params and state (the gradients
+# are shared and read-only), or raises Skip.
+# ---------------------------------------------------------------------------
+def _noop():
+    pass
+
+
+class Env:
+    """What the run found importable, and the settings."""
+
+
+def _set_threads(K, t):
+    def prepare():
+        K.set_num_threads(t)
+    return prepare
+
+
+def build_probe(env, shapes, dtype, grads, thread_counts):
+    if env.probe is None:
+        raise Skip(env.probe_note)
+    a = [numpy.full(s, 1.0, dtype) for s in shapes]
+    b = [numpy.full(s, -1.0, dtype) for s in shapes]
+    table = env.probe.TriadTable(a, b, grads, PROBE_SCALE)
+    return {t: (_noop, functools.partial(table.run, t)) for t in thread_counts}, table, ""
+
+
+def build_c_loop(env, shapes, dtype, grads, thread_counts):
+    if env.probe is None:
+        raise Skip(env.probe_note)
+    params = make_params(shapes, dtype, seed=1)
+    table = env.probe.NesterovTable(params, grads, touched_zeros(params), LR, MOMENTUM)
+    return {t: (_noop, functools.partial(table.run, t)) for t in thread_counts}, table, ""
+
+
+def build_cynag_kernel(env, shapes, dtype, grads, thread_counts):
+    try:
+        from cynag_kernels import multi_tensor
+        multi_tensor.CPUTable
+    except (ImportError, AttributeError) as e:
+        raise Skip("cynag_kernels.multi_tensor.CPUTable is not available in this cynag (%s)"
+                   % e) from None
+    params = make_params(shapes, dtype, seed=1)
+    try:
+        table = multi_tensor.CPUTable(params, grads, touched_zeros(params), LR, MOMENTUM)
+        table.run()
+    except Exception as e:
+        raise Skip("multi_tensor.CPUTable failed here (%s: %s)" % (type(e).__name__, e)) from None
+    return {t: (_set_threads(env.K, t), table.run) for t in thread_counts}, table, ""
+
+
+def _cynag_link(shapes, dtype, grads):
+    link = cynag.Link()
+    params = make_params(shapes, dtype, seed=1)
+    with link.init_scope():
+        for i, p in enumerate(params):
+            setattr(link, "p%04d" % i, cynag.Parameter(p))
+    for i, g in enumerate(grads):
+        getattr(link, "p%04d" % i).grad = g
+    return link
+
+
+def build_cynag_update(env, shapes, dtype, grads, thread_counts):
+    link = _cynag_link(shapes, dtype, grads)
+    opt = cynag.optimizers.NesterovAG(lr=LR, momentum=MOMENTUM).setup(link)
+    opt.update()
+    return {t: (_set_threads(env.K, t), opt.update) for t in thread_counts}, (link, opt), ""
+
+
+def build_cynag_contiguous(env, shapes, dtype, grads, thread_counts):
+    link = _cynag_link(shapes, dtype, grads)
+    opt = cynag.optimizers.NesterovAG(lr=LR, momentum=MOMENTUM)
+    try:
+        opt.setup(link, contiguous=True)
+    except TypeError as e:
+        if "contiguous" in str(e):
+            raise Skip("setup() does not accept contiguous= in this cynag") from None
+        raise
+    opt.update()
+    return {t: (_set_threads(env.K, t), opt.update) for t in thread_counts}, (link, opt), ""
+
+
+def build_numpy(env, shapes, dtype, grads, thread_counts):
+    params = make_params(shapes, dtype, seed=1)
+    triples = list(zip(params, grads, touched_zeros(params)))
+    lr, m = LR, MOMENTUM
+
+    def step():
+        # Chainer 7.8.1's NesterovAGRule.update_core_cpu, once per tensor.
+        for p, g, v in triples:
+            v *= m
+            v -= lr * g
+            p += m * m * v
+            p -= (1 + m) * lr * g
+    return {1: (_noop, step)}, triples, ""
+
+
+def build_chainer_update(env, shapes, dtype, grads, thread_counts):
+    chainer = env.chainer
+    if chainer is None:
+        raise Skip("chainer " + env.chainer_note)
+    link = chainer.Link()
+    params = make_params(shapes, dtype, seed=1)
+    with link.init_scope():
+        for i, p in enumerate(params):
+            setattr(link, "p%04d" % i, chainer.Parameter(p))
+    for i, g in enumerate(grads):
+        getattr(link, "p%04d" % i).grad = g
+    opt = chainer.optimizers.NesterovAG(lr=LR, momentum=MOMENTUM)
+    opt.setup(link)
+    opt.update()
+    return {1: (_noop, opt.update)}, (link, opt), ""
+
+
+def build_torch_fused(env, shapes, dtype, grads, thread_counts):
+    torch = env.torch
+    if torch is None:
+        raise Skip("torch " + env.torch_note)
+    params = [torch.from_numpy(p) for p in make_params(shapes, dtype, seed=1)]
+    for p, g in zip(params, grads):
+        p.grad = torch.from_numpy(numpy.array(g))   # torch wants a writeable array
+    note = ""
+    try:
+        opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True, fused=True)
+        opt.step()
+    except Exception as e:
+        note = "fused=True unsupported on CPU here (%s); ran foreach=True" % (
+            str(e).splitlines()[0] if str(e) else type(e).__name__)
+        opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True, foreach=True)
+        opt.step()
+
+    def set_torch_threads(t):
+        def prepare():
+            torch.set_num_threads(t)
+        return prepare
+    return {t: (set_torch_threads(t), opt.step) for t in thread_counts}, (params, opt), note
+
+
+BUILDERS = {
+    "probe": build_probe,
+    "c_loop": build_c_loop,
+    "cynag_kernel": build_cynag_kernel,
+    "cynag_contiguous": build_cynag_contiguous,
+    "cynag_update": build_cynag_update,
+    "numpy": build_numpy,
+    "chainer_update": build_chainer_update,
+    "torch_fused": build_torch_fused,
+}
+
+
+# ---------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------
+class Series:
+    """Samples of one (variant, threads)."""
+
+    def __init__(self, key, threads, prepare, step, note=""):
+        self.key, self.threads = key, threads
+        self.prepare, self.step = prepare, step
+        self.note = note
+        self.reps = 1
+        self.samples = []
+
+    @property
+    def label(self):
+        return LABELS.get(self.key, self.key)
+
+    @property
+    def median(self):
+        return statistics.median(self.samples)
+
+
+def timed(step, reps):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    return (time.perf_counter() - t0) / reps
+
+
+def calibrate(series, warmup, min_sample_s):
+    """Warm up, then choose calls per sample so that a sample lasts min_sample_s."""
+    series.prepare()
+    for _ in range(warmup):
+        series.step()
+    t1 = min(timed(series.step, 1) for _ in range(3))
+    series.reps = int(max(1, min(1_000_000, math.ceil(min_sample_s / max(t1, 1e-9)))))
+
+
+def run_rounds(series_list, rounds, tag):
+    """Interleaved rounds, the order rotated every round; gc off while timing."""
+    if not series_list:
+        return
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            k = r % len(series_list)
+            for s in series_list[k:] + series_list[:k]:
+                if _TTY:
+                    progress("%s round %d/%d: %s, %d thr" % (tag, r + 1, rounds, s.label,
+                                                             s.threads))
+                s.prepare()
+                s.samples.append(timed(s.step, s.reps))
+            if not _TTY:
+                progress("%s round %d/%d done" % (tag, r + 1, rounds))
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def paired_ratio(a, b):
+    """Median over rounds of a[r] / b[r]: two series timed in the same rounds."""
+    return statistics.median(x / y for x, y in zip(a.samples, b.samples))
+
+
+class OtherLoad:
+    """CPUs that other processes kept busy while a block ran (Linux /proc/stat), else None."""
+
+    def __init__(self):
+        self.start = self._snapshot()
+
+    @staticmethod
+    def _snapshot():
+        try:
+            with open("/proc/stat") as f:
+                fields = f.readline().split()
+            v = [int(x) for x in fields[1:]]
+            busy = (v[0] + v[1] + v[2] + sum(v[5:8])) / os.sysconf("SC_CLK_TCK")
+            t = os.times()
+            return busy, t.user + t.system, time.perf_counter()
+        except Exception:
+            return None
+
+    def result(self):
+        end = self._snapshot()
+        if self.start is None or end is None or end[2] <= self.start[2]:
+            return None
+        other = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        return max(0.0, other / (end[2] - self.start[2]))
+
+
+# ---------------------------------------------------------------------------
+# One case
+# ---------------------------------------------------------------------------
+def run_case(env, index, name):
+    desc, _ = CASES[name]
+    shapes = case_shapes(name, env.scale)
+    dtype = env.dtype
+    n_tensors = len(shapes)
+    elements = sum(math.prod(s) for s in shapes)
+    nbytes = ACCESSES * dtype.itemsize * elements
+    tag = "[%d/%d %s]" % (index + 1, len(env.cases), name)
+    progress("%s building %d tensors, %d elements" % (tag, n_tensors, elements))
+    grads = make_grads(shapes, dtype, seed=0)
+
+    series, keep, skipped = [], [], {}
+    for key, label in VARIANTS:
+        progress("%s setting up %s" % (tag, label))
+        try:
+            steps, owner, note = BUILDERS[key](env, shapes, dtype, grads, env.threads)
+        except Skip as e:
+            skipped[key] = str(e)
+            continue
+        except Exception as e:  # a peer or a half-finished feature: report, go on
+            skipped[key] = "failed to set up (%s: %s)" % (type(e).__name__, e)
+            continue
+        keep.append(owner)
+        for t, (prepare, step) in sorted(steps.items()):
+            series.append(Series(key, t, prepare, step, note))
+
+    for i, s in enumerate(series):
+        if s.key in skipped:
+            continue
+        progress("%s warm-up %d/%d: %s, %d thr" % (tag, i + 1, len(series), s.label, s.threads))
+        try:
+            calibrate(s, env.warmup, env.min_sample_s)
+        except Exception as e:
+            skipped[s.key] = "failed when run (%s: %s)" % (type(e).__name__, e)
+    series = [s for s in series if s.key not in skipped]
+
+    load = OtherLoad()
+    try:
+        run_rounds(series, env.rounds, tag)
+    finally:
+        env.K.set_num_threads(None)
+    other_load = load.result()
+
+    profile = None
+    if env.profile:
+        profile = profile_update(env, tag, series)
+    env.K.set_num_threads(None)
+    progress("%s done" % tag, final=_TTY)
+
+    res = analyse(name, desc, dtype, shapes, nbytes, series, skipped, env)
+    res["other_load_cpus"] = other_load
+    res["profile"] = profile
+    del series, keep
+    gc.collect()
+    return res
+
+
+def profile_update(env, tag, series):
+    """cProfile of env.profile cynag update() calls at the largest thread count."""
+    cands = [s for s in series if s.key == "cynag_update"]
+    if not cands:
+        return None
+    s = max(cands, key=lambda x: x.threads)
+    progress("%s profiling %d update() calls" % (tag, env.profile))
+    s.prepare()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(env.profile):
+        s.step()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    total = stats.total_tt
+    rows = []
+    for (filename, line, func), (cc, nc, tt, ct, _callers) in stats.stats.items():
+        rows.append({"function": "%s:%d(%s)" % (_short_path(filename), line, func)
+                     if line else func,
+                     "calls_per_step": nc / env.profile,
+                     "tottime_per_step_s": tt / env.profile,
+                     "cumtime_per_step_s": ct / env.profile})
+    rows.sort(key=lambda r: -r["tottime_per_step_s"])
+    return {"calls": env.profile, "threads": s.threads,
+            "total_per_step_s": total / env.profile, "top": rows[:env.profile_top]}
+
+
+def _short_path(path):
+    """A profile entry's file relative to the package or site-packages."""
+    parts = path.replace("\\", "/").split("/")
+    for anchor in ("site-packages", "cynag", "cynag_kernels"):
+        if anchor in parts:
+            i = len(parts) - 1 - parts[::-1].index(anchor)
+            return "/".join(parts[i + (anchor == "site-packages"):])
+    return os.path.basename(path)
+
+
+def analyse(name, desc, dtype, shapes, nbytes, series, skipped, env):
+    by = {(s.key, s.threads): s for s in series}
+    n_tensors = len(shapes)
+    elements = sum(math.prod(s) for s in shapes)
+
+    def find(key, t):
+        return by.get((key, t))
+
+    rows = []
+    for s in series:
+        probe = find("probe", s.threads)
+        numpy_s = find("numpy", 1)
+        chainer_s = find("chainer_update", 1)
+        torch_s = find("torch_fused", s.threads)
+        q1, q3 = numpy.percentile(s.samples, [25, 75])
+        med = s.median
+        rows.append({
+            "key": s.key, "variant": s.label, "threads": s.threads,
+            "median_s": med, "iqr_pct": 100.0 * (q3 - q1) / med,
+            "gbps": nbytes / med / 1e9,
+            "frac_probe": paired_ratio(probe, s) if probe else None,
+            "speedup_numpy": paired_ratio(numpy_s, s) if numpy_s else None,
+            "speedup_chainer": paired_ratio(chainer_s, s) if chainer_s else None,
+            "speedup_torch": paired_ratio(torch_s, s) if torch_s else None,
+            "reps_per_sample": s.reps, "samples_s": list(s.samples),
+            "note": s.note,
+        })
+
+    overhead = []
+    for t in env.threads:
+        upd = find("cynag_update", t)
+        ref_key = "cynag_kernel" if find("cynag_kernel", t) else "c_loop"
+        ref = find(ref_key, t)
+        if upd is None or ref is None:
+            continue
+        entry = {"threads": t, "reference": ref_key,
+                 "update_s": upd.median, "reference_s": ref.median,
+                 "overhead_s": upd.median - ref.median,
+                 "overhead_per_tensor_us": 1e6 * (upd.median - ref.median) / n_tensors}
+        con = find("cynag_contiguous", t)
+        if con is not None:
+            entry["contiguous_s"] = con.median
+            entry["contiguous_overhead_s"] = con.median - ref.median
+            entry["contiguous_overhead_per_tensor_us"] = (
+                1e6 * (con.median - ref.median) / n_tensors)
+        overhead.append(entry)
+
+    return {"name": name, "description": desc if env.scale == 1 else
+            "%s, every tensor scaled by %g" % (desc, env.scale),
+            "dtype": dtype.name, "n_tensors": n_tensors, "elements": elements,
+            "elements_per_tensor": elements / n_tensors,
+            "bytes_per_step": nbytes, "rounds": env.rounds,
+            "rows": rows, "skipped": skipped, "overhead": overhead}
+
+
+# ---------------------------------------------------------------------------
+# Thread sweep and recommendation
+# ---------------------------------------------------------------------------
+def thread_sweep(env):
+    """One tensor of each sweep size, 1 thread vs N threads via nesterov_ag_cpu."""
+    n = max(env.threads)
+    sizes = sorted({max(16, int(s * env.scale)) for s in SWEEP_SIZES})
+    points = []
+    load = OtherLoad()
+    for i, size in enumerate(sizes):
+        tag = "[threads sweep %d/%d: %d elements]" % (i + 1, len(sizes), size)
+        progress(tag)
+        p = make_params([(size,)], env.dtype, seed=3)[0]
+        g = make_grads([(size,)], env.dtype, seed=4)[0]
+        v = touched_zeros([p])[0]
+        series = []
+        for t in (1, n):
+            def step(t=t):
+                cynag_kernels.nesterov_ag_cpu(p, g, v, LR, MOMENTUM, num_threads=t)
+            s = Series("nesterov_ag_cpu", t, _noop, step)
+            calibrate(s, env.warmup, env.min_sample_s)
+            series.append(s)
+        run_rounds(series, env.rounds, tag)
+        one, many = series
+        points.append({"size": size, "t1_s": one.median, "tn_s": many.median,
+                       "speedup": paired_ratio(one, many),
+                       "samples_1_s": one.samples, "samples_n_s": many.samples})
+    progress("threads sweep done", final=_TTY)
+    return {"threads": n, "points": points, "other_load_cpus": load.result()}
+
+
+def recommend(env, sweep, cases):
+    """CYNAG_NUM_THREADS / CYNAG_PARALLEL_THRESHOLD from the sweep and the big case."""
+    n = max(env.threads)
+    out = {"threads_compared": n, "sweep": sweep}
+    if n <= 1 or sweep is None:
+        out.update(num_threads=None, parallel_threshold=None,
+                   text=["no thread recommendation: only 1 thread was measured (--threads)"
+                         if n <= 1 else "no thread recommendation: the sweep was skipped"])
+        return out
+    pts = sweep["points"]
+    threshold = None
+    for i, pt in enumerate(pts):
+        if all(q["speedup"] > THREAD_WIN for q in pts[i:]):
+            threshold = pt["size"]
+            break
+    text = []
+    for pt in pts:
+        text.append("  %9d elements: 1 thr %9s, %d thr %9s  -> x%s" % (
+            pt["size"], fmt_time(pt["t1_s"]), n, fmt_time(pt["tn_s"]), sig(pt["speedup"])))
+    big = next((c for c in cases if c["name"] == "big"), None)
+    big_speedup = None
+    if big is not None:
+        rows = {(r["key"], r["threads"]): r for r in big["rows"]}
+        for key in ("cynag_update", "cynag_kernel", "c_loop"):
+            if (key, 1) in rows and (key, n) in rows:
+                a, b = rows[(key, 1)], rows[(key, n)]
+                big_speedup = statistics.median(
+                    x / y for x, y in zip(a["samples_s"], b["samples_s"]))
+                big_from = "%s, big case" % LABELS[key]
+                break
+    if big_speedup is None:
+        big_speedup, big_from = pts[-1]["speedup"], "%d elements, sweep" % pts[-1]["size"]
+    if threshold is None:
+        num = 1
+        text.append("%d threads never win by more than %d%% from some size on: use one thread."
+                    % (n, round(100 * (THREAD_WIN - 1))))
+        text.append("recommended: CYNAG_NUM_THREADS=1")
+    else:
+        num = n
+        text.append("%d threads win by more than %d%% from %d elements on (and at every "
+                    "larger size measured)." % (n, round(100 * (THREAD_WIN - 1)), threshold))
+        text.append("recommended: CYNAG_NUM_THREADS=%d CYNAG_PARALLEL_THRESHOLD=%d"
+                    % (n, threshold))
+    helps = big_speedup > THREAD_WIN
+    text.append("big tensors: %d threads run x%s as fast as 1 (%s): %s" % (
+        n, sig(big_speedup), big_from,
+        "more threads help" if helps else
+        "more threads do not help (memory-bound); one thread loses little there"))
+    load = sweep.get("other_load_cpus")
+    if load is not None and load > OTHER_LOAD_WARN:
+        text.append("WARNING: other processes kept %.2f CPUs busy during the sweep: rerun on a "
+                    "quiet machine before following this recommendation" % load)
+    out.update(num_threads=num, parallel_threshold=threshold, big_speedup=big_speedup,
+               big_speedup_from=big_from, big_helps=helps, text=text)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Machine description
+# ---------------------------------------------------------------------------
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        try:
+            import subprocess
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
+                                  capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:
+            pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(env):
+    K = env.K
+    build = K.build_info()
+    info = {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": _threads.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "numpy": numpy.__version__,
+        "cynag": cynag.__version__,
+        "cynag_path": os.path.dirname(cynag.__file__),
+        "build": build,
+        "openmp": bool(build.get("openmp")),
+        "probe_openmp": None if env.probe is None else env.probe.openmp_enabled(),
+        "thread_config": _threads.thread_config(),
+        "chainer": None if env.chainer is None else env.chainer.__version__,
+        "torch": None if env.torch is None else env.torch.__version__,
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "CYNAG_NUM_THREADS",
+                                           "CYNAG_PARALLEL_THRESHOLD", "OMP_WAIT_POLICY",
+                                           "OMP_PROC_BIND") if k in os.environ},
+    }
+    return info
+
+
+def header_lines(env, info):
+    tc = info["thread_config"]
+    lines = [
+        "cynag NesterovAG benchmark  %s" % env.started,
+        "machine : %s; %s logical CPUs, %d usable by this process"
+        % (info["cpu"], info["logical_cpus"], info["usable_cpus"]),
+        "software: python %s, numpy %s, cynag %s (%s), chainer %s, torch %s"
+        % (info["python"], info["numpy"], info["cynag"], info["cynag_path"],
+           info["chainer"] or "-", info["torch"] or "-"),
+        "build   : OpenMP %s, compiler %s; thread default %d (%s), parallel threshold %d"
+        % ("on" if info["openmp"] else "OFF (single-threaded kernels)",
+           info["build"].get("compiler"), tc["num_threads"], tc["source"],
+           tc["parallel_threshold"]),
+        "settings: %s, threads %s, %d rounds, samples >= %.0f ms, lr=%g momentum=%g%s%s"
+        % (env.dtype.name, ",".join(map(str, env.threads)), env.rounds,
+           env.min_sample_s * 1e3, LR, MOMENTUM,
+           "" if env.scale == 1 else ", sizes scaled by %g" % env.scale,
+           ", env %s" % info["env"] if info["env"] else ""),
+    ]
+    for what, mod, note in (("chainer", env.chainer, env.chainer_note),
+                            ("torch", env.torch, env.torch_note)):
+        if mod is None:
+            lines.append("skipped : %s %s" % (what, note))
+    if env.probe is None:
+        lines.append("skipped : C loop and probe: %s" % env.probe_note)
+    if max(env.threads) > info["usable_cpus"]:
+        lines.append("WARNING : more threads than usable CPUs (%d): oversubscribed"
+                     % info["usable_cpus"])
+    lines.append("Shared or virtual machines are noisy: compare ratios within one run, "
+                 "not absolute times across runs.")
+    return lines
+
+
+LEGEND = """\
+time/step = median over rounds of one step; GB/s = 5 accesses x itemsize x elements /
+time (the least traffic of a step); %probe = share of the bandwidth probe's speed at
+the same thread count; vs numpy / vs chainer = speedup over their single-threaded step;
+vs torch = speedup over torch at the same thread count.  Ratios are medians of
+per-round ratios (the variants are interleaved in every round)."""
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+def fmt_bytes(n):
+    for unit, f in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= f:
+            return "%s %s" % (sig(n / f), unit)
+    return "%d B" % n
+
+
+def case_title(res):
+    return ("== %s: %s (%s %s elements, %s moved per step, %d rounds) =="
+            % (res["name"], res["description"], format(res["elements"], ","), res["dtype"],
+               fmt_bytes(res["bytes_per_step"]), res["rounds"]))
+
+
+def print_case(res, out=sys.stdout):
+    w = out.write
+    w("\n" + case_title(res) + "\n")
+    cols = ("%-17s %3s %10s %6s %8s %7s %9s %10s %9s  %s")
+    hdr = cols % ("variant", "thr", "time/step", "IQR%", "GB/s", "%probe", "vs numpy",
+                  "vs chainer", "vs torch", "note")
+    w(hdr + "\n" + "-" * len(hdr) + "\n")
+    for r in res["rows"]:
+        notes = [r["note"]] if r["note"] else []
+        if r["iqr_pct"] > NOISY_IQR_PCT:
+            notes.append("noisy")
+        w(cols % (r["variant"], r["threads"], fmt_time(r["median_s"]), "%.1f" % r["iqr_pct"],
+                  sig(r["gbps"]),
+                  sig(None if r["frac_probe"] is None else 100 * r["frac_probe"]),
+                  sig(r["speedup_numpy"], "x"), sig(r["speedup_chainer"], "x"),
+                  sig(r["speedup_torch"], "x"), "; ".join(notes)) + "\n")
+    for key, why in res["skipped"].items():
+        w("  (%s skipped: %s)\n" % (LABELS.get(key, key), why))
+    if res["overhead"]:
+        w("where the time goes (cynag update() minus the native call at the same thread "
+          "count):\n")
+        for o in res["overhead"]:
+            line = ("  %d thr: update() %s = %s %s + %s overhead, %s us per tensor"
+                    % (o["threads"], fmt_time(o["update_s"]), LABELS[o["reference"]],
+                       fmt_time(o["reference_s"]), fmt_time(o["overhead_s"]),
+                       sig(o["overhead_per_tensor_us"])))
+            if "contiguous_s" in o:
+                line += "; contiguous: %s overhead, %s us per tensor" % (
+                    fmt_time(o["contiguous_overhead_s"]),
+                    sig(o["contiguous_overhead_per_tensor_us"]))
+            w(line + "\n")
+    load = res.get("other_load_cpus")
+    if load is not None and load > OTHER_LOAD_WARN:
+        w("  other processes kept %.2f CPUs busy during the rounds: the times are "
+          "unreliable\n" % load)
+    prof = res.get("profile")
+    if prof:
+        w("profile of %d update() calls at %d thr (%s per step under the profiler), "
+          "top functions by own time:\n" % (prof["calls"], prof["threads"],
+                                            fmt_time(prof["total_per_step_s"])))
+        w("  %10s %10s %12s  %s\n" % ("own/step", "cum/step", "calls/step", "function"))
+        for r in prof["top"]:
+            w("  %10s %10s %12s  %s\n" % (fmt_time(r["tottime_per_step_s"]),
+                                          fmt_time(r["cumtime_per_step_s"]),
+                                          sig(r["calls_per_step"]), r["function"]))
+    out.flush()
+
+
+# ---------------------------------------------------------------------------
+# Plot
+# ---------------------------------------------------------------------------
+def _import_pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _count(x):
+    """An element count: an integer as such, else about 3 significant digits."""
+    return "%d" % x if float(x).is_integer() else sig(x)
+
+
+def plot(results, path):
+    """Effective GB/s against elements per tensor, one panel per thread count."""
+    plt = _import_pyplot()
+    cases = sorted(results["cases"], key=lambda c: c["elements_per_tensor"])
+    thread_counts = sorted({r["threads"] for c in cases for r in c["rows"]})
+    fig, axes = plt.subplots(1, len(thread_counts), figsize=(6.5 * len(thread_counts), 4.8),
+                             squeeze=False, sharey=True)
+    palette = plt.get_cmap("tab10").colors
+    colors = {key: palette[i % len(palette)] for i, (key, _) in enumerate(VARIANTS)}
+    for ax, t in zip(axes[0], thread_counts):
+        for key, label in VARIANTS:
+            xs, ys = [], []
+            for c in cases:
+                rows = [r for r in c["rows"] if r["key"] == key
+                        and (r["threads"] == t or (r["threads"] == 1 and key in
+                                                   ("numpy", "chainer_update")))]
+                if rows:
+                    xs.append(c["elements_per_tensor"])
+                    ys.append(rows[0]["gbps"])
+            if not xs:
+                continue
+            if key == "probe":
+                ax.plot(xs, ys, "k--", lw=1.5, label=label + " (reference)")
+            else:
+                ax.plot(xs, ys, "o-", color=colors[key],
+                        label=label + (" (1 thr)" if key in ("numpy", "chainer_update") else ""))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks([c["elements_per_tensor"] for c in cases])
+        ax.set_xticklabels(["%s\n%d x %s" % (c["name"], c["n_tensors"],
+                                             _count(c["elements_per_tensor"]))
+                            for c in cases], fontsize=8)
+        ax.minorticks_off()
+        ax.set_xlabel("case: tensors x mean elements per tensor (log)")
+        ax.set_title("%d thread%s" % (t, "" if t == 1 else "s"))
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0][0].set_ylabel("effective GB/s (5 accesses per element, log)")
+    axes[0][-1].legend(fontsize=8, loc="best")
+    m = results["machine"]
+    fig.suptitle("NesterovAG step, %s: %s, %d usable CPUs"
+                 % (results["settings"]["dtype"], m["cpu"], m["usable_cpus"]), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+def _positive_int_list(text):
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("expected positive integers separated by commas, "
+                                         "got %r" % text)
+    return tuple(sorted(set(values)))
+
+
+def _case_list(text):
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in CASES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError("unknown case %s; choose from %s"
+                                         % (", ".join(map(repr, bad)) or "(none)",
+                                            ",".join(CASES)))
+    return [n for n in CASES if n in names]
+
+
+def _positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError("expected a positive number, got %r" % text)
+    return v
+
+
+def parse_args(argv):
+    default_threads = tuple(sorted({1, _threads.cpu_count()}))
+    ap = argparse.ArgumentParser(
+        prog="python -m cynag.bench",
+        description="Benchmark one NesterovAG step (cynag, its native call, numpy, a C loop, "
+                    "a bandwidth probe, and Chainer/PyTorch when importable).",
+        epilog="Cases: " + "; ".join("%s = %s" % (k, v[0]) for k, v in CASES.items()))
+    ap.add_argument("--cases", type=_case_list, default=list(CASES),
+                    help="comma-separated cases to run (default: %s)" % ",".join(CASES))
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                    help="array dtype (default float32)")
+    ap.add_argument("--threads", type=_positive_int_list, default=default_threads,
+                    help="comma-separated thread counts (default: %s, i.e. 1 and the usable "
+                         "CPUs)" % ",".join(map(str, default_threads)))
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved rounds per case (default 11, --quick 5)")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer rounds and shorter samples (less precise)")
+    ap.add_argument("--profile", type=int, nargs="?", const=200, default=0, metavar="N",
+                    help="also profile N cynag update() calls per case (default N=200) "
+                         "and show the top functions")
+    ap.add_argument("--no-sweep", action="store_true",
+                    help="skip the one-tensor thread sweep and the recommendation")
+    ap.add_argument("--json", metavar="FILE", help="write every result and sample to FILE")
+    ap.add_argument("--plot", metavar="FILE.png",
+                    help="draw GB/s per case and variant into FILE.png (needs matplotlib)")
+    # Shrinks every tensor (tests; not a measurement setting).
+    ap.add_argument("--scale", type=_positive_float, default=1.0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    if args.profile < 0:
+        ap.error("--profile must be >= 1")
+    if args.plot and _import_pyplot() is None:
+        ap.error('--plot needs matplotlib, which is not installed: '
+                 'pip install "cynag[bench]" (or pip install matplotlib)')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    env = Env()
+    env.K = cynag_kernels
+    env.started = datetime.datetime.now().isoformat(timespec="seconds")
+    env.cases = args.cases
+    env.dtype = numpy.dtype(args.dtype)
+    env.threads = args.threads
+    env.rounds = args.rounds or (5 if args.quick else 11)
+    env.warmup = 2 if args.quick else 3
+    env.min_sample_s = 0.005 if args.quick else 0.02
+    env.scale = args.scale
+    env.profile = args.profile
+    env.profile_top = 12
+    env.probe, env.probe_note = import_probe()
+    env.chainer, env.chainer_note = import_chainer()
+    env.torch, env.torch_note = import_torch()
+
+    info = machine_info(env)
+    print("\n".join(header_lines(env, info)))
+    print(LEGEND)
+    sys.stdout.flush()
+
+    cases, failures = [], {}
+    for i, name in enumerate(env.cases):
+        try:
+            res = run_case(env, i, name)
+        except Exception as e:   # report and go on: a benchmark never fails the caller
+            failures[name] = "%s: %s" % (type(e).__name__, e)
+            print("\n== %s: failed (%s) ==" % (name, failures[name]))
+            continue
+        cases.append(res)
+        print_case(res)
+
+    sweep = None
+    if max(env.threads) > 1 and not args.no_sweep:
+        try:
+            sweep = thread_sweep(env)
+        except Exception as e:
+            failures["threads sweep"] = "%s: %s" % (type(e).__name__, e)
+    rec = recommend(env, sweep, cases)
+    if sweep is not None:
+        print("\n== threads: one tensor, 1 thread vs %d (cynag_kernels.nesterov_ag_cpu) =="
+              % sweep["threads"])
+    else:
+        print()
+    print("\n".join(rec["text"]))
+    sys.stdout.flush()
+
+    results = {
+        "tool": "cynag.bench", "format": 1, "started": env.started, "argv": sys.argv[1:],
+        "machine": info,
+        "settings": {"dtype": env.dtype.name, "threads": list(env.threads),
+                     "rounds": env.rounds, "warmup_calls": env.warmup,
+                     "min_sample_s": env.min_sample_s, "lr": LR, "momentum": MOMENTUM,
+                     "scale": env.scale, "cases": env.cases,
+                     "accesses_per_element": ACCESSES},
+        "cases": cases,
+        "failures": failures,
+        "recommendation": rec,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=_json_default)
+        progress("wrote %s" % args.json, final=True)
+    if args.plot:
+        if not cases:
+            progress("no case ran: no plot written", final=True)
+        else:
+            plot(results, args.plot)
+            progress("wrote %s" % args.plot, final=True)
+    return 0
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
