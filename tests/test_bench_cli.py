@@ -1,0 +1,226 @@
+"""``python -m cynag.bench`` and the native probe it measures against.
+
+The command runs on shrunken cases (the hidden ``--scale`` option) so that
+the whole file takes a few seconds; nothing here judges performance.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy
+import pytest
+
+import cynag_kernels
+from cynag import bench
+
+_probe = pytest.importorskip("cynag_kernels._probe")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = [numpy.float32, numpy.float64]
+# Zero-sized, one-element, odd and larger-than-a-split tensors side by side.
+SIZES = [0, 1, 3, 64, 1000, 0, 17, 70001, 5, 129]
+
+
+def _run_cli(*args, timeout=120):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "cynag.bench", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def _tensors(rng, dtype, sizes=SIZES):
+    def draw():
+        return [rng.standard_normal(n).astype(dtype) for n in sizes]
+    return draw(), draw(), draw()
+
+
+def _bits(a):
+    return a.view({4: numpy.uint32, 8: numpy.uint64}[a.dtype.itemsize])
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "out.json"
+    proc = _run_cli("--quick", "--cases", "small", "--rounds", "2", "--threads", "1",
+                    "--scale", "0.01", "--json", str(path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(path) as f:
+        return proc, json.load(f)
+
+
+def test_cli_json_structure(small_run):
+    proc, res = small_run
+    assert res["tool"] == "cynag.bench"
+    for key in ("cpu", "usable_cpus", "openmp", "numpy", "cynag", "python", "thread_config"):
+        assert key in res["machine"], key
+    s = res["settings"]
+    assert s["threads"] == [1] and s["rounds"] == 2 and s["cases"] == ["small"]
+    (case,) = res["cases"]
+    assert case["name"] == "small" and case["n_tensors"] == 2000
+    assert case["elements"] == 2000          # 64 elements scaled by 0.01: 1 each
+    assert case["bytes_per_step"] == 5 * 4 * case["elements"]
+    keys = {r["key"] for r in case["rows"]}
+    assert {"probe", "c_loop", "cynag_update", "numpy"} <= keys
+    for r in case["rows"]:
+        assert r["threads"] == 1
+        assert len(r["samples_s"]) == 2 and all(x > 0 for x in r["samples_s"])
+        assert r["median_s"] > 0 and r["gbps"] > 0 and r["reps_per_sample"] >= 1
+        assert r["frac_probe"] > 0 and r["speedup_numpy"] > 0
+        assert math.isclose(r["gbps"], case["bytes_per_step"] / r["median_s"] / 1e9)
+    # Every variant ran or says why not.
+    assert keys | set(case["skipped"]) == {k for k, _ in bench.VARIANTS}
+    for o in case["overhead"]:
+        assert o["threads"] == 1 and o["reference"] in ("cynag_kernel", "c_loop")
+        assert math.isclose(o["overhead_s"], o["update_s"] - o["reference_s"])
+    assert res["recommendation"]["num_threads"] is None   # one thread count only
+
+
+def test_cli_output(small_run):
+    proc, _ = small_run
+    out = proc.stdout
+    assert "AMD" in out or "machine :" in out
+    assert "== small: 2000 tensors of 64" in out
+    for col in ("time/step", "GB/s", "%probe", "vs numpy"):
+        assert col in out
+    assert "probe 3R+2W" in out and "C loop" in out and "cynag update()" in out
+    assert "where the time goes" in out
+    assert "round 1/2" in proc.stderr            # progress goes to stderr
+
+
+def test_cli_threads_sweep_and_recommendation(tmp_path):
+    path = tmp_path / "out.json"
+    proc = _run_cli("--quick", "--cases", "small", "--rounds", "1", "--threads", "1,2",
+                    "--scale", "0.01", "--json", str(path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(path.read_text())["recommendation"]
+    assert rec["threads_compared"] == 2
+    pts = rec["sweep"]["points"]
+    assert [p["size"] for p in pts] == [int(n * 0.01) for n in bench.SWEEP_SIZES]
+    assert all(p["t1_s"] > 0 and p["tn_s"] > 0 and p["speedup"] > 0 for p in pts)
+    assert rec["num_threads"] in (1, 2)
+    assert "recommended: CYNAG_NUM_THREADS=" in proc.stdout
+
+
+@pytest.mark.parametrize("argv", [["--cases", "nope"], ["--threads", "0"],
+                                  ["--threads", "x"], ["--rounds", "0"], ["--dtype", "int8"],
+                                  ["--scale", "-1"]])
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    assert e.value.code == 2
+
+
+def test_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    assert bench.main(["--quick", "--cases", "small,medium", "--rounds", "1", "--threads", "1",
+                       "--scale", "0.002", "--no-sweep", "--plot", str(png)]) == 0
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "_import_pyplot", lambda: None)
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--plot", "x.png"])
+    assert e.value.code == 2
+    assert 'pip install "cynag[bench]"' in capsys.readouterr().err
+
+
+def test_resnet50_shapes():
+    assert len(bench.RESNET50_SHAPES) == 161
+    assert sum(math.prod(s) for s in bench.RESNET50_SHAPES) == 25_557_032
+
+
+def test_recommend_picks_the_size_from_which_threads_always_win():
+    class Env:
+        threads = (1, 4)
+    speedups = [0.3, 0.8, 1.2, 1.05, 1.15, 1.5, 1.9]
+    sweep = {"threads": 4, "points": [{"size": 2 ** (12 + i), "t1_s": 1e-5 * s, "tn_s": 1e-5,
+                                       "speedup": s} for i, s in enumerate(speedups)]}
+    rec = bench.recommend(Env, sweep, [])
+    assert rec["num_threads"] == 4 and rec["parallel_threshold"] == 2 ** 16
+    assert "CYNAG_NUM_THREADS=4 CYNAG_PARALLEL_THRESHOLD=65536" in "\n".join(rec["text"])
+    for p in sweep["points"]:
+        p["speedup"] = 0.9
+    rec = bench.recommend(Env, sweep, [])
+    assert rec["num_threads"] == 1 and rec["parallel_threshold"] is None
+    assert not rec["big_helps"]
+
+
+# ---------------------------------------------------------------------------
+# The probe extension
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_c_loop_is_bit_identical_to_the_kernel(dtype, threads):
+    rng = numpy.random.default_rng(7)
+    params, grads, vs = _tensors(rng, dtype)
+    ref_p, ref_v = [p.copy() for p in params], [v.copy() for v in vs]
+    table = _probe.NesterovTable(params, grads, vs, 0.01, 0.9)
+    assert table.n_tensors == len(SIZES) and table.size == sum(SIZES)
+    assert table.dtype == numpy.dtype(dtype)
+    for _ in range(3):
+        table.run(threads)
+        for p, g, v in zip(ref_p, grads, ref_v):
+            cynag_kernels.nesterov_ag_cpu(p, g, v, 0.01, 0.9, num_threads=1)
+    for got, want in zip(params + vs, ref_p + ref_v):
+        assert numpy.array_equal(_bits(got), _bits(want))
+    assert table.coefficients == tuple(
+        float(c) for c in cynag_kernels.nesterov_ag_coefficients(0.01, 0.9, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_triad_touches_every_element_once(dtype, threads):
+    rng = numpy.random.default_rng(3)
+    a, b, c = _tensors(rng, dtype)
+    a0, b0 = [x.copy() for x in a], [x.copy() for x in b]
+    table = _probe.TriadTable(a, b, c, 0.5)
+    table.run(threads)
+    s = numpy.dtype(dtype).type(0.5)
+    for x, x0, y, y0, z in zip(a, a0, b, b0, c):
+        assert numpy.array_equal(x, x0 + s * z)
+        assert numpy.array_equal(y, y0 + s * z)
+    assert table.nbytes_per_run == 5 * numpy.dtype(dtype).itemsize * sum(SIZES)
+
+
+def test_probe_on_many_small_tensors_and_empty_lists():
+    rng = numpy.random.default_rng(0)
+    params, grads, vs = _tensors(rng, numpy.float32, [64] * 2000)
+    ref_p, ref_v = [p.copy() for p in params], [v.copy() for v in vs]
+    _probe.NesterovTable(params, grads, vs, 0.01, 0.9).run(2)
+    for p, g, v in zip(ref_p, grads, ref_v):
+        cynag_kernels.nesterov_ag_cpu(p, g, v, 0.01, 0.9)
+    assert all(numpy.array_equal(x, y) for x, y in zip(params + vs, ref_p + ref_v))
+    empty = _probe.NesterovTable([], [], [], 0.01, 0.9)
+    empty.run(2)
+    assert empty.size == 0 and empty.n_tensors == 0
+    _probe.empty_region(2)
+    assert isinstance(_probe.openmp_enabled(), bool)
+
+
+def test_probe_rejects_what_it_cannot_walk():
+    f32 = numpy.zeros(8, numpy.float32)
+    ok = [numpy.zeros(8, numpy.float32) for _ in range(3)]
+    with pytest.raises(ValueError, match="grads has 2 arrays but params has 1"):
+        _probe.NesterovTable([ok[0]], [ok[1], f32], [ok[2]], 0.01, 0.9)
+    with pytest.raises(TypeError, match="dtype"):
+        _probe.NesterovTable([ok[0]], [ok[1].astype(numpy.float64)], [ok[2]], 0.01, 0.9)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        _probe.TriadTable([ok[0].astype(numpy.float16)], [ok[1]], [ok[2]])
+    with pytest.raises(ValueError, match="contiguous"):
+        _probe.NesterovTable([numpy.zeros(16, numpy.float32)[::2]], [ok[1]], [ok[2]], 0.01, 0.9)
+    with pytest.raises(ValueError, match="shape"):
+        _probe.NesterovTable([ok[0]], [numpy.zeros(9, numpy.float32)], [ok[2]], 0.01, 0.9)
+    ro = ok[0].copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        _probe.NesterovTable([ro], [ok[1]], [ok[2]], 0.01, 0.9)
+    _probe.NesterovTable([ok[0]], [ro], [ok[2]], 0.01, 0.9)      # a read-only grad is fine
+    with pytest.raises(ValueError, match="overlap"):
+        _probe.NesterovTable([ok[0]], [ok[1]], [ok[0]], 0.01, 0.9)
+    with pytest.raises(TypeError, match="ndarray"):
+        _probe.TriadTable([[0.0] * 8], [ok[1]], [ok[2]])
