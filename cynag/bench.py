@@ -162,9 +162,9 @@ def fmt_time(s):
     """Seconds with a unit, about 3 significant digits."""
     if s is None:
         return "-"
-    for unit, f in (("s", 1.0), ("ms", 1e3), ("us", 1e6)):
+    for unit, f in (("s", 1.0), ("ms", 1e3), ("us", 1e6), ("ns", 1e9)):
         v = s * f
-        if abs(v) >= 1 or unit == "us":
+        if abs(v) >= 1 or unit == "ns":
             a = abs(v)
             return ("%.0f %s" if a >= 100 else "%.1f %s" if a >= 10 else "%.2f %s") % (v, unit)
 
@@ -870,15 +870,14 @@ def print_case(res, out=sys.stdout):
         w("where the time goes (cynag update() minus the native call at the same thread "
           "count):\n")
         for o in res["overhead"]:
-            line = ("  %d thr: update() %s = %s %s + %s overhead, %s us per tensor"
-                    % (o["threads"], fmt_time(o["update_s"]), LABELS[o["reference"]],
-                       fmt_time(o["reference_s"]), fmt_time(o["overhead_s"]),
-                       sig(o["overhead_per_tensor_us"])))
+            ref = "%s %s" % (LABELS[o["reference"]], fmt_time(o["reference_s"]))
+            w("  %d thr: update() %s = %s + %s, %s per tensor\n"
+              % (o["threads"], fmt_time(o["update_s"]), ref, fmt_time(o["overhead_s"]),
+                 fmt_time(o["overhead_per_tensor_us"] * 1e-6)))
             if "contiguous_s" in o:
-                line += "; contiguous: %s overhead, %s us per tensor" % (
-                    fmt_time(o["contiguous_overhead_s"]),
-                    sig(o["contiguous_overhead_per_tensor_us"]))
-            w(line + "\n")
+                w("         contiguous %s = %s + %s, %s per tensor\n"
+                  % (fmt_time(o["contiguous_s"]), ref, fmt_time(o["contiguous_overhead_s"]),
+                     fmt_time(o["contiguous_overhead_per_tensor_us"] * 1e-6)))
     load = res.get("other_load_cpus")
     if load is not None and load > OTHER_LOAD_WARN:
         w("  other processes kept %.2f CPUs busy during the rounds: the times are "
