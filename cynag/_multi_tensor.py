@@ -28,6 +28,7 @@ parameter; a replaced gradient or a new hyperparameter value rebuilds the
 groups' tables only; anything else rebuilds the plan.  Plans over objects
 cynag does not own (``chainer.Link`` parameters) are rebuilt at every step.
 """
+import itertools
 import operator
 
 import numpy
@@ -91,6 +92,22 @@ class _Group:
             return None
         values.append(None if kinds == {type(None)} else scales)
         return values
+
+    def refresh_grads(self):
+        """Point the table at the current gradients; False if that is not enough."""
+        table = self.table
+        if table is None:
+            return False
+        params = self.params
+        grads = list(map(_GRAD, params)) if self.owned else [p.grad for p in params]
+        if any(map(operator.is_, grads, itertools.repeat(None))):
+            self.table = None
+            return False
+        table = table.with_grads(grads)
+        if table.excluded:
+            return False
+        self.table = table
+        return True
 
     def build_table(self):
         """Build the native table; return the entries it had to leave out.
@@ -163,6 +180,7 @@ class Plan:
         self.snapshot = None
         self.groups = []
         self.rest = []          # [(index, path, param, rule)] in the target's order
+        self.initialized = []   # the target's initialized parameters, in order
         self.owned = False      # every parameter is a cynag Parameter
 
     # -- building ------------------------------------------------------------
@@ -208,9 +226,12 @@ class Plan:
         grouped = {}
         rest = []
         owned = True
+        initialized = []
         for index, (path, param) in enumerate(target.namedparams()):
             if not isinstance(param, Parameter):
                 owned = False
+            if param.array is not None:
+                initialized.append(param)
             rule = getattr(param, "update_rule", None)
             key = None if rule is None else self._key(param, rule)
             entry = (index, path, param, rule)
@@ -237,12 +258,20 @@ class Plan:
         rest.sort(key=operator.itemgetter(0))
         self.rest = rest
         self.owned = owned
+        self.initialized = initialized
         self.target = target
         self.groups = groups
         for group in groups:
             group.attach()
         self.check_rest()
         self.snapshot = _tracking.snapshot()
+
+    def current_params(self):
+        """The target's initialized parameters if the plan is current, else None."""
+        if (self.snapshot is None or not self.owned or self.target is not self.optimizer.target
+                or _tracking.structure.n != self.snapshot[0]):
+            return None
+        return self.initialized
 
     def check_rest(self):
         """Check the parameters updated one by one, as ``check_params`` does."""
@@ -255,11 +284,17 @@ class Plan:
         for rule in checked:
             rule._checked = True
 
-    def _refresh(self):
-        """Rebuild the groups' tables after gradients or values changed (True: done)."""
+    def _refresh(self, snapshot):
+        """Update the groups' tables after gradients or values changed (True: done)."""
+        if _tracking.hyper.n != snapshot[2]:
+            for group in self.groups:
+                if group.build_table():
+                    return False
+            return True
         for group in self.groups:
-            excluded = group.build_table()
-            if excluded:
+            if group.refresh_grads():
+                continue
+            if group.build_table():  # None: a gradient is still None (built later)
                 return False
         return True
 
@@ -276,7 +311,7 @@ class Plan:
             self.build()
             return
         if _tracking.snapshot() != snapshot:
-            if not self._refresh():
+            if not self._refresh(snapshot):
                 self.build()
                 return
             self.snapshot = _tracking.snapshot()

@@ -19,8 +19,10 @@ that names the parameter by its path, so a bad step updates nothing.
 """
 import collections
 import copy
+import itertools
 import math
 import numbers
+import operator
 import warnings
 
 import numpy
@@ -31,6 +33,7 @@ from cynag.parameter import Parameter
 from cynag.serializer import Deserializer
 
 _TIMINGS = ("pre", "post")
+_GRAD = operator.attrgetter("grad")
 
 
 class _Hookable:
@@ -859,6 +862,14 @@ class GradientMethod(Optimizer):
         snapshot = (_tracking.structure.n, _tracking.grads.n)
         if snapshot == self._realloc_snapshot:
             return  # no gradient was cleared since the last pass
+        plan = self._plan
+        params = None if plan is None else plan.current_params()
+        if params is not None:
+            # The plan knows the parameters: look for a cleared gradient
+            # without walking the link.
+            if not any(map(operator.is_, map(_GRAD, params), itertools.repeat(None))):
+                self._realloc_snapshot = snapshot
+                return
         owned = True
         for _, param in self._namedparams(False):
             if not isinstance(param, Parameter):

@@ -160,16 +160,24 @@ class CPUTable:
         lr = _per_tensor(lr, n, "lr")
         momentum = _per_tensor(momentum, n, "momentum")
         scales = None if loss_scale is None else _per_tensor(loss_scale, n, "loss_scale")
+        self._type_num = type_num
+        self._coef_all, self._coef_ok = coefficient_table(self.dtype, lr, momentum, scales)
+        self._finish(params, grads, vs, strict)
+
+    def _finish(self, params, grads, vs, strict):
+        """Read the addresses, check the entries, merge and lay out the table."""
+        n = len(params)
         ptrs = numpy.empty((n, 3), numpy.int64)
         sizes = numpy.empty(n, numpy.int64)
         ok8 = numpy.empty(n, numpy.uint8)
-        _nesterov_cpu.multi_pointers(params, grads, vs, type_num, ptrs, sizes, ok8)
+        _nesterov_cpu.multi_pointers(params, grads, vs, self._type_num, ptrs, sizes, ok8)
         ok = ok8.view(bool)
-        coef, coef_ok = coefficient_table(self.dtype, lr, momentum, scales)
-        ok &= coef_ok
-        if scales is not None:
-            for i, s in enumerate(scales):
-                if s is not None and ok[i] and not grads[i].flags.writeable:
+        coef = self._coef_all
+        ok &= self._coef_ok
+        scaled = coef[:, _HAS_LS] != 0
+        if scaled.any():
+            for i in numpy.flatnonzero(scaled & ok):
+                if not grads[i].flags.writeable:
                     ok[i] = False  # the gradient is divided in place
         ok &= ~_overlapping(ptrs, sizes * self.dtype.itemsize, ok)
         excluded = numpy.flatnonzero(~ok)
@@ -186,13 +194,33 @@ class CPUTable:
         self._coef = numpy.ascontiguousarray(coef)
         self._cum = numpy.zeros(len(sizes) + 1, numpy.int64)
         numpy.cumsum(sizes, out=self._cum[1:])
-        self._type_num = type_num
         self._scaled = bool(self._coef[:, _HAS_LS].any())
         self._items = {}
         # Keep the arrays alive while the table points into them.
         self._arrays = (params, grads, vs)
         self.n_tensors = len(sizes)
         self.n_elements = int(self._cum[-1])
+
+    def with_grads(self, grads):
+        """A table for the same entries with new gradient arrays.
+
+        Reuses the coefficients; reads the new gradients' addresses and
+        checks them as the constructor does (``strict=False``: entries
+        whose new gradient does not qualify are listed in ``excluded``).
+        Costs one pass over the array headers and a few vectorized steps,
+        not a Python call per entry.
+        """
+        params, _, vs = self._arrays
+        grads = list(grads)
+        if len(grads) != len(params):
+            raise ValueError("with_grads: %d gradients for %d entries" % (len(grads), len(params)))
+        table = object.__new__(CPUTable)
+        table.dtype = self.dtype
+        table._type_num = self._type_num
+        table._coef_all = self._coef_all
+        table._coef_ok = self._coef_ok
+        table._finish(params, grads, vs, strict=False)
+        return table
 
     def work_items(self, n_threads):
         """``(bounds, first)``: the split of the elements for ``n_threads`` threads."""
