@@ -848,7 +848,9 @@ def case_title(res):
                fmt_bytes(res["bytes_per_step"]), res["rounds"]))
 
 
-def print_case(res, out=sys.stdout):
+def print_case(res, quiet=(), out=None):
+    """One case's table; skipped variants whose key is in ``quiet`` are not repeated."""
+    out = out or sys.stdout
     w = out.write
     w("\n" + case_title(res) + "\n")
     cols = ("%-17s %3s %10s %6s %8s %7s %9s %10s %9s  %s")
@@ -865,6 +867,8 @@ def print_case(res, out=sys.stdout):
                   sig(r["speedup_numpy"], "x"), sig(r["speedup_chainer"], "x"),
                   sig(r["speedup_torch"], "x"), "; ".join(notes)) + "\n")
     for key, why in res["skipped"].items():
+        if key in quiet:
+            continue
         w("  (%s skipped: %s)\n" % (LABELS.get(key, key), why))
     if res["overhead"]:
         w("where the time goes (cynag update() minus the native call at the same thread "
@@ -1051,6 +1055,10 @@ def main(argv=None):
     env.torch, env.torch_note = import_torch()
 
     info = machine_info(env)
+    # Variants the header already says are missing, not repeated under every table.
+    header_skips = ({"chainer_update"} if env.chainer is None else set()) | (
+        {"torch_fused"} if env.torch is None else set()) | (
+        {"probe", "c_loop"} if env.probe is None else set())
     print("\n".join(header_lines(env, info)))
     print(LEGEND)
     sys.stdout.flush()
@@ -1064,7 +1072,7 @@ def main(argv=None):
             print("\n== %s: failed (%s) ==" % (name, failures[name]))
             continue
         cases.append(res)
-        print_case(res)
+        print_case(res, quiet=header_skips)
 
     sweep = None
     if max(env.threads) > 1 and not args.no_sweep:
