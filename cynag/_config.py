@@ -22,6 +22,15 @@ def _cupy_status():
         return "cupy installed but no usable GPU (%s: %s)" % (type(e).__name__, e)
 
 
+def _multi_tensor_status():
+    from cynag.optimizer import multi_tensor_default
+
+    try:
+        return multi_tensor_default()
+    except ValueError as e:
+        return str(e)
+
+
 def config():
     """The information printed by :func:`show_config`, as a dict."""
     from cynag import __version__
@@ -35,6 +44,7 @@ def config():
         "build": build,
         "threads": threads.thread_config(),
         "cupy": _cupy_status(),
+        "multi_tensor": _multi_tensor_status(),
     }
 
 
@@ -57,6 +67,10 @@ def show_config(file=None):
                             t["omp_get_max_threads"], t["cpu_count"]),
         "  parallel threshold: %d elements (CYNAG_PARALLEL_THRESHOLD, "
         "cynag.set_parallel_threshold)" % t["parallel_threshold"],
+        "  multi-tensor update: %s" % (
+            "on (one native call per device/dtype group; CYNAG_MULTI_TENSOR=0 turns it off)"
+            if c["multi_tensor"] is True else "off (CYNAG_MULTI_TENSOR=0)"
+            if c["multi_tensor"] is False else c["multi_tensor"]),
         "  GPU:       %s" % c["cupy"],
     ]
     print("\n".join(lines), file=file or sys.stdout)

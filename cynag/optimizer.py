@@ -23,6 +23,7 @@ import itertools
 import math
 import numbers
 import operator
+import os
 import warnings
 
 import numpy
@@ -761,6 +762,16 @@ class Optimizer:
         self._loss_scale = max(1, min(self._loss_scale_max, self._loss_scale * multiplier))
 
 
+def multi_tensor_default():
+    """Whether new optimizers use the multi-tensor path: ``CYNAG_MULTI_TENSOR`` (default 1)."""
+    raw = os.environ.get("CYNAG_MULTI_TENSOR", "1").strip().lower()
+    if raw in ("1", "true", "yes", "on", ""):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("environment variable CYNAG_MULTI_TENSOR must be 0 or 1, got %r" % raw)
+
+
 class GradientMethod(Optimizer):
     """Base class of single-gradient optimizers built from update rules.
 
@@ -775,7 +786,7 @@ class GradientMethod(Optimizer):
         super().__init__()
         self.hyperparam = Hyperparameter()
         self._use_fp32_update = False
-        self._use_multi_tensor = True
+        self._use_multi_tensor = multi_tensor_default()
         self._plan = None
         self._realloc_snapshot = None
 
