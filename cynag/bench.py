@@ -848,6 +848,10 @@ def case_title(res):
                fmt_bytes(res["bytes_per_step"]), res["rounds"]))
 
 
+def _noise(overhead_s):
+    return " (below zero: within the noise)" if overhead_s < 0 else ""
+
+
 def print_case(res, quiet=(), out=None):
     """One case's table; skipped variants whose key is in ``quiet`` are not repeated."""
     out = out or sys.stdout
@@ -875,13 +879,14 @@ def print_case(res, quiet=(), out=None):
           "count):\n")
         for o in res["overhead"]:
             ref = "%s %s" % (LABELS[o["reference"]], fmt_time(o["reference_s"]))
-            w("  %d thr: update() %s = %s + %s, %s per tensor\n"
+            w("  %d thr: update() %s = %s + %s, %s per tensor%s\n"
               % (o["threads"], fmt_time(o["update_s"]), ref, fmt_time(o["overhead_s"]),
-                 fmt_time(o["overhead_per_tensor_us"] * 1e-6)))
+                 fmt_time(o["overhead_per_tensor_us"] * 1e-6), _noise(o["overhead_s"])))
             if "contiguous_s" in o:
-                w("         contiguous %s = %s + %s, %s per tensor\n"
+                w("         contiguous %s = %s + %s, %s per tensor%s\n"
                   % (fmt_time(o["contiguous_s"]), ref, fmt_time(o["contiguous_overhead_s"]),
-                     fmt_time(o["contiguous_overhead_per_tensor_us"] * 1e-6)))
+                     fmt_time(o["contiguous_overhead_per_tensor_us"] * 1e-6),
+                     _noise(o["contiguous_overhead_s"])))
     load = res.get("other_load_cpus")
     if load is not None and load > OTHER_LOAD_WARN:
         w("  other processes kept %.2f CPUs busy during the rounds: the times are "
