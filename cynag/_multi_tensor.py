@@ -93,6 +93,14 @@ class _Group:
         values.append(None if kinds == {type(None)} else scales)
         return values
 
+    def grads_changed(self):
+        """True if some parameter's gradient is not the array the table points at."""
+        table = self.table
+        if table is None:
+            return True
+        grads = list(map(_GRAD, self.params)) if self.owned else [p.grad for p in self.params]
+        return not all(map(operator.is_, grads, table._arrays[1]))
+
     def refresh_grads(self):
         """Point the table at the current gradients; False if that is not enough."""
         table = self.table
@@ -259,12 +267,23 @@ class Plan:
         self.rest = rest
         self.owned = owned
         self.initialized = initialized
+        self.signature = None if owned else self._foreign_signature(
+            [param for _, param in target.namedparams()])
         self.target = target
         self.groups = groups
         for group in groups:
             group.attach()
         self.check_rest()
         self.snapshot = _tracking.snapshot()
+
+    @staticmethod
+    def _foreign_signature(params):
+        """What a step depends on that a ``chainer.Parameter`` does not report."""
+        # ids, not objects: chainer.Variable refuses ==.  The plan keeps the
+        # parameters and the tables keep their arrays alive, so no id is reused.
+        return ([id(p) for p in params], [id(p.array) for p in params],
+                [id(getattr(p, "update_rule", None)) for p in params],
+                [getattr(p, "_loss_scale", None) for p in params])
 
     def current_params(self):
         """The target's initialized parameters if the plan is current, else None."""
@@ -306,10 +325,21 @@ class Plan:
         place since the tables were built.
         """
         snapshot = self.snapshot
-        if (snapshot is None or not self.owned or self.target is not self.optimizer.target
+        if (snapshot is None or self.target is not self.optimizer.target
                 or _tracking.structure.n != snapshot[0]):
             self.build()
             return
+        if not self.owned:
+            # Parameters cynag does not own report no change: compare.
+            if not final and self._foreign_signature(
+                    [param for _, param in self.target.namedparams()]) != self.signature:
+                self.build()
+                return
+            for group in self.groups:
+                if group.grads_changed() and not group.refresh_grads() \
+                        and group.build_table():
+                    self.build()
+                    return
         if _tracking.snapshot() != snapshot:
             if not self._refresh(snapshot):
                 self.build()
