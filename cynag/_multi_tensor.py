@@ -28,6 +28,7 @@ parameter; a replaced gradient or a new hyperparameter value rebuilds the
 groups' tables only; anything else rebuilds the plan.  Plans over objects
 cynag does not own (``chainer.Link`` parameters) are rebuilt at every step.
 """
+import collections
 import itertools
 import operator
 
@@ -247,6 +248,18 @@ class Plan:
                 rest.append(entry)
             else:
                 grouped.setdefault(key, []).append(entry)
+        # A rule shared by several parameters counts a step for each of them
+        # (as in Chainer): such parameters are updated one by one.
+        rule_uses = collections.Counter(id(e[3]) for entries in grouped.values()
+                                        for e in entries)
+        if any(count > 1 for count in rule_uses.values()):
+            for key in list(grouped):
+                shared = [e for e in grouped[key] if rule_uses[id(e[3])] > 1]
+                if shared:
+                    rest.extend(shared)
+                    grouped[key] = [e for e in grouped[key] if rule_uses[id(e[3])] == 1]
+                    if not grouped[key]:
+                        del grouped[key]
         groups = []
         for key, entries in grouped.items():
             group = _Group(key, key[2], entries,
