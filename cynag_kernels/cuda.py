@@ -303,6 +303,7 @@ class GPUTable:
         self.n_tensors = int(keep.sum())
         self.n_elements = int(sizes[keep].sum())
         self._arrays = (params, grads, vs)  # keep the memory alive
+        self._values = (lr, momentum, loss_scale)
         self._n_items = 0
         if self.n_tensors == 0:
             return
@@ -328,6 +329,11 @@ class GPUTable:
                 self._kernel(self._grid, self._block, args)
         except cupy.cuda.runtime.CUDARuntimeError as e:
             raise RuntimeError("CuPy could not use GPU %d: %s" % (self.device_id, e)) from e
+
+    def with_grads(self, grads):
+        """A table for the same entries with new gradient arrays (``strict=False``)."""
+        params, _, vs = self._arrays
+        return GPUTable(params, grads, vs, *self._values, strict=False)
 
     def writeable(self):
         """Always true: CuPy arrays cannot be made read-only."""
