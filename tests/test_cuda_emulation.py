@@ -39,6 +39,19 @@ What the tests establish, for all three entry points:
   copies of the kernel (wrong stride, wrong bound, reassociated arithmetic)
   are caught.
 
+For the multi-tensor entry points (``MULTI_KERNEL_NAMES``), with the table
+of :func:`cynag_kernels.cuda.multi_table` and the coefficients of
+:func:`~cynag_kernels.cuda.multi_coefficients`:
+
+* one launch gives, bit for bit, what the single-tensor kernel gives tensor
+  by tensor after ``grad / loss_scale`` in the array dtype, for random
+  tables (sizes 1 and up, around the work item size, one large tensor,
+  per-tensor lr and momentum, some loss scales), for grids of
+  :func:`~cynag_kernels.cuda.multi_launch_config`, several block and work
+  item sizes, blocks and threads in several orders;
+* every element is updated (and its gradient divided) exactly once, and
+  nothing outside the arrays is written; mutated copies are caught.
+
 What it does not establish: NVRTC compiles with ``--fmad=true`` by default, so
 a GPU contracts ``a * b + c`` into fused multiply-adds and agrees with these
 results to rounding, not bit for bit (as the source says); and nothing here
@@ -509,9 +522,18 @@ def run_step(emu, name, grid, block, p, g, v, lr, momentum, order_list):
 # Signatures and marshalling
 # ---------------------------------------------------------------------------
 def test_signatures_match_the_launcher_tables():
-    """The parsed entry points are exactly KERNEL_NAMES, typed as SCALAR_TYPES says."""
+    """The parsed entry points are exactly KERNEL_NAMES + MULTI_KERNEL_NAMES, with their C types.
+
+    Single-tensor kernels: ``(T* param, const T* grad, T* v, S lr, S momentum,
+    long long n)``; multi-tensor kernels: ``(const long long* table, const S*
+    coef, long long n_tensors, long long n_items)``, with ``S`` the scalar type
+    of :data:`SCALAR_TYPES` (what :func:`multi_coefficients` builds).
+    """
     kernels = parse_kernels(cuda_launcher.kernel_source())
-    assert sorted(kernels) == sorted(cuda_launcher.KERNEL_NAMES.values())
+    assert sorted(kernels) == sorted(list(cuda_launcher.KERNEL_NAMES.values())
+                                     + list(cuda_launcher.MULTI_KERNEL_NAMES.values()))
+    assert sorted(cuda_launcher.KERNEL_NAMES) == sorted(cuda_launcher.MULTI_KERNEL_NAMES) \
+        == sorted(DTYPES)
     for dtype, name in cuda_launcher.KERNEL_NAMES.items():
         params = kernels[name]
         assert [p.name for p in params] == ["param", "grad", "v", "lr", "momentum", "n"], name
@@ -521,6 +543,17 @@ def test_signatures_match_the_launcher_tables():
             assert not p.pointer
             assert SCALAR_CTYPES[p.base][0] == np.dtype(cuda_launcher.SCALAR_TYPES[dtype]), (name, p)
         assert not params[5].pointer and params[5].base == "long long"
+    for dtype, name in cuda_launcher.MULTI_KERNEL_NAMES.items():
+        params = kernels[name]
+        assert [p.name for p in params] == ["table", "coef", "n_tensors", "n_items"], name
+        table, coef = params[:2]
+        assert table.pointer and table.const and table.base == "long long", (name, table)
+        assert coef.pointer and coef.const, (name, coef)
+        assert POINTEE_DTYPES[coef.base] == np.dtype(cuda_launcher.SCALAR_TYPES[dtype]), (name, coef)
+        c, _ = cuda_launcher.multi_coefficients(dtype, [0.01], [0.9])
+        assert c.dtype == POINTEE_DTYPES[coef.base], (name, c.dtype)
+        for p in params[2:]:
+            assert not p.pointer and p.base == "long long", (name, p)
 
 
 def test_kernel_args_scalars_are_the_gpu_coefficients():
@@ -904,3 +937,295 @@ def test_mutants_are_caught(cxx):
         if not problems:
             failures.append(label)
     assert not failures, "mutants the checks did not catch: %s" % failures
+
+
+# ---------------------------------------------------------------------------
+# The multi-tensor kernels: the single-tensor kernel, table by table
+# ---------------------------------------------------------------------------
+#: Loss scales of the multi-tensor tests: powers of two, values no float16 (or
+#: float32) holds exactly, an int, values below 1.
+LOSS_SCALES = (128.0, 1000.1, 3, 0.7, 2.0 ** -5, 1e-3, 65504.0, 1.0)
+
+
+def multi_args(table, n_items, coef):
+    """The arguments GPUTable.run passes: ``(table, coef, n_tensors, n_items)``."""
+    n_tensors = coef.shape[0]
+    return (table, np.ascontiguousarray(coef.reshape(-1)), np.int64(n_tensors),
+            np.int64(n_items))
+
+
+def _random_sizes(rng, n_small, large):
+    """Sizes 1 and 2, sizes around the work item size, random small ones, one large one."""
+    item = cuda_launcher.MULTI_ITEM_ELEMENTS
+    sizes = [1, 1, 2, 3, 255, 257, item - 1, item, item + 1, 2 * item + 3]
+    sizes += [int(s) for s in rng.integers(1, 3000, size=n_small)]
+    sizes.append(large)
+    rng.shuffle(sizes)
+    return sizes
+
+
+def _random_hyper(rng, n, scaled_fraction):
+    lrs = [float(rng.choice([0.01, 0.1, 1e-3, 0.5, 0.0123, 1e-6])) if rng.random() < 0.5
+           else float(10 ** rng.uniform(-5, -0.5)) for _ in range(n)]
+    ms = [float(rng.choice([0.9, 0.0, 0.99, 0.5, 0.95, 0.999])) if rng.random() < 0.5
+          else float(rng.uniform(0, 1)) for _ in range(n)]
+    scales = [LOSS_SCALES[int(rng.integers(len(LOSS_SCALES)))]
+              if rng.random() < scaled_fraction else None for _ in range(n)]
+    return lrs, ms, scales
+
+
+def run_multi(emu, dtype, ps, gs, vs, lrs, ms, scales, sm_count, block, item_elements,
+              block_order=None, thread_order=None):
+    """One multi-tensor launch on guarded copies; ``(params, grads, vs, problems)``."""
+    P = [Guarded(p) for p in ps]
+    G = [Guarded(g) for g in gs]
+    V = [Guarded(v) for v in vs]
+    sizes = [p.size for p in ps]
+    ptrs = np.array([[a.array.ctypes.data for a in arrays] for arrays in zip(P, G, V)],
+                    np.int64).reshape(-1, 3)
+    table, n_items = cuda_launcher.multi_table(sizes, ptrs, item_elements)
+    coef, ok = cuda_launcher.multi_coefficients(dtype, lrs, ms, scales)
+    assert ok.all(), (lrs, ms, scales)
+    grid, blk = cuda_launcher.multi_launch_config(n_items, sm_count, block)
+    args = multi_args(table, n_items, coef)
+    table_before, coef_before = table.copy(), args[1].copy()
+    emu.launch(cuda_launcher.MULTI_KERNEL_NAMES[dtype], grid, blk, args,
+               block_order=block_order, thread_order=thread_order)
+    problems = []
+    for t, arrays in enumerate(zip(P, G, V)):
+        for label, A in zip(("param", "grad", "v"), arrays):
+            if A.damage():
+                problems.append("tensor %d (size %d) %s guard written at %s"
+                                % (t, sizes[t], label, A.damage()[:8]))
+    if table.tobytes() != table_before.tobytes() or args[1].tobytes() != coef_before.tobytes():
+        problems.append("the table or the coefficients were written")
+    return ([A.array.copy() for A in P], [A.array.copy() for A in G],
+            [A.array.copy() for A in V], problems)
+
+
+def single_reference(emu, dtype, p, g, v, lr, m, scale):
+    """``(param, grad, v)`` after ``grad / scale`` (in the dtype) and the single-tensor kernel."""
+    if scale is not None:
+        with np.errstate(all="ignore"):
+            g = (g / dtype.type(scale)).astype(dtype)  # float16: float32 quotient, RNE: exact
+    P, G, V = Guarded(p), Guarded(g), Guarded(v)
+    grid, blk = cuda_launcher.launch_config(p.size, 2, 64)
+    emu.launch(cuda_launcher.KERNEL_NAMES[dtype], grid, blk,
+               cuda_launcher.kernel_args(P.array, G.array, V.array, lr, m))
+    assert (P.damage(), G.damage(), V.damage()) == ([], [], [])
+    return P.array.copy(), G.array.copy(), V.array.copy()
+
+
+#: (sm_count, block, item_elements) of the multi-tensor launches.
+MULTI_CONFIGS = ((1, 256, cuda_launcher.MULTI_ITEM_ELEMENTS),
+                 (2, 32, cuda_launcher.MULTI_ITEM_ELEMENTS),
+                 (3, 100, 1000),
+                 (80, 256, cuda_launcher.MULTI_ITEM_ELEMENTS),
+                 (132, 1024, 4096),
+                 (1, 1, 333))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_multi_kernel_equals_the_single_kernel_bit_for_bit(emu, dtype):
+    """One multi-tensor launch = per tensor ``grad /= scale`` then the single-tensor kernel.
+
+    Random tables (sizes 1, 2, around the work item size, random small ones
+    and one large tensor; per-tensor lr and momentum; a loss scale on about
+    a third of them), grids of ``multi_launch_config`` for several
+    multiprocessor counts, block sizes and work item sizes, blocks and
+    threads forward, reversed and in random order: param, v and the divided
+    grad are bit-identical to the single-tensor kernel's, the same in every
+    order, and nothing outside the arrays (or in the table) is written.
+    """
+    dtype = np.dtype(dtype)
+    rng = np.random.default_rng(101 + dtype.itemsize)
+    rlog = LOG10_RANGES[dtype]
+    sizes = _random_sizes(rng, n_small=30, large=100_003)
+    n = len(sizes)
+    ps = [random_values(rng, dtype, s, rlog) for s in sizes]
+    gs = [random_values(rng, dtype, s, rlog) for s in sizes]
+    vs = [random_values(rng, dtype, s, rlog) * dtype.type(0.1) for s in sizes]
+    lrs, ms, scales = _random_hyper(rng, n, scaled_fraction=0.35)
+    want = [single_reference(emu, dtype, *args) for args in zip(ps, gs, vs, lrs, ms, scales)]
+    problems = []
+    for k, (sm_count, block, item) in enumerate(MULTI_CONFIGS):
+        n_items = -(-sum(sizes) // item)
+        grid, blk = cuda_launcher.multi_launch_config(n_items, sm_count, block)
+        order_list = orders(rng, grid, blk) if k in (0, 2, 5) else [("forward", None, None)]
+        for label, bo, to in order_list:
+            where = "%s sm=%d block=%d item=%d order=%s" % (dtype, sm_count, block, item, label)
+            got_p, got_g, got_v, damage = run_multi(emu, dtype, ps, gs, vs, lrs, ms, scales,
+                                                    sm_count, block, item, bo, to)
+            problems += ["%s: %s" % (where, d) for d in damage]
+            for t in range(n):
+                for what, got, ref in (("param", got_p[t], want[t][0]),
+                                       ("grad", got_g[t], want[t][1]),
+                                       ("v", got_v[t], want[t][2])):
+                    bad = mismatches(got, ref)
+                    if bad.size:
+                        i = bad[0]
+                        problems.append(
+                            "%s: tensor %d (size %d, lr %r, m %r, scale %r): %s differs at %d "
+                            "elements (first %d: %r vs %r)" % (where, t, sizes[t], lrs[t], ms[t],
+                                                               scales[t], what, bad.size, i,
+                                                               got[i], ref[i]))
+    assert not problems, "%d problems, first: %s" % (len(problems), problems[:5])
+
+
+def test_multi_kernel_divides_grad_as_numpy_divides_in_the_dtype(emu):
+    """With the flag set, grad becomes ``grad / scale`` with the scale rounded to the dtype.
+
+    The quotient is the correctly rounded one of NumPy's same-dtype division
+    (float16: computed in float32 and rounded once, which is exact for a
+    quotient of float16 values), every float16 value against awkward scales.
+    """
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    problems = []
+    for scale in (1000.1, 3, 0.7, 1e-3, 65504.0, 2.0 ** -24, 6e-8):
+        for dtype, g in ((np.dtype(np.float16), h),
+                         (np.dtype(np.float32), np.random.default_rng(3).standard_normal(
+                             1 << 14).astype(np.float32) * np.float32(1e30)),
+                         (np.dtype(np.float64), np.random.default_rng(4).standard_normal(
+                             1 << 14) * 1e300)):
+            p = np.zeros(g.size, dtype)
+            _, got_g, _, damage = run_multi(emu, dtype, [p], [g], [p.copy()], [0.0], [0.0],
+                                            [scale], 2, 256, cuda_launcher.MULTI_ITEM_ELEMENTS)
+            with np.errstate(all="ignore"):
+                want = g / np.asarray(scale, dtype)
+            assert want.dtype == dtype
+            bad = mismatches(got_g[0], want)
+            if bad.size or damage:
+                problems.append("%s / %r: %d mismatches (first: %r -> %r, want %r) %s"
+                                % (dtype, scale, bad.size, g[bad[0]] if bad.size else None,
+                                   got_g[0][bad[0]] if bad.size else None,
+                                   want[bad[0]] if bad.size else None, damage))
+    assert not problems, problems
+
+
+def _multi_counting_problems(emu, dtype, sizes, sm_count, block, item_elements, scaled):
+    """One counting launch: lr=1, momentum=0, grad=-1 (or -2 with loss scale 2) adds 1 per update.
+
+    An element updated twice would read 2 (or, with the scale, 1.5: its
+    gradient divided twice); one skipped reads 0.
+    """
+    n = len(sizes)
+    g0 = -2.0 if scaled else -1.0
+    ps = [np.zeros(s, dtype) for s in sizes]
+    gs = [np.full(s, g0, dtype) for s in sizes]
+    vs = [np.zeros(s, dtype) for s in sizes]
+    got_p, got_g, got_v, problems = run_multi(
+        emu, dtype, ps, gs, vs, [1.0] * n, [0.0] * n, [2.0] * n if scaled else None,
+        sm_count, block, item_elements)
+    where = "%s sizes=%s sm=%d block=%d item=%d scaled=%s" % (
+        dtype, sizes if n < 8 else "%d tensors" % n, sm_count, block, item_elements, scaled)
+    problems = ["%s: %s" % (where, p) for p in problems]
+    for t in range(n):
+        for what, a in (("param", got_p[t]), ("v", got_v[t]), ("-grad", -got_g[t])):
+            if not (a == 1).all():
+                bad = np.nonzero(a != 1)[0]
+                problems.append("%s: tensor %d (size %d): %s is not 1 at %d elements (first: "
+                                "index %d, %g)" % (where, t, sizes[t], what, bad.size, bad[0],
+                                                   a[bad[0]]))
+    return problems
+
+
+def test_multi_launch_config_updates_every_element_exactly_once(emu):
+    """Many tables, multiprocessor counts, block and item sizes: one update per element."""
+    rng = np.random.default_rng(17)
+    item = cuda_launcher.MULTI_ITEM_ELEMENTS
+    problems = []
+    for sm_count in (1, 2, 3, 13, 80, 132):
+        for block in (1, 32, 100, 256, 1024):
+            for item_elements in (1, 7, 256, item):
+                if item_elements == 1 and block > 32:
+                    continue
+                sizes = [int(s) for s in rng.integers(1, 3 * item_elements + 2,
+                                                      size=int(rng.integers(1, 12)))]
+                if item_elements >= 256:
+                    sizes.append(int(rng.integers(1, 40_000)))
+                problems += _multi_counting_problems(emu, np.dtype(np.float32), sizes, sm_count,
+                                                     block, item_elements, scaled=bool(block % 2))
+    for dtype in DTYPES:
+        for sizes, sm_count, block, item_elements in (([1], 1, 256, item),
+                                                      ([item, 1, item + 1], 2, 256, item),
+                                                      ([3] * 200, 1, 32, item),
+                                                      ([5, 1000, 1, 77], 3, 64, 100),
+                                                      ([70_001], 132, 256, item)):
+            for scaled in (False, True):
+                problems += _multi_counting_problems(emu, dtype, sizes, sm_count, block,
+                                                     item_elements, scaled)
+    assert not problems, "%d problems, first: %s" % (len(problems), problems[:8])
+
+
+def test_multi_table_layout():
+    """multi_table: ptrs, cum, bounds, first, as the kernel's header comment describes."""
+    sizes = [5, 1, 20, 3]
+    ptrs = np.arange(12, dtype=np.int64).reshape(4, 3) * 1000
+    table, n_items = cuda_launcher.multi_table(sizes, ptrs, item_elements=8)
+    assert table.dtype == np.int64 and table.ndim == 1 and table.flags.c_contiguous
+    assert n_items == 4  # 29 elements in items of 8
+    n = len(sizes)
+    assert table[:3 * n].tolist() == ptrs.reshape(-1).tolist()
+    cum = table[3 * n:4 * n + 1]
+    bounds = table[4 * n + 1:4 * n + 2 + n_items]
+    first = table[4 * n + 2 + n_items:]
+    assert cum.tolist() == [0, 5, 6, 26, 29]
+    assert bounds.tolist() == [0, 8, 16, 24, 29]
+    assert first.tolist() == [0, 2, 2, 2]  # item k starts inside tensor first[k]
+    assert len(table) == 4 * n + 2 + 2 * n_items
+    # A table of one element, and one whose tensors end exactly on item bounds.
+    table, n_items = cuda_launcher.multi_table([1], [[1, 2, 3]])
+    assert n_items == 1 and table.tolist() == [1, 2, 3, 0, 1, 0, 1, 0]
+    table, n_items = cuda_launcher.multi_table([4, 4], [[0, 0, 0], [0, 0, 0]], item_elements=4)
+    assert n_items == 2 and table[6 + 3:6 + 3 + 3].tolist() == [0, 4, 8]
+    assert table[-2:].tolist() == [0, 1]
+    for n_items, sm_count in ((1, 1), (7, 1), (9, 1), (10 ** 6, 132), (0, 3)):
+        grid, block = cuda_launcher.multi_launch_config(n_items, sm_count)
+        assert grid == (max(1, min(n_items, sm_count * cuda_launcher.BLOCKS_PER_SM)),)
+        assert block == (cuda_launcher.BLOCK_SIZE,)
+
+
+MULTI_MUTANTS = {
+    "blocks take every item (item += 1)":
+        ("item += gridDim.x", "item += 1", "coverage"),
+    "a tensor restarts at its first element in every item":
+        ("const long long start = b0 > base ? b0 - base : 0;", "const long long start = 0;",
+         "coverage"),
+    "threads stride by twice the block":
+        ("i < stop; i += blockDim.x", "i < stop; i += 2 * blockDim.x", "coverage"),
+    "grad multiplied by the reciprocal of the scale":
+        ("A::load(grad[i]) / loss_scale", "A::load(grad[i]) * (1 / loss_scale)", "oracle"),
+    "one tensor's coefficients for all":
+        ("const C lr = coef[4 * t];", "const C lr = coef[0];", "oracle"),
+}
+
+
+def test_multi_mutants_are_caught(cxx):
+    """Broken copies of the multi-tensor kernel fail the counting or the comparison."""
+    failures = []
+    rng = np.random.default_rng(5)
+    dtype = np.dtype(np.float32)
+    sizes = _random_sizes(rng, n_small=6, large=20_001)
+    ps = [random_values(rng, dtype, s, (-3, 2)) for s in sizes]
+    gs = [random_values(rng, dtype, s, (-3, 2)) for s in sizes]
+    vs = [random_values(rng, dtype, s, (-3, 2)) for s in sizes]
+    lrs, ms, scales = _random_hyper(rng, len(sizes), scaled_fraction=0.5)
+    for label, (old, new, check) in MULTI_MUTANTS.items():
+        e = build(cxx, _mutant(old, new))
+        if check == "coverage":
+            problems = []
+            for sm_count, block, item in ((1, 32, 100), (2, 64, 1000), (3, 100, 8192)):
+                problems += _multi_counting_problems(e, dtype, [1000, 1, 5000, 77], sm_count,
+                                                     block, item, scaled=True)
+        else:
+            want = [single_reference(e, dtype, *a) for a in zip(ps, gs, vs, lrs, ms, scales)]
+            got_p, got_g, got_v, problems = run_multi(e, dtype, ps, gs, vs, lrs, ms, scales, 2,
+                                                      64, cuda_launcher.MULTI_ITEM_ELEMENTS)
+            for t in range(len(sizes)):
+                for got, ref in zip((got_p[t], got_g[t], got_v[t]), want[t]):
+                    if mismatches(got, ref).size:
+                        problems.append(t)
+        if not problems:
+            failures.append(label)
+    assert not failures, "mutants the checks did not catch: %s" % failures
+
