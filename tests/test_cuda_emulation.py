@@ -52,6 +52,15 @@ of :func:`cynag_kernels.cuda.multi_table` and the coefficients of
 * every element is updated (and its gradient divided) exactly once, and
   nothing outside the arrays is written; mutated copies are caught.
 
+The launcher and the optimizer run on an emulated CuPy (:class:`FakeCupy`,
+installed as ``sys.modules['cupy']`` for one test): arrays are NumPy arrays
+said to be on device 0 or 1, ``RawModule`` functions run the emulated
+kernels and count launches, and a launch whose arrays or table pointers are
+not on the current device fails.  ``NesterovAG.update()`` on models of 1 to
+300 parameters launches, after the first step, one kernel per (device,
+dtype) group plus one per parameter left to the per-parameter path, with
+results equal bit for bit to ``use_multi_tensor(False)``.
+
 What it does not establish: NVRTC compiles with ``--fmad=true`` by default, so
 a GPU contracts ``a * b + c`` into fused multiply-adds and agrees with these
 results to rounding, not bit for bit (as the source says); and nothing here
@@ -66,12 +75,15 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
+import types
 from collections import namedtuple
 
 import numpy as np
 import pytest
 
+import cynag
 from cynag_kernels import cuda as cuda_launcher
 from cynag_kernels import nesterov_ag_coefficients
 
@@ -1228,4 +1240,512 @@ def test_multi_mutants_are_caught(cxx):
         if not problems:
             failures.append(label)
     assert not failures, "mutants the checks did not catch: %s" % failures
+
+
+# ---------------------------------------------------------------------------
+# The launcher and the optimizer on an emulated CuPy
+# ---------------------------------------------------------------------------
+class FakeCupyArray:
+    """A ``cupy.ndarray`` stand-in: a NumPy array (host memory) said to be on a device.
+
+    ``data.ptr`` is the host address of the first element, so the emulated
+    kernels read and write the NumPy memory through the launcher's pointers
+    and tables.  What cynag uses of a CuPy array is provided with CuPy's
+    semantics; an implicit conversion to NumPy raises, as CuPy's does.
+    """
+
+    def __init__(self, fake, host, device_id):
+        self._fake = fake
+        self._host = host
+        self._device_id = device_id
+        fake.register(host, device_id)
+
+    # -- attributes --------------------------------------------------------
+    shape = property(lambda self: self._host.shape)
+    dtype = property(lambda self: self._host.dtype)
+    size = property(lambda self: self._host.size)
+    ndim = property(lambda self: self._host.ndim)
+    strides = property(lambda self: self._host.strides)
+    itemsize = property(lambda self: self._host.itemsize)
+    nbytes = property(lambda self: self._host.nbytes)
+    flags = property(lambda self: self._host.flags)
+    device = property(lambda self: self._fake.module.cuda.Device(self._device_id))
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self._host.ctypes.data, device_id=self._device_id)
+
+    def _wrap(self, host, device_id=None):
+        return FakeCupyArray(self._fake, host, self._device_id if device_id is None else device_id)
+
+    # -- views and copies --------------------------------------------------
+    def ravel(self, order="C"):
+        return self._wrap(self._host.ravel(order))
+
+    def reshape(self, *shape, order="C"):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return self._wrap(self._host.reshape(shape, order=order))
+
+    def copy(self, order="C"):
+        return self._wrap(self._host.copy(order=order), self._fake.current())
+
+    def astype(self, dtype, copy=True):
+        return self._wrap(self._host.astype(dtype), self._fake.current())
+
+    def get(self):
+        return self._host.copy()
+
+    def __getitem__(self, key):
+        r = self._host[key]
+        if not isinstance(r, np.ndarray):  # CuPy returns 0-d arrays, not scalars
+            r = self._host[(key if isinstance(key, tuple) else (key,)) + (Ellipsis,)]
+        return self._wrap(r)
+
+    def __setitem__(self, key, value):
+        if isinstance(value, FakeCupyArray):
+            value = value._host
+        self._host[key] = value
+
+    def fill(self, value):
+        self._host.fill(value)
+
+    # -- arithmetic: what the per-parameter path uses ----------------------
+    def __itruediv__(self, other):
+        # CuPy: a Python scalar takes the array's dtype, then same-dtype division
+        # (a 0-d array is an array, not a scalar, for CuPy's type rules).
+        if not isinstance(other, (int, float, np.floating, np.integer)):
+            return NotImplemented
+        with np.errstate(all="ignore"):
+            np.divide(self._host, np.asarray(other, self.dtype), out=self._host)
+        return self
+
+    def __float__(self):
+        return float(self._host.reshape(()))
+
+    def __len__(self):
+        return len(self._host)
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed (fake CuPy)")
+
+    def __repr__(self):
+        return "fake_cupy.ndarray(%r, device=%d)" % (self._host, self._device_id)
+
+
+FakeCupyArray.__module__ = "cupy._core.core"
+FakeCupyArray.__name__ = FakeCupyArray.__qualname__ = "ndarray"
+
+
+class FakeCupy:
+    """A ``cupy`` module that runs RawModule kernels in the emulator and counts launches.
+
+    ``module`` is the module object installed as ``sys.modules['cupy']``.
+    Every launch is recorded in :attr:`launches` as ``(name, device)``; a
+    launch whose array arguments, or whose table's pointers, are not memory
+    of the current device raises (on a GPU that is an illegal address).
+    Blocks run in a random order.
+    """
+
+    def __init__(self, emu, sm_counts=(3, 2), seed=0):
+        self.emu = emu
+        self.sm_counts = tuple(sm_counts)
+        self.rng = np.random.default_rng(seed)
+        self.launches = []
+        self.modules_built = []
+        self._stack = [0]
+        self._allocs = {}       # id of the base buffer -> (start, end, device, base)
+        fake = self
+
+        class CUDARuntimeError(RuntimeError):
+            pass
+
+        class Device:
+            def __init__(self, device=None):
+                self.id = fake.current() if device is None else int(device)
+                if not 0 <= self.id < len(fake.sm_counts):
+                    raise CUDARuntimeError("cudaErrorInvalidDevice: invalid device ordinal")
+
+            @property
+            def attributes(self):
+                return {"MultiProcessorCount": fake.sm_counts[self.id]}
+
+            def __enter__(self):
+                fake._stack.append(self.id)
+                return self
+
+            def __exit__(self, *exc):
+                fake._stack.pop()
+
+            def use(self):
+                fake._stack[0] = self.id
+
+            def synchronize(self):
+                pass
+
+            def __eq__(self, other):
+                return isinstance(other, Device) and other.id == self.id
+
+            def __hash__(self):
+                return hash(self.id)
+
+        class RawModule:
+            def __init__(self, code=None, options=(), **kwargs):
+                self.device = fake.current()
+                fake.modules_built.append((self.device, code, tuple(options)))
+
+            def get_function(self, name):
+                if name not in fake.emu.kernels:
+                    raise AttributeError("no kernel %r in the module" % name)
+                return _Function(self, name)
+
+        class _Function:
+            def __init__(self, module, name):
+                self.module, self.name = module, name
+
+            def __call__(self, grid, block, args, **kwargs):
+                fake.launch(self, grid, block, args)
+
+        m = types.ModuleType("cupy")
+        m.__version__ = "0.0-fake"
+        m.ndarray = FakeCupyArray
+        m.RawModule = RawModule
+        m.asarray = self.asarray
+        m.array = self.asarray
+        m.zeros_like = lambda a, dtype=None: self.new(np.zeros_like(a._host, dtype=dtype))
+        m.empty_like = lambda a, dtype=None: self.new(np.empty_like(a._host, dtype=dtype))
+        m.full_like = lambda a, v, dtype=None: self.new(np.full_like(a._host, v, dtype=dtype))
+        m.zeros = lambda shape, dtype=float, order="C": self.new(np.zeros(shape, dtype, order))
+        m.empty = lambda shape, dtype=float, order="C": self.new(np.empty(shape, dtype, order))
+        m.ascontiguousarray = lambda a: (a if a.flags.c_contiguous else
+                                         self.new(np.ascontiguousarray(a._host)))
+        m.asnumpy = lambda a: a.get() if isinstance(a, FakeCupyArray) else np.asarray(a)
+        m.cuda = types.SimpleNamespace(
+            Device=Device,
+            runtime=types.SimpleNamespace(CUDARuntimeError=CUDARuntimeError,
+                                          getDeviceCount=lambda: len(fake.sm_counts)))
+        self.module = m
+
+    # -- devices and memory ------------------------------------------------
+    def current(self):
+        return self._stack[-1]
+
+    def new(self, host, device_id=None):
+        """A new fake CuPy array holding ``host`` on ``device_id`` (default: current)."""
+        return FakeCupyArray(self, host, self.current() if device_id is None else device_id)
+
+    def asarray(self, a, dtype=None):
+        if isinstance(a, FakeCupyArray):
+            return a if dtype is None or a.dtype == dtype else a.astype(dtype)
+        return self.new(np.array(a, dtype=dtype, copy=True))
+
+    def register(self, host, device_id):
+        base = host
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        key = id(base)
+        known = self._allocs.get(key)
+        if known is not None and known[3] is base:
+            if known[2] != device_id:
+                raise AssertionError("fake CuPy: one buffer said to be on devices %d and %d"
+                                     % (known[2], device_id))
+            return
+        start = base.ctypes.data
+        self._allocs[key] = (start, start + base.nbytes, device_id, base)
+
+    def device_of_range(self, ptr, nbytes):
+        for start, end, dev, _ in self._allocs.values():
+            if start <= ptr and ptr + nbytes <= end:
+                return dev
+        return None
+
+    # -- launches ----------------------------------------------------------
+    def launch(self, function, grid, block, args):
+        dev = self.current()
+        name = function.name
+        if function.module.device != dev:
+            raise AssertionError("%s: module loaded on device %d launched on device %d"
+                                 % (name, function.module.device, dev))
+        host_args = []
+        for i, a in enumerate(args):
+            if isinstance(a, FakeCupyArray):
+                if a._device_id != dev:
+                    raise AssertionError("%s argument %d is on device %d, launch on device %d"
+                                         % (name, i, a._device_id, dev))
+                a = a._host
+            elif isinstance(a, np.ndarray):
+                raise AssertionError("%s argument %d is a NumPy array (host memory)" % (name, i))
+            host_args.append(a)
+        if name in self.emu.kernels and self.emu.kernels[name][0].name == "table":
+            self._check_table(name, dev, host_args)
+        self.launches.append((name, dev))
+        nblocks = int(np.prod(grid))
+        self.emu.launch(name, grid, block, tuple(host_args),
+                        block_order=self.rng.permutation(nblocks))
+
+    def _check_table(self, name, dev, args):
+        table, coef, n_tensors, n_items = args
+        n = int(n_tensors)
+        assert table.size == 4 * n + 2 + 2 * int(n_items) and coef.size == 4 * n, name
+        cum = table[3 * n:4 * n + 1]
+        itemsize = np.dtype(self._dtype_of(name)).itemsize
+        for t in range(n):
+            nbytes = int(cum[t + 1] - cum[t]) * itemsize
+            for k in range(3):
+                ptr = int(table[3 * t + k])
+                where = self.device_of_range(ptr, nbytes)
+                if where != dev:
+                    raise AssertionError("%s: tensor %d array %d (%d bytes at %#x) is %s, the "
+                                         "launch is on device %d"
+                                         % (name, t, k, nbytes, ptr,
+                                            "not device memory" if where is None
+                                            else "on device %d" % where, dev))
+
+    @staticmethod
+    def _dtype_of(name):
+        for dtype, n in cuda_launcher.MULTI_KERNEL_NAMES.items():
+            if n == name:
+                return dtype
+        raise KeyError(name)
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch, emu):
+    """An emulated CuPy with two devices (3 and 2 multiprocessors), for this test only.
+
+    Installed as ``sys.modules['cupy']``; the launcher's module and
+    multiprocessor caches are emptied for the test and restored after it.
+    """
+    fake = FakeCupy(emu)
+    monkeypatch.setitem(sys.modules, "cupy", fake.module)
+    monkeypatch.setattr(cuda_launcher, "_modules", {})
+    monkeypatch.setattr(cuda_launcher, "_sm_counts", {})
+    yield fake
+
+
+def test_fake_cupy_runs_the_per_parameter_launcher(fake_cupy):
+    """nesterov_ag_gpu on fake arrays: one launch on the arrays' device, result of the kernel."""
+    rng = np.random.default_rng(8)
+    for dev in (0, 1):
+        for dtype in DTYPES:
+            for layout in ("C", "F", "strided"):
+                host = [random_values(rng, dtype, 12 * 35, (-2, 1), specials=False)
+                        .reshape(12, 35, order="C" if layout != "F" else "F") for _ in range(3)]
+                if layout == "F":
+                    host = [np.asfortranarray(h) for h in host]
+                if layout == "strided":
+                    arrays = [fake_cupy.new(np.repeat(h, 2, axis=1), dev)[:, ::2] for h in host]
+                else:
+                    arrays = [fake_cupy.new(h.copy(order="K"), dev) for h in host]
+                want = single_reference(fake_cupy.emu, dtype, *(h.ravel() for h in host),
+                                        0.01, 0.9, None)
+                del fake_cupy.launches[:]
+                cuda_launcher.nesterov_ag_gpu(arrays[0], arrays[1], arrays[2], 0.01, 0.9)
+                assert fake_cupy.launches == [(cuda_launcher.KERNEL_NAMES[dtype], dev)]
+                for a, w in ((arrays[0], want[0]), (arrays[2], want[2])):
+                    got = a.get().ravel()  # C order, as want
+                    assert mismatches(got, w).size == 0, (dev, dtype, layout)
+    built = fake_cupy.modules_built
+    assert [d for d, _, _ in built] == [0, 1]  # one module per device
+    assert all(code == cuda_launcher.kernel_source() and opts == cuda_launcher.nvrtc_options()
+               for _, code, opts in built)
+
+
+ParamSpec = namedtuple("ParamSpec", "dtype device shape layout frozen hook lr momentum loss_scale")
+
+
+def _param_specs(n_params, seed, per_parameter=True):
+    """Random parameters: dtypes, devices 0/1, shapes (0-d and empty included), layouts, rules.
+
+    ``per_parameter=False``: no rule hooks, strided or mixed layouts (nothing
+    that keeps a parameter out of its group after the first step).
+    """
+    rng = np.random.default_rng(seed)
+    specs = []
+    extras = n_params > 1
+    for i in range(n_params):
+        dtype = DTYPES[int(rng.integers(3))]
+        device = int(rng.integers(2))
+        r = rng.random()
+        if r < 0.04 and extras:
+            shape = ()
+        elif r < 0.07 and extras:
+            shape = (0,) if rng.random() < 0.5 else (3, 0)
+        elif r < 0.10 and extras:
+            shape = (int(rng.integers(5000, 30000)),)
+        elif r < 0.5:
+            shape = (int(rng.integers(1, 700)),)
+        else:
+            shape = (int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+        layout = "C"
+        if extras and len(shape) == 2 and min(shape) > 1:
+            layout = str(rng.choice(["C", "C", "C", "F", "F", "strided", "F/C"]))
+        frozen = extras and rng.random() < 0.06
+        hook = extras and rng.random() < 0.06
+        lr = float(10 ** rng.uniform(-4, -1)) if extras and rng.random() < 0.2 else None
+        momentum = float(rng.uniform(0.5, 0.99)) if extras and rng.random() < 0.2 else None
+        scale = None
+        if extras and rng.random() < 0.3:
+            # 0-d gradients: powers of two only (see test_zero_dim_loss_scale_...).
+            scale = (float(2 ** int(rng.integers(-3, 10))) if shape == ()
+                     else LOSS_SCALES[int(rng.integers(len(LOSS_SCALES)))])
+        specs.append(ParamSpec(dtype, device, shape, layout, frozen, hook, lr, momentum, scale))
+    if n_params == 1:
+        specs[0] = specs[0]._replace(shape=(1000,), layout="C")
+    if n_params == 7:  # one of each kind at least
+        specs[1] = specs[1]._replace(frozen=True)
+        specs[3] = specs[3]._replace(hook=True)
+        specs[5] = specs[5]._replace(shape=(), layout="C", loss_scale=4.0)
+        specs[6] = specs[6]._replace(shape=(6, 9), layout="strided")
+    if not per_parameter:
+        specs = [sp._replace(hook=False, layout="C" if sp.layout in ("strided", "F/C")
+                             else sp.layout) for sp in specs]
+    return specs
+
+
+def _fake_array(fake, host, device, layout):
+    """``host`` as a fake CuPy array of ``layout`` (C, F or strided) on ``device``."""
+    if layout == "F":
+        return fake.new(np.asfortranarray(host), device)
+    if layout == "strided":
+        return fake.new(np.repeat(host, 2, axis=-1), device)[..., ::2]
+    return fake.new(np.array(host, order="C"), device)  # (ascontiguousarray makes 0-d 1-d)
+
+
+def _build_model(fake, specs, seed, hook_calls):
+    rng = np.random.default_rng(seed)
+    model = cynag.Chain()
+    params = []
+    for start in range(0, len(specs), 10):
+        link = cynag.Link()
+        with link.init_scope():
+            for i, spec in enumerate(specs[start:start + 10]):
+                host = random_values(rng, spec.dtype, int(np.prod(spec.shape)), (-2, 1),
+                                     specials=False).reshape(spec.shape)
+                p = cynag.Parameter(_fake_array(fake, host, spec.device,
+                                                "C" if spec.layout == "F/C" else spec.layout))
+                setattr(link, "p%02d" % i, p)
+                params.append(p)
+        with model.init_scope():
+            setattr(model, "l%03d" % (start // 10), link)
+    opt = cynag.optimizers.NesterovAG(lr=0.01, momentum=0.9).setup(model)
+    for p, spec in zip(params, specs):
+        rule = p.update_rule
+        if spec.frozen:
+            rule.enabled = False
+        if spec.hook:
+            def hook(rule, param, _calls=hook_calls):
+                _calls.append(param.name)
+            rule.add_hook(hook, name="count")
+        if spec.lr is not None:
+            rule.hyperparam.lr = spec.lr
+        if spec.momentum is not None:
+            rule.hyperparam.momentum = spec.momentum
+        if spec.loss_scale is not None:
+            p._loss_scale = spec.loss_scale
+    return model, opt, params
+
+
+def _set_grads(fake, params, specs, seed, step, in_place):
+    rng = np.random.default_rng([seed, step])
+    for p, spec in zip(params, specs):
+        g = random_values(rng, spec.dtype, int(np.prod(spec.shape)), (-2, 1)).reshape(spec.shape)
+        if in_place and p.grad is not None:
+            p.grad[...] = g
+        else:
+            layout = "F" if spec.layout == "F/C" else spec.layout
+            p.grad = _fake_array(fake, g, spec.device, layout)
+
+
+def _expected_launches(params, specs):
+    """Launches of one step after the first: one per (device, dtype) group, one per other param.
+
+    Grouped: enabled, no rule hook, all three arrays C- or all F-contiguous,
+    not empty.  The rest (hooks, strided or mixed layouts) are updated one by
+    one: one launch each, none for an empty array.
+    """
+    groups, rest = set(), 0
+    for p, spec in zip(params, specs):
+        if spec.frozen or not p.array.size:
+            continue
+        arrays = (p.array, p.grad, p.update_rule.state["v"])
+        dense = any(all(getattr(a.flags, f) for a in arrays)
+                    for f in ("c_contiguous", "f_contiguous"))
+        if spec.hook or not dense:
+            rest += 1
+        else:
+            groups.add((spec.device, spec.dtype))
+    return len(groups), rest
+
+
+def _state_bits(params):
+    out = []
+    for p in params:
+        v = p.update_rule.state["v"] if p.update_rule.state else None
+        out.append(tuple(None if a is None else (a.get().tobytes(), a.dtype, a.shape)
+                         for a in (p.array, p.grad, v)))
+    return out
+
+
+@pytest.mark.parametrize("n_params,per_parameter", [(1, False), (7, True), (300, True),
+                                                    (300, False)],
+                         ids=["1", "7", "300", "300-grouped-only"])
+def test_optimizer_multi_tensor_launches_and_results_on_fake_cupy(fake_cupy, n_params,
+                                                                  per_parameter):
+    """cynag's optimizer on emulated GPU parameters: launches per step and bit-exact results.
+
+    Models of 1, 7 and 300 parameters (float16/32/64 on devices 0 and 1,
+    0-d and empty arrays, F-contiguous, strided and mixed-layout arrays,
+    frozen parameters, rule hooks, per-rule lr and momentum, loss scales)
+    are updated by ``NesterovAG.update()`` with the multi-tensor path and,
+    from the same start, with ``use_multi_tensor(False)``.  After the first
+    step (which creates the state through the per-parameter path), a step
+    launches one kernel per (device, dtype) group plus one per parameter
+    left in the per-parameter path; parameters, gradients (divided by the
+    loss scale) and ``v`` are equal bit for bit after every step.  Steps
+    replace the gradient arrays, write them in place and change a
+    hyperparameter.
+    """
+    seed = 1000 + n_params
+    specs = _param_specs(n_params, seed, per_parameter)
+    calls_a, calls_b = [], []
+    model_a, opt_a, params_a = _build_model(fake_cupy, specs, seed, calls_a)
+    model_b, opt_b, params_b = _build_model(fake_cupy, specs, seed, calls_b)
+    opt_b.use_multi_tensor(False)
+    assert _state_bits(params_a) == _state_bits(params_b)
+    enabled = sum(1 for p, s in zip(params_a, specs) if not s.frozen and p.array.size)
+    for step in range(6):
+        # Step 1 builds the plan (the state exists now), step 2 replaces the
+        # gradients of a built plan, 3 and 5 write them in place, 4 changes
+        # hyperparameters too.
+        in_place = step in (3, 5)
+        if step == 4:
+            opt_a.lr = opt_b.lr = 0.02
+            opt_a.momentum = opt_b.momentum = 0.8
+        for params in (params_a, params_b):
+            _set_grads(fake_cupy, params, specs, seed, step, in_place)
+        del fake_cupy.launches[:]
+        opt_a.update()
+        launches_a = list(fake_cupy.launches)
+        del fake_cupy.launches[:]
+        opt_b.update()
+        launches_b = list(fake_cupy.launches)
+        assert len(launches_b) == enabled, (step, launches_b)
+        multi = [l for l in launches_a if l[0] in cuda_launcher.MULTI_KERNEL_NAMES.values()]
+        if step == 0:
+            assert launches_a == launches_b  # the first update creates v, per parameter
+        else:
+            n_groups, n_rest = _expected_launches(params_a, specs)
+            assert (len(multi), len(launches_a) - len(multi)) == (n_groups, n_rest), (
+                step, launches_a, opt_a.multi_tensor_plan())
+            assert len(set(multi)) == len(multi)  # at most one launch per (kernel, device)
+            if not per_parameter:
+                assert len(launches_a) == n_groups <= 6  # two devices, three dtypes
+        assert calls_a == calls_b
+        bits_a, bits_b = _state_bits(params_a), _state_bits(params_b)
+        bad = [(i, specs[i]) for i in range(n_params) if bits_a[i] != bits_b[i]]
+        assert not bad, "step %d: %d parameters differ, first: %s" % (step, len(bad), bad[:3])
+    assert opt_a.t == opt_b.t == 6
+    for p in params_a:
+        assert p.update_rule.t == (0 if p.update_rule.enabled is False else 6)
 
