@@ -256,8 +256,11 @@ class GPUTable:
     only when the table is rebuilt); :meth:`run` is a single kernel launch,
     whatever the number of tensors.
 
+    An empty table (no entries) is valid and :meth:`run` does nothing.
+
     Attributes:
-        device_id (int), dtype, n_tensors, n_elements, excluded (list of int).
+        device_id (int), dtype, n_tensors, n_elements, excluded (list of int);
+        ``device_id`` and ``dtype`` are ``None`` for an empty table.
     """
 
     def __init__(self, params, grads, vs, lr, momentum, loss_scale=None, strict=True):
@@ -267,7 +270,14 @@ class GPUTable:
         if len(grads) != n or len(vs) != n:
             raise ValueError("params, grads and vs must have the same length")
         if not n:
-            raise ValueError("GPUTable needs at least one tensor")
+            # As CPUTable: the plan builds a table over the entries whose
+            # gradients exist, which may be none of them (all cleared).
+            self.device_id = self.dtype = None
+            self.excluded = []
+            self.n_tensors = self.n_elements = self._n_items = 0
+            self._arrays = ([], [], [])
+            self._values = ([], [], None)
+            return
         first = params[0]
         self.device_id = first.device.id
         self.dtype = numpy.dtype(first.dtype)

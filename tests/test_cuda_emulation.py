@@ -1749,3 +1749,44 @@ def test_optimizer_multi_tensor_launches_and_results_on_fake_cupy(fake_cupy, n_p
     for p in params_a:
         assert p.update_rule.t == (0 if p.update_rule.enabled is False else 6)
 
+
+def _run_both(fake, specs, seed, steps, before_step=None):
+    """Run the model of ``specs`` with and without the multi-tensor path; per-step launches."""
+    runs = []
+    for multi in (True, False):
+        model, opt, params = _build_model(fake, specs, seed, [])
+        opt.use_multi_tensor(multi)
+        launches = []
+        for step in range(steps):
+            _set_grads(fake, params, specs, seed, step, in_place=False)
+            if before_step is not None:
+                before_step(step, model, params)
+            del fake.launches[:]
+            opt.update()
+            launches.append(list(fake.launches))
+        runs.append((params, launches))
+    return runs
+
+
+def test_cleared_gradients_of_a_whole_group(fake_cupy):
+    """A group whose gradients are all cleared: zeros, one launch, as the per-parameter path.
+
+    (The plan builds a table over the parameters that have a gradient, none
+    here: GPUTable takes an empty list, as CPUTable does.)
+    """
+    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+    specs = [ParamSpec(f32, 0, (50,), "C", False, False, None, None, None),
+             ParamSpec(f32, 0, (3, 4), "F", False, False, None, None, 2.0),
+             ParamSpec(f64, 0, (7,), "C", False, False, None, None, None)]
+
+    def clear(step, model, params):
+        if step >= 2:
+            params[0].cleargrad()
+            params[1].cleargrad()
+
+    (params_a, launches_a), (params_b, launches_b) = _run_both(fake_cupy, specs, 5, 5, clear)
+    assert _state_bits(params_a) == _state_bits(params_b)
+    assert [len(l) for l in launches_b] == [3] * 5
+    assert [len(l) for l in launches_a] == [3, 2, 2, 2, 2]
+    assert all((p.grad.get() == 0).all() for p in params_a[:2])
+
