@@ -18,6 +18,12 @@ point of ``KERNEL_NAMES``:
 * the index arithmetic is 64-bit (see :func:`index_width_problems`; a probe
   kernel with an ``int`` index shows that the check catches the 32-bit form).
 
+The same holds for every entry point of ``MULTI_KERNEL_NAMES``: unmangled,
+four 64-bit parameters (``table``, ``coef``, ``n_tensors``, ``n_items`` as
+``GPUTable.run`` passes them), no spills, no stack frame, both counts and
+the inner element loop in 64 bits (a probe with an ``int`` inner index is
+caught).
+
 A probe kernel squeezed into 16 registers shows that the spill parsing sees
 spills.
 
@@ -44,6 +50,7 @@ ARCHS = ("75", "80", "90")
 #: errors must name the ``#line`` file instead.
 PROGRAM_NAME = "cynag_rawmodule.cu"
 KERNELS = tuple(sorted(cuda_launcher.KERNEL_NAMES.items(), key=lambda kv: kv[1]))
+MULTI_KERNELS = tuple(sorted(cuda_launcher.MULTI_KERNEL_NAMES.items(), key=lambda kv: kv[1]))
 _PTX_TYPE = {numpy.dtype(numpy.float32): "f32", numpy.dtype(numpy.float64): "f64"}
 
 #: Small kernels that check the 64-bit index check itself (arch sm_80).
@@ -61,6 +68,16 @@ extern "C" __global__ void probe_index64(float* x, long long n) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)blockDim.x * gridDim.x)
         x[i] *= 2.0f;
+}
+extern "C" __global__ void probe_inner32(float* x, const long long* b, long long n_items) {
+    for (long long item = blockIdx.x; item < n_items; item += gridDim.x)
+        for (int i = (int)b[item] + threadIdx.x; i < b[item + 1]; i += blockDim.x)
+            x[i] *= 2.0f;
+}
+extern "C" __global__ void probe_inner64(float* x, const long long* b, long long n_items) {
+    for (long long item = blockIdx.x; item < n_items; item += gridDim.x)
+        for (long long i = b[item] + threadIdx.x; i < b[item + 1]; i += blockDim.x)
+            x[i] *= 2.0f;
 }
 """
 
@@ -147,15 +164,20 @@ def ptx_entry(ptx, name):
 
 
 _SPECIAL = ("ctaid", "ntid", "nctaid")
+#: Also threadIdx.x: adding it to a 32-bit value forms a 32-bit index.
+_SPECIAL_ADD = _SPECIAL + ("tid",)
 
 
-def index_width_problems(ptx, name):
+def index_width_problems(ptx, name, counts=None):
     """Reasons why the index arithmetic of entry ``name`` is not 64-bit ([] if it is).
 
-    The element count ``n`` is the last parameter (as ``kernel_args`` passes
-    it).  The check, on the PTX:
+    ``counts`` are the indices of the parameters that bound the loops
+    (element or item counts); by default the last parameter, the element
+    count ``n`` as ``kernel_args`` passes it (the multi-tensor kernels pass
+    ``n_tensors`` and ``n_items``, parameters 2 and 3).  The check, on the
+    PTX:
 
-    1. ``n`` is a 64-bit parameter (``.u64``/``.s64``/``.b64``);
+    1. each count is a 64-bit parameter (``.u64``/``.s64``/``.b64``);
     2. the register it is loaded into is never narrowed to 32 bits
        (``cvt.u32.u64``/``cvt.s32.s64`` of it), and every comparison reading
        it is a 64-bit ``setp`` -- there is at least one, the loop's ``i < n``;
@@ -164,45 +186,62 @@ def index_width_problems(ptx, name):
        ``.s32``/``.u32`` type reads a register moved from ``%ctaid.x``,
        ``%ntid.x`` or ``%nctaid.x``.  A 64-bit index gives ``mul.wide.u32``
        (exact 64-bit product) or 64-bit ``mul.lo.s64``; the classic
-       ``int i = blockIdx.x * blockDim.x + threadIdx.x`` gives ``mad.lo.s32``.
+       ``int i = blockIdx.x * blockDim.x + threadIdx.x`` gives ``mad.lo.s32``;
+    4. no 32-bit ``add``/``sub`` reads one of those registers or
+       ``%tid.x``: an ``int`` index ``i = start + threadIdx.x``, ``i +=
+       blockDim.x`` (the multi-tensor kernels' inner loop) gives ``add.s32``.
 
-    Point 3 is what catches an ``int`` loop index compared with a 64-bit
-    ``n`` (the comparison itself is then 64-bit after sign extension);
-    :func:`test_index_check_catches_32_bit_indexing` shows it does.
+    Points 3 and 4 are what catch an ``int`` loop index compared with a
+    64-bit bound (the comparison itself is then 64-bit after sign extension);
+    :func:`test_index_check_catches_32_bit_indexing` shows they do.
     """
     entry = ptx_entry(ptx, name)
     if entry is None:
         return ["entry %s not in the PTX" % name]
     types, body = entry
     problems = []
-    n_index = len(types) - 1
-    if not types or types[-1] not in ("u64", "s64", "b64"):
-        problems.append("n (parameter %d) is .%s, not 64-bit" % (n_index, types[-1] if types else "?"))
-    n_regs = re.findall(r"ld\.param\.\w+\s+(%%\w+),\s*\[%s_param_%d\]"
-                        % (re.escape(name), n_index), body)
-    if not n_regs:
-        problems.append("n (parameter %d) is never loaded" % n_index)
-    for reg in n_regs:
-        r = re.escape(reg)
-        if re.search(r"cvt(\.\w+)*\.[us](8|16|32)\.[usb]64\s+%\w+,\s*" + r + r"\s*;", body):
-            problems.append("n (%s) is narrowed to 32 bits" % reg)
-        compares = [(t, ops) for t, ops in re.findall(r"setp\.\w+\.(\w+)\s+[^,]+,\s*([^;]+);",
-                                                      body)
-                    if re.search(r + r"\b", ops)]
-        if not compares:
-            problems.append("n (%s) is never compared" % reg)
-        for t, ops in compares:
-            if t not in ("s64", "u64", "b64"):
-                problems.append("n (%s) is compared as .%s: setp %s" % (reg, t, ops.strip()))
-    special_regs = {reg for reg, _ in re.findall(r"mov\.u32\s+(%%\w+),\s*%%(%s)\.x\b"
-                                                  % "|".join(_SPECIAL), body)}
-    special_regs |= {"%%%s.x" % s for s in _SPECIAL}
+    if counts is None:
+        counts = (len(types) - 1,)
+    for n_index in counts:
+        if not 0 <= n_index < len(types) or types[n_index] not in ("u64", "s64", "b64"):
+            problems.append("count parameter %d is .%s, not 64-bit"
+                            % (n_index, types[n_index] if 0 <= n_index < len(types) else "?"))
+        n_regs = re.findall(r"ld\.param\.\w+\s+(%%\w+),\s*\[%s_param_%d\]"
+                            % (re.escape(name), n_index), body)
+        if not n_regs:
+            problems.append("count parameter %d is never loaded" % n_index)
+        for reg in n_regs:
+            r = re.escape(reg)
+            if re.search(r"cvt(\.\w+)*\.[us](8|16|32)\.[usb]64\s+%\w+,\s*" + r + r"\s*;", body):
+                problems.append("count parameter %d (%s) is narrowed to 32 bits" % (n_index, reg))
+            compares = [(t, ops) for t, ops in re.findall(r"setp\.\w+\.(\w+)\s+[^,]+,\s*([^;]+);",
+                                                          body)
+                        if re.search(r + r"\b", ops)]
+            if not compares:
+                problems.append("count parameter %d (%s) is never compared" % (n_index, reg))
+            for t, ops in compares:
+                if t not in ("s64", "u64", "b64"):
+                    problems.append("count parameter %d (%s) is compared as .%s: setp %s"
+                                    % (n_index, reg, t, ops.strip()))
+
+    def moved_from(specials):
+        regs = {reg for reg, _ in re.findall(r"mov\.u32\s+(%%\w+),\s*%%(%s)\.x\b"
+                                             % "|".join(specials), body)}
+        return regs | {"%%%s.x" % s for s in specials}
+
+    special_regs = moved_from(_SPECIAL)
     for m in re.finditer(r"\b(mul|mad)(\.lo|24\.lo|24\.hi|\.hi)?\.([us]32)\s+([^;]+);", body):
         operands = [o.strip() for o in m.group(4).split(",")][1:]
         hits = [o for o in operands if o in special_regs]
         if hits and m.group(2) in (".lo", "24.lo", None):
             problems.append("32-bit index arithmetic on %s: %s" % (", ".join(hits),
                                                                      m.group(0)))
+    add_regs = moved_from(_SPECIAL_ADD)
+    for m in re.finditer(r"\b(add|sub)(\.cc)?\.([us]32)\s+([^;]+);", body):
+        operands = [o.strip() for o in m.group(4).split(",")][1:]
+        hits = [o for o in operands if o in add_regs]
+        if hits:
+            problems.append("32-bit index arithmetic on %s: %s" % (", ".join(hits), m.group(0)))
     return problems
 
 
@@ -226,7 +265,7 @@ def _table(result):
         if unit["label"] != "kernels":
             continue
         info = parse_ptxas_log(unit["log"])
-        for _, name in KERNELS:
+        for _, name in KERNELS + MULTI_KERNELS:
             e = info.get(name, {})
             rows.append(("sm_" + unit["arch"], name) + tuple(
                 str(e.get(k, "?")) for k in ("registers", "stack", "spill_stores",
@@ -351,6 +390,38 @@ def test_entry_point(compiled, arch, dtype, name):
     assert not problems, "index arithmetic is not 64-bit: %s\n%s" % (problems, context)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype,name", MULTI_KERNELS, ids=[n for _, n in MULTI_KERNELS])
+def test_multi_entry_point(compiled, arch, dtype, name):
+    """Multi-tensor entry: unmangled, (table, coef, n_tensors, n_items), no spills, 64-bit indices.
+
+    All four parameters are 64-bit: the table and coefficient pointers, and
+    the ``numpy.int64`` counts ``GPUTable.run`` passes; both counts bound
+    loops that must not be narrowed to 32 bits.
+    """
+    unit = _unit(compiled, "kernels", arch)
+    assert unit["ok"], "NVRTC failed for sm_%s: %s\n%s" % (arch, unit["error"], _describe(unit))
+    context = "sm_%s %s\n%s\n%s" % (arch, name, compiled["table"], _describe(unit))
+    entry = ptx_entry(unit["ptx"], name)
+    assert entry is not None, "no '.visible .entry %s(' in the PTX: %s" % (name, context)
+    types, body = entry
+    assert types == ["u64", "u64", "u64", "u64"], (types, context)
+    # The coefficients are read as the kernel's scalar type (SCALAR_TYPES).
+    scalar = _PTX_TYPE[numpy.dtype(cuda_launcher.SCALAR_TYPES[dtype])]
+    assert re.search(r"ld\.global(\.nc)?\.%s\b" % scalar, body), (scalar, context)
+
+    info = parse_ptxas_log(unit["log"]).get(name)
+    assert info is not None, "ptxas reported nothing for %s: %s" % (name, context)
+    assert info["arch"] == "sm_" + arch, context
+    assert "registers" in info, context
+    problem = spill_problem(info)
+    assert problem is None, "%s spills on sm_%s (%s): %s" % (name, arch, problem, context)
+    assert info["stack"] == 0, "stack frame of %d bytes: %s" % (info["stack"], context)
+
+    problems = index_width_problems(unit["ptx"], name, counts=(2, 3))
+    assert not problems, "index arithmetic is not 64-bit: %s\n%s" % (problems, context)
+
+
 def test_index_check_catches_32_bit_indexing(compiled):
     """The 64-bit check flags an int index and an int n, and passes a long long index."""
     unit = _unit(compiled, "probe")
@@ -360,6 +431,10 @@ def test_index_check_catches_32_bit_indexing(compiled):
     assert any("32-bit index arithmetic" in p for p in i32), (i32, unit["ptx"])
     n32 = index_width_problems(unit["ptx"], "probe_n32")
     assert any("not 64-bit" in p for p in n32), (n32, unit["ptx"])
+    # The multi-tensor kernels' inner loop: an int index over 64-bit item bounds.
+    assert index_width_problems(unit["ptx"], "probe_inner64") == []
+    inner32 = index_width_problems(unit["ptx"], "probe_inner32")
+    assert any("32-bit index arithmetic" in p for p in inner32), (inner32, unit["ptx"])
 
 
 def test_spill_check_catches_spills(compiled):
