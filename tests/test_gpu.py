@@ -212,3 +212,228 @@ def test_cupy_without_a_usable_gpu_is_a_clear_error(monkeypatch):
     a = FakeArray(np.zeros(4, np.float32))
     with pytest.raises(RuntimeError, match="could not use GPU 0.*no CUDA-capable device"):
         cuda_launcher.nesterov_ag_gpu(a, FakeArray(a), FakeArray(a), 0.01, 0.9)
+
+
+# ---------------------------------------------------------------------------
+# Multi-tensor path (GPUTable): one launch per (device, dtype) group
+# ---------------------------------------------------------------------------
+_EPS = {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-14}
+
+
+class _LaunchCounter:
+    """Wraps the launcher's kernel lookup so that every launch is recorded as (name, device)."""
+
+    def __init__(self, monkeypatch):
+        self.launches = []
+        original = cuda_launcher._kernel
+
+        def counting_kernel(cupy, device_id, dtype, names=cuda_launcher.KERNEL_NAMES):
+            kernel = original(cupy, device_id, dtype, names)
+            name = names[dtype]
+
+            def launch(grid, block, args, *rest, **kwargs):
+                self.launches.append((name, device_id))
+                return kernel(grid, block, args, *rest, **kwargs)
+
+            return launch
+
+        monkeypatch.setattr(cuda_launcher, "_kernel", counting_kernel)
+
+    def take(self):
+        out, self.launches = self.launches, []
+        return out
+
+
+def _close(got, want, dtype, scale):
+    """Elementwise |got - want| <= 8 eps (scale + tiny), in float64."""
+    eps = _EPS[np.dtype(dtype)]
+    tiny = float(np.finfo(dtype).tiny)
+    got = np.asarray(got, np.float64)
+    bad = np.abs(got - want) > 8 * eps * (scale + tiny)
+    return np.flatnonzero(bad.reshape(-1))
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_gpu_table_matches_oracle_in_one_launch(monkeypatch, dtype):
+    """GPUTable over many tensors (sizes 1 to 300k, per-tensor lr/momentum/loss scale): one launch.
+
+    Each step is compared with Chainer's expression in float64 from the
+    state before the step, the gradient with ``grad / loss_scale``.
+    """
+    counter = _LaunchCounter(monkeypatch)
+    rng = np.random.default_rng(21)
+    dtype = np.dtype(dtype)
+    sizes = [1, 2, 3, 255, 257, 8191, 8192, 8193, 300_007] + \
+        [int(s) for s in rng.integers(1, 5000, size=60)]
+    n = len(sizes)
+    lrs = [float(x) for x in 10 ** rng.uniform(-4, -1, size=n)]
+    ms = [float(x) for x in rng.uniform(0, 0.99, size=n)]
+    scales = [None if rng.random() < 0.5 else float(rng.choice([128.0, 1000.1, 0.7, 3.0]))
+              for _ in range(n)]
+    host_p = [rng.standard_normal(s).astype(dtype) for s in sizes]
+    ps = [cp.asarray(h) for h in host_p]
+    vs = [cp.asarray((rng.standard_normal(s) * 0.1).astype(dtype)) for s in sizes]
+    for step in range(3):
+        host_g = [rng.standard_normal(s).astype(dtype) for s in sizes]
+        gs = [cp.asarray(h) for h in host_g]
+        before_p = [cp.asnumpy(a).astype(np.float64) for a in ps]
+        before_v = [cp.asnumpy(a).astype(np.float64) for a in vs]
+        table = cuda_launcher.GPUTable(ps, gs, vs, lrs, ms, scales)
+        assert table.excluded == [] and table.n_tensors == n and table.n_elements == sum(sizes)
+        counter.take()
+        table.run()
+        assert counter.take() == [(cuda_launcher.MULTI_KERNEL_NAMES[dtype], 0)]
+        problems = []
+        for t in range(n):
+            g = host_g[t].astype(np.float64)
+            if scales[t] is not None:
+                g = g / scales[t]
+            want_p, want_v = _gpu_oracle(before_p[t], g, before_v[t], lrs[t], ms[t])
+            scale = np.abs(want_p) + np.abs(want_v) + np.abs(g) + 1
+            for what, got, want, sc in (("param", ps[t], want_p, scale),
+                                        ("v", vs[t], want_v, scale),
+                                        ("grad", gs[t], g, np.abs(g))):
+                bad = _close(cp.asnumpy(got), want, dtype, sc)
+                if bad.size:
+                    problems.append("step %d tensor %d (size %d, scale %r): %s off at %d elements"
+                                    % (step, t, sizes[t], scales[t], what, bad.size))
+        assert not problems, problems[:5]
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_table_excludes_what_it_cannot_update():
+    """Strided, other-dtype or overlapping entries: excluded (strict=False) or ValueError."""
+    a = [cp.zeros((8, 8), cp.float32) for _ in range(3)]
+    strided = [cp.zeros((8, 16), cp.float32)[:, ::2] for _ in range(3)]
+    other = [cp.zeros(5, cp.float64) for _ in range(3)]
+    table = cuda_launcher.GPUTable([a[0], strided[0], other[0]], [a[1], strided[1], other[1]],
+                                   [a[2], strided[2], other[2]], 0.01, 0.9, strict=False)
+    assert table.excluded == [1, 2] and table.n_tensors == 1
+    with pytest.raises(ValueError, match="entry 1"):
+        cuda_launcher.GPUTable([a[0], strided[0]], [a[1], strided[1]], [a[2], strided[2]],
+                               0.01, 0.9)
+    table = cuda_launcher.GPUTable([a[0], a[0]], [a[1], cp.zeros((8, 8), cp.float32)],
+                                   [a[2], cp.zeros((8, 8), cp.float32)], 0.01, 0.9, strict=False)
+    assert table.excluded == [0, 1]  # the two entries share param
+    assert cuda_launcher.GPUTable([], [], [], 0.01, 0.9).n_tensors == 0
+
+
+def _gpu_model(seed, n_params, devices):
+    """A Chain of parameters on ``devices``: mixed dtypes, 0-d and empty arrays,
+    F-contiguous and strided arrays, frozen parameters, rule hooks, per-rule
+    hyperparameters and loss scales.  Returns (model, optimizer, params, specs)."""
+    rng = np.random.default_rng(seed)
+    model = cynag.Chain()
+    params, specs = [], []
+    for start in range(0, n_params, 10):
+        link = cynag.Link()
+        with link.init_scope():
+            for i in range(start, min(n_params, start + 10)):
+                dtype = np.dtype([np.float16, np.float32, np.float64][int(rng.integers(3))])
+                dev = devices[int(rng.integers(len(devices)))]
+                r = rng.random()
+                shape = (() if r < 0.03 else (0,) if r < 0.05 else
+                         (int(rng.integers(20_000, 200_000)),) if r < 0.1 else
+                         (int(rng.integers(1, 40)), int(rng.integers(1, 40))))
+                layout = str(rng.choice(["C", "C", "C", "F", "strided"])) if len(shape) == 2 \
+                    else "C"
+                spec = dict(dtype=dtype, dev=dev, shape=shape, layout=layout,
+                            frozen=rng.random() < 0.05, hook=rng.random() < 0.05,
+                            lr=float(10 ** rng.uniform(-4, -1)) if rng.random() < 0.2 else None,
+                            scale=(None if rng.random() < 0.7 else 2.0 ** int(rng.integers(0, 8))
+                                   if shape == () else float(rng.choice([128.0, 1000.1, 0.7]))))
+                host = rng.standard_normal(shape).astype(dtype)
+                with cp.cuda.Device(dev):
+                    array = _layout(cp.asarray(host), layout)
+                p = cynag.Parameter(array)
+                setattr(link, "p%d" % i, p)
+                params.append(p)
+                specs.append(spec)
+        with model.init_scope():
+            setattr(model, "l%d" % (start // 10), link)
+    opt = cynag.optimizers.NesterovAG(lr=0.01, momentum=0.9).setup(model)
+    for p, spec in zip(params, specs):
+        rule = p.update_rule
+        rule.enabled = not spec["frozen"]
+        if spec["hook"]:
+            rule.add_hook(lambda rule, param: None, name="noop")
+        if spec["lr"] is not None:
+            rule.hyperparam.lr = spec["lr"]
+        if spec["scale"] is not None:
+            p._loss_scale = spec["scale"]
+    return model, opt, params, specs
+
+
+def _layout(a, layout):
+    if layout == "F":
+        return cp.asfortranarray(a)
+    if layout == "strided":
+        return cp.repeat(a, 2, axis=-1)[..., ::2]
+    return a
+
+
+def _expected_gpu_launches(params, specs):
+    """One launch per (device, dtype) group of dense, hook-free parameters, one per other param."""
+    groups, rest = set(), 0
+    for p, spec in zip(params, specs):
+        if spec["frozen"] or p.array.size == 0:
+            continue
+        if spec["hook"] or spec["layout"] == "strided":
+            rest += 1
+        else:
+            groups.add((spec["dev"], spec["dtype"]))
+    return len(groups), rest
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_params", [1, 7, 161])
+def test_gpu_optimizer_multi_tensor_matches_per_parameter(monkeypatch, n_params):
+    """update() with the multi-tensor path: launches per step and results vs use_multi_tensor(False).
+
+    After the first step: one launch per (device, dtype) group plus one per
+    parameter left to the per-parameter path.  Results agree with the
+    per-parameter kernels to rounding (both are NVRTC code, contracted to
+    FMAs independently).
+    """
+    devices = list(range(min(2, cp.cuda.runtime.getDeviceCount())))
+    counter = _LaunchCounter(monkeypatch)
+    model_a, opt_a, params_a, specs = _gpu_model(n_params, n_params, devices)
+    model_b, opt_b, params_b, _ = _gpu_model(n_params, n_params, devices)
+    opt_b.use_multi_tensor(False)
+    enabled = sum(1 for p, s in zip(params_a, specs) if not s["frozen"] and p.array.size)
+    rng = np.random.default_rng(n_params + 1)
+    for step in range(4):
+        for pa, pb, spec in zip(params_a, params_b, specs):
+            g = rng.standard_normal(spec["shape"]).astype(spec["dtype"])
+            with cp.cuda.Device(spec["dev"]):
+                pa.grad = _layout(cp.asarray(g), spec["layout"])
+                pb.grad = _layout(cp.asarray(g), spec["layout"])
+        counter.take()
+        opt_a.update()
+        launches_a = counter.take()
+        opt_b.update()
+        assert len(counter.take()) == enabled
+        if step == 0:
+            assert len(launches_a) == enabled  # the state is created per parameter
+        else:
+            n_groups, n_rest = _expected_gpu_launches(params_a, specs)
+            multi = [l for l in launches_a if l[0] in cuda_launcher.MULTI_KERNEL_NAMES.values()]
+            assert (len(multi), len(launches_a) - len(multi)) == (n_groups, n_rest), (
+                step, launches_a, opt_a.multi_tensor_plan())
+        problems = []
+        for i, (pa, pb, spec) in enumerate(zip(params_a, params_b, specs)):
+            if spec["frozen"]:
+                continue
+            pairs = [(pa.array, pb.array), (pa.grad, pb.grad),
+                     (pa.update_rule.state["v"], pb.update_rule.state["v"])]
+            for what, (x, y) in zip(("param", "grad", "v"), pairs):
+                xa, ya = cp.asnumpy(x), cp.asnumpy(y).astype(np.float64)
+                bad = _close(xa, ya, spec["dtype"], np.abs(ya) + 1)
+                if bad.size:
+                    problems.append("step %d param %d %s: %s differs at %d elements"
+                                    % (step, i, spec["shape"], what, bad.size))
+        assert not problems, problems[:5]
