@@ -71,18 +71,18 @@ class _Group:
 
     # -- table ---------------------------------------------------------------
     def _values(self):
-        """(lr, momentum, loss_scale) lists, or None if a value is not a float."""
+        """``(lr, momentum, loss_scale, bad)``: per-entry values and the entries
+        whose values the kernel cannot take (not Python floats)."""
         if self.holders is None:
             self.holders = [(_holder(r.hyperparam, "lr"), _holder(r.hyperparam, "momentum"))
                             for r in self.rules]
+        bad = set()
         values = []
         for k, name in enumerate(("lr", "momentum")):
-            hs = [h[k] for h in self.holders]
-            if any(h is None for h in hs):
-                return None
-            vals = [h.__dict__[name] for h in hs]
+            vals = [None if h[k] is None else h[k].__dict__[name] for h in self.holders]
             if set(map(type, vals)) != {float}:
-                return None
+                bad.update(i for i, x in enumerate(vals) if type(x) is not float)
+                vals = [x if type(x) is float else 0.0 for x in vals]
             values.append(vals)
         if self.owned:
             scales = list(map(_LOSS_SCALE, self.params))
@@ -90,8 +90,10 @@ class _Group:
             scales = [getattr(p, "_loss_scale", None) for p in self.params]
         kinds = set(map(type, scales))
         if kinds - {type(None), float, int}:
-            return None
+            bad.update(i for i, x in enumerate(scales) if type(x) not in (type(None), float, int))
+            scales = [x if type(x) in (type(None), float, int) else None for x in scales]
         values.append(None if kinds == {type(None)} else scales)
+        values.append(bad)
         return values
 
     def grads_changed(self):
@@ -132,10 +134,9 @@ class _Group:
             arrays = [p.array for p in params]
             grads = [p.grad for p in params]
         self.table = None
-        values = self._values()
-        if values is None:
-            return list(self.entries)
-        lr, momentum, scales = values
+        lr, momentum, scales, bad = self._values()
+        if bad:
+            return [self.entries[i] for i in sorted(bad)]
         vs = [r._state["v"] for r in self.rules]
         pending = [i for i, g in enumerate(grads) if g is None]
         if pending:

@@ -891,8 +891,7 @@ class GradientMethod(Optimizer):
                     view.fill(0)
                     param.grad = view
                 else:
-                    array = param.array
-                    param.grad = _backend.array_module(array).zeros_like(array)
+                    param.grad = _backend.zeros_like(param.array)  # on the param's device
         # Only cynag's parameters report a cleared gradient.
         self._realloc_snapshot = (
             (_tracking.structure.n, _tracking.grads.n) if owned else None)
@@ -1012,9 +1011,10 @@ def _divide_grad(grad, scale):
 
     NumPy 1.x divides an array of at least one dimension in its own dtype
     (the scale is rounded to it), but a 0-d array in the promoted type
-    (float64 for a Python-float scale), rounding only the result.
+    (float64 for a Python-float scale), rounding only the result.  CuPy
+    divides any array, 0-d included, in its own dtype.
     """
-    if grad.ndim == 0:
+    if grad.ndim == 0 and isinstance(grad, numpy.ndarray):
         grad[()] = numpy.float64(grad[()]) / numpy.float64(scale)
     else:
         grad /= float(scale)

@@ -207,7 +207,7 @@ class Parameter:
                 self._grad_view.fill(0)
                 self._grad = self._grad_view
             else:
-                self._grad = _backend.array_module(self._array).zeros_like(self._array)
+                self._grad = _backend.zeros_like(self._array)
             _grads.n += 1
         else:
             self._grad.fill(0)

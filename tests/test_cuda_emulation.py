@@ -1791,10 +1791,6 @@ def test_cleared_gradients_of_a_whole_group(fake_cupy):
     assert all((p.grad.get() == 0).all() for p in params_a[:2])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GradientMethod.reallocate_cleared_grads (cynag/optimizer.py) allocates a cleared "
-    "gradient with cupy.zeros_like(array), i.e. on the current device, not the parameter's "
-    "(Chainer allocates it under the parameter's device; cynag._backend.zeros_like does)"))
 def test_cleared_gradient_of_a_device_1_parameter_is_reallocated_on_device_1(fake_cupy):
     f32 = np.dtype(np.float32)
     specs = [ParamSpec(f32, 1, (50,), "C", False, False, None, None, None)]
@@ -1808,10 +1804,6 @@ def test_cleared_gradient_of_a_device_1_parameter_is_reallocated_on_device_1(fak
     assert _state_bits(params_a) == _state_bits(params_b)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the per-parameter path divides a 0-d CuPy gradient by the loss scale in float64 "
-    "(cynag.optimizer._divide_grad applies NumPy 1.x's rule for 0-d arrays), the multi-tensor "
-    "kernel in the array's dtype, as CuPy's 'grad /= loss_scale' does for any array"))
 def test_zero_dim_gradient_with_a_loss_scale_the_dtype_does_not_hold(fake_cupy):
     f16 = np.dtype(np.float16)
     specs = [ParamSpec(f16, 0, (), "C", False, False, None, None, 0.7)]
