@@ -148,7 +148,14 @@ class _Group:
                                    [momentum[i] for i in keep],
                                    None if scales is None else [scales[i] for i in keep])
             excluded = [self.entries[keep[i]] for i in sub.excluded]
-            return excluded or None
+            if excluded:
+                return excluded
+            # The parameters whose gradient is cleared: check their arrays
+            # and state now, before the optimizer allocates anything.
+            for i in pending:
+                _, path, param, rule = self.entries[i]
+                rule.check_param(param, path)
+            return None
         table = self._make_table(arrays, grads, vs, lr, momentum, scales)
         excluded = [self.entries[i] for i in table.excluded]
         if excluded:
@@ -172,8 +179,15 @@ class _Group:
         self.counter.n += 1
 
     def attach(self):
+        stolen = False
         for rule in self.rules:
+            if rule._t_counter is not None and rule._t_counter is not self.counter:
+                stolen = True  # counted by another optimizer's plan until now
             rule._attach_t(self.counter)
+        if stolen:
+            # Let that plan notice and take its rules back (each optimizer
+            # that updates a rule counts its steps, as in Chainer).
+            _tracking.structure.bump()
 
     def detach(self):
         for rule in self.rules:
@@ -277,6 +291,8 @@ class Plan:
                     rest.extend(group.entries)
                     continue
             groups.append(group)
+        groups, moved = _separate_from_rest(groups, rest)
+        rest.extend(moved)
         rest.sort(key=operator.itemgetter(0))
         self.rest = rest
         self.owned = owned
@@ -334,9 +350,11 @@ class Plan:
     def prepare(self, final=False):
         """Make the plan current and check every parameter; raise on bad input.
 
-        Nothing is modified except the plan itself.  ``final``: the update
-        follows at once; also check that no array was made read-only in
-        place since the tables were built.
+        Nothing is modified except the plan itself.  The arrays are checked
+        again at every call (an array can be made read-only or reshaped in
+        place).  ``final``: the update follows at once and only the
+        optimizer's reallocation of cleared gradients happened since the
+        previous call: build the tables that waited for those.
         """
         snapshot = self.snapshot
         if (snapshot is None or self.target is not self.optimizer.target
@@ -359,10 +377,14 @@ class Plan:
                 self.build()
                 return
             self.snapshot = _tracking.snapshot()
-        for group in self.groups if final else ():
-            if group.table is None or not group.table.writeable():
-                # An array was made read-only in place: regroup, and let the
-                # parameter's own check name it.
+        for group in self.groups:
+            if group.table is None:
+                if final:  # a cleared gradient was allocated: build its table
+                    self.build()
+                    return
+            elif not final and not group.table.verify():
+                # An array was changed in place (made read-only, reshaped):
+                # regroup, and let the parameter's own check name it.
                 self.build()
                 return
         self.check_rest()
@@ -394,3 +416,61 @@ class Plan:
                        for g in self.groups],
             "rest": [e[1] for e in self.rest],
         }
+
+
+def _byte_bounds(a):
+    """``(lo, hi)`` addresses spanned by a NumPy array, or None."""
+    if not isinstance(a, numpy.ndarray) or a.size == 0:
+        return None
+    return numpy.lib.array_utils.byte_bounds(a) if hasattr(numpy.lib, "array_utils") \
+        else numpy.byte_bounds(a)
+
+
+def _separate_from_rest(groups, rest):
+    """Move out of the CPU groups every entry whose memory a rest parameter touches.
+
+    Groups are updated before the rest; a grouped array that overlaps an
+    array of a parameter updated one by one would see the updates in
+    another order than Chainer's.  Returns the groups (rebuilt where
+    needed) and the entries moved out.
+    """
+    spans = []
+    for _, _, param, rule in rest:
+        arrays = [getattr(param, "array", None), getattr(param, "grad", None)]
+        state = getattr(rule, "state", None) if rule is not None else None
+        if state:
+            arrays.extend(state.values())
+        for a in arrays:
+            b = _byte_bounds(a)
+            if b is not None:
+                spans.append(b)
+    if not spans:
+        return groups, []
+    spans = numpy.array(spans, numpy.int64)
+    order = numpy.argsort(spans[:, 0])
+    rlo, rhi = spans[order, 0], numpy.maximum.accumulate(spans[order, 1])
+    kept, moved = [], []
+    for group in groups:
+        table = group.table
+        if table is None or group.key[0] != "cpu":
+            kept.append(group)
+            continue
+        lo, hi, rows = table.entry_bounds()
+        # An entry's span [lo, hi) meets a rest span if some rest span that
+        # starts before hi ends after lo.
+        k = numpy.searchsorted(rlo, hi, side="left") - 1
+        hit = (k >= 0) & (rhi[numpy.maximum(k, 0)] > lo)
+        bad = rows[hit.any(axis=1)]
+        if not len(bad):
+            kept.append(group)
+            continue
+        bad_set = set(bad.tolist())
+        moved.extend(group.entries[i] for i in sorted(bad_set))
+        entries = [e for i, e in enumerate(group.entries) if i not in bad_set]
+        if entries:
+            new = _Group(group.key, group.kind, entries, group.owned)
+            if new.build_table():  # pragma: no cover - the same arrays passed before
+                moved.extend(new.entries)
+            else:
+                kept.append(new)
+    return kept, moved

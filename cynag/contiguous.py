@@ -127,7 +127,7 @@ def pack(link):
                         and getattr(v, "dtype", None) == dtype:
                     vview[...] = v
                     rule.state["v"] = vview
-                rule._contiguous_v = vview
+                rule._contiguous_state = {"v": vview}
         result.append(ContiguousBuffers(device, dtype, [path for path, _ in members],
                                         pbuf, gbuf, {"v": vbuf}))
     return result

@@ -537,6 +537,16 @@ class UpdateRule:
                         break
                     state[key] = value
                 if not checking:
+                    if state:
+                        # Contiguous mode: load into the state buffer's views.
+                        views = getattr(self, "_contiguous_state", None) or {}
+                        for key, value in list(state.items()):
+                            view = views.get(key)
+                            if (view is not None and type(view) is type(value)
+                                    and getattr(value, "shape", None) == view.shape
+                                    and getattr(value, "dtype", None) == view.dtype):
+                                view[...] = value
+                                state[key] = view
                     self._state = state if keys else None
         else:
             for key in self._state:
@@ -798,6 +808,19 @@ class GradientMethod(Optimizer):
         state["_realloc_snapshot"] = None
         return state
 
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.__dict__.get("contiguous_buffers"):
+            # A copy does not keep NumPy views: pack the copy's arrays into
+            # its own buffers (at once if the copied target is complete,
+            # else before the first update).
+            from cynag import contiguous as _contiguous
+
+            try:
+                self.contiguous_buffers = _contiguous.pack(self.target)
+            except Exception:
+                self._repack = True
+
     def setup(self, link, contiguous=False):
         """Set the target and give every parameter a fresh update rule; return ``self``.
 
@@ -851,6 +874,11 @@ class GradientMethod(Optimizer):
         return plan.describe()
 
     def _current_plan(self):
+        if self.__dict__.get("_repack"):
+            from cynag import contiguous as _contiguous
+
+            self._repack = False
+            self.contiguous_buffers = _contiguous.pack(self.target)
         if not self._use_multi_tensor:
             return None
         self._check_set_up()

@@ -436,6 +436,36 @@ def arrays_writeable(list arrays):
     return True
 
 
+def multi_verify(list params, list grads, list vs, int type_num,
+                 const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
+                 const cnp.uint8_t[::1] scaled):
+    """True if every entry still qualifies exactly as ``multi_pointers`` found it.
+
+    Re-reads the headers of every array: same addresses and sizes, still
+    dense (a shape, strides or flags changed in place would show), and a
+    gradient divided in place (``scaled[i]``) still writeable.
+    """
+    cdef Py_ssize_t i, n = len(params)
+    cdef object p, g, v
+    if len(grads) != n or len(vs) != n or ptrs.shape[0] != n or sizes.shape[0] != n \
+            or scaled.shape[0] != n:
+        return False
+    for i in range(n):
+        p = params[i]
+        g = grads[i]
+        v = vs[i]
+        if _dense_type(p, g, v) != type_num:
+            return False
+        if (ptrs[i, 0] != <int64_t>cnp.PyArray_DATA(<cnp.ndarray>p)
+                or ptrs[i, 1] != <int64_t>cnp.PyArray_DATA(<cnp.ndarray>g)
+                or ptrs[i, 2] != <int64_t>cnp.PyArray_DATA(<cnp.ndarray>v)
+                or sizes[i] != cnp.PyArray_SIZE(<cnp.ndarray>p)):
+            return False
+        if scaled[i] and not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>g):
+            return False
+    return True
+
+
 def multi_pointers(list params, list grads, list vs, int type_num,
                    int64_t[:, ::1] ptrs, int64_t[::1] sizes, cnp.uint8_t[::1] ok):
     """Fill ``ptrs``/``sizes`` from lists of arrays; ``ok[i] = 0`` where entry ``i`` fails.

@@ -309,6 +309,7 @@ class GPUTable:
                 "contiguous, on another device, of another dtype than %s, overlapping another "
                 "entry, or coefficients beyond the dtype)" % (excluded[0], self.dtype))
         self.excluded = excluded.tolist()
+        self._excluded_set = frozenset(self.excluded)
         keep = ok & (sizes > 0)
         self.n_tensors = int(keep.sum())
         self.n_elements = int(sizes[keep].sum())
@@ -345,8 +346,17 @@ class GPUTable:
         params, _, vs = self._arrays
         return GPUTable(params, grads, vs, *self._values, strict=False)
 
-    def writeable(self):
-        """Always true: CuPy arrays cannot be made read-only."""
+    def verify(self):
+        """True if every array still has the shape and contiguity the table found.
+
+        (CuPy arrays cannot be made read-only.)
+        """
+        params, grads, vs = self._arrays
+        for i in range(len(params)):
+            if i in self._excluded_set:
+                continue
+            if not _multi_entry_ok((params[i], grads[i], vs[i]), self.device_id, self.dtype):
+                return False
         return True
 
     def __len__(self):

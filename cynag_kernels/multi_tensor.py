@@ -187,6 +187,10 @@ class CPUTable:
                 "not dense, of another dtype than %s, overlapping another entry, or "
                 "coefficients beyond the compute type)" % (excluded[0], self.dtype))
         self.excluded = excluded.tolist()
+        # What verify() compares against: every entry as it was checked.
+        self._entry_ptrs, self._entry_sizes = ptrs, sizes
+        self._entry_scaled = numpy.ascontiguousarray(scaled, dtype=numpy.uint8)
+        self._entry_ok = ok
         keep = ok & (sizes > 0)
         ptrs, sizes, coef = ptrs[keep], sizes[keep], coef[keep]
         ptrs, sizes, coef = _merge_adjacent(ptrs, sizes, coef, self.dtype.itemsize)
@@ -254,15 +258,30 @@ class CPUTable:
         _nesterov_cpu.nesterov_ag_multi(self._ptrs, self._cum, self._coef, bounds, first,
                                         self._type_num, k)
 
-    def writeable(self):
-        """True if the arrays the table writes are all still writeable.
+    def verify(self):
+        """True if every array is still as the table found it.
 
-        A NumPy array can be made read-only in place after the table was
-        built; callers check this before :meth:`run`.
+        NumPy arrays can change in place after the table was built (made
+        read-only, reshaped, given other strides): one pass over the array
+        headers, a few nanoseconds per array, tells.  Callers check this
+        before :meth:`run`; excluded entries are not looked at.
         """
         params, grads, vs = self._arrays
-        return (_nesterov_cpu.arrays_writeable(params) and _nesterov_cpu.arrays_writeable(vs)
-                and (not self._scaled or _nesterov_cpu.arrays_writeable(grads)))
+        if self.excluded:
+            keep = numpy.flatnonzero(self._entry_ok)
+            params, grads, vs = ([a[i] for i in keep] for a in (params, grads, vs))
+            return _nesterov_cpu.multi_verify(
+                params, grads, vs, self._type_num, self._entry_ptrs[keep],
+                self._entry_sizes[keep], self._entry_scaled[keep])
+        return _nesterov_cpu.multi_verify(params, grads, vs, self._type_num, self._entry_ptrs,
+                                          self._entry_sizes, self._entry_scaled)
+
+    def entry_bounds(self):
+        """``(lo, hi)`` byte ranges of the arrays of the included entries (3 per entry)."""
+        keep = self._entry_ok & (self._entry_sizes > 0)
+        lo = self._entry_ptrs[keep]
+        hi = lo + (self._entry_sizes[keep] * self.dtype.itemsize)[:, None]
+        return lo, hi, numpy.flatnonzero(keep)
 
     def __len__(self):
         return self.n_tensors

@@ -418,7 +418,7 @@ def test_read_only_grad_without_loss_scale_is_fine():
     g.flags.writeable = False
     pe, ge, ve = p.copy(), g.copy(), v.copy()
     table = CPUTable([p], [g], [v], 0.1, 0.9, [None])
-    assert table.excluded == [] and table.writeable()
+    assert table.excluded == [] and table.verify()
     table.run()
     nesterov_ag_cpu(pe, ge, ve, 0.1, 0.9)
     assert_same_bits(p, pe, "param")
@@ -445,9 +445,9 @@ def test_python_float_hyperparameters_required():
 def test_writeable_notices_arrays_made_read_only_in_place(what):
     p, g, v = _good()
     table = CPUTable([p], [g], [v], 0.1, 0.9, [2.0 if what == "grad_scaled" else None])
-    assert table.writeable()
+    assert table.verify()
     {"param": p, "v": v, "grad_scaled": g}[what].flags.writeable = False
-    assert not table.writeable()
+    assert not table.verify()
 
 
 def test_table_cannot_be_copied_or_pickled():

@@ -34,7 +34,7 @@ class NesterovAGRule(optimizer.UpdateRule):
             self.hyperparam.momentum = momentum
 
     def init_state(self, param):
-        v = getattr(self, "_contiguous_v", None)  # set by cynag.contiguous.pack
+        v = (getattr(self, "_contiguous_state", None) or {}).get("v")  # cynag.contiguous
         array = param.array
         if (v is not None and type(v) is type(array) and v.shape == array.shape
                 and v.dtype == array.dtype and _backend.device_of(v) == _backend.device_of(array)):
