@@ -140,7 +140,8 @@ def _extensions():
             # Runs on NumPy >= 1.23 whichever NumPy it is built against.
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION"),
                            ("NPY_TARGET_VERSION", "NPY_1_23_API_VERSION")],
-            depends=["cynag_kernels/_half.h", "cynag_kernels/_openmp.pxd",
+            depends=["cynag_kernels/_half.h", "cynag_kernels/_hook_ops.h",
+                     "cynag_kernels/_openmp.pxd",
                      "cynag_kernels/_probe.h"],
         )
         for name in names

@@ -344,15 +344,54 @@ cdef inline void _span_scaled(storage_t* p, storage_t* g, storage_t* v, Py_ssize
         _elem(p + i, g + i, v + i, lr, m, mm, c)
 
 
+cdef extern from "_hook_ops.h" nogil:
+    enum: CYNAG_OP_WORDS
+    enum: CYNAG_OP_BLOCK
+    void cynag_ops_run(int type_num, void* g, const void* p, ptrdiff_t n,
+                       const double* ops, int n_ops)
+
+
+cdef inline void _segment(storage_t* p, storage_t* g, storage_t* v, Py_ssize_t n,
+                          const double* k, const double* ops, int n_ops, int type_num,
+                          bint update) noexcept nogil:
+    """Hook operations (if any), then the update (if ``update``), of one segment.
+
+    With operations, block by block: the operations and the update of a
+    block run before the next block, so memory is read and written once.
+    """
+    cdef Py_ssize_t b0, m
+    if n_ops == 0:
+        if not update:
+            return
+        if k[COEF_HAS_LS] != 0.0:
+            _span_scaled(p, g, v, n, k[COEF_LR], k[COEF_M], k[COEF_MM], k[COEF_C], k[COEF_LS])
+        else:
+            _span(p, g, v, n, k[COEF_LR], k[COEF_M], k[COEF_MM], k[COEF_C])
+        return
+    b0 = 0
+    while b0 < n:
+        m = n - b0
+        if m > CYNAG_OP_BLOCK:
+            m = CYNAG_OP_BLOCK
+        cynag_ops_run(type_num, g + b0, p + b0, m, ops, n_ops)
+        if update:
+            if k[COEF_HAS_LS] != 0.0:
+                _span_scaled(p + b0, g + b0, v + b0, m, k[COEF_LR], k[COEF_M], k[COEF_MM],
+                             k[COEF_C], k[COEF_LS])
+            else:
+                _span(p + b0, g + b0, v + b0, m, k[COEF_LR], k[COEF_M], k[COEF_MM], k[COEF_C])
+        b0 += m
+
+
 cdef void _multi_item(storage_t* tag, const int64_t* ptrs, const int64_t* cum,
-                      const double* coef, Py_ssize_t n_tensors, int64_t b0, int64_t b1,
-                      Py_ssize_t t) noexcept nogil:
+                      const double* coef, Py_ssize_t n_tensors,
+                      int64_t b0, int64_t b1, Py_ssize_t t, const double* ops, int n_ops,
+                      int type_num, bint update) noexcept nogil:
     """Elements ``[b0, b1)`` of the concatenation of the tensors, from tensor ``t`` on."""
     cdef int64_t base, start, stop
     cdef storage_t* p
     cdef storage_t* g
     cdef storage_t* v
-    cdef const double* k
     while t < n_tensors and cum[t] < b1:
         base = cum[t]
         start = b0 - base if b0 > base else 0
@@ -363,26 +402,25 @@ cdef void _multi_item(storage_t* tag, const int64_t* ptrs, const int64_t* cum,
             p = <storage_t*>ptrs[3 * t]
             g = <storage_t*>ptrs[3 * t + 1]
             v = <storage_t*>ptrs[3 * t + 2]
-            k = coef + N_COEF * t
-            if k[COEF_HAS_LS] != 0.0:
-                _span_scaled(p + start, g + start, v + start, stop - start,
-                             k[COEF_LR], k[COEF_M], k[COEF_MM], k[COEF_C], k[COEF_LS])
-            else:
-                _span(p + start, g + start, v + start, stop - start,
-                      k[COEF_LR], k[COEF_M], k[COEF_MM], k[COEF_C])
+            _segment(p + start, g + start, v + start, stop - start, coef + N_COEF * t,
+                     ops, n_ops, type_num, update)
         t += 1
 
 
 cdef void _multi_run(storage_t* tag, const int64_t* ptrs, const int64_t* cum,
-                     const double* coef, Py_ssize_t n_tensors, const int64_t* bounds,
-                     const int64_t* first, Py_ssize_t n_items, int n_threads) noexcept nogil:
+                     const double* coef, Py_ssize_t n_tensors,
+                     const int64_t* bounds, const int64_t* first, Py_ssize_t n_items,
+                     int n_threads, const double* ops, int n_ops, int type_num,
+                     bint update) noexcept nogil:
     cdef Py_ssize_t k
     if n_threads <= 1 or n_items <= 1:
         for k in range(n_items):
-            _multi_item(tag, ptrs, cum, coef, n_tensors, bounds[k], bounds[k + 1], first[k])
+            _multi_item(tag, ptrs, cum, coef, n_tensors, bounds[k], bounds[k + 1],
+                        first[k], ops, n_ops, type_num, update)
         return
     for k in prange(n_items, schedule="static", num_threads=min(n_threads, n_items)):
-        _multi_item(tag, ptrs, cum, coef, n_tensors, bounds[k], bounds[k + 1], first[k])
+        _multi_item(tag, ptrs, cum, coef, n_tensors, bounds[k], bounds[k + 1],
+                    first[k], ops, n_ops, type_num, update)
 
 
 def nesterov_ag_multi(const int64_t[:, ::1] ptrs,     # (n, 3) addresses of p, g, v
@@ -390,50 +428,205 @@ def nesterov_ag_multi(const int64_t[:, ::1] ptrs,     # (n, 3) addresses of p, g
                       const double[:, ::1] coef,      # (n, N_COEF) coefficients
                       const int64_t[::1] bounds,      # (k + 1,) work item boundaries
                       const int64_t[::1] first,       # (k,) first tensor of each item
-                      int type_num, int n_threads):
+                      int type_num, int n_threads, const double[:, ::1] ops=None,
+                      bint update=True):
     """One NesterovAG step over a table of tensors of one dtype (one native call).
 
     Tensor ``t`` has ``cum[t + 1] - cum[t]`` elements at the addresses
     ``ptrs[t]`` (param, grad, v: dense, disjoint, in the dtype ``type_num``)
     and the coefficients ``coef[t]`` (lr, momentum, mm, c as for
     ``nesterov_ag_contiguous``; then the loss scale and a flag: when set,
-    the gradient is divided by it in place first).  Work item ``k`` covers
-    the elements ``[bounds[k], bounds[k + 1])`` of the concatenated tensors,
-    starting in tensor ``first[k]``; items are spread over ``n_threads``
-    threads in one parallel region (serial when ``n_threads <= 1``).
+    the gradient is divided by it in place first).  ``ops`` (``(n_ops, 4)``,
+    see ``_hook_ops.h``), if given, is a program of hook operations applied
+    to every gradient before the division and the update, in the same pass.  Work item ``k`` covers the elements
+    ``[bounds[k], bounds[k + 1])`` of the concatenated tensors, starting in
+    tensor ``first[k]``; items are spread over ``n_threads`` threads in one
+    parallel region (serial when ``n_threads <= 1``).  ``update=False`` runs
+    the hook operations only (``v`` is not touched).
 
     The caller (``cynag_kernels.multi_tensor``) owns the table and keeps
     the arrays alive; nothing here can check the addresses.
     """
     cdef Py_ssize_t n = ptrs.shape[0]
     cdef Py_ssize_t n_items = bounds.shape[0] - 1
+    cdef int n_ops = 0
+    cdef const double* op_ptr = NULL
     if ptrs.shape[1] != 3 or cum.shape[0] != n + 1 or coef.shape[0] != n \
             or coef.shape[1] != N_COEF or first.shape[0] != n_items:
         raise ValueError("nesterov_ag_multi: inconsistent table shapes")
+    if ops is not None and ops.shape[0] > 0:
+        if ops.shape[1] != CYNAG_OP_WORDS:
+            raise ValueError("nesterov_ag_multi: ops must have %d columns" % CYNAG_OP_WORDS)
+        n_ops = <int>ops.shape[0]
+        op_ptr = &ops[0, 0]
     if n == 0 or n_items <= 0:
         return
     with nogil:
         if type_num == cnp.NPY_FLOAT:
             _multi_run(<float*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], n, &bounds[0],
-                       &first[0], n_items, n_threads)
+                       &first[0], n_items, n_threads, op_ptr, n_ops, type_num, update)
         elif type_num == cnp.NPY_DOUBLE:
             _multi_run(<double*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], n, &bounds[0],
-                       &first[0], n_items, n_threads)
+                       &first[0], n_items, n_threads, op_ptr, n_ops, type_num, update)
         elif type_num == NPY_HALF:
-            _multi_run(<uint16_t*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], n, &bounds[0],
-                       &first[0], n_items, n_threads)
+            _multi_run(<uint16_t*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], n,
+                       &bounds[0], &first[0], n_items, n_threads, op_ptr, n_ops, type_num,
+                       update)
         else:
             with gil:
                 raise TypeError("nesterov_ag_multi: unsupported type number %d" % type_num)
 
 
-def arrays_writeable(list arrays):
-    """True if every array of the list (NumPy arrays) is writeable."""
-    cdef object a
-    for a in arrays:
-        if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a):
-            return False
-    return True
+def hook_ops(object g, object p, const double[:, ::1] ops, int type_num):
+    """Run a hook operation program on one contiguous gradient (``p`` may be None).
+
+    ``g`` and ``p``: 1-d contiguous NumPy arrays of the dtype ``type_num``
+    (float16 as uint16 views are accepted too); ``ops``: ``(n_ops, 4)``.
+    Serial: the caller splits large arrays (see ``cynag_kernels.hooks``).
+    """
+    cdef cnp.ndarray ga = g
+    cdef cnp.ndarray pa
+    cdef void* pp = NULL
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(ga)
+    if not cnp.PyArray_CHKFLAGS(ga, cnp.NPY_ARRAY_C_CONTIGUOUS) or not cnp.PyArray_ISWRITEABLE(ga):
+        raise ValueError("hook_ops: g must be a writeable contiguous array")
+    if ops.shape[1] != CYNAG_OP_WORDS:
+        raise ValueError("hook_ops: ops must have %d columns" % CYNAG_OP_WORDS)
+    if p is not None:
+        pa = p
+        if cnp.PyArray_SIZE(pa) != n or not cnp.PyArray_CHKFLAGS(pa, cnp.NPY_ARRAY_C_CONTIGUOUS):
+            raise ValueError("hook_ops: p must be contiguous and as long as g")
+        pp = cnp.PyArray_DATA(pa)
+    if n == 0 or ops.shape[0] == 0:
+        return
+    with nogil:
+        cynag_ops_run(type_num, cnp.PyArray_DATA(ga), pp, n, &ops[0, 0], <int>ops.shape[0])
+
+
+cdef double _sumsq_f32(const float* x, Py_ssize_t n) noexcept nogil:
+    # Four float64 accumulators (a blocked sum): each square is exact in
+    # float64 for float32 and float16 inputs.
+    cdef double s0 = 0, s1 = 0, s2 = 0, s3 = 0
+    cdef double a
+    cdef Py_ssize_t i = 0
+    while i + 4 <= n:
+        a = x[i]
+        s0 = s0 + a * a
+        a = x[i + 1]
+        s1 = s1 + a * a
+        a = x[i + 2]
+        s2 = s2 + a * a
+        a = x[i + 3]
+        s3 = s3 + a * a
+        i += 4
+    while i < n:
+        a = x[i]
+        s0 = s0 + a * a
+        i += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+cdef double _sumsq_f64(const double* x, Py_ssize_t n) noexcept nogil:
+    cdef double s0 = 0, s1 = 0, s2 = 0, s3 = 0
+    cdef Py_ssize_t i = 0
+    while i + 4 <= n:
+        s0 = s0 + x[i] * x[i]
+        s1 = s1 + x[i + 1] * x[i + 1]
+        s2 = s2 + x[i + 2] * x[i + 2]
+        s3 = s3 + x[i + 3] * x[i + 3]
+        i += 4
+    while i < n:
+        s0 = s0 + x[i] * x[i]
+        i += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+cdef double _sumsq_f16(const uint16_t* x, Py_ssize_t n) noexcept nogil:
+    cdef double s = 0
+    cdef double a
+    cdef Py_ssize_t i
+    for i in range(n):
+        a = cynag_half_to_float(x[i])
+        s = s + a * a
+    return s
+
+
+cdef double _sumsq_any(int type_num, const void* x, Py_ssize_t n) noexcept nogil:
+    if type_num == cnp.NPY_FLOAT:
+        return _sumsq_f32(<const float*>x, n)
+    if type_num == cnp.NPY_DOUBLE:
+        return _sumsq_f64(<const double*>x, n)
+    return _sumsq_f16(<const uint16_t*>x, n)
+
+
+def sum_squares_multi(const int64_t[::1] ptrs, const int64_t[::1] cum,
+                      const int64_t[::1] bounds, const int64_t[::1] first,
+                      int type_num, int n_threads, double[::1] per_tensor):
+    """Sum of squares of many contiguous arrays of one dtype, in float64, in one call.
+
+    Array ``t`` has ``cum[t + 1] - cum[t]`` elements at ``ptrs[t]``.  Work
+    items are as for ``nesterov_ag_multi``; each item accumulates its
+    elements in float64 (four interleaved partial sums), and the partial
+    sums are added per tensor in a fixed order, so the result depends only
+    on the split into items.  Fills ``per_tensor`` (one sum per array) and
+    returns the total.
+    """
+    cdef Py_ssize_t n = ptrs.shape[0]
+    cdef Py_ssize_t n_items = bounds.shape[0] - 1
+    cdef Py_ssize_t k, t, item_t
+    cdef int64_t b0, b1, base, start, stop
+    cdef double total = 0
+    if cum.shape[0] != n + 1 or first.shape[0] != n_items or per_tensor.shape[0] != n:
+        raise ValueError("sum_squares_multi: inconsistent table shapes")
+    if type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE and type_num != NPY_HALF:
+        raise TypeError("sum_squares_multi: unsupported type number %d" % type_num)
+    per_tensor[:] = 0
+    if n == 0 or n_items <= 0:
+        return 0.0
+    # partial[k, j]: item k's sum over its j-th tensor (items span few tensors
+    # each; store per (item, tensor) pairs through a flat buffer).
+    import numpy as _np
+    cdef int64_t[::1] pair_start = _np.zeros(n_items + 1, _np.int64)
+    for k in range(n_items):
+        t = first[k]
+        item_t = 0
+        while t < n and cum[t] < bounds[k + 1]:
+            item_t += 1
+            t += 1
+        pair_start[k + 1] = pair_start[k] + item_t
+    cdef double[::1] partial = _np.zeros(max(1, pair_start[n_items]), _np.float64)
+    with nogil:
+        for k in prange(n_items, schedule="static", num_threads=max(1, min(n_threads, n_items)),
+                        use_threads_if=n_threads > 1 and n_items > 1):
+            b0 = bounds[k]
+            b1 = bounds[k + 1]
+            t = first[k]
+            item_t = pair_start[k]
+            while t < n and cum[t] < b1:
+                base = cum[t]
+                start = b0 - base if b0 > base else 0
+                stop = cum[t + 1] - base
+                if b1 - base < stop:
+                    stop = b1 - base
+                if stop > start:
+                    partial[item_t] = _sumsq_any(
+                        type_num, (<const char*>ptrs[t]) + start * (4 if type_num == cnp.NPY_FLOAT
+                                                                   else 8 if type_num == cnp.NPY_DOUBLE
+                                                                   else 2),
+                        stop - start)
+                item_t = item_t + 1
+                t = t + 1
+    # Fixed-order combination: per tensor, items in order.
+    for k in range(n_items):
+        t = first[k]
+        item_t = pair_start[k]
+        while t < n and cum[t] < bounds[k + 1]:
+            per_tensor[t] += partial[item_t]
+            item_t += 1
+            t += 1
+    for t in range(n):
+        total += per_tensor[t]
+    return total
 
 
 def multi_verify(list params, list grads, list vs, int type_num,

@@ -243,20 +243,25 @@ class CPUTable:
             self._items[n_threads] = items
         return items
 
-    def run(self, num_threads=None):
+    def run(self, num_threads=None, ops=None):
         """Update every tensor of the table once.
 
         Args:
             num_threads (int or None): threads to use; ``None`` follows
                 :func:`cynag_kernels.threads.threads_for` for the total
                 number of elements (one thread below the parallel threshold).
+            ops: optional ``(n_ops, 4)`` float64 program of hook operations
+                (rows from :func:`cynag_kernels.hooks.op_row` for this
+                table's dtype) applied to every gradient before the update,
+                in the same pass: the result equals running
+                :func:`cynag_kernels.hooks.apply_ops` on each gradient first.
         """
         if self.n_tensors == 0:
             return
         k = threads_for(self.n_elements) if num_threads is None else max(1, int(num_threads))
         bounds, first = self.work_items(k)
         _nesterov_cpu.nesterov_ag_multi(self._ptrs, self._cum, self._coef, bounds, first,
-                                        self._type_num, k)
+                                        self._type_num, k, ops)
 
     def verify(self):
         """True if every array is still as the table found it.
