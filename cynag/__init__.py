@@ -6,7 +6,7 @@ Chainer's optimizer API under a new name: port Chainer code by changing
 """
 __version__ = "0.1.0"
 
-from cynag import optimizer, optimizers, serializer, serializers
+from cynag import optimizer, optimizer_hooks, optimizers, serializer, serializers
 from cynag._config import config, show_config
 from cynag.link import Chain, ChainList, Link
 from cynag.optimizer import GradientMethod, Hyperparameter, Optimizer, UpdateRule
@@ -21,5 +21,5 @@ from cynag_kernels.threads import (
 __all__ = [
     "Chain", "ChainList", "GradientMethod", "Hyperparameter", "Link", "Optimizer",
     "Parameter", "UpdateRule", "config", "get_num_threads", "get_parallel_threshold",
-    "optimizer", "optimizers", "serializer", "serializers", "set_num_threads", "set_parallel_threshold", "show_config",
+    "optimizer", "optimizer_hooks", "optimizers", "serializer", "serializers", "set_num_threads", "set_parallel_threshold", "show_config",
 ]

@@ -174,9 +174,39 @@ class _Group:
 
             return GPUTable(arrays, grads, vs, lr, momentum, scales, strict=False)
 
-    def run(self):
-        self.table.run()
+    def run(self, ops=None):
+        if ops is None:
+            self.table.run()
+        else:
+            self.table.run(ops=ops)
         self.counter.n += 1
+
+    def fold_rows(self, hooks, rate):
+        """The operation program of ``hooks`` for this group's pass, or None.
+
+        None when the group cannot take them in its pass: a GPU group, loss
+        scales that differ between its parameters (WeightDecay's rate
+        depends on it), or a coefficient NumPy would not round to the dtype.
+        """
+        if self.key[0] != "cpu" or self.table is None:
+            return None
+        from cynag_kernels.hooks import op_row
+
+        scales = list(map(_LOSS_SCALE, self.params)) if self.owned else \
+            [getattr(p, "_loss_scale", None) for p in self.params]
+        first = scales[0] if scales else None
+        if any(s is not first and s != first for s in scales):
+            return None
+        ops = []
+        if rate is not None:
+            ops.append(("scale", rate))
+        for hook in hooks:
+            ops.extend(hook._ops(self.params[0]) if self.params else [])
+        dtype = self.key[1]
+        rows = [op_row(dtype, op) for op in ops]
+        if any(r is None for r in rows):
+            return None
+        return numpy.array(rows, numpy.float64).reshape(-1, 4)
 
     def attach(self):
         stolen = False
@@ -390,13 +420,42 @@ class Plan:
         self.check_rest()
 
     # -- updating ------------------------------------------------------------
-    def run(self):
-        """Update every parameter once: one native call per group, then the rest."""
+    def run(self, fold=()):
+        """Update every parameter once: one native call per group, then the rest.
+
+        ``fold``: optimizer hooks (see :func:`foldable_suffix`) to apply to
+        every gradient before the update, as the optimizer would have called
+        them: their operations run inside the update pass of the CPU groups
+        that allow it, and as separate calls for every other parameter.
+        """
         for group in self.groups:
             if group.table is None:  # pragma: no cover - prepare() builds it
                 raise RuntimeError("multi-tensor plan used before its tables were built")
+        if not fold:
+            for group in self.groups:
+                group.run()
+            for _, _, param, _ in self.rest:
+                param.update()
+            return
+        from cynag.optimizer_hooks import GradientClipping
+
+        hooks = list(fold)
+        rate = None
+        if isinstance(hooks[0], GradientClipping):
+            rate = hooks[0].rate(self.optimizer)
+            hooks = hooks[1:]
+        # Operations per parameter, in hook order (a clipping scale first).
+        plans = []
         for group in self.groups:
-            group.run()
+            rows = group.fold_rows(hooks, rate)
+            if rows is None:  # not in the pass: apply the hooks first
+                for param, rule in zip(group.params, group.rules):
+                    _apply_hooks(param, rule, hooks, rate)
+            plans.append(rows)
+        for _, _, param, rule in self.rest:
+            _apply_hooks(param, rule, hooks, rate)
+        for group, rows in zip(self.groups, plans):
+            group.run(rows)
         for _, _, param, _ in self.rest:
             param.update()
 
@@ -474,3 +533,38 @@ def _separate_from_rest(groups, rest):
             else:
                 kept.append(new)
     return kept, moved
+
+
+def _apply_hooks(param, rule, hooks, rate):
+    """Apply folded optimizer hooks to one parameter, as the optimizer calls them."""
+    if rate is not None:
+        g = param.grad
+        if g is not None and param.array is not None:
+            from cynag.optimizer_hooks import _apply
+
+            _apply(g, None, [("scale", rate)])
+    for hook in hooks:
+        hook(rule, param)
+
+
+def foldable_suffix(hooks):
+    """How many of the last optimizer 'pre' hooks the multi-tensor pass can run.
+
+    The per-element cynag hooks (WeightDecay, Lasso, GradientHardClipping:
+    their exact classes, called for each parameter) at the end of the list,
+    and a GradientClipping right before them (its norm is taken on the
+    gradients as they are when it would run).
+    """
+    from cynag.optimizer_hooks import (GradientClipping, GradientHardClipping, Lasso,
+                                       WeightDecay)
+
+    n = 0
+    for hook in reversed(hooks):
+        if type(hook) in (WeightDecay, Lasso, GradientHardClipping) \
+                and hook.call_for_each_param is True:
+            n += 1
+            continue
+        if type(hook) is GradientClipping and not getattr(hook, "call_for_each_param", False):
+            n += 1
+        break
+    return n

@@ -983,8 +983,18 @@ class GradientMethod(Optimizer):
             plan.prepare()
         self.reallocate_cleared_grads()
         self.check_nan_in_grads()
+        fold = ()
         if self._hookable._pre_update_hooks:
-            self.call_hooks("pre")
+            hooks = list(self._hookable._pre_update_hooks.values())
+            if plan is not None and self.is_safe_to_update():
+                from cynag._multi_tensor import foldable_suffix
+
+                n_fold = foldable_suffix(hooks)
+                if n_fold:
+                    # Their operations run in the update pass (same results).
+                    hooks, fold = hooks[:len(hooks) - n_fold], hooks[len(hooks) - n_fold:]
+            for hook in hooks:
+                self.call_hook(hook)
             # Hooks may have replaced gradients or hyperparameters: check
             # again, before anything is updated.
             if plan is None:
@@ -998,7 +1008,7 @@ class GradientMethod(Optimizer):
                     param.update()  # a checked rule skips its own check once
             else:
                 plan.prepare(final=True)
-                plan.run()
+                plan.run(fold)
         self.reallocate_cleared_grads()
         self.call_hooks("post")
         self.update_loss_scale()

@@ -69,6 +69,24 @@ def op_row(dtype, op):
     return (float(code), float(a), 0.0, 0.0)
 
 
+def gpu_row(dtype, op):
+    """The row of ``op`` for a CuPy array of ``dtype``: CuPy casts a scalar to the
+    array dtype (an ``'add'`` row takes its array as the kernel's ``p``)."""
+    dtype = numpy.dtype(dtype)
+    kind = op[0]
+    code = OP_CODES[kind]
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        if kind == "clip":
+            lo, hi = op[1], op[2]
+            flags = (lo is not None) | ((hi is not None) << 1)
+            a = 0.0 if lo is None else float(dtype.type(_strong_scalar(lo)))
+            b = 0.0 if hi is None else float(dtype.type(_strong_scalar(hi)))
+            return (float(code), a, b, float(flags))
+        if kind == "add":
+            return (float(code), 0.0, 0.0, 0.0)
+        return (float(code), float(dtype.type(_strong_scalar(op[1]))), 0.0, 0.0)
+
+
 def _wide_type(dtype, op, zero_dim):
     """The type NumPy 1.x computes ``op`` in when it does not stay in ``dtype``."""
     if zero_dim:
