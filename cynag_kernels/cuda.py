@@ -1,11 +1,12 @@
-"""GPU launcher: the CUDA source of ``nesterov_ag.cu`` through CuPy's RawModule.
+"""GPU launcher: the CUDA sources ``nesterov_ag.cu`` and ``hooks.cu`` through CuPy's RawModule.
 
 CuPy is imported only when a GPU update runs, so this module imports without
 it.  The pieces that do not need a GPU are public so that the compilation
 and emulation tests use exactly what the launcher uses:
 
-* :func:`kernel_source` -- the source text (read once, ``#line`` prepended so
-  compiler messages point at the file);
+* :func:`kernel_source` -- the source text: the files of :data:`SOURCE_FILES`
+  one after the other, each after a ``#line`` directive so that compiler
+  messages point at the file (read once);
 * :data:`KERNEL_NAMES`, :data:`SCALAR_TYPES` -- entry point and C type of the
   ``lr``/``momentum`` arguments for each array dtype;
 * :func:`nvrtc_options` -- the options the launcher passes to NVRTC;
@@ -16,9 +17,13 @@ and emulation tests use exactly what the launcher uses:
   ``long long``: CuPy passes a Python float as a double, which a ``float``
   parameter would read as garbage).
 
-:func:`nesterov_ag_gpu` runs the update: one ``RawModule`` per device,
-compiled at first use and cached (CuPy also caches the binary on disk).
+:func:`nesterov_ag_gpu` runs the update, :class:`GPUTable` the multi-tensor
+update, :func:`hook_ops_gpu` a program of hook operations (see
+``cynag_kernels.hooks``) and :func:`sum_squares_gpu` a sum of squares: one
+``RawModule`` per device holds every kernel, compiled at first use and cached
+(CuPy also caches the binary on disk).
 """
+import collections
 import functools
 import os
 
@@ -27,7 +32,13 @@ import numpy
 from cynag_kernels.nesterov import SUPPORTED_DTYPES, check_nesterov_ag_arrays, \
     nesterov_ag_coefficients
 
-SOURCE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nesterov_ag.cu")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+#: The NesterovAG kernels.
+SOURCE_FILE = os.path.join(_HERE, "nesterov_ag.cu")
+#: The kernels of the optimizer hooks (operation programs, sums of squares).
+HOOKS_SOURCE_FILE = os.path.join(_HERE, "hooks.cu")
+#: The files of the module, in the order :func:`kernel_source` joins them.
+SOURCE_FILES = (SOURCE_FILE, HOOKS_SOURCE_FILE)
 
 #: Entry point of the kernel for each array dtype.
 KERNEL_NAMES = {
@@ -50,6 +61,27 @@ MULTI_KERNEL_NAMES = {
     numpy.dtype(numpy.float64): "cynag_nesterov_ag_multi_f64",
 }
 
+#: Entry point of the hook operation kernel for each array dtype (``hooks.cu``).
+HOOK_KERNEL_NAMES = {
+    numpy.dtype(numpy.float16): "cynag_hook_ops_f16",
+    numpy.dtype(numpy.float32): "cynag_hook_ops_f32",
+    numpy.dtype(numpy.float64): "cynag_hook_ops_f64",
+}
+
+#: Entry point of the partial sum of squares of one array, per dtype (``hooks.cu``).
+SUM_SQUARES_KERNEL_NAMES = {
+    numpy.dtype(numpy.float16): "cynag_sum_squares_partial_f16",
+    numpy.dtype(numpy.float32): "cynag_sum_squares_partial_f32",
+    numpy.dtype(numpy.float64): "cynag_sum_squares_partial_f64",
+}
+
+#: Entry point of the partial sum of squares of a table of arrays, per dtype.
+SUM_SQUARES_MULTI_KERNEL_NAMES = {
+    numpy.dtype(numpy.float16): "cynag_sum_squares_multi_partial_f16",
+    numpy.dtype(numpy.float32): "cynag_sum_squares_multi_partial_f32",
+    numpy.dtype(numpy.float64): "cynag_sum_squares_multi_partial_f64",
+}
+
 #: Threads per block.
 BLOCK_SIZE = 256
 #: Elements per work item of the multi-tensor kernel (a block's share).
@@ -60,10 +92,20 @@ BLOCKS_PER_SM = 8
 
 @functools.lru_cache(maxsize=None)
 def kernel_source():
-    """The CUDA source, read once, with a ``#line`` directive naming the file."""
-    with open(SOURCE_FILE) as f:
-        text = f.read()
-    return '#line 1 "%s"\n%s' % (SOURCE_FILE.replace("\\", "/"), text)
+    """The CUDA source of the module, read once.
+
+    The files of :data:`SOURCE_FILES` in order, each preceded by a ``#line 1``
+    directive naming it (and ended by a newline), so that compiler messages
+    point at the file and line where the code is.
+    """
+    parts = []
+    for path in SOURCE_FILES:
+        with open(path) as f:
+            text = f.read()
+        if not text.endswith("\n"):
+            text += "\n"
+        parts.append('#line 1 "%s"\n%s' % (path.replace("\\", "/"), text))
+    return "".join(parts)
 
 
 def nvrtc_options():
@@ -174,7 +216,8 @@ def multi_table(sizes, ptrs, item_elements=MULTI_ITEM_ELEMENTS):
 
     Args:
         sizes: element count of each tensor (none of them 0).
-        ptrs: ``(n, 3)`` integer addresses of param, grad and v.
+        ptrs: ``(n, 3)`` integer addresses of param, grad and v (``(n, 1)``
+            for the sum of squares: see :func:`sum_squares_table`).
         item_elements: elements per work item.
 
     Returns:
@@ -389,3 +432,233 @@ def _ranges_overlap(ptrs, nbytes, ok):
     from cynag_kernels.multi_tensor import _overlapping
 
     return _overlapping(ptrs, nbytes, ok)
+
+
+# ---------------------------------------------------------------------------
+# Optimizer hooks: operation programs and sums of squares (hooks.cu)
+# ---------------------------------------------------------------------------
+#: Operation codes of the rows (those of ``_hook_ops.h`` and ``hooks.cu``).
+HOOK_OP_CODES = {"weight_decay": 1, "lasso": 2, "clip": 3, "scale": 4, "add": 5}
+#: Codes of the operations that read the second array (parameter or noise).
+_READS_P = (1, 2, 5)
+#: Operation programs kept on each device (see :func:`device_rows`).
+ROWS_CACHE_SIZE = 64
+
+_rows_cache = collections.OrderedDict()
+
+
+def check_hook_rows(rows):
+    """``rows`` as a C-contiguous ``(n_ops, 4)`` ``numpy.float64`` array, checked.
+
+    Each row is ``(kind, a, b, flags)`` as :func:`cynag_kernels.hooks.op_row`
+    builds it: ``kind`` one of :data:`HOOK_OP_CODES`, ``flags`` (clip) an
+    integer from 0 to 3.  Raises ValueError otherwise.
+    """
+    table = numpy.ascontiguousarray(numpy.asarray(rows, numpy.float64))
+    if table.size == 0:
+        return table.reshape(0, 4)
+    if table.ndim != 2 or table.shape[1] != 4:
+        raise ValueError("hook operations: rows of 4 numbers (kind, a, b, flags) are needed, "
+                         "got an array of shape %s" % (table.shape,))
+    kinds, flags = table[:, 0], table[:, 3]
+    bad = ~numpy.isin(kinds, list(HOOK_OP_CODES.values()))
+    bad |= (kinds == HOOK_OP_CODES["clip"]) & ~numpy.isin(flags, (0.0, 1.0, 2.0, 3.0))
+    if bad.any():
+        k = int(numpy.flatnonzero(bad)[0])
+        raise ValueError("hook operations: row %d (%s) has no valid kind and flags"
+                         % (k, table[k].tolist()))
+    return table
+
+
+def device_rows(cupy, device_id, rows):
+    """The checked ``rows`` in memory of device ``device_id`` (current device).
+
+    The last :data:`ROWS_CACHE_SIZE` programs are kept, so that a program
+    used at every step (a constant weight decay rate) is copied to the device
+    once; the copies are never written.
+    """
+    key = (device_id, rows.tobytes())
+    hit = _rows_cache.get(key)
+    if hit is not None:
+        try:
+            _rows_cache.move_to_end(key)
+        except KeyError:  # dropped by another thread meanwhile: still valid here
+            pass
+        return hit
+    ops = cupy.asarray(rows)
+    _rows_cache[key] = ops
+    while len(_rows_cache) > ROWS_CACHE_SIZE:
+        try:
+            _rows_cache.popitem(last=False)
+        except KeyError:
+            break
+    return ops
+
+
+def _check_cupy_array(cupy, a, what):
+    if not isinstance(a, cupy.ndarray):
+        raise TypeError("%s must be a CuPy array, got %s" % (what, type(a).__name__))
+
+
+def _ranges_meet(a, b):
+    """Whether the memory of two contiguous arrays overlaps."""
+    na, nb = a.size * a.itemsize, b.size * b.itemsize
+    if not na or not nb:
+        return False
+    pa, pb = a.data.ptr, b.data.ptr
+    return pa < pb + nb and pb < pa + na
+
+
+def hook_ops_gpu(g, p, rows):
+    """Apply a program of hook operations to the CuPy gradient ``g`` in place: one launch.
+
+    Args:
+        g: CuPy array (float16/32/64), any layout; updated in place.
+        p: the array the rows read -- the parameter (weight decay, lasso) or
+            the noise (add) -- of ``g``'s dtype, shape and device; ``None``
+            if no row reads it (clip, scale only).
+        rows: ``(n_ops, 4)`` float64 rows of :func:`cynag_kernels.hooks.op_row`
+            (coefficients rounded to the dtype), applied in order.
+
+    The rows are copied to the device (:func:`device_rows`) and the kernel
+    ``HOOK_KERNEL_NAMES[dtype]`` runs once over all elements.  Arrays that
+    are both C- or both F-contiguous are used in place; others through
+    contiguous copies, ``g``'s written back.  A ``p`` whose memory overlaps
+    ``g``'s is copied first (NumPy reads it before writing too).  Nothing is
+    launched for an empty array or program.  float16 results are those of
+    ``cynag_kernels.hooks.apply_ops``; float32/float64 agree with them to
+    rounding (fused multiply-adds, see ``hooks.cu``).
+    """
+    cupy = _cupy()
+    rows = check_hook_rows(rows)
+    _check_cupy_array(cupy, g, "g")
+    dtype = numpy.dtype(g.dtype)
+    if dtype not in HOOK_KERNEL_NAMES:
+        raise TypeError("hook operations need a float16, float32 or float64 gradient, got %s"
+                        % dtype)
+    if p is None:
+        if numpy.isin(rows[:, 0], _READS_P).any():
+            raise ValueError("hook operations: a row reads p (weight decay, lasso or add) but "
+                             "p is None")
+    else:
+        _check_cupy_array(cupy, p, "p")
+        if numpy.dtype(p.dtype) != dtype or p.shape != g.shape:
+            raise ValueError("hook operations: p must have g's dtype %s and shape %s, got %s %s"
+                             % (dtype, g.shape, p.dtype, p.shape))
+        if p.device.id != g.device.id:
+            raise ValueError("hook operations: g is on GPU %d but p is on GPU %d"
+                             % (g.device.id, p.device.id))
+    n = g.size
+    if n == 0 or len(rows) == 0:
+        return
+    device_id = g.device.id
+    try:
+        with cupy.cuda.Device(device_id):
+            arrays = (g,) if p is None else (g, p)
+            order = None
+            for o, flag in (("C", "c_contiguous"), ("F", "f_contiguous")):
+                if all(getattr(a.flags, flag) for a in arrays):
+                    order = o
+                    break
+            copied = False
+            if order is not None:
+                gc = g.ravel(order)
+                pc = None if p is None else p.ravel(order)
+            else:
+                copied = not g.flags.c_contiguous
+                gc = cupy.ascontiguousarray(g).ravel()
+                pc = None if p is None else cupy.ascontiguousarray(p).ravel()
+            if pc is not None and _ranges_meet(gc, pc):
+                pc = pc.copy()
+            ops = device_rows(cupy, device_id, rows)
+            kernel = _kernel(cupy, device_id, dtype, HOOK_KERNEL_NAMES)
+            grid, block = launch_config(n, _sm_count(cupy, device_id))
+            kernel(grid, block, (gc, gc if pc is None else pc, numpy.int64(n), ops,
+                                 numpy.int64(len(rows))))
+            if copied:
+                g[...] = gc.reshape(g.shape)
+    except cupy.cuda.runtime.CUDARuntimeError as e:
+        raise RuntimeError("CuPy could not use GPU %d: %s" % (device_id, e)) from e
+
+
+def sum_squares_table(sizes, ptrs, item_elements=MULTI_ITEM_ELEMENTS):
+    """``(table, n_items)`` of the multi-array sum of squares kernel.
+
+    :func:`multi_table` with one address per array: ``ptrs[n]``, ``cum``,
+    ``bounds``, ``first`` (see ``hooks.cu``).
+    """
+    return multi_table(sizes, numpy.asarray(ptrs, numpy.int64).reshape(-1, 1), item_elements)
+
+
+def sum_squares_gpu(arrays):
+    """Sum of the squares of the elements of CuPy arrays, as a Python float.
+
+    The arrays (float16/32/64, any mix, any layout) must be on one device.
+    One partial-sum launch per dtype present -- per table: the arrays of a
+    dtype are read by ``SUM_SQUARES_MULTI_KERNEL_NAMES[dtype]`` through a
+    table (:func:`sum_squares_table`) copied to the device, or, when a dtype
+    has a single array, by ``SUM_SQUARES_KERNEL_NAMES[dtype]`` without one.
+    Every square is computed in float64 (exact for float16 and float32) and
+    added into the kernel's per-thread partial sums; the launches write into
+    one float64 buffer, which ``cupy.sum`` then reduces in float64.  The
+    additions are not in NumPy's order, so the result agrees with
+    ``cynag_kernels.hooks.sum_squares`` to rounding, not bit for bit.
+
+    C- and F-contiguous arrays are read in place (the sum does not depend
+    on the element order), others through contiguous copies.  Empty arrays
+    (and no arrays) add nothing and launch nothing.
+    """
+    cupy = _cupy()
+    arrays = list(arrays)
+    device_id = None
+    groups = {}
+    for i, a in enumerate(arrays):
+        _check_cupy_array(cupy, a, "sum_squares: array %d" % i)
+        dtype = numpy.dtype(a.dtype)
+        if dtype not in SUM_SQUARES_KERNEL_NAMES:
+            raise TypeError("sum_squares: float16, float32 or float64 arrays are needed, "
+                            "array %d is %s" % (i, dtype))
+        if device_id is None:
+            device_id = a.device.id
+        elif a.device.id != device_id:
+            raise ValueError("sum_squares: array 0 is on GPU %d but array %d is on GPU %d"
+                             % (device_id, i, a.device.id))
+        if a.size:
+            groups.setdefault(dtype, []).append(a)
+    if not groups:
+        return 0.0
+    try:
+        with cupy.cuda.Device(device_id):
+            sm_count = _sm_count(cupy, device_id)
+            launches = []
+            total_threads = 0
+            for dtype in sorted(groups, key=str):
+                flat = []
+                for a in groups[dtype]:
+                    if a.flags.c_contiguous:
+                        flat.append(a.ravel())
+                    elif a.flags.f_contiguous:
+                        flat.append(a.ravel("F"))
+                    else:
+                        flat.append(cupy.ascontiguousarray(a).ravel())
+                if len(flat) == 1:
+                    kernel = _kernel(cupy, device_id, dtype, SUM_SQUARES_KERNEL_NAMES)
+                    grid, block = launch_config(flat[0].size, sm_count)
+                    head = (flat[0], numpy.int64(flat[0].size))
+                    tail = ()
+                else:
+                    table, n_items = sum_squares_table([a.size for a in flat],
+                                                       [a.data.ptr for a in flat])
+                    kernel = _kernel(cupy, device_id, dtype, SUM_SQUARES_MULTI_KERNEL_NAMES)
+                    grid, block = multi_launch_config(n_items, sm_count)
+                    head = (cupy.asarray(table),)
+                    tail = (numpy.int64(len(flat)), numpy.int64(n_items))
+                threads = grid[0] * block[0]
+                launches.append((kernel, grid, block, head, tail, total_threads, threads, flat))
+                total_threads += threads
+            partial = cupy.empty(total_threads, numpy.float64)
+            for kernel, grid, block, head, tail, start, threads, _ in launches:
+                kernel(grid, block, head + (partial[start:start + threads],) + tail)
+            return float(cupy.sum(partial))
+    except cupy.cuda.runtime.CUDARuntimeError as e:
+        raise RuntimeError("CuPy could not use GPU %d: %s" % (device_id, e)) from e
