@@ -24,12 +24,23 @@ four 64-bit parameters (``table``, ``coef``, ``n_tensors``, ``n_items`` as
 the inner element loop in 64 bits (a probe with an ``int`` inner index is
 caught).
 
+The kernels of the optimizer hooks (``hooks.cu``, in the same module) are
+checked the same way: ``HOOK_KERNEL_NAMES`` take ``(g, p, n, ops, n_ops)``,
+all 64-bit, with both counts in 64 bits, the rows read as doubles and, for
+float16, a rounding to half after the operations;
+``SUM_SQUARES_KERNEL_NAMES`` take ``(x, n, partial)`` and accumulate in
+double; ``SUM_SQUARES_MULTI_KERNEL_NAMES`` take ``(table, partial,
+n_tensors, n_items)``.  None of them uses shared memory, barriers, atomics or
+warp shuffles (what the emulator cannot run).
+
 A probe kernel squeezed into 16 registers shows that the spill parsing sees
 spills.
 
-A broken copy of the source must fail to compile, with the error reported
-against ``nesterov_ag.cu`` (the ``#line`` directive of ``kernel_source()``),
-which shows that the harness can fail and that messages point at the file.
+Broken copies of the source must fail to compile, with the error reported
+against the file and line where the broken code is (``hooks.cu`` at the end,
+``nesterov_ag.cu`` before the ``hooks.cu`` part: the ``#line`` directives of
+``kernel_source()``), which shows that the harness can fail and that messages
+point at the file.
 
 The table of registers and spills is printed in the terminal summary (and is
 in the failure messages).  ``CYNAG_SKIP_CUDA_COMPILE=1`` skips these tests when
@@ -51,6 +62,11 @@ ARCHS = ("75", "80", "90")
 PROGRAM_NAME = "cynag_rawmodule.cu"
 KERNELS = tuple(sorted(cuda_launcher.KERNEL_NAMES.items(), key=lambda kv: kv[1]))
 MULTI_KERNELS = tuple(sorted(cuda_launcher.MULTI_KERNEL_NAMES.items(), key=lambda kv: kv[1]))
+HOOK_KERNELS = tuple(sorted(cuda_launcher.HOOK_KERNEL_NAMES.items(), key=lambda kv: kv[1]))
+SUM_KERNELS = tuple(sorted(cuda_launcher.SUM_SQUARES_KERNEL_NAMES.items(), key=lambda kv: kv[1]))
+SUM_MULTI_KERNELS = tuple(sorted(cuda_launcher.SUM_SQUARES_MULTI_KERNEL_NAMES.items(),
+                                 key=lambda kv: kv[1]))
+ALL_KERNELS = KERNELS + MULTI_KERNELS + HOOK_KERNELS + SUM_KERNELS + SUM_MULTI_KERNELS
 _PTX_TYPE = {numpy.dtype(numpy.float32): "f32", numpy.dtype(numpy.float64): "f64"}
 
 #: Small kernels that check the 64-bit index check itself (arch sm_80).
@@ -95,14 +111,37 @@ extern "C" __global__ void probe_spill(float* x, long long n) {
 """
 
 
-def _broken_source():
-    """kernel_source() plus an undeclared identifier; (source, line of the error)."""
+#: A kernel with shared memory, a barrier and an atomic (checks the cooperation check).
+COOPERATION_PROBE_SOURCE = r"""
+extern "C" __global__ void probe_cooperation(float* x, long long n) {
+    __shared__ float buf[256];
+    buf[threadIdx.x] = x[threadIdx.x];
+    __syncthreads();
+    atomicAdd(x + n, buf[255 - threadIdx.x]);
+}
+"""
+
+BROKEN = "cynag_broken_on_purpose x;\n"
+
+
+def _broken_source(where="end"):
+    """kernel_source() with an undeclared identifier; (source, file, line of the error).
+
+    ``where="end"``: after the last file of ``SOURCE_FILES``; ``"first"``: at
+    the end of the first file's part (before the next ``#line``).
+    """
     src = cuda_launcher.kernel_source()
-    if not src.endswith("\n"):
-        src += "\n"
+    assert src.endswith("\n")
+    starts = [m.start() for m in re.finditer(r'^#line 1 "', src, re.M)]
+    assert len(starts) == len(cuda_launcher.SOURCE_FILES) >= 2, starts
+    if where == "end":
+        cut, path = len(src), cuda_launcher.SOURCE_FILES[-1]
+    else:
+        cut, path = starts[1], cuda_launcher.SOURCE_FILES[0]
+    part = src[src.rindex("#line 1 ", 0, cut):cut]
     # Line 1 of the file is the line after the #line directive.
-    line = src.count("\n")  # = lines of the file + 1 (the directive's line)
-    return src + "cynag_broken_on_purpose x;\n", line
+    line = part.count("\n")  # = lines of the file + 1 (the directive's line)
+    return src[:cut] + BROKEN + src[cut:], path, line
 
 
 # ---------------------------------------------------------------------------
@@ -265,7 +304,7 @@ def _table(result):
         if unit["label"] != "kernels":
             continue
         info = parse_ptxas_log(unit["log"])
-        for _, name in KERNELS + MULTI_KERNELS:
+        for _, name in ALL_KERNELS:
             e = info.get(name, {})
             rows.append(("sm_" + unit["arch"], name) + tuple(
                 str(e.get(k, "?")) for k in ("registers", "stack", "spill_stores",
@@ -284,11 +323,16 @@ def _table(result):
 
 @pytest.fixture(scope="module")
 def compiled(request, cuda_compile_python, tmp_path_factory):
-    broken, _ = _broken_source()
+    broken, _, _ = _broken_source()
+    broken_first, _, _ = _broken_source("first")
     units = [{"label": "kernels", "arch": a, "name": PROGRAM_NAME,
               "source": cuda_launcher.kernel_source()} for a in ARCHS]
     units.append({"label": "broken", "arch": "80", "name": PROGRAM_NAME, "source": broken})
+    units.append({"label": "broken_first", "arch": "80", "name": PROGRAM_NAME,
+                  "source": broken_first})
     units.append({"label": "probe", "arch": "80", "name": "probe.cu", "source": PROBE_SOURCE})
+    units.append({"label": "cooperation_probe", "arch": "80", "name": "cooperation_probe.cu",
+                  "source": COOPERATION_PROBE_SOURCE})
     units.append({"label": "spill_probe", "arch": "80", "name": "spill_probe.cu",
                   "source": SPILL_PROBE_SOURCE, "extra_options": ["--maxrregcount=16"]})
     job = {"options": list(cuda_launcher.nvrtc_options()),
@@ -357,9 +401,10 @@ def test_source_compiles(compiled, arch):
     unit = _unit(compiled, "kernels", arch)
     assert unit["ok"], "NVRTC failed for sm_%s: %s\n%s" % (arch, unit["error"], _describe(unit))
     assert unit["cubin_size"] > 0
-    # No warning from the compiler about cynag's own file.
-    source_file = os.path.basename(cuda_launcher.SOURCE_FILE)
-    warnings = [l for l in unit["log"].splitlines() if source_file in l and "warning" in l]
+    # No warning from the compiler about cynag's own files.
+    names = [os.path.basename(f) for f in cuda_launcher.SOURCE_FILES]
+    warnings = [l for l in unit["log"].splitlines()
+                if any(n in l for n in names) and "warning" in l]
     assert not warnings, _describe(unit)
     assert "'sm_%s'" % arch in unit["log"], _describe(unit)  # ptxas ran for that arch
 
@@ -422,6 +467,90 @@ def test_multi_entry_point(compiled, arch, dtype, name):
     assert not problems, "index arithmetic is not 64-bit: %s\n%s" % (problems, context)
 
 
+#: PTX of what the emulator cannot run (threads of a block together).
+_COOPERATION = re.compile(r"\.shared\b|\bbar(\.\w+)*\s|\bbarrier\b|\batom\.|\bred\.|\bshfl\.|"
+                          r"\bvote\.|\bmatch\.|\bredux\.")
+
+
+def _check_entry(compiled, arch, name, want_types, counts):
+    """Shared checks of one entry; returns (PTX body, context)."""
+    unit = _unit(compiled, "kernels", arch)
+    assert unit["ok"], "NVRTC failed for sm_%s: %s\n%s" % (arch, unit["error"], _describe(unit))
+    context = "sm_%s %s\n%s\n%s" % (arch, name, compiled["table"], _describe(unit))
+    entry = ptx_entry(unit["ptx"], name)
+    assert entry is not None, "no '.visible .entry %s(' in the PTX: %s" % (name, context)
+    types, body = entry
+    assert types == want_types, (types, context)
+    info = parse_ptxas_log(unit["log"]).get(name)
+    assert info is not None, "ptxas reported nothing for %s: %s" % (name, context)
+    assert info["arch"] == "sm_" + arch, context
+    assert "registers" in info, context
+    problem = spill_problem(info)
+    assert problem is None, "%s spills on sm_%s (%s): %s" % (name, arch, problem, context)
+    assert info["stack"] == 0, "stack frame of %d bytes: %s" % (info["stack"], context)
+    problems = index_width_problems(unit["ptx"], name, counts=counts)
+    assert not problems, "index arithmetic is not 64-bit: %s\n%s" % (problems, context)
+    m = _COOPERATION.search(body)
+    assert m is None, "%s uses %r (shared memory, barriers, atomics or warp primitives): %s" % (
+        name, m.group(0), context)
+    return body, context
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype,name", HOOK_KERNELS, ids=[n for _, n in HOOK_KERNELS])
+def test_hook_entry_point(compiled, arch, dtype, name):
+    """Hook operations: ``(g, p, n, ops, n_ops)``, unmangled, no spills, 64-bit n and n_ops.
+
+    The rows are read as doubles from global memory; float16 elements are
+    loaded and stored as halves and rounded to half after an operation
+    (``cvt.rn.f16.f32``), float32/float64 elements computed in their type.
+    """
+    body, context = _check_entry(compiled, arch, name, ["u64"] * 5, counts=(2, 4))
+    assert re.search(r"ld\.global(\.nc)?\.f64\b", body), context  # the rows
+    if dtype == numpy.float16:
+        assert re.search(r"ld\.global(\.nc)?\.(b16|u16)\b", body), context
+        assert re.search(r"st\.global\.(b16|u16)\b", body), context
+        assert "cvt.rn.f16.f32" in body, context
+    else:
+        t = _PTX_TYPE[numpy.dtype(dtype)]
+        assert re.search(r"ld\.global(\.nc)?\.%s\b" % t, body), context
+        assert re.search(r"st\.global\.%s\b" % t, body), context
+        assert re.search(r"\b(add|fma\.rn|mul)(\.rn)?(\.ftz)?\.%s\b" % t, body), context
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype,name", SUM_KERNELS, ids=[n for _, n in SUM_KERNELS])
+def test_sum_squares_entry_point(compiled, arch, dtype, name):
+    """Partial sums of squares: ``(x, n, partial)``, 64-bit n, squares added in double."""
+    body, context = _check_entry(compiled, arch, name, ["u64"] * 3, counts=(1,))
+    assert re.search(r"\b(fma\.rn|add(\.rn)?)\.f64\b", body), context
+    assert re.search(r"st\.global\.f64\b", body), context
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype,name", SUM_MULTI_KERNELS, ids=[n for _, n in SUM_MULTI_KERNELS])
+def test_sum_squares_multi_entry_point(compiled, arch, dtype, name):
+    """Over a table: ``(table, partial, n_tensors, n_items)``, both counts 64-bit, double sums."""
+    body, context = _check_entry(compiled, arch, name, ["u64"] * 4, counts=(2, 3))
+    assert re.search(r"\b(fma\.rn|add(\.rn)?)\.f64\b", body), context
+    assert re.search(r"st\.global\.f64\b", body), context
+
+
+def test_cooperation_check_sees_shared_memory_and_atomics(compiled):
+    """The PTX pattern of the hook kernels' check matches a barrier, shared memory, atomics."""
+    unit = _unit(compiled, "cooperation_probe")
+    assert unit["ok"], _describe(unit)
+    entry = ptx_entry(unit["ptx"], "probe_cooperation")
+    assert entry is not None, _describe(unit)
+    found = {m.group(0).strip() for m in _COOPERATION.finditer(entry[1])}
+    assert any(f.startswith(".shared") for f in found), found
+    assert any(f.startswith("bar") for f in found), found
+    assert any(f.startswith(("atom.", "red.")) for f in found), found
+    for _, name in HOOK_KERNELS + SUM_KERNELS:  # and it stays quiet on the real kernels
+        body = ptx_entry(_unit(compiled, "kernels", "80")["ptx"], name)[1]
+        assert _COOPERATION.search(body) is None, name
+
+
 def test_index_check_catches_32_bit_indexing(compiled):
     """The 64-bit check flags an int index and an int n, and passes a long long index."""
     unit = _unit(compiled, "probe")
@@ -447,13 +576,18 @@ def test_spill_check_catches_spills(compiled):
     assert info["spill_stores"] > 0, (info, _describe(unit))
 
 
-def test_broken_source_fails_with_the_file_name(compiled):
-    """A syntax error fails the compile, reported at nesterov_ag.cu:LINE (#line mapping)."""
-    unit = _unit(compiled, "broken")
+@pytest.mark.parametrize("label,where", [("broken", "end"), ("broken_first", "first")])
+def test_broken_source_fails_with_the_file_name(compiled, label, where):
+    """A syntax error fails the compile, reported at FILE(LINE) of the file it is in.
+
+    At the end of the source: ``hooks.cu``; at the end of the first part:
+    ``nesterov_ag.cu`` (the ``#line`` directive of each part maps the lines).
+    """
+    unit = _unit(compiled, label)
     assert not unit["ok"], "a broken source compiled: %s" % _describe(unit)
     assert "COMPILATION" in (unit["error"] or ""), unit["error"]
-    _, line = _broken_source()
-    where = '%s(%d): error' % (cuda_launcher.SOURCE_FILE.replace("\\", "/"), line)
+    _, path, line = _broken_source(where)
+    where = '%s(%d): error' % (path.replace("\\", "/"), line)
     assert where in unit["log"], "expected %r in the log:\n%s" % (where, unit["log"])
     assert "cynag_broken_on_purpose" in unit["log"]
     errors = [l for l in unit["log"].splitlines() if ": error" in l]
