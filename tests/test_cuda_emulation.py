@@ -1,4 +1,4 @@
-"""The CUDA kernels of ``nesterov_ag.cu``, run without a GPU by a host-compiler emulator.
+"""The CUDA kernels (nesterov_ag.cu, hooks.cu), run without a GPU by a host-compiler emulator.
 
 The very source the GPU launcher hands to NVRTC
 (:func:`cynag_kernels.cuda.kernel_source`) is compiled with the host C++
@@ -61,6 +61,25 @@ not on the current device fails.  ``NesterovAG.update()`` on models of 1 to
 dtype) group plus one per parameter left to the per-parameter path, with
 results equal bit for bit to ``use_multi_tensor(False)``.
 
+For the kernels of the optimizer hooks (``hooks.cu``):
+
+* ``HOOK_KERNEL_NAMES``: the gradient after a program of rows
+  (:func:`cynag_kernels.hooks.op_row`) equals, bit for bit,
+  :func:`cynag_kernels.hooks.apply_ops` on the CPU, for float16/32/64, every
+  kind alone and random programs of several operations, values and
+  coefficients with NaN, signed zeros, infinities, subnormals and extremes,
+  clip bounds one- or two-sided, crossed, NaN or beyond the dtype's range,
+  every float16 bit pattern, several grids and block orders; every element is
+  updated once, ``p`` and the rows are not written;
+* ``SUM_SQUARES_KERNEL_NAMES`` and ``SUM_SQUARES_MULTI_KERNEL_NAMES``: every
+  partial sum is written, and their sum is the exact float64 sum of squares
+  to 1e-12 (ones: the element count exactly), for single arrays and tables;
+* mutated copies are caught;
+* :func:`~cynag_kernels.cuda.hook_ops_gpu` and
+  :func:`~cynag_kernels.cuda.sum_squares_gpu` on the emulated CuPy: one launch
+  per call (per dtype for the sum, then one ``cupy.sum``), apply_ops's bits in
+  every layout and with aliasing, the programs copied to a device once.
+
 What it does not establish: NVRTC compiles with ``--fmad=true`` by default, so
 a GPU contracts ``a * b + c`` into fused multiply-adds and agrees with these
 results to rounding, not bit for bit (as the source says); and nothing here
@@ -70,6 +89,7 @@ Skipped only when no C++ compiler with ``_Float16`` is found (``$CXX``, else
 ``g++``, ``c++``, ``clang++``).
 """
 import ctypes
+import math
 import os
 import re
 import shlex
@@ -85,12 +105,17 @@ import pytest
 
 import cynag
 from cynag_kernels import cuda as cuda_launcher
+from cynag_kernels import hooks as cpu_hooks
 from cynag_kernels import nesterov_ag_coefficients
 
 EMU_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emulator")
 PRELUDE = os.path.join(EMU_DIR, "cuda_emu_prelude.h")
 CXX_FLAGS = ("-std=c++17", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared")
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+#: Every entry point table of the launcher (the module holds exactly these kernels).
+ALL_NAME_TABLES = (cuda_launcher.KERNEL_NAMES, cuda_launcher.MULTI_KERNEL_NAMES,
+                   cuda_launcher.HOOK_KERNEL_NAMES, cuda_launcher.SUM_SQUARES_KERNEL_NAMES,
+                   cuda_launcher.SUM_SQUARES_MULTI_KERNEL_NAMES)
 
 
 # ---------------------------------------------------------------------------
@@ -534,7 +559,7 @@ def run_step(emu, name, grid, block, p, g, v, lr, momentum, order_list):
 # Signatures and marshalling
 # ---------------------------------------------------------------------------
 def test_signatures_match_the_launcher_tables():
-    """The parsed entry points are exactly KERNEL_NAMES + MULTI_KERNEL_NAMES, with their C types.
+    """The parsed entry points are exactly those of the launcher's tables, with their C types.
 
     Single-tensor kernels: ``(T* param, const T* grad, T* v, S lr, S momentum,
     long long n)``; multi-tensor kernels: ``(const long long* table, const S*
@@ -542,8 +567,7 @@ def test_signatures_match_the_launcher_tables():
     of :data:`SCALAR_TYPES` (what :func:`multi_coefficients` builds).
     """
     kernels = parse_kernels(cuda_launcher.kernel_source())
-    assert sorted(kernels) == sorted(list(cuda_launcher.KERNEL_NAMES.values())
-                                     + list(cuda_launcher.MULTI_KERNEL_NAMES.values()))
+    assert sorted(kernels) == sorted(n for names in ALL_NAME_TABLES for n in names.values())
     assert sorted(cuda_launcher.KERNEL_NAMES) == sorted(cuda_launcher.MULTI_KERNEL_NAMES) \
         == sorted(DTYPES)
     for dtype, name in cuda_launcher.KERNEL_NAMES.items():
@@ -566,6 +590,7 @@ def test_signatures_match_the_launcher_tables():
         assert c.dtype == POINTEE_DTYPES[coef.base], (name, c.dtype)
         for p in params[2:]:
             assert not p.pointer and p.base == "long long", (name, p)
+    _check_hook_signatures(kernels)
 
 
 def test_kernel_args_scalars_are_the_gpu_coefficients():
@@ -894,12 +919,19 @@ def test_bit_exact_against_oracle_in_every_block_order(emu, dtype):
 # ---------------------------------------------------------------------------
 # Mutants: the checks above catch broken copies of the kernel
 # ---------------------------------------------------------------------------
-def _mutant(old, new):
+def _mutant(old, new, path=cuda_launcher.SOURCE_FILE):
+    """kernel_source() with ``old`` replaced by ``new`` in the part of the file ``path``."""
     src = cuda_launcher.kernel_source()
-    assert src.count(old) == 1, (
-        "the mutation anchor %r is no longer in nesterov_ag.cu exactly once: update the mutants "
-        "of tests/test_cuda_emulation.py to the new source" % old)
-    return src.replace(old, new)
+    directive = '#line 1 "%s"\n' % path.replace("\\", "/")
+    assert src.count(directive) == 1, directive
+    start = src.index(directive)
+    end = src.find('#line 1 "', start + len(directive))
+    end = len(src) if end < 0 else end
+    part = src[start:end]
+    assert part.count(old) == 1, (
+        "the mutation anchor %r is no longer in %s exactly once: update the mutants of "
+        "tests/test_cuda_emulation.py to the new source" % (old, os.path.basename(path)))
+    return src[:start] + part.replace(old, new) + src[end:]
 
 
 STRIDE = "const long long stride = (long long)blockDim.x * (long long)gridDim.x;"
@@ -1243,6 +1275,422 @@ def test_multi_mutants_are_caught(cxx):
 
 
 # ---------------------------------------------------------------------------
+# The kernels of the optimizer hooks (hooks.cu): operation programs
+# ---------------------------------------------------------------------------
+def _check_hook_signatures(kernels):
+    """Hook kernels ``(T* g, const T* p, long long n, const double* ops, long long n_ops)``;
+    sums of squares ``(const T* x, long long n, double* partial)`` and ``(const long long*
+    table, double* partial, long long n_tensors, long long n_items)``."""
+    f64 = np.dtype(np.float64)
+    for dtype, name in cuda_launcher.HOOK_KERNEL_NAMES.items():
+        params = kernels[name]
+        assert [p.name for p in params] == ["g", "p", "n", "ops", "n_ops"], name
+        g, p, n, ops, n_ops = params
+        assert g.pointer and not g.const and POINTEE_DTYPES[g.base] == dtype, (name, g)
+        assert p.pointer and p.const and POINTEE_DTYPES[p.base] == dtype, (name, p)
+        assert ops.pointer and ops.const and POINTEE_DTYPES[ops.base] == f64, (name, ops)
+        for c in (n, n_ops):
+            assert not c.pointer and c.base == "long long", (name, c)
+    for dtype, name in cuda_launcher.SUM_SQUARES_KERNEL_NAMES.items():
+        params = kernels[name]
+        assert [p.name for p in params] == ["x", "n", "partial"], name
+        x, n, partial = params
+        assert x.pointer and x.const and POINTEE_DTYPES[x.base] == dtype, (name, x)
+        assert not n.pointer and n.base == "long long", (name, n)
+        assert partial.pointer and not partial.const and POINTEE_DTYPES[partial.base] == f64
+    for dtype, name in cuda_launcher.SUM_SQUARES_MULTI_KERNEL_NAMES.items():
+        params = kernels[name]
+        assert [p.name for p in params] == ["table", "partial", "n_tensors", "n_items"], name
+        table, partial = params[:2]
+        assert table.pointer and table.const and table.base == "long long", (name, table)
+        assert partial.pointer and not partial.const and POINTEE_DTYPES[partial.base] == f64
+        for c in params[2:]:
+            assert not c.pointer and c.base == "long long", (name, c)
+
+
+def hook_rows(dtype, ops):
+    """The rows of ``ops`` for arrays of ``dtype`` (:func:`cynag_kernels.hooks.op_row`)."""
+    rows = [cpu_hooks.op_row(dtype, op) for op in ops]
+    assert all(r is not None for r in rows), ops  # all done natively on the CPU too
+    return np.array(rows, np.float64).reshape(-1, 4)
+
+
+def hook_reference(g, p, ops):
+    """``g`` after :func:`cynag_kernels.hooks.apply_ops` (on a copy)."""
+    want = g.copy()
+    cpu_hooks.apply_ops(want, p, ops)
+    return want
+
+
+def run_hook(emu, dtype, g, p, rows, sm_count, block, block_order=None, thread_order=None):
+    """One hook kernel launch on guarded copies (``p`` None: ``g`` is passed for it).
+
+    Returns ``(g after, problems)``: guards written, ``p`` or the rows changed.
+    """
+    rows = np.ascontiguousarray(rows, np.float64).reshape(-1, 4)
+    G = Guarded(g)
+    P = None if p is None else Guarded(p)
+    O = Guarded(rows)
+    grid, blk = cuda_launcher.launch_config(G.n, sm_count, block)
+    args = (G.array, (G if P is None else P).array, np.int64(G.n), O.array,
+            np.int64(len(rows)))
+    emu.launch(cuda_launcher.HOOK_KERNEL_NAMES[dtype], grid, blk, args,
+               block_order=block_order, thread_order=thread_order)
+    problems = []
+    for label, A in (("g", G), ("p", P), ("ops", O)):
+        if A is not None and A.damage():
+            problems.append("%s guard written at %s" % (label, A.damage()[:8]))
+    if P is not None and _bits(P.array).tobytes() != _bits(np.asarray(p).reshape(-1)).tobytes():
+        problems.append("p (const) was written")
+    if O.array.tobytes() != rows.reshape(-1).tobytes():
+        problems.append("the rows were written")
+    return G.array.copy(), problems
+
+
+def _hook_coefficients(dtype):
+    """Ordinary coefficients, then special ones (zeros, extremes, inf, NaN)."""
+    fi = np.finfo(dtype)
+    ordinary = [5e-4, 1e-4, 0.3, -0.3, 1.0, 2.5, -7.0, 0.1, 0.999]
+    special = [0.0, -0.0, float(fi.max), -float(fi.max), float(fi.smallest_subnormal),
+               float(fi.tiny), 1e-30, math.inf, -math.inf, math.nan]
+    return ordinary, special
+
+
+#: Clip bounds: one or both, infinite, crossed, NaN, signed zeros, beyond float16's range.
+CLIP_BOUNDS = ((-1.0, 1.0), (None, 0.5), (-0.25, None), (None, None), (-math.inf, math.inf),
+               (1.0, -1.0), (math.nan, 1.0), (-1.0, math.nan), (0.0, -0.0), (-0.0, 0.0),
+               (-1e6, 1e6), (1e-8, 1e-3), (-1e300, 1e300), (-math.inf, -1.0))
+
+#: Kinds of the programs that read the parameter, and of those that read the noise.
+PARAM_KINDS = ("weight_decay", "lasso", "clip", "scale")
+NOISE_KINDS = ("add", "clip", "scale")
+
+
+def random_program(rng, dtype, p, source, length=None):
+    """1 to 5 operations reading the parameter ``p`` (``source="param"``) or the noise ``p``."""
+    kinds = PARAM_KINDS if source == "param" else NOISE_KINDS
+    ordinary, special = _hook_coefficients(dtype)
+    ops = []
+    for _ in range(int(rng.integers(1, 6)) if length is None else length):
+        kind = kinds[int(rng.integers(len(kinds)))]
+        if kind == "clip":
+            bounds = CLIP_BOUNDS[int(rng.integers(len(CLIP_BOUNDS)))]
+            while any(b != b for b in bounds if b is not None) and rng.random() < 0.8:
+                bounds = CLIP_BOUNDS[int(rng.integers(len(CLIP_BOUNDS)))]  # NaN bounds: rarer
+            ops.append(("clip",) + bounds)
+        elif kind == "add":
+            ops.append(("add", p))
+        else:
+            pool = special if rng.random() < 0.1 else ordinary
+            ops.append((kind, pool[int(rng.integers(len(pool)))]))
+    return ops
+
+
+def _single_programs(dtype, param, noise):
+    """Every kind alone with several coefficients or bounds: ``[(ops, p)]``."""
+    ordinary, special = _hook_coefficients(dtype)
+    out = []
+    for kind in ("weight_decay", "lasso", "scale"):
+        for a in ordinary[:3] + special:
+            out.append(([(kind, a)], param))
+    out += [([("clip",) + b], None) for b in CLIP_BOUNDS]
+    out.append(([("add", noise)], noise))
+    return out
+
+
+def _hook_problems(emu, dtype, g, p, ops, sm_count, block, order_list):
+    rows = hook_rows(dtype, ops)
+    want = hook_reference(g, p, ops)
+    problems = []
+    first = None
+    for label, bo, to in order_list:
+        got, probs = run_hook(emu, dtype, g, p, rows, sm_count, block, bo, to)
+        where = "%s n=%d sm=%d block=%d order=%s ops=%s" % (
+            dtype, g.size, sm_count, block, label,
+            [(o[0],) + tuple(x if not isinstance(x, np.ndarray) else "noise" for x in o[1:])
+             for o in ops])
+        problems += ["%s: %s" % (where, q) for q in probs]
+        if first is None:
+            first = got
+        elif _bits(got).tobytes() != _bits(first).tobytes():
+            problems.append("%s: differs from the first order" % where)
+        bad = mismatches(got, want)
+        if bad.size:
+            i = bad[0]
+            problems.append("%s: differs from apply_ops at %d elements (first %d: g=%r p=%r -> "
+                            "%r, want %r)" % (where, bad.size, i, g[i],
+                                              None if p is None else p[i], got[i], want[i]))
+    return problems
+
+
+HOOK_SIZES = (1, 2, 31, 256, 257, 1000, 4099, 65537)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_hook_ops_bit_identical_to_apply_ops(emu, dtype):
+    """Every kind alone and random programs of up to 5 operations: apply_ops's bits.
+
+    Gradients, parameters and noise with zeros of both signs, infinities,
+    NaNs, subnormals and the largest values; coefficients including zeros,
+    extremes, infinities and NaN; clip bounds one- and two-sided, infinite,
+    crossed, NaN, beyond the dtype's range.  Grids of ``launch_config`` for
+    several multiprocessor counts and block sizes, blocks and threads
+    forward, reversed and in random order; nothing outside the arrays is
+    written, ``p`` and the rows are left alone.
+    """
+    dtype = np.dtype(dtype)
+    rng = np.random.default_rng(201 + dtype.itemsize)
+    rlog = LOG10_RANGES[dtype]
+    problems = []
+    k = 0
+    for size in HOOK_SIZES:
+        g = random_values(rng, dtype, size, rlog)
+        param = random_values(rng, dtype, size, rlog)
+        noise = random_values(rng, dtype, size, rlog)
+        programs = [(random_program(rng, dtype, param, "param"), param) for _ in range(3)]
+        programs += [(random_program(rng, dtype, noise, "noise"), noise) for _ in range(2)]
+        if size in (257, 4099):
+            programs += _single_programs(dtype, param, noise)
+        for ops, p in programs:
+            sm_count, block = CONFIGS[k % len(CONFIGS)]
+            k += 1
+            grid, blk = cuda_launcher.launch_config(size, sm_count, block)
+            order_list = orders(rng, grid, blk) if k % 4 == 0 else [("forward", None, None)]
+            problems += _hook_problems(emu, dtype, g, p, ops, sm_count, block, order_list)
+    assert not problems, "%d problems, first: %s" % (len(problems), problems[:5])
+
+
+def test_hook_ops_every_float16_value(emu):
+    """float16: every bit pattern of g (p a permutation of them), every kind, programs of 4."""
+    dtype = np.dtype(np.float16)
+    rng = np.random.default_rng(5)
+    g = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    param = rng.permutation(g)
+    noise = rng.permutation(g)
+    programs = _single_programs(dtype, param, noise)
+    programs += [(random_program(rng, dtype, param, "param", length=4), param) for _ in range(3)]
+    programs += [(random_program(rng, dtype, noise, "noise", length=4), noise) for _ in range(2)]
+    problems = []
+    for ops, p in programs:
+        problems += _hook_problems(emu, dtype, g, p, ops, 13, 256, [("forward", None, None)])
+    assert not problems, "%d problems, first: %s" % (len(problems), problems[:5])
+
+
+def test_hook_ops_cover_every_element_once(emu):
+    """g = 0 plus noise 1 (one ``add``): every element 1 after one launch, nothing outside."""
+    rng = np.random.default_rng(9)
+    rows = np.array([[cuda_launcher.HOOK_OP_CODES["add"], 0, 0, 0]], np.float64)
+    problems = []
+    cases = [(n, sm, b) for n, sm, b in _coverage_cases(rng) if b in (32, 256, 1024) and n]
+    for n, sm_count, block in cases[::3]:
+        got, probs = run_hook(emu, np.dtype(np.float32), np.zeros(n, np.float32),
+                              np.ones(n, np.float32), rows, sm_count, block)
+        problems += ["n=%d sm=%d block=%d: %s" % (n, sm_count, block, q) for q in probs]
+        if not (got == 1).all():
+            problems.append("n=%d sm=%d block=%d: %d elements not added once"
+                            % (n, sm_count, block, int((got != 1).sum())))
+    assert not problems, problems[:5]
+
+
+def test_hook_ops_empty_program_unknown_kind_and_empty_array(emu):
+    """No row, or a row of an unknown kind: g unchanged; n = 0: nothing written."""
+    rng = np.random.default_rng(4)
+    for dtype in DTYPES:
+        g = random_values(rng, dtype, 300, LOG10_RANGES[dtype])
+        for rows in (np.zeros((0, 4)), np.array([[9.0, 2.0, 3.0, 3.0]]),
+                     np.array([[0.0, 2.0, 3.0, 3.0]])):
+            got, problems = run_hook(emu, dtype, g, g, rows, 1, 64)
+            assert not problems and mismatches(got, g).size == 0, (dtype, rows)
+        G = Guarded(np.zeros(0, dtype))
+        emu.launch(cuda_launcher.HOOK_KERNEL_NAMES[dtype], (1,), (32,),
+                   (G.array, G.array, np.int64(0), np.zeros(4), np.int64(1)))
+        assert G.damage() == []
+
+
+# ---------------------------------------------------------------------------
+# The kernels of the optimizer hooks: partial sums of squares
+# ---------------------------------------------------------------------------
+def exact_sum_squares(arrays):
+    """The sum of the squares in float64, correctly rounded (math.fsum of float64 squares)."""
+    return math.fsum(float(v) for a in arrays for v in
+                     np.square(np.asarray(a, np.float64).reshape(-1)))
+
+
+def _relative_problem(got, want, tol=1e-12):
+    if math.isnan(want):
+        return None if math.isnan(got) else "got %r, want NaN" % got
+    if math.isinf(want) or want == 0:
+        return None if got == want else "got %r, want %r" % (got, want)
+    err = abs(got - want) / abs(want)
+    return None if err <= tol else "got %r, want %r (relative error %.3g)" % (got, want, err)
+
+
+def run_sum_squares(emu, dtype, x, grid, block, block_order=None, thread_order=None):
+    """One single-array launch; ``(partial, problems)`` (every entry written, guards intact)."""
+    X = Guarded(x)
+    threads = int(np.prod(grid)) * int(np.prod(block))
+    partial = Guarded(np.full(threads, np.nan))  # a plain NaN: an entry left unwritten
+    emu.launch(cuda_launcher.SUM_SQUARES_KERNEL_NAMES[dtype], grid, block,
+               (X.array, np.int64(X.n), partial.array), block_order=block_order,
+               thread_order=thread_order)
+    problems = []
+    for label, A in (("x", X), ("partial", partial)):
+        if A.damage():
+            problems.append("%s guard written at %s" % (label, A.damage()[:8]))
+    return partial.array.copy(), problems
+
+
+def run_sum_squares_multi(emu, dtype, xs, sm_count, block, item_elements, block_order=None,
+                          thread_order=None):
+    """One table launch; ``(partial, problems)``."""
+    X = [Guarded(x) for x in xs]
+    table, n_items = cuda_launcher.sum_squares_table([x.size for x in xs],
+                                                     [A.array.ctypes.data for A in X],
+                                                     item_elements)
+    grid, blk = cuda_launcher.multi_launch_config(n_items, sm_count, block)
+    partial = Guarded(np.full(grid[0] * blk[0], np.nan))
+    before = table.copy()
+    emu.launch(cuda_launcher.SUM_SQUARES_MULTI_KERNEL_NAMES[dtype], grid, blk,
+               (table, partial.array, np.int64(len(xs)), np.int64(n_items)),
+               block_order=block_order, thread_order=thread_order)
+    problems = ["array %d guard written at %s" % (t, A.damage()[:8])
+                for t, A in enumerate(X) if A.damage()]
+    if partial.damage():
+        problems.append("partial guard written at %s" % partial.damage()[:8])
+    if table.tobytes() != before.tobytes():
+        problems.append("the table was written")
+    return partial.array.copy(), problems
+
+
+SUM_SIZES = (0, 1, 2, 31, 257, 1000, 4099, 65537, 200003)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sum_squares_partial_against_numpy(emu, dtype):
+    """Single array: every partial written, their sum the float64 sum of squares to 1e-12.
+
+    Random values over the dtype's range; sizes that wrap the grid-stride
+    loop; several grids, block orders; ones count every element exactly once.
+    """
+    dtype = np.dtype(dtype)
+    rng = np.random.default_rng(301 + dtype.itemsize)
+    problems = []
+    for si, size in enumerate(SUM_SIZES):
+        x = random_values(rng, dtype, size, LOG10_RANGES[dtype], specials=False)
+        want = exact_sum_squares([x])
+        for ci, (sm_count, block) in enumerate(CONFIGS):
+            grid, blk = cuda_launcher.launch_config(size, sm_count, block)
+            order_list = orders(rng, grid, blk) if (si + ci) % 5 == 0 else \
+                [("forward", None, None)]
+            for label, bo, to in order_list:
+                where = "%s n=%d sm=%d block=%d order=%s" % (dtype, size, sm_count, block, label)
+                partial, probs = run_sum_squares(emu, dtype, x, grid, blk, bo, to)
+                problems += ["%s: %s" % (where, q) for q in probs]
+                if np.isnan(partial).any():
+                    problems.append("%s: %d partial sums not written"
+                                    % (where, int(np.isnan(partial).sum())))
+                q = _relative_problem(float(np.sum(partial)), want)
+                if q:
+                    problems.append("%s: %s" % (where, q))
+            partial, _ = run_sum_squares(emu, dtype, np.ones(size, dtype), grid, blk)
+            if float(np.sum(partial)) != size:
+                problems.append("%s n=%d sm=%d block=%d: ones sum to %r"
+                                % (dtype, size, sm_count, block, float(np.sum(partial))))
+    for values, want in (([1.0, np.inf, 2.0], np.inf), ([1.0, -np.inf], np.inf),
+                         ([np.nan, 1.0], np.nan), ([np.inf, np.nan], np.nan),
+                         ([-0.0, 0.0], 0.0)):
+        x = np.array(values * 20, dtype)
+        partial, _ = run_sum_squares(emu, dtype, x, (2,), (32,))
+        q = _relative_problem(float(np.sum(partial)), want)
+        if q:
+            problems.append("%s %s: %s" % (dtype, values, q))
+    assert not problems, "%d problems, first: %s" % (len(problems), problems[:5])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sum_squares_multi_partial_against_numpy(emu, dtype):
+    """Tables of arrays (sizes 1, around the work item, one large): the total to 1e-12.
+
+    Several multiprocessor counts, block and work item sizes, block orders;
+    with ones the total is the element count exactly.
+    """
+    dtype = np.dtype(dtype)
+    rng = np.random.default_rng(401 + dtype.itemsize)
+    sizes = _random_sizes(rng, n_small=20, large=70_001)
+    xs = [random_values(rng, dtype, s, LOG10_RANGES[dtype], specials=False) for s in sizes]
+    ones = [np.ones(s, dtype) for s in sizes]
+    want = exact_sum_squares(xs)
+    problems = []
+    for k, (sm_count, block, item) in enumerate(MULTI_CONFIGS):
+        n_items = -(-sum(sizes) // item)
+        grid, blk = cuda_launcher.multi_launch_config(n_items, sm_count, block)
+        order_list = orders(rng, grid, blk) if k in (0, 2, 5) else [("forward", None, None)]
+        for label, bo, to in order_list:
+            where = "%s sm=%d block=%d item=%d order=%s" % (dtype, sm_count, block, item, label)
+            partial, probs = run_sum_squares_multi(emu, dtype, xs, sm_count, block, item, bo, to)
+            problems += ["%s: %s" % (where, q) for q in probs]
+            if np.isnan(partial).any():
+                problems.append("%s: partial sums not written" % where)
+            q = _relative_problem(float(np.sum(partial)), want)
+            if q:
+                problems.append("%s: %s" % (where, q))
+        partial, _ = run_sum_squares_multi(emu, dtype, ones, sm_count, block, item)
+        if float(np.sum(partial)) != sum(sizes):
+            problems.append("%s sm=%d block=%d item=%d: ones sum to %r, not %d"
+                            % (dtype, sm_count, block, item, float(np.sum(partial)), sum(sizes)))
+    assert not problems, "%d problems, first: %s" % (len(problems), problems[:5])
+
+
+HOOK_MUTANTS = {
+    "sign(+-0) = 1":
+        ("x < C(0) ? C(-1) : (x == x ? C(0) : x)", "x < C(0) ? C(-1) : C(1)", "hook"),
+    "clip's max does not keep a NaN gradient":
+        ("return x != x ? x : (x > y ? x : y);", "return x > y ? x : y;", "hook"),
+    "float16 product not rounded before the sum":
+        ("x = E::round(x + E::round(a * pv));", "x = E::round(x + a * pv);", "hook16"),
+    "the noise is not read for add":
+        ("return kind == kWeightDecay || kind == kLasso || kind == kAdd;",
+         "return kind == kWeightDecay || kind == kLasso;", "hook"),
+    "sum of squares reads one element past the end":
+        ("for (long long i = start; i < n; i += stride) {",
+         "for (long long i = start; i <= n; i += stride) {", "sum"),
+    "blocks of the table kernel write the same partial sums":
+        ("partial[(long long)blockIdx.x * (long long)blockDim.x + (long long)threadIdx.x] = acc;",
+         "partial[(long long)threadIdx.x] = acc;", "sum_multi"),
+}
+
+
+def test_hook_mutants_are_caught(cxx):
+    """Broken copies of the hook and sum-of-squares kernels fail the comparisons above."""
+    failures = []
+    rng = np.random.default_rng(12)
+    f16, f32 = np.dtype(np.float16), np.dtype(np.float32)
+    for label, (old, new, check) in HOOK_MUTANTS.items():
+        e = build(cxx, _mutant(old, new, cuda_launcher.HOOKS_SOURCE_FILE))
+        problems = []
+        if check in ("hook", "hook16"):
+            dtype = f16 if check == "hook16" else f32
+            g = random_values(rng, dtype, 4099, LOG10_RANGES[dtype])
+            param = random_values(rng, dtype, 4099, LOG10_RANGES[dtype])
+            noise = random_values(rng, dtype, 4099, LOG10_RANGES[dtype])
+            for ops, p in _single_programs(dtype, param, noise):
+                problems += _hook_problems(e, dtype, g, p, ops, 2, 64, [("forward", None, None)])
+        elif check == "sum":
+            x = random_values(rng, f32, 1000, (-2, 2), specials=False)
+            partial, problems = run_sum_squares(e, f32, x, (3,), (64,))
+            q = _relative_problem(float(np.sum(partial)), exact_sum_squares([x]))
+            problems += [q] if q else []
+        else:
+            xs = [np.ones(s, f32) for s in (5000, 1, 9000, 77)]
+            partial, problems = run_sum_squares_multi(e, f32, xs, 2, 64, 1000)
+            if float(np.sum(partial)) != 14078:
+                problems.append("ones sum to %r" % float(np.sum(partial)))
+        if not problems:
+            failures.append(label)
+    assert not failures, "mutants the checks did not catch: %s" % failures
+
+
+# ---------------------------------------------------------------------------
 # The launcher and the optimizer on an emulated CuPy
 # ---------------------------------------------------------------------------
 class FakeCupyArray:
@@ -1353,6 +1801,8 @@ class FakeCupy:
         self.rng = np.random.default_rng(seed)
         self.launches = []
         self.modules_built = []
+        self.uploads = 0        # host-to-device copies (cupy.asarray of host data)
+        self.reductions = []    # (dtype, size, device) of each cupy.sum
         self._stack = [0]
         self._allocs = {}       # id of the base buffer -> (start, end, device, base)
         fake = self
@@ -1420,6 +1870,7 @@ class FakeCupy:
         m.ascontiguousarray = lambda a: (a if a.flags.c_contiguous else
                                          self.new(np.ascontiguousarray(a._host)))
         m.asnumpy = lambda a: a.get() if isinstance(a, FakeCupyArray) else np.asarray(a)
+        m.sum = self.sum
         m.cuda = types.SimpleNamespace(
             Device=Device,
             runtime=types.SimpleNamespace(CUDARuntimeError=CUDARuntimeError,
@@ -1437,7 +1888,18 @@ class FakeCupy:
     def asarray(self, a, dtype=None):
         if isinstance(a, FakeCupyArray):
             return a if dtype is None or a.dtype == dtype else a.astype(dtype)
+        self.uploads += 1
         return self.new(np.array(a, dtype=dtype, copy=True))
+
+    def sum(self, a, dtype=None):
+        """``cupy.sum`` of a whole array: a 0-d array on the current device (NumPy's sum)."""
+        if not isinstance(a, FakeCupyArray):
+            raise TypeError("fake cupy.sum: a CuPy array is needed")
+        if a._device_id != self.current():
+            raise AssertionError("cupy.sum of an array on device %d on device %d"
+                                 % (a._device_id, self.current()))
+        self.reductions.append((a.dtype, a.size, self.current()))
+        return self.new(np.asarray(np.sum(a._host, dtype=dtype)))
 
     def register(self, host, device_id):
         base = host
@@ -1484,15 +1946,21 @@ class FakeCupy:
                         block_order=self.rng.permutation(nblocks))
 
     def _check_table(self, name, dev, args):
-        table, coef, n_tensors, n_items = args
+        """The table's pointers: NesterovAG (3 per tensor) or sum of squares (1 per array)."""
+        table, second, n_tensors, n_items = args
         n = int(n_tensors)
-        assert table.size == 4 * n + 2 + 2 * int(n_items) and coef.size == 4 * n, name
-        cum = table[3 * n:4 * n + 1]
+        if name in cuda_launcher.SUM_SQUARES_MULTI_KERNEL_NAMES.values():
+            per = 1
+            assert table.size == 2 * n + 2 + 2 * int(n_items), name
+        else:
+            per = 3
+            assert table.size == 4 * n + 2 + 2 * int(n_items) and second.size == 4 * n, name
+        cum = table[per * n:per * n + n + 1]
         itemsize = np.dtype(self._dtype_of(name)).itemsize
         for t in range(n):
             nbytes = int(cum[t + 1] - cum[t]) * itemsize
-            for k in range(3):
-                ptr = int(table[3 * t + k])
+            for k in range(per):
+                ptr = int(table[per * t + k])
                 where = self.device_of_range(ptr, nbytes)
                 if where != dev:
                     raise AssertionError("%s: tensor %d array %d (%d bytes at %#x) is %s, the "
@@ -1503,9 +1971,10 @@ class FakeCupy:
 
     @staticmethod
     def _dtype_of(name):
-        for dtype, n in cuda_launcher.MULTI_KERNEL_NAMES.items():
-            if n == name:
-                return dtype
+        for names in ALL_NAME_TABLES:
+            for dtype, n in names.items():
+                if n == name:
+                    return dtype
         raise KeyError(name)
 
 
@@ -1520,6 +1989,7 @@ def fake_cupy(monkeypatch, emu):
     monkeypatch.setitem(sys.modules, "cupy", fake.module)
     monkeypatch.setattr(cuda_launcher, "_modules", {})
     monkeypatch.setattr(cuda_launcher, "_sm_counts", {})
+    monkeypatch.setattr(cuda_launcher, "_rows_cache", type(cuda_launcher._rows_cache)())
     yield fake
 
 
@@ -1813,3 +2283,196 @@ def test_zero_dim_gradient_with_a_loss_scale_the_dtype_does_not_hold(fake_cupy):
 
     (params_a, _), (params_b, _) = _run_both(fake_cupy, specs, 7, 3, grad)
     assert _state_bits(params_a) == _state_bits(params_b)
+
+
+# ---------------------------------------------------------------------------
+# The hook launchers on an emulated CuPy
+# ---------------------------------------------------------------------------
+def _hook_layouts(fake, hg, hp, dev, layout):
+    """Fake arrays for host ``hg``/``hp`` (2-d) in ``layout``; ``hp`` may be None."""
+    def make(h, lay):
+        if h is None:
+            return None
+        if lay == "F":
+            return fake.new(np.asfortranarray(h), dev)
+        if lay == "strided":
+            return fake.new(np.repeat(h, 2, axis=1), dev)[:, ::2]
+        return fake.new(h.copy(), dev)
+    lg, lp = {"C": ("C", "C"), "F": ("F", "F"), "strided": ("strided", "strided"),
+              "C/F": ("C", "F"), "strided/C": ("strided", "C")}[layout]
+    return make(hg, lg), make(hp, lp)
+
+
+def test_fake_cupy_hook_ops_gpu(fake_cupy):
+    """hook_ops_gpu: one launch on the arrays' device, apply_ops's bits, in every layout.
+
+    Programs reading the parameter, the noise, or nothing (``p=None``);
+    C, F, strided and mixed layouts; devices 0 and 1; p unchanged.
+    """
+    rng = np.random.default_rng(31)
+    for dev in (0, 1):
+        for dtype in DTYPES:
+            rlog = LOG10_RANGES[dtype]
+            for li, layout in enumerate(("C", "F", "strided", "C/F", "strided/C")):
+                hg = random_values(rng, dtype, 12 * 35, rlog).reshape(12, 35)
+                hparam = random_values(rng, dtype, 12 * 35, rlog).reshape(12, 35)
+                hnoise = random_values(rng, dtype, 12 * 35, rlog).reshape(12, 35)
+                programs = [(random_program(rng, dtype, hparam, "param", 4), hparam),
+                            (random_program(rng, dtype, hnoise, "noise", 3), hnoise),
+                            ([("clip", -0.5, 0.5), ("scale", 0.25)], None)]
+                for ops, hp in programs:
+                    want = hook_reference(hg, hp, ops)
+                    g, p = _hook_layouts(fake_cupy, hg, hp, dev, layout)
+                    del fake_cupy.launches[:]
+                    cuda_launcher.hook_ops_gpu(g, p, hook_rows(dtype, ops))
+                    assert fake_cupy.launches == [(cuda_launcher.HOOK_KERNEL_NAMES[dtype], dev)]
+                    where = (dev, dtype, layout, ops[0][0])
+                    assert mismatches(g.get(), want).size == 0, where
+                    if hp is not None:
+                        assert _bits(p.get()).tobytes() == _bits(hp).tobytes(), where
+    assert [d for d, _, _ in fake_cupy.modules_built] == [0, 1]
+    assert all(code == cuda_launcher.kernel_source() for _, code, _ in fake_cupy.modules_built)
+
+
+def test_fake_cupy_hook_ops_gpu_aliasing_and_programs_split_at_the_noise(fake_cupy):
+    """p = g, p overlapping g, and apply_ops's mixed program as three launches: apply_ops's bits."""
+    rng = np.random.default_rng(32)
+    for dtype in DTYPES:
+        rlog = LOG10_RANGES[dtype]
+        ops = [("weight_decay", 0.3), ("lasso", -0.01)]
+        # p is g: NumPy (and apply_ops) read p before writing g.
+        hg = random_values(rng, dtype, 500, rlog)
+        want = hg.copy()
+        cpu_hooks.apply_ops(want, want, ops)
+        g = fake_cupy.new(hg.copy())
+        del fake_cupy.launches[:]
+        cuda_launcher.hook_ops_gpu(g, g, hook_rows(dtype, ops))
+        assert len(fake_cupy.launches) == 1
+        assert mismatches(g.get(), want).size == 0, dtype
+        # p overlapping g shifted by one element.
+        hb = random_values(rng, dtype, 501, rlog)
+        want_b = hb.copy()
+        cpu_hooks.apply_ops(want_b[:-1], want_b[1:], ops)
+        b = fake_cupy.new(hb.copy())
+        cuda_launcher.hook_ops_gpu(b[:-1], b[1:], hook_rows(dtype, ops))
+        assert mismatches(b.get(), want_b).size == 0, dtype
+        # A program reading the parameter and the noise: apply_ops runs it in one call;
+        # on the GPU it is one launch per source, in order.
+        hg = random_values(rng, dtype, 700, rlog)
+        hparam = random_values(rng, dtype, 700, rlog)
+        hnoise = random_values(rng, dtype, 700, rlog)
+        mixed = [("weight_decay", 5e-4), ("add", hnoise), ("clip", -1.0, 1.0), ("scale", 0.5)]
+        want = hg.copy()
+        cpu_hooks.apply_ops(want, hparam, mixed)
+        g, param, noise = (fake_cupy.new(h.copy()) for h in (hg, hparam, hnoise))
+        del fake_cupy.launches[:]
+        cuda_launcher.hook_ops_gpu(g, param, hook_rows(dtype, mixed[:1]))
+        cuda_launcher.hook_ops_gpu(g, noise, hook_rows(dtype, mixed[1:2]))
+        cuda_launcher.hook_ops_gpu(g, None, hook_rows(dtype, mixed[2:]))
+        assert len(fake_cupy.launches) == 3
+        assert mismatches(g.get(), want).size == 0, dtype
+
+
+def test_fake_cupy_hook_ops_gpu_rows_cache_and_errors(fake_cupy):
+    """A program is copied to each device once; bad arguments raise before any launch."""
+    assert cuda_launcher.HOOK_OP_CODES == cpu_hooks.OP_CODES
+    f32 = np.dtype(np.float32)
+    rows = hook_rows(f32, [("weight_decay", 1e-4)])
+    g0, p0 = fake_cupy.new(np.ones(10, f32), 0), fake_cupy.new(np.ones(10, f32), 0)
+    g1, p1 = fake_cupy.new(np.ones(10, f32), 1), fake_cupy.new(np.ones(10, f32), 1)
+    start = fake_cupy.uploads
+    for _ in range(3):
+        cuda_launcher.hook_ops_gpu(g0, p0, rows)
+    assert fake_cupy.uploads == start + 1
+    cuda_launcher.hook_ops_gpu(g1, p1, rows)  # another device: its own copy
+    cuda_launcher.hook_ops_gpu(g0, p0, hook_rows(f32, [("weight_decay", 2e-4)]))
+    assert fake_cupy.uploads == start + 3
+    for k in range(cuda_launcher.ROWS_CACHE_SIZE + 5):
+        cuda_launcher.hook_ops_gpu(g0, None, hook_rows(f32, [("scale", 1.0 + k)]))
+    assert len(cuda_launcher._rows_cache) == cuda_launcher.ROWS_CACHE_SIZE
+    del fake_cupy.launches[:]
+    # Nothing to do: no launch.
+    cuda_launcher.hook_ops_gpu(g0, p0, np.zeros((0, 4)))
+    empty = fake_cupy.new(np.ones(0, f32))
+    cuda_launcher.hook_ops_gpu(empty, empty, rows)
+    bad = [
+        ((g0, None, rows), ValueError, "p is None"),
+        ((g0, fake_cupy.new(np.ones(10, np.float64)), rows), ValueError, "dtype"),
+        ((g0, fake_cupy.new(np.ones(11, f32)), rows), ValueError, "shape"),
+        ((g0, p1, rows), ValueError, "GPU 0 but p is on GPU 1"),
+        ((g0, np.ones(10, f32), rows), TypeError, "CuPy array"),
+        ((np.ones(10, f32), p0, rows), TypeError, "CuPy array"),
+        ((fake_cupy.new(np.ones(10, np.int32)),) * 2 + (rows,), TypeError, "float16"),
+        ((g0, p0, [[7.0, 0, 0, 0]]), ValueError, "row 0"),
+        ((g0, p0, [[3.0, 0, 0, 4.0]]), ValueError, "row 0"),
+        ((g0, p0, [[math.nan, 0, 0, 0]]), ValueError, "row 0"),
+        ((g0, p0, [1.0, 0, 0, 0]), ValueError, "rows of 4"),
+    ]
+    before = g0.get()
+    for args, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            cuda_launcher.hook_ops_gpu(*args)
+    assert fake_cupy.launches == []
+    assert g0.get().tobytes() == before.tobytes()
+
+
+def test_fake_cupy_sum_squares_gpu(fake_cupy):
+    """sum_squares_gpu: one launch per dtype (a table, or one array), one cupy.sum, 1e-12.
+
+    float32 arrays in every layout (C, F, strided, 0-d, empty) go through a
+    table; a lone float16 array through the single-array kernel; several
+    float64 arrays through a table.  The total agrees with the exact sum and
+    with ``cynag_kernels.hooks.sum_squares`` to 1e-12.
+    """
+    rng = np.random.default_rng(33)
+    f16, f32, f64 = (np.dtype(t) for t in (np.float16, np.float32, np.float64))
+    for dev in (0, 1):
+        host = [random_values(rng, f32, 12 * 35, (-3, 3), specials=False).reshape(12, 35)
+                for _ in range(3)]
+        arrays = [fake_cupy.new(host[0].copy(), dev),
+                  fake_cupy.new(np.asfortranarray(host[1]), dev),
+                  fake_cupy.new(np.repeat(host[2], 2, axis=1), dev)[:, ::2]]
+        extra = [np.array(3.5, f32), np.zeros((0, 3), f32),
+                 random_values(rng, f16, 40_000, (-3, 2), specials=False),
+                 random_values(rng, f64, 20_000, (-8, 8), specials=False),
+                 random_values(rng, f64, 9, (-1, 1), specials=False)]
+        host += extra
+        arrays += [fake_cupy.new(h.copy(), dev) for h in extra]
+        order = rng.permutation(len(arrays))
+        arrays = [arrays[i] for i in order]
+        host = [host[i] for i in order]
+        del fake_cupy.launches[:]
+        del fake_cupy.reductions[:]
+        with fake_cupy.module.cuda.Device(1 - dev):  # another current device must not matter
+            got = cuda_launcher.sum_squares_gpu(arrays)
+        assert type(got) is float
+        assert sorted(fake_cupy.launches) == sorted([
+            (cuda_launcher.SUM_SQUARES_KERNEL_NAMES[f16], dev),
+            (cuda_launcher.SUM_SQUARES_MULTI_KERNEL_NAMES[f32], dev),
+            (cuda_launcher.SUM_SQUARES_MULTI_KERNEL_NAMES[f64], dev)])
+        assert len(fake_cupy.reductions) == 1 and fake_cupy.reductions[0][0] == f64
+        assert fake_cupy.reductions[0][2] == dev
+        want = exact_sum_squares(host)
+        assert _relative_problem(got, want) is None, (got, want)
+        assert _relative_problem(got, cpu_hooks.sum_squares(host)) is None
+        for h, a in zip(host, arrays):  # nothing written
+            assert _bits(a.get()).tobytes() == _bits(np.ascontiguousarray(h)).tobytes()
+    # One array: the single-array kernel.
+    del fake_cupy.launches[:]
+    x = random_values(rng, f32, 5000, (-2, 2), specials=False)
+    got = cuda_launcher.sum_squares_gpu([fake_cupy.new(x.copy(), 1)])
+    assert fake_cupy.launches == [(cuda_launcher.SUM_SQUARES_KERNEL_NAMES[f32], 1)]
+    assert _relative_problem(got, exact_sum_squares([x])) is None
+    # Nothing to sum: no launch.
+    del fake_cupy.launches[:]
+    assert cuda_launcher.sum_squares_gpu([]) == 0.0
+    assert cuda_launcher.sum_squares_gpu([fake_cupy.new(np.zeros(0, f32))]) == 0.0
+    assert fake_cupy.launches == []
+    a0, a1 = fake_cupy.new(np.ones(3, f32), 0), fake_cupy.new(np.ones(3, f32), 1)
+    with pytest.raises(ValueError, match="array 0 is on GPU 0 but array 1 is on GPU 1"):
+        cuda_launcher.sum_squares_gpu([a0, a1])
+    with pytest.raises(TypeError, match="array 1 is int32"):
+        cuda_launcher.sum_squares_gpu([a0, fake_cupy.new(np.ones(3, np.int32))])
+    with pytest.raises(TypeError, match="CuPy array"):
+        cuda_launcher.sum_squares_gpu([np.ones(3, f32)])
+    assert fake_cupy.launches == []

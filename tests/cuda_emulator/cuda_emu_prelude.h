@@ -1,7 +1,8 @@
 // cynag CUDA emulator: prelude force-included (g++ -include) before a CUDA
 // source so that the host C++ compiler builds its kernels as plain functions.
 //
-// Used by tests/test_cuda_emulation.py, which compiles cynag_kernels/nesterov_ag.cu
+// Used by tests/test_cuda_emulation.py, which compiles the CUDA source of cynag_kernels
+// (nesterov_ag.cu and hooks.cu, as cynag_kernels.cuda.kernel_source() joins them)
 // with
 //     g++ -std=c++17 -O1 -ffp-contract=off -fPIC -shared
 //         -I tests/cuda_emulator -include cuda_emu_prelude.h ...
