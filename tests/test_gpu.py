@@ -5,6 +5,7 @@ Tests marked ``gpu`` need CuPy and a CUDA device and skip cleanly otherwise
 everywhere: ``import cynag`` without CuPy, and the errors for mixed
 host/device parameters, simulated with an object that looks like a CuPy array.
 """
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 import cynag
 from cynag_kernels import cuda as cuda_launcher
+from cynag_kernels import hooks as cpu_hooks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,8 +114,16 @@ def test_kernel_source_is_read_once_and_names_its_file():
     src = cuda_launcher.kernel_source()
     assert src is cuda_launcher.kernel_source()
     assert src.startswith("#line 1 ") and "nesterov_ag.cu" in src.splitlines()[0]
-    for name in cuda_launcher.KERNEL_NAMES.values():
-        assert 'extern "C" __global__ void %s(' % name in src
+    directives = [l for l in src.splitlines() if l.startswith("#line ")]
+    assert directives == ['#line 1 "%s"' % f.replace("\\", "/")
+                          for f in cuda_launcher.SOURCE_FILES]
+    assert [os.path.basename(f) for f in cuda_launcher.SOURCE_FILES] == ["nesterov_ag.cu",
+                                                                         "hooks.cu"]
+    for names in (cuda_launcher.KERNEL_NAMES, cuda_launcher.MULTI_KERNEL_NAMES,
+                  cuda_launcher.HOOK_KERNEL_NAMES, cuda_launcher.SUM_SQUARES_KERNEL_NAMES,
+                  cuda_launcher.SUM_SQUARES_MULTI_KERNEL_NAMES):
+        for name in names.values():
+            assert src.count('extern "C" __global__ void %s(' % name) == 1, name
 
 
 # ---------------------------------------------------------------------------
@@ -437,3 +447,130 @@ def test_gpu_optimizer_multi_tensor_matches_per_parameter(monkeypatch, n_params)
                     problems.append("step %d param %d %s: %s differs at %d elements"
                                     % (step, i, spec["shape"], what, bad.size))
         assert not problems, problems[:5]
+
+
+# ---------------------------------------------------------------------------
+# Optimizer hooks: operation programs and sums of squares (hooks.cu)
+# ---------------------------------------------------------------------------
+#: Programs: (operations, what p is).  "NOISE" stands for the noise array.
+_HOOK_PROGRAMS = (
+    ([("weight_decay", 5e-4)], "param"),
+    ([("lasso", 1e-3)], "param"),
+    ([("clip", -0.5, 0.5)], None),
+    ([("clip", None, 0.25)], None),
+    ([("scale", 0.37)], None),
+    ([("add", "NOISE")], "noise"),
+    ([("weight_decay", 1e-4), ("lasso", -2e-3), ("clip", -1.0, 1.0), ("scale", 0.9)], "param"),
+    ([("add", "NOISE"), ("scale", 0.5), ("clip", -0.75, None)], "noise"),
+)
+
+
+def _hook_rows(dtype, ops):
+    return np.array([cpu_hooks.op_row(dtype, op) for op in ops], np.float64).reshape(-1, 4)
+
+
+def _same_bits(a, b):
+    """Equal bit patterns, any two NaNs equal."""
+    u = {2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize]
+    diff = (a.view(u) != b.view(u)) & ~(np.isnan(a) & np.isnan(b))
+    return np.flatnonzero(diff.reshape(-1))
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+def test_gpu_hook_ops_match_apply_ops(monkeypatch, dtype, layout):
+    """hook_ops_gpu: one launch; float16 bit-identical to apply_ops, float32/64 to rounding.
+
+    (float32/float64: NVRTC contracts ``g + a * p`` into a fused multiply-add.)
+    """
+    counter = _LaunchCounter(monkeypatch)
+    dtype = np.dtype(dtype)
+    rng = np.random.default_rng(41)
+    shape = (37, 53)
+    problems = []
+    for ops_template, source in _HOOK_PROGRAMS:
+        hg = rng.standard_normal(shape).astype(dtype)
+        hparam = rng.standard_normal(shape).astype(dtype)
+        hnoise = (rng.standard_normal(shape) * 0.1).astype(dtype)
+        ops = [(op[0], hnoise) if op[0] == "add" else op for op in ops_template]
+        hp = {"param": hparam, "noise": hnoise, None: None}[source]
+        want = hg.copy()
+        cpu_hooks.apply_ops(want, hp, ops)
+        g = _layout(cp.asarray(hg), layout)
+        p = None if hp is None else _layout(cp.asarray(hp), layout)
+        counter.take()
+        cuda_launcher.hook_ops_gpu(g, p, _hook_rows(dtype, ops))
+        assert counter.take() == [(cuda_launcher.HOOK_KERNEL_NAMES[dtype], 0)]
+        got = cp.asnumpy(g)
+        if dtype == np.float16:
+            bad = _same_bits(got, want)
+        else:
+            scale = np.abs(want) + np.abs(hg) + (0 if hp is None else np.abs(hp))
+            bad = _close(got, want.astype(np.float64), dtype, scale)
+        if bad.size:
+            problems.append("%s: %d elements differ" % ([o[0] for o in ops], bad.size))
+        if hp is not None:
+            assert _same_bits(cp.asnumpy(p), hp).size == 0
+    assert not problems, problems
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_hook_ops_every_float16_value():
+    """Every float16 bit pattern as g: every kind alone and a program of four, apply_ops's bits."""
+    rng = np.random.default_rng(42)
+    dtype = np.dtype(np.float16)
+    hg = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    hparam, hnoise = rng.permutation(hg), rng.permutation(hg)
+    programs = [([(kind, a)], hparam) for kind in ("weight_decay", "lasso", "scale")
+                for a in (5e-4, -0.3, 2.5, 0.0, -0.0, 65504.0, 6e-8, math.inf, math.nan)]
+    programs += [([("clip", lo, hi)], None) for lo, hi in
+                 ((-1.0, 1.0), (None, 0.5), (-0.25, None), (math.nan, 1.0), (1.0, -1.0),
+                  (0.0, -0.0), (-1e6, 1e6))]
+    programs += [([("add", hnoise)], hnoise),
+                 ([("weight_decay", 1e-4), ("lasso", 1e-3), ("clip", -2.0, 2.0),
+                   ("scale", 0.75)], hparam)]
+    problems = []
+    for ops, hp in programs:
+        want = hg.copy()
+        cpu_hooks.apply_ops(want, hp, ops)
+        g = cp.asarray(hg)
+        cuda_launcher.hook_ops_gpu(g, None if hp is None else cp.asarray(hp),
+                                   _hook_rows(dtype, ops))
+        bad = _same_bits(cp.asnumpy(g), want)
+        if bad.size:
+            i = bad[0]
+            problems.append("%s: %d elements differ (first: g=%r -> %r, want %r)"
+                            % ([o[:1] + tuple(x for x in o[1:] if not hasattr(x, "shape"))
+                                for o in ops], bad.size, hg[i], cp.asnumpy(g)[i], want[i]))
+    assert not problems, problems[:5]
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_sum_squares_matches_numpy(monkeypatch):
+    """sum_squares_gpu: one launch per dtype, the float64 sum of squares to 1e-12."""
+    counter = _LaunchCounter(monkeypatch)
+    rng = np.random.default_rng(43)
+    host = [rng.standard_normal(s).astype(np.float32) for s in (1, 255, 8193, 3_000_001)]
+    host += [np.array(2.5, np.float32), np.zeros((0, 4), np.float32),
+             (rng.standard_normal(100_003) * 10).astype(np.float16),
+             rng.standard_normal(7) * 1e100, rng.standard_normal(500_000)]
+    arrays = [cp.asarray(h) for h in host]
+    for layout in ("F", "strided"):  # float32 (37, 53) in the other layouts
+        host.append(rng.standard_normal((37, 53)).astype(np.float32))
+        arrays.append(_layout(cp.asarray(host[-1]), layout))
+    counter.take()
+    got = cuda_launcher.sum_squares_gpu(arrays)
+    want = math.fsum(float(v) for h in host for v in np.square(h.astype(np.float64)).ravel())
+    assert abs(got - want) <= 1e-12 * want, (got, want)
+    assert sorted(counter.take()) == sorted([
+        (cuda_launcher.SUM_SQUARES_KERNEL_NAMES[np.dtype(np.float16)], 0),
+        (cuda_launcher.SUM_SQUARES_MULTI_KERNEL_NAMES[np.dtype(np.float32)], 0),
+        (cuda_launcher.SUM_SQUARES_MULTI_KERNEL_NAMES[np.dtype(np.float64)], 0)])
+    assert abs(got - cpu_hooks.sum_squares(host)) <= 1e-12 * want
+    x = cp.asarray(np.array([1.0, np.inf, 2.0], np.float32))
+    assert cuda_launcher.sum_squares_gpu([x]) == math.inf
+    assert cuda_launcher.sum_squares_gpu([]) == 0.0
