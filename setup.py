@@ -131,7 +131,7 @@ def _extensions():
     import numpy
     from Cython.Build import cythonize
 
-    names = ["_openmp_helpers", "_nesterov_cpu", "_probe"]
+    names = ["_openmp_helpers", "_nesterov_cpu", "_probe", "_pack"]
     exts = [
         Extension(
             "cynag_kernels.%s" % name,

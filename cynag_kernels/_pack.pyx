@@ -1,0 +1,267 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Packing many arrays into one communication buffer, and back.
+
+Used by :mod:`cynag.multinode` to average gradients across processes with a
+few large messages instead of one message per parameter.  A *group* is a
+list of arrays of one dtype; its elements, concatenated in list order (each
+array in memory order), form a virtual vector of ``offsets[-1]`` elements.
+:func:`pack` copies the slice ``[lo, hi)`` of that vector into a buffer (a
+bucket) and :func:`unpack` copies a bucket back, optionally multiplying by a
+scale in the arrays' dtype.  A list of float16 arrays is packed into a float32
+buffer (MPI has no float16 sum), as ChainerMN's communicators do.
+
+Arithmetic of :func:`unpack` with ``mean=True`` (``scale`` already rounded to
+the arrays' dtype by the caller), as NumPy computes ``grad *= scale``:
+
+* float32 / float64: ``dst = buf * scale`` in the dtype;
+* float16: ``h = half(buf)`` (``astype(float16)``), then
+  ``dst = half(float(h) * float(scale))``: NumPy's float16 multiply (the
+  product of two float16 values is exact in float32, so it is rounded once).
+
+Arrays must be dense (C- or F-contiguous, elements taken in memory order);
+:func:`scan` checks a list once per step and reports, per entry, what is
+wrong with it.  Nothing here knows MPI, parameters or models.
+"""
+cimport numpy as cnp
+from libc.stdint cimport int8_t, int64_t, uint16_t
+from libc.string cimport memcpy, memset
+
+cnp.import_array()
+
+cdef extern from "numpy/arrayobject.h":
+    enum: NPY_HALF
+
+cdef extern from "_half.h" nogil:
+    float cynag_half_to_float(uint16_t h)
+    uint16_t cynag_float_to_half(float f)
+
+# Codes written by scan() for each entry.
+OK = 0
+NONE = 1
+NOT_NDARRAY = 2
+BAD_DTYPE = 3
+BAD_SIZE = 4
+NOT_DENSE = 5
+READ_ONLY = 6
+
+
+cdef inline bint _dense(cnp.ndarray a):
+    return cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_IS_F_CONTIGUOUS(a)
+
+
+def scan(list arrays, int typenum, const int64_t[::1] sizes, int64_t[::1] ptrs,
+         int8_t[::1] codes, bint writeable=True):
+    """Check ``arrays`` against the expected dtype and sizes; return the number of bad entries.
+
+    For entry ``i``: ``codes[i]`` is :data:`OK` (a dense NumPy array of type
+    number ``typenum`` and ``sizes[i]`` elements, writeable if asked) or
+    the reason it is not (:data:`NONE`, :data:`NOT_NDARRAY`,
+    :data:`BAD_DTYPE`, :data:`BAD_SIZE`, :data:`NOT_DENSE`,
+    :data:`READ_ONLY`); ``ptrs[i]`` is its data address (0 if not OK).
+    """
+    cdef Py_ssize_t i, n = len(arrays)
+    cdef int nbad = 0
+    cdef int8_t code
+    cdef object obj
+    cdef cnp.ndarray a
+    if sizes.shape[0] < n or ptrs.shape[0] < n or codes.shape[0] < n:
+        raise ValueError("scan: sizes, ptrs and codes need %d entries" % n)
+    for i in range(n):
+        obj = arrays[i]
+        ptrs[i] = 0
+        if obj is None:
+            code = NONE
+        elif not cnp.PyArray_Check(obj):
+            code = NOT_NDARRAY
+        else:
+            a = <cnp.ndarray>obj
+            if cnp.PyArray_TYPE(a) != typenum:
+                code = BAD_DTYPE
+            elif cnp.PyArray_SIZE(a) != sizes[i]:
+                code = BAD_SIZE
+            elif not _dense(a):
+                code = NOT_DENSE
+            elif writeable and not cnp.PyArray_ISWRITEABLE(a):
+                code = READ_ONLY
+            else:
+                code = OK
+                ptrs[i] = <int64_t><size_t>cnp.PyArray_DATA(a)
+        codes[i] = code
+        if code != OK:
+            nbad += 1
+    return nbad
+
+
+cdef inline cnp.ndarray _checked(object obj, int typenum, int64_t size):
+    if not cnp.PyArray_Check(obj):
+        raise TypeError("expected a NumPy array, got %s" % type(obj).__name__)
+    cdef cnp.ndarray a = <cnp.ndarray>obj
+    if cnp.PyArray_TYPE(a) != typenum or cnp.PyArray_SIZE(a) != size or not _dense(a):
+        raise ValueError("array does not match the packing layout (dtype %s, %d elements, "
+                         "dense expected)" % (a.dtype, size))
+    return a
+
+
+cdef inline void _bounds(const int64_t[::1] offsets, Py_ssize_t first, Py_ssize_t last,
+                         int64_t lo, int64_t hi, Py_ssize_t n) except *:
+    if not (0 <= first <= last <= n and offsets.shape[0] > last):
+        raise IndexError("tensor range [%d, %d) outside the %d arrays" % (first, last, n))
+    if not (offsets[first] <= lo <= hi <= offsets[last]):
+        raise IndexError("element range [%d, %d) outside the tensors' [%d, %d)"
+                         % (lo, hi, offsets[first], offsets[last]))
+
+
+def pack(list arrays, cnp.ndarray buf, const int64_t[::1] offsets, Py_ssize_t first,
+         Py_ssize_t last, int64_t lo, int64_t hi, int typenum=-1):
+    """Copy elements ``[lo, hi)`` of the concatenation of ``arrays`` into ``buf[:hi - lo]``.
+
+    ``arrays[i]`` holds the elements ``[offsets[i], offsets[i + 1])`` of the
+    virtual vector; only ``arrays[first:last]`` are read (they must cover
+    ``[lo, hi)``).  ``buf`` is a contiguous 1-d array of the arrays' dtype,
+    or float32 for float16 arrays (converted exactly).
+    """
+    cdef int btype = cnp.PyArray_TYPE(buf)
+    cdef int atype = btype if typenum < 0 else typenum
+    cdef Py_ssize_t i, k
+    cdef int64_t a0, a1, s, e, count
+    cdef cnp.ndarray a
+    cdef char* dst
+    cdef const uint16_t* hsrc
+    cdef float* fdst
+    cdef Py_ssize_t item
+    _check_buf(buf, btype, hi - lo)
+    _check_types(atype, btype)
+    _bounds(offsets, first, last, lo, hi, len(arrays))
+    item = cnp.PyArray_ITEMSIZE(buf)
+    dst = <char*>cnp.PyArray_DATA(buf)
+    for i in range(first, last):
+        a0 = offsets[i]
+        a1 = offsets[i + 1]
+        s = a0 if a0 > lo else lo
+        e = a1 if a1 < hi else hi
+        if s >= e:
+            continue
+        a = _checked(arrays[i], atype, a1 - a0)
+        count = e - s
+        if atype == btype:
+            memcpy(dst + (s - lo) * item, <char*>cnp.PyArray_DATA(a) + (s - a0) * item,
+                   <size_t>(count * item))
+        else:
+            hsrc = <const uint16_t*>cnp.PyArray_DATA(a) + (s - a0)
+            fdst = <float*>dst + (s - lo)
+            for k in range(count):
+                fdst[k] = cynag_half_to_float(hsrc[k])
+
+
+cdef inline void _check_buf(cnp.ndarray buf, int btype, int64_t n) except *:
+    if btype != cnp.NPY_FLOAT and btype != cnp.NPY_DOUBLE and btype != NPY_HALF:
+        raise TypeError("buffer dtype %s is not supported" % buf.dtype)
+    if cnp.PyArray_NDIM(buf) != 1 or not cnp.PyArray_IS_C_CONTIGUOUS(buf):
+        raise ValueError("buffer must be a contiguous 1-d array")
+    if n < 0 or cnp.PyArray_SIZE(buf) < n:
+        raise ValueError("buffer of %d elements is smaller than the %d to pack"
+                         % (cnp.PyArray_SIZE(buf), n))
+
+
+cdef inline void _check_types(int atype, int btype) except *:
+    if atype != btype and not (atype == NPY_HALF and btype == cnp.NPY_FLOAT):
+        raise TypeError("arrays of type number %d cannot be packed into a buffer of type "
+                        "number %d" % (atype, btype))
+
+
+def unpack(list arrays, cnp.ndarray buf, const int64_t[::1] offsets, Py_ssize_t first,
+           Py_ssize_t last, int64_t lo, int64_t hi, bint mean=False, double scale=1.0,
+           int typenum=-1):
+    """Copy ``buf[:hi - lo]`` back into elements ``[lo, hi)`` of ``arrays`` (see :func:`pack`).
+
+    With ``mean``, every element is multiplied by ``scale`` (a value of the
+    arrays' dtype) in that dtype, as ``grad *= scale`` does in NumPy; a
+    float16 array receives ``half(buf)`` first, then the float16 product.
+    Without ``mean`` the elements are copied (converted to float16 for a
+    float32 buffer of float16 arrays).
+    """
+    cdef int btype = cnp.PyArray_TYPE(buf)
+    cdef int atype = btype if typenum < 0 else typenum
+    cdef Py_ssize_t i, k
+    cdef int64_t a0, a1, s, e, count
+    cdef cnp.ndarray a
+    cdef char* src
+    cdef Py_ssize_t item
+    cdef float fs = <float>scale
+    cdef float* fsrc
+    cdef float* fdst
+    cdef double* dsrc
+    cdef double* ddst
+    cdef uint16_t* hdst
+    _check_buf(buf, btype, hi - lo)
+    _check_types(atype, btype)
+    _bounds(offsets, first, last, lo, hi, len(arrays))
+    item = cnp.PyArray_ITEMSIZE(buf)
+    src = <char*>cnp.PyArray_DATA(buf)
+    for i in range(first, last):
+        a0 = offsets[i]
+        a1 = offsets[i + 1]
+        s = a0 if a0 > lo else lo
+        e = a1 if a1 < hi else hi
+        if s >= e:
+            continue
+        a = _checked(arrays[i], atype, a1 - a0)
+        if not cnp.PyArray_ISWRITEABLE(a):
+            raise ValueError("unpack: array %d is read-only" % i)
+        count = e - s
+        if atype != btype:  # float16 arrays, float32 buffer
+            fsrc = <float*>src + (s - lo)
+            hdst = <uint16_t*>cnp.PyArray_DATA(a) + (s - a0)
+            if mean:
+                for k in range(count):
+                    hdst[k] = cynag_float_to_half(
+                        cynag_half_to_float(cynag_float_to_half(fsrc[k])) * fs)
+            else:
+                for k in range(count):
+                    hdst[k] = cynag_float_to_half(fsrc[k])
+        elif not mean:
+            memcpy(<char*>cnp.PyArray_DATA(a) + (s - a0) * item, src + (s - lo) * item,
+                   <size_t>(count * item))
+        elif btype == cnp.NPY_FLOAT:
+            fsrc = <float*>src + (s - lo)
+            fdst = <float*>cnp.PyArray_DATA(a) + (s - a0)
+            for k in range(count):
+                fdst[k] = fsrc[k] * fs
+        elif btype == cnp.NPY_DOUBLE:
+            dsrc = <double*>src + (s - lo)
+            ddst = <double*>cnp.PyArray_DATA(a) + (s - a0)
+            for k in range(count):
+                ddst[k] = dsrc[k] * scale
+        else:
+            raise TypeError("mean of a %s buffer is not supported" % buf.dtype)
+
+
+def scale(cnp.ndarray buf, int64_t lo, int64_t hi, double scale):
+    """``buf[lo:hi] *= scale`` in place, in ``buf``'s dtype (float32 or float64).
+
+    ``scale`` must already be a value of that dtype (see :func:`unpack`).
+    """
+    cdef int btype = cnp.PyArray_TYPE(buf)
+    cdef int64_t k
+    cdef float fs = <float>scale
+    cdef float* f
+    cdef double* d
+    if cnp.PyArray_NDIM(buf) != 1 or not cnp.PyArray_IS_C_CONTIGUOUS(buf):
+        raise ValueError("buffer must be a contiguous 1-d array")
+    if not cnp.PyArray_ISWRITEABLE(buf):
+        raise ValueError("buffer is read-only")
+    if not (0 <= lo <= hi <= cnp.PyArray_SIZE(buf)):
+        raise IndexError("range [%d, %d) outside the buffer of %d elements"
+                         % (lo, hi, cnp.PyArray_SIZE(buf)))
+    if btype == cnp.NPY_FLOAT:
+        f = <float*>cnp.PyArray_DATA(buf)
+        with nogil:
+            for k in range(lo, hi):
+                f[k] = f[k] * fs
+    elif btype == cnp.NPY_DOUBLE:
+        d = <double*>cnp.PyArray_DATA(buf)
+        with nogil:
+            for k in range(lo, hi):
+                d[k] = d[k] * scale
+    else:
+        raise TypeError("scale: buffer dtype %s is not supported" % buf.dtype)
