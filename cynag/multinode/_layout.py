@@ -1,0 +1,244 @@
+"""Which arrays a collective operation moves, and how: groups, segments, buckets.
+
+A :class:`Layout` is a model's initialized parameters in ChainerMN's order
+(``sorted(model.namedparams())``, by path), split into *groups* by device and
+dtype.  Every rank builds its own layout; the ranks agree on it through its
+:attr:`Layout.sig` (a hash of the paths, shapes, dtypes and kinds of device,
+never of addresses or device numbers) before any message that depends on it.
+
+Within a CPU group, per step, the arrays (gradients or parameters) are split
+into *segments* (:class:`Segments`):
+
+* *direct* regions: one large dense array, or a run of arrays that lie back
+  to back in one buffer (contiguous mode: views of ``opt.contiguous_buffers``),
+  reduced in place, without any copy;
+* the *packed* rest: arrays concatenated (virtually) in layout order and
+  moved through a reused staging buffer, one bucket at a time
+  (:mod:`cynag_kernels._pack` packs and unpacks a bucket in one call).
+
+Segments are recomputed when the arrays' addresses change, and reused
+otherwise.
+"""
+import collections
+import hashlib
+import operator
+
+import numpy
+
+from cynag import _backend, _tracking
+from cynag.link import Link
+from cynag.parameter import Parameter
+
+FLOAT_DTYPES = (numpy.dtype(numpy.float16), numpy.dtype(numpy.float32),
+                numpy.dtype(numpy.float64))
+_PATH = operator.itemgetter(0)
+_SIG_MASK = (1 << 62) - 1
+
+
+def _device_kind(device):
+    return "cpu" if device == "cpu" else "gpu"
+
+
+def stable_hash(obj):
+    """A 62-bit hash of ``repr(obj)``, the same in every process (unlike ``hash``)."""
+    digest = hashlib.blake2b(repr(obj).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & _SIG_MASK
+
+
+def collect(model):
+    """``[(path, param)]`` of ``model``'s initialized parameters, sorted by path.
+
+    As ChainerMN's ``sorted(model.namedparams())`` with ``param.data is not
+    None``; a parameter reachable under two paths is kept once (at its first
+    path).
+    """
+    items = sorted(model.namedparams(), key=_PATH)
+    seen = set()
+    out = []
+    for path, param in items:
+        if param.array is None or id(param) in seen:
+            continue
+        seen.add(id(param))
+        out.append((path, param))
+    return out
+
+
+def _owned(model, params):
+    return isinstance(model, Link) and all(type(p) is Parameter or isinstance(p, Parameter)
+                                           for p in params)
+
+
+class Group:
+    """The parameters of one layout that share a device and a dtype."""
+
+    def __init__(self, key, indices, params, paths):
+        self.key = key                      # (device, dtype)
+        self.device, self.dtype = key
+        self.indices = indices              # positions in the layout
+        self.params = params
+        self.paths = paths
+        self.shapes = [p.array.shape for p in params]
+        self.sizes = numpy.array([p.array.size for p in params], numpy.int64)
+        self.scalar = numpy.array([len(s) == 0 for s in self.shapes], bool)
+        self.n = len(params)
+        self.ptrs = numpy.zeros(self.n, numpy.int64)
+        self.codes = numpy.zeros(self.n, numpy.int8)
+        self.cache = {}                     # per-purpose Segments, keyed by purpose
+
+    @property
+    def is_cpu(self):
+        return self.device == "cpu"
+
+
+class Layout:
+    """The initialized parameters of a model, sorted by path, grouped by device and dtype."""
+
+    def __init__(self, model, items):
+        self.model = model
+        self.paths = [path for path, _ in items]
+        self.params = [p for _, p in items]
+        self.owned = _owned(model, self.params)
+        self.stamp = _tracking.structure.n if self.owned else None
+        self.arrays_desc = []
+        groups = collections.OrderedDict()
+        for i, (path, param) in enumerate(items):
+            array = param.array
+            device = _backend.device_of(array)
+            dtype = numpy.dtype(array.dtype)
+            self.arrays_desc.append((path, tuple(array.shape), dtype.str,
+                                     "?" if device is None else _device_kind(device)))
+            groups.setdefault((device, dtype), []).append(i)
+        self.groups = [
+            Group(key, idx, [self.params[i] for i in idx], [self.paths[i] for i in idx])
+            for key, idx in groups.items()]
+        self.sig = stable_hash(self.arrays_desc)
+        self._foreign_key = None if self.owned else self._key(items)
+
+    @staticmethod
+    def _key(items):
+        return [(path, id(p), getattr(p.array, "shape", None), getattr(p.array, "dtype", None),
+                 type(p.array)) for path, p in items]
+
+    def still_valid(self, model):
+        """True if ``model`` still has exactly these parameters (and arrays of these shapes)."""
+        if model is not self.model:
+            return False
+        if self.owned:
+            return _tracking.structure.n == self.stamp
+        return self._key(collect(model)) == self._foreign_key
+
+
+class Segments:
+    """How one CPU group's arrays are moved in one step (see the module docstring).
+
+    Attributes:
+        ptrs: the addresses these segments were computed for.
+        direct: ``[(kind, payload)]``: ``('run', 1-d view)`` for a run of
+            arrays in one buffer, ``('one', index)`` for a single large
+            array (viewed as 1-d at each step).
+        packed: indices (into the group) of the packed arrays, in order.
+        offsets: int64 cumulative sizes of the packed arrays (``n + 1``).
+        buckets: ``[(lo, hi, first, last, scalars)]``: element range of the
+            packed vector, the packed arrays it touches, and the 0-d arrays
+            in it as ``(position in packed, offset - lo)``.
+        total: elements in the packed vector.
+    """
+
+    def __init__(self, ptrs, active, direct, packed, sizes, scalar, bucket_elems):
+        self.ptrs = ptrs.copy()
+        self.active = active.copy()
+        self.direct = direct
+        self.packed = packed
+        self.all_packed = len(packed) == len(ptrs)
+        psizes = sizes[packed] if len(packed) else numpy.zeros(0, numpy.int64)
+        self.offsets = numpy.zeros(len(packed) + 1, numpy.int64)
+        numpy.cumsum(psizes, out=self.offsets[1:])
+        self.total = int(self.offsets[-1])
+        self.buckets = []
+        step = max(1, int(bucket_elems))
+        pscalar = scalar[packed] if len(packed) else numpy.zeros(0, bool)
+        scalar_pos = numpy.flatnonzero(pscalar)
+        for lo in range(0, self.total, step):
+            hi = min(self.total, lo + step)
+            # arrays touching [lo, hi): the first whose end is past lo, up to
+            # the last whose start is before hi
+            first = int(numpy.searchsorted(self.offsets, lo, side="right")) - 1
+            last = int(numpy.searchsorted(self.offsets, hi, side="left"))
+            scalars = [(int(k), int(self.offsets[k]) - lo) for k in scalar_pos
+                       if lo <= self.offsets[k] < hi]
+            self.buckets.append((lo, hi, first, last, scalars))
+
+    def matches(self, ptrs, active):
+        return (self.ptrs.shape == ptrs.shape and numpy.array_equal(self.ptrs, ptrs)
+                and numpy.array_equal(self.active, active))
+
+
+def _run_view(arrays, run, ptr0, count, dtype):
+    """A 1-d view over ``count`` elements at ``ptr0`` spanning ``arrays[run]``, or None.
+
+    Only when every array of the run is a view of one C-contiguous NumPy
+    buffer that holds the whole span (as the views of contiguous mode are).
+    """
+    base = getattr(arrays[run[0]], "base", None)
+    if not isinstance(base, numpy.ndarray) or not base.flags.c_contiguous:
+        return None
+    for i in run[1:]:
+        if arrays[i].base is not base:
+            return None
+    bptr = base.__array_interface__["data"][0]
+    nbytes = count * dtype.itemsize
+    if ptr0 < bptr or ptr0 + nbytes > bptr + base.nbytes:
+        return None
+    return numpy.ndarray((count,), dtype, buffer=base, offset=ptr0 - bptr)
+
+
+def compute_segments(group, arrays, ptrs, active, direct_min_bytes, bucket_elems,
+                     allow_direct=True):
+    """Split ``group``'s ``arrays`` (only the ``active`` ones; all dense) into segments.
+
+    Args:
+        group: the :class:`Group`.
+        arrays: one array (or None) per group entry.
+        ptrs: their data addresses (int64; entries not active are ignored).
+        active: boolean mask of the entries that take part.
+        direct_min_bytes: a run or array of at least this many bytes is
+            moved in place; smaller ones are packed.
+        bucket_elems: elements per bucket of the packed vector.
+        allow_direct: False to pack everything (float16 gradients, which
+            travel as float32).
+    """
+    sizes = group.sizes
+    itemsize = group.dtype.itemsize
+    use = active & (sizes > 0)
+    direct = []
+    in_direct = numpy.zeros(group.n, bool)
+    if allow_direct:
+        cand = numpy.flatnonzero(use & ~group.scalar)
+        if len(cand):
+            cptrs = ptrs[cand]
+            order = cand[numpy.argsort(cptrs, kind="stable")]
+            sp = ptrs[order]
+            sn = sizes[order] * itemsize
+            adjacent = sp[1:] == sp[:-1] + sn[:-1]
+            starts = numpy.concatenate(([0], numpy.flatnonzero(~adjacent) + 1))
+            ends = numpy.concatenate((starts[1:], [len(order)]))
+            run_bytes = numpy.add.reduceat(sn, starts)
+            for s, e, nb in zip(starts.tolist(), ends.tolist(), run_bytes.tolist()):
+                if nb < direct_min_bytes:
+                    continue
+                run = order[s:e].tolist()
+                if len(run) == 1:
+                    direct.append(("one", run[0]))
+                    in_direct[run[0]] = True
+                    continue
+                view = _run_view(arrays, run, int(sp[s]), int(nb // itemsize), group.dtype)
+                if view is not None:
+                    direct.append(("run", view))
+                    in_direct[run] = True
+                else:  # adjacent by chance: each large one alone, the rest packed
+                    for i in run:
+                        if sizes[i] * itemsize >= direct_min_bytes:
+                            direct.append(("one", i))
+                            in_direct[i] = True
+    packed = numpy.flatnonzero(use & ~in_direct)
+    return Segments(ptrs, active, direct, packed, sizes, group.scalar, bucket_elems)

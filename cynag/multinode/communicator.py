@@ -1,0 +1,591 @@
+"""The MPI communicator of :mod:`cynag.multinode` (ChainerMN's interface).
+
+Gradients are averaged with few messages: per device and dtype, one in-place
+``Allreduce`` per bucket of the packed gradients, and one per bucket of each
+large gradient (or run of gradients that lie back to back in one buffer, as
+in contiguous mode) without any copy.  After the sum, every element is
+multiplied by ``1.0 / size`` in the gradient's dtype, which is exactly what
+ChainerMN's communicators do (``recvbuf *= 1.0 / comm.size``; a 0-d gradient
+is multiplied in float64 and rounded once, as NumPy 1.x computes it), and
+float16 gradients travel as float32, as in ChainerMN.  With two processes
+the sum of two values does not depend on the order of the operands, so the
+averaged gradients are bit-identical to ChainerMN's ``naive`` communicator;
+with three or more, MPI chooses the order of the additions per message
+size, so results agree to rounding.
+
+Before every collective operation on a model, the ranks exchange one small
+message (an ``Allreduce`` of three integers): a hash of the model's layout
+(paths, shapes, dtypes, kind of device), of which gradients take part, of
+the operation, and a flag for a local error.  When they disagree, every rank
+raises an exception naming the first differing parameter (or the failing
+rank's error) instead of blocking in a mismatched collective.
+"""
+import collections
+import operator
+import pickle
+import zlib
+
+import numpy
+
+from cynag import _backend
+from cynag.multinode import _layout
+from cynag.multinode._mpi import import_mpi
+from cynag.optimizer import _param_label
+from cynag.parameter import Parameter
+
+#: Default size of one message of gradients.  Measured on a 2-core machine
+#: with MPICH's shared-memory transport: buckets of 1 to 16 MB reduce as fast
+#: as each other and several times faster than one message of 64 MB, while a
+#: bucket that fits the last-level cache keeps packing, reduction and
+#: unpacking in cache.  See ``python -m cynag.multinode.bench``.
+DEFAULT_BUCKET_BYTES = 4 * 1024 * 1024
+#: Gradients (or runs of adjacent gradients) of at least this size are
+#: reduced in place instead of being copied through the packing buffer.
+DEFAULT_DIRECT_MIN_BYTES = 256 * 1024
+
+_KIND_MEAN = 1
+_KIND_BCAST = 2
+_KIND_NAMES = {_KIND_MEAN: "average gradients (multi_node_mean_grad)",
+               _KIND_BCAST: "broadcast parameters (bcast_data)"}
+_GRAD_OWNED = operator.attrgetter("_grad")
+_GRAD = operator.attrgetter("grad")
+_ARRAY_OWNED = operator.attrgetter("_array")
+_ARRAY = operator.attrgetter("array")
+_TYPE_NUMS = {numpy.dtype(numpy.float16): 23, numpy.dtype(numpy.float32): 11,
+              numpy.dtype(numpy.float64): 12}
+
+
+class ModelMismatchError(ValueError):
+    """The ranks' models (or what they asked to do with them) differ.
+
+    Raised on every rank, with the same message, naming the first differing
+    parameter.
+    """
+
+
+class MultiNodeError(RuntimeError):
+    """Another rank failed before a collective operation; raised on the ranks that did not."""
+
+
+def _kernels():
+    from cynag_kernels import _pack
+
+    return _pack
+
+
+def _describe_entry(entry):
+    if entry is None:
+        return "no such initialized parameter"
+    shape, dtype, kind = entry
+    return "shape %s %s on %s" % (shape, numpy.dtype(dtype).name, kind)
+
+
+def _ranks(ranks):
+    ranks = sorted(ranks)
+    return ("rank %d" % ranks[0]) if len(ranks) == 1 else (
+        "ranks %s" % ", ".join(map(str, ranks)))
+
+
+def describe_mismatch(infos):
+    """The message of :class:`ModelMismatchError` from every rank's ``(kind, desc, missing)``."""
+    lines = []
+    kinds = [info[0] for info in infos]
+    if len(set(kinds)) > 1:
+        by_kind = collections.defaultdict(list)
+        for r, k in enumerate(kinds):
+            by_kind[k].append(r)
+        lines.append("the ranks were asked to do different things: %s" % "; ".join(
+            "%s %s" % (_ranks(rs), "to " + _KIND_NAMES.get(k, str(k)))
+            for k, rs in sorted(by_kind.items())))
+        if _KIND_BCAST in by_kind:
+            lines.append("(the multi-node optimizer broadcasts when a rank's set of initialized "
+                         "parameters changed since its last update)")
+    maps = [dict((d[0], tuple(d[1:])) for d in info[1]) for info in infos]
+    paths = sorted(set().union(*maps))
+    for path in paths:
+        vals = [m.get(path) for m in maps]
+        if any(v != vals[0] for v in vals):
+            groups = collections.OrderedDict()
+            for r, v in enumerate(vals):
+                groups.setdefault(v, []).append(r)
+            lines.append("first differing parameter %r: %s" % (path, "; ".join(
+                "%s on %s" % (_describe_entry(v), _ranks(rs)) for v, rs in groups.items())))
+            break
+    else:
+        missing = [set(info[2] or ()) for info in infos]
+        for path in sorted(set().union(*missing)):
+            without = [r for r, m in enumerate(missing) if path in m]
+            if len(without) != len(infos):
+                lines.append(
+                    "parameter %r has a gradient on %s but None on %s; with zero_fill=False a "
+                    "gradient that is None on some ranks only cannot be averaged (ChainerMN "
+                    "would block); pass zero_fill=True to treat it as zeros"
+                    % (path, _ranks(set(range(len(infos))) - set(without)), _ranks(without)))
+                break
+    if not lines:
+        lines.append("the ranks' layouts differ (no differing parameter found)")
+    return "cynag.multinode: the models differ between ranks: " + "; ".join(lines)
+
+
+class MpiCommunicator:
+    """ChainerMN's communicator interface over mpi4py, with packed gradient averaging.
+
+    Create it with :func:`cynag.multinode.create_communicator`.  Every
+    process of ``mpi_comm`` must create it (collective: the ranks exchange
+    their host names to find ``intra_rank`` and ``inter_rank``).
+
+    Attributes:
+        mpi_comm: the ``mpi4py.MPI.Comm`` used.
+        bucket_bytes (int): bytes per message of gradients.
+        direct_min_bytes (int): gradients (or runs of adjacent ones) of at
+            least this many bytes are reduced in place, without packing.
+    """
+
+    def __init__(self, mpi_comm=None, name="mpi", bucket_bytes=None, direct_min_bytes=None):
+        MPI = import_mpi()
+        self._MPI = MPI
+        self.mpi_comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        self.name = name
+        self._configs = {"batched_copy": True}
+        self.bucket_bytes = DEFAULT_BUCKET_BYTES if bucket_bytes is None else int(bucket_bytes)
+        self.direct_min_bytes = (DEFAULT_DIRECT_MIN_BYTES if direct_min_bytes is None
+                                 else int(direct_min_bytes))
+        if self.bucket_bytes < 8:
+            raise ValueError("bucket_bytes must be at least 8, got %d" % self.bucket_bytes)
+        self._layouts = collections.OrderedDict()
+        self._ctl = numpy.zeros(3, numpy.int64)
+        self._staging = {}
+        self._device_ops = None
+        self._init_ranks()
+
+    # -- ranks -------------------------------------------------------------
+    def _init_ranks(self):
+        comm = self.mpi_comm
+        names = comm.allgather(self._MPI.Get_processor_name())
+        by_name = collections.OrderedDict()
+        for r, n in enumerate(names):
+            by_name.setdefault(n, []).append(r)
+        me = names[comm.rank]
+        self._intra_rank = by_name[me].index(comm.rank)
+        self._intra_size = len(by_name[me])
+        self._inter_rank = list(by_name).index(me)
+        self._inter_size = len(by_name)
+
+    @property
+    def rank(self):
+        """Rank of this process in the communicator."""
+        return self.mpi_comm.rank
+
+    @property
+    def size(self):
+        """Number of processes."""
+        return self.mpi_comm.size
+
+    @property
+    def intra_rank(self):
+        """Rank of this process among those on its machine."""
+        return self._intra_rank
+
+    @property
+    def intra_size(self):
+        """Number of processes on this machine."""
+        return self._intra_size
+
+    @property
+    def inter_rank(self):
+        """Rank of this machine (machines ordered by their first process)."""
+        return self._inter_rank
+
+    @property
+    def inter_size(self):
+        """Number of machines."""
+        return self._inter_size
+
+    def __repr__(self):
+        return "<cynag.multinode %s communicator: rank %d of %d>" % (self.name, self.rank,
+                                                                     self.size)
+
+    # -- configuration -------------------------------------------------------
+    def set_config(self, name, value=True, **kwargs):
+        """Set ``'batched_copy'`` (accepted, as in ChainerMN; cynag always packs),
+        ``'bucket_bytes'`` or ``'direct_min_bytes'``."""
+        if name == "batched_copy":
+            self._configs["batched_copy"] = value
+        elif name == "bucket_bytes":
+            if int(value) < 8:
+                raise ValueError("bucket_bytes must be at least 8, got %r" % (value,))
+            self.bucket_bytes = int(value)
+            self._drop_caches()
+        elif name == "direct_min_bytes":
+            self.direct_min_bytes = int(value)
+            self._drop_caches()
+        else:
+            raise ValueError("Unknown config: {}".format(name))
+
+    def get_config(self, name=None):
+        """A configuration value, or all of them as a dict with ``name=None``."""
+        configs = dict(self._configs, bucket_bytes=self.bucket_bytes,
+                       direct_min_bytes=self.direct_min_bytes)
+        if name is None:
+            return configs
+        return configs[name]
+
+    def _drop_caches(self):
+        self._layouts.clear()
+        self._staging.clear()
+
+    def split(self, color, key):
+        """A communicator over ``mpi_comm.Split(color, key)``, with the same settings."""
+        return self.__class__(mpi_comm=self.mpi_comm.Split(color, key), name=self.name,
+                              bucket_bytes=self.bucket_bytes,
+                              direct_min_bytes=self.direct_min_bytes)
+
+    def finalize(self):
+        """Release the NCCL communicators and buffers (the MPI one is left to its owner)."""
+        self._drop_caches()
+        if self._device_ops is not None:
+            self._device_ops.finalize()
+            self._device_ops = None
+
+    # -- objects ---------------------------------------------------------------
+    def send_obj(self, obj, dest, tag=0):
+        """Send a picklable object to ``dest``."""
+        self.mpi_comm.send(obj, dest=dest, tag=tag)
+
+    def recv_obj(self, source, status=None, tag=None):
+        """Receive an object sent by :meth:`send_obj` (any tag by default)."""
+        if tag is None:
+            tag = self._MPI.ANY_TAG
+        return self.mpi_comm.recv(source=source, status=status, tag=tag)
+
+    def bcast_obj(self, obj, max_buf_len=256 * 1024 * 1024, root=0):
+        """Broadcast a picklable object from ``root``; returns it on every rank.
+
+        Large objects travel in chunks of ``max_buf_len`` bytes (as in
+        ChainerMN, so that pickles over 2 GiB work).
+        """
+        if not 0 < max_buf_len < 2 ** 31 - 1:
+            raise ValueError("max_buf_len must be in (0, 2**31 - 1), got %r" % (max_buf_len,))
+        comm = self.mpi_comm
+        if comm.rank == root:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        else:
+            data = None
+        total = comm.bcast(None if data is None else len(data), root=root)
+        if comm.rank != root:
+            data = bytearray(total)
+        view = memoryview(data)
+        for lo in range(0, total, max_buf_len):
+            chunk = view[lo:lo + max_buf_len]
+            if comm.rank == root:
+                comm.Bcast([bytearray(chunk), self._MPI.BYTE], root=root)
+            else:
+                comm.Bcast([chunk, self._MPI.BYTE], root=root)
+        if comm.rank == root:
+            return obj
+        return pickle.loads(data)
+
+    def gather_obj(self, obj, root=0):
+        """Gather one object per rank at ``root`` (a list there, None elsewhere)."""
+        return self.mpi_comm.gather(obj, root=root)
+
+    def allreduce_obj(self, obj):
+        """Sum of ``obj`` over the ranks (any objects ``+`` works on), on every rank."""
+        return self.mpi_comm.allreduce(obj)
+
+    # -- layouts -----------------------------------------------------------------
+    def _layout(self, model):
+        layout = self._layouts.get(id(model))
+        if layout is not None and layout.still_valid(model):
+            return layout
+        layout = _layout.Layout(model, _layout.collect(model))
+        self._layouts[id(model)] = layout
+        self._layouts.move_to_end(id(model))
+        while len(self._layouts) > 4:
+            self._layouts.popitem(last=False)
+        return layout
+
+    def _agree(self, kind, layout, h, error, missing=None):
+        """The control message: raise on every rank unless all agree and none failed."""
+        MPI = self._MPI
+        ctl = self._ctl
+        ctl[0] = h
+        ctl[1] = -h
+        ctl[2] = 0 if error is None else 1
+        self.mpi_comm.Allreduce(MPI.IN_PLACE, ctl, op=MPI.MAX)
+        if ctl[2]:
+            msgs = self.mpi_comm.allgather(
+                None if error is None else "%s: %s" % (type(error).__name__, error))
+            if error is not None:
+                raise error
+            failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
+            raise MultiNodeError("cynag.multinode: %s failed before %s: %s" % (
+                _ranks([r for r, _ in failed]), _KIND_NAMES[kind],
+                "; ".join("rank %d: %s" % (r, m) for r, m in failed)))
+        if ctl[0] != -ctl[1]:
+            infos = self.mpi_comm.allgather(
+                (kind, layout.arrays_desc, None if missing is None else missing()))
+            raise ModelMismatchError(describe_mismatch(infos))
+
+    # -- gradients ---------------------------------------------------------------
+    def multi_node_mean_grad(self, model, zero_fill=False):
+        """Average the gradients of ``model``'s parameters over all processes, in place.
+
+        As ChainerMN: the parameters are taken in ``sorted(namedparams())``
+        order, uninitialized ones are skipped; with ``zero_fill`` a ``None``
+        gradient becomes zeros first (and so receives the mean of the other
+        ranks' gradients), without it that parameter is skipped (it must then
+        be ``None`` on every rank: otherwise every rank raises
+        :class:`ModelMismatchError`, where ChainerMN would block).  The
+        gradients keep their arrays (contiguous mode keeps its views).
+        """
+        layout = self._layout(model)
+        error = None
+        prepared = []
+        try:
+            for group in layout.groups:
+                prepared.append(self._prepare(group, layout.owned, zero_fill, mean=True))
+        except Exception as e:  # reported to the other ranks, then raised
+            error = e
+        h = layout.sig ^ (_KIND_MEAN << 3)
+        inactive = [p for p in prepared if p[1] is not None]
+        if inactive:
+            crc = 0
+            for group, p in zip(layout.groups, prepared):
+                if p[1] is not None:
+                    crc = zlib.crc32(p[1].tobytes(), zlib.crc32(group.paths[0].encode(), crc))
+            h ^= (crc << 20) | 1
+
+        def missing():
+            out = []
+            for group, p in zip(layout.groups, prepared):
+                if p[1] is not None:
+                    out.extend(group.paths[i] for i in numpy.flatnonzero(~p[1]))
+            return out
+
+        self._agree(_KIND_MEAN, layout, h, error, missing)
+        for group, (arrays, active, fixups) in zip(layout.groups, prepared):
+            if group.is_cpu:
+                self._mean_cpu(group, arrays, active)
+            else:
+                self._device().mean(group, arrays, active)
+            for dst, tmp in fixups:
+                dst[...] = tmp
+
+    def allreduce_grad(self, model, zero_fill=False):
+        """Alias of :meth:`multi_node_mean_grad` (ChainerMN's older name)."""
+        self.multi_node_mean_grad(model, zero_fill)
+
+    def _prepare(self, group, owned, zero_fill, mean):
+        """Arrays of one group for this step: ``(arrays, active or None, fixups)``.
+
+        ``active`` is None when every entry takes part.  ``fixups`` are
+        ``(original, dense copy)`` pairs for arrays that are not dense; the
+        copy is written back after the operation.  Raises (naming the
+        parameter) for arrays that cannot take part.
+        """
+        params = group.params
+        if mean:
+            arrays = list(map(_GRAD_OWNED if owned else _GRAD, params))
+        else:
+            arrays = list(map(_ARRAY_OWNED if owned else _ARRAY, params))
+        if group.dtype not in _layout.FLOAT_DTYPES:
+            if mean:
+                raise TypeError("%s: cannot average gradients of dtype %s (float16, float32 "
+                                "and float64 are supported)"
+                                % (_param_label(params[0], group.paths[0]), group.dtype))
+            return arrays, None, []
+        if not group.is_cpu:
+            return self._device().prepare(group, arrays, zero_fill, mean)
+        K = _kernels()
+        typenum = _TYPE_NUMS[group.dtype]
+        writeable = mean or self.rank != 0
+        nbad = K.scan(arrays, typenum, group.sizes, group.ptrs, group.codes, writeable)
+        if not nbad:
+            return arrays, None, []
+        active = numpy.ones(group.n, bool)
+        fixups = []
+        for i in numpy.flatnonzero(group.codes).tolist():
+            code = group.codes[i]
+            a = arrays[i]
+            param = params[i]
+            label = _param_label(param, group.paths[i])
+            what = "grad" if mean else "param"
+            if code == K.NONE:
+                if zero_fill:
+                    arrays[i] = _zero_grad(param)
+                else:
+                    active[i] = False
+            elif code == K.NOT_DENSE:
+                tmp = numpy.array(a, order="C", copy=True)
+                arrays[i] = tmp
+                fixups.append((a, tmp))
+            elif code == K.NOT_NDARRAY:
+                raise TypeError("%s: %s is a %s but param is a %s; they must be on the same "
+                                "device" % (label, what, _backend.describe(a),
+                                            _backend.describe(param.array)))
+            elif code == K.BAD_DTYPE:
+                raise TypeError("%s: grad has dtype %s but param has dtype %s"
+                                % (label, a.dtype, group.dtype))
+            elif code == K.BAD_SIZE:
+                raise ValueError("%s: grad has shape %s but param has shape %s"
+                                 % (label, a.shape, group.shapes[i]))
+            elif code == K.READ_ONLY:
+                raise ValueError("%s: %s is read-only; it is %s in place"
+                                 % (label, what, "averaged" if mean else "overwritten"))
+        if fixups or zero_fill:
+            K.scan(arrays, typenum, group.sizes, group.ptrs, group.codes, writeable)
+        return arrays, (None if active.all() else active), fixups
+
+    def _staging_buffer(self, dtype, n):
+        buf = self._staging.get(dtype)
+        if buf is None or buf.size < n:
+            buf = self._staging[dtype] = numpy.empty(n, dtype)
+        return buf
+
+    def _segments(self, group, purpose, arrays, active, allow_direct):
+        if active is None:
+            active = _all_true(group.n)
+        seg = group.cache.get(purpose)
+        if seg is None or not seg.matches(group.ptrs, active):
+            itemsize = 4 if group.dtype == numpy.float16 else group.dtype.itemsize
+            seg = _layout.compute_segments(
+                group, arrays, group.ptrs, active, self.direct_min_bytes,
+                max(1, self.bucket_bytes // itemsize), allow_direct)
+            group.cache[purpose] = seg
+        return seg
+
+    def _mean_cpu(self, group, arrays, active):
+        K = _kernels()
+        MPI = self._MPI
+        comm = self.mpi_comm
+        dtype = group.dtype
+        half = dtype == numpy.float16
+        seg = self._segments(group, "mean", arrays, active, allow_direct=not half)
+        recip = 1.0 / comm.size
+        scale = float(dtype.type(recip))
+        step = max(1, self.bucket_bytes // (4 if half else dtype.itemsize))
+        for kind, payload in seg.direct:
+            v = payload if kind == "run" else arrays[payload].ravel(order="K")
+            n = v.size
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                comm.Allreduce(MPI.IN_PLACE, v[lo:hi])
+                K.scale(v, lo, hi, scale)
+        if not seg.total:
+            return
+        plist = arrays if seg.all_packed else [arrays[i] for i in seg.packed.tolist()]
+        cdtype = numpy.dtype(numpy.float32) if half else dtype
+        buf = self._staging_buffer(cdtype, min(seg.total, step))
+        typenum = _TYPE_NUMS[dtype]
+        offsets = seg.offsets
+        for lo, hi, first, last, scalars in seg.buckets:
+            K.pack(plist, buf, offsets, first, last, lo, hi, typenum)
+            comm.Allreduce(MPI.IN_PLACE, buf[:hi - lo])
+            K.unpack(plist, buf, offsets, first, last, lo, hi, True, scale, typenum)
+            for k, off in scalars:
+                # NumPy 1.x multiplies a 0-d array by a Python float in float64.
+                total = buf[off]
+                if half:
+                    total = numpy.float16(total)
+                plist[k][()] = numpy.float64(total) * recip
+
+    # -- parameters ----------------------------------------------------------------
+    def bcast_data(self, model):
+        """Copy rank 0's parameter values into every rank's ``model``, in place.
+
+        As ChainerMN (``sorted(namedparams())``, initialized parameters), with
+        the arrays packed into a few messages; the models must have the same
+        parameters (paths, shapes, dtypes) on every rank, otherwise every
+        rank raises :class:`ModelMismatchError` naming the first differing
+        one.
+        """
+        layout = self._layout(model)
+        error = None
+        prepared = []
+        try:
+            for group in layout.groups:
+                prepared.append(self._prepare(group, layout.owned, False, mean=False))
+        except Exception as e:
+            error = e
+        self._agree(_KIND_BCAST, layout, layout.sig ^ (_KIND_BCAST << 3), error)
+        for group, (arrays, _, fixups) in zip(layout.groups, prepared):
+            if group.dtype not in _layout.FLOAT_DTYPES:
+                self._bcast_each(arrays)
+            elif group.is_cpu:
+                self._bcast_cpu(group, arrays)
+            else:
+                self._device().bcast(group, arrays)
+            if self.rank != 0:
+                for dst, tmp in fixups:
+                    dst[...] = tmp
+
+    def broadcast_data(self, model):
+        """Alias of :meth:`bcast_data` (ChainerMN's older name)."""
+        self.bcast_data(model)
+
+    def _bcast_each(self, arrays):
+        for a in arrays:
+            if _backend.is_cupy_array(a):
+                self._device().bcast_one(a)
+                continue
+            buf = numpy.ascontiguousarray(a)
+            self.mpi_comm.Bcast([buf.reshape(-1).view(numpy.uint8), self._MPI.BYTE], root=0)
+            if self.rank != 0 and buf is not a:
+                a[...] = buf
+
+    def _bcast_cpu(self, group, arrays):
+        K = _kernels()
+        MPI = self._MPI
+        comm = self.mpi_comm
+        root = self.rank == 0
+        seg = self._segments(group, "bcast", arrays, None, allow_direct=True)
+        itemsize = group.dtype.itemsize
+        step = max(1, self.bucket_bytes // itemsize)
+        for kind, payload in seg.direct:
+            v = payload if kind == "run" else arrays[payload].ravel(order="K")
+            n = v.size
+            for lo in range(0, n, step):
+                comm.Bcast([v[lo:min(n, lo + step)].view(numpy.uint8), MPI.BYTE], root=0)
+        if not seg.total:
+            return
+        plist = arrays if seg.all_packed else [arrays[i] for i in seg.packed.tolist()]
+        buf = self._staging_buffer(group.dtype, min(seg.total, step))
+        offsets = seg.offsets
+        for lo, hi, first, last, _ in seg.buckets:
+            if root:
+                K.pack(plist, buf, offsets, first, last, lo, hi)
+            comm.Bcast([buf[:hi - lo].view(numpy.uint8), MPI.BYTE], root=0)
+            if not root:
+                K.unpack(plist, buf, offsets, first, last, lo, hi)
+
+    # -- GPU -----------------------------------------------------------------------
+    def _device(self):
+        if self._device_ops is None:
+            from cynag.multinode._device import DeviceOps
+
+            self._device_ops = DeviceOps(self)
+        return self._device_ops
+
+
+_TRUE = {}
+
+
+def _all_true(n):
+    a = _TRUE.get(n)
+    if a is None:
+        a = _TRUE[n] = numpy.ones(n, bool)
+        a.flags.writeable = False
+    return a
+
+
+def _zero_grad(param):
+    """Zeros as ``param``'s gradient (the buffer's view in contiguous mode); returns it."""
+    view = getattr(param, "_grad_view", None) if isinstance(param, Parameter) else None
+    if view is not None:
+        view.fill(0)
+        param.grad = view
+        return view
+    g = _backend.zeros_like(param.array)
+    param.grad = g
+    return param.grad
