@@ -22,6 +22,7 @@ otherwise.
 import collections
 import hashlib
 import operator
+import zlib
 
 import numpy
 
@@ -33,10 +34,6 @@ FLOAT_DTYPES = (numpy.dtype(numpy.float16), numpy.dtype(numpy.float32),
                 numpy.dtype(numpy.float64))
 _PATH = operator.itemgetter(0)
 _SIG_MASK = (1 << 62) - 1
-
-
-def _device_kind(device):
-    return "cpu" if device == "cpu" else "gpu"
 
 
 def stable_hash(obj):
@@ -93,7 +90,7 @@ class Group:
 class Layout:
     """The initialized parameters of a model, sorted by path, grouped by device and dtype."""
 
-    def __init__(self, model, items):
+    def __init__(self, model, items, gpu_kind=None):
         self.model = model
         self.paths = [path for path, _ in items]
         self.params = [p for _, p in items]
@@ -105,8 +102,13 @@ class Layout:
             array = param.array
             device = _backend.device_of(array)
             dtype = numpy.dtype(array.dtype)
-            self.arrays_desc.append((path, tuple(array.shape), dtype.str,
-                                     "?" if device is None else _device_kind(device)))
+            if device is None:
+                kind = "?"
+            elif device == "cpu":
+                kind = "cpu"
+            else:  # the transport is part of what the ranks must agree on
+                kind = gpu_kind() if gpu_kind is not None else "gpu"
+            self.arrays_desc.append((path, tuple(array.shape), dtype.str, kind))
             groups.setdefault((device, dtype), []).append(i)
         self.groups = [
             Group(key, idx, [self.params[i] for i in idx], [self.paths[i] for i in idx])
@@ -193,8 +195,16 @@ def _run_view(arrays, run, ptr0, count, dtype):
 
 
 def compute_segments(group, arrays, ptrs, active, direct_min_bytes, bucket_elems,
-                     allow_direct=True):
+                     allow_direct=True, allow_runs=True):
     """Split ``group``'s ``arrays`` (only the ``active`` ones; all dense) into segments.
+
+    Everything the other ranks must do alike follows the layout order:
+    direct entries are listed by the layout index of their first array, and
+    a run is a sequence of *consecutive* arrays of the layout that lie back
+    to back in memory.  The result's :attr:`Segments.sig` describes the
+    split; the ranks compare it before using it (runs depend on addresses,
+    which differ between processes) and fall back to ``allow_runs=False``,
+    which depends on the sizes only, when it differs.
 
     Args:
         group: the :class:`Group`.
@@ -206,39 +216,44 @@ def compute_segments(group, arrays, ptrs, active, direct_min_bytes, bucket_elems
         bucket_elems: elements per bucket of the packed vector.
         allow_direct: False to pack everything (float16 gradients, which
             travel as float32).
+        allow_runs: False to consider each array on its own.
     """
     sizes = group.sizes
     itemsize = group.dtype.itemsize
     use = active & (sizes > 0)
     direct = []
+    sig = []
     in_direct = numpy.zeros(group.n, bool)
     if allow_direct:
         cand = numpy.flatnonzero(use & ~group.scalar)
         if len(cand):
-            cptrs = ptrs[cand]
-            order = cand[numpy.argsort(cptrs, kind="stable")]
-            sp = ptrs[order]
-            sn = sizes[order] * itemsize
-            adjacent = sp[1:] == sp[:-1] + sn[:-1]
-            starts = numpy.concatenate(([0], numpy.flatnonzero(~adjacent) + 1))
-            ends = numpy.concatenate((starts[1:], [len(order)]))
-            run_bytes = numpy.add.reduceat(sn, starts)
-            for s, e, nb in zip(starts.tolist(), ends.tolist(), run_bytes.tolist()):
-                if nb < direct_min_bytes:
+            nb = sizes[cand] * itemsize
+            if allow_runs:
+                p = ptrs[cand]
+                adjacent = (p[1:] == p[:-1] + nb[:-1]) & (cand[1:] == cand[:-1] + 1)
+                starts = numpy.concatenate(([0], numpy.flatnonzero(~adjacent) + 1))
+            else:
+                starts = numpy.arange(len(cand))
+            ends = numpy.concatenate((starts[1:], [len(cand)]))
+            run_bytes = numpy.add.reduceat(nb, starts)
+            for s, e, rb in zip(starts.tolist(), ends.tolist(), run_bytes.tolist()):
+                if rb < direct_min_bytes:
                     continue
-                run = order[s:e].tolist()
-                if len(run) == 1:
-                    direct.append(("one", run[0]))
-                    in_direct[run[0]] = True
-                    continue
-                view = _run_view(arrays, run, int(sp[s]), int(nb // itemsize), group.dtype)
-                if view is not None:
-                    direct.append(("run", view))
-                    in_direct[run] = True
-                else:  # adjacent by chance: each large one alone, the rest packed
-                    for i in run:
-                        if sizes[i] * itemsize >= direct_min_bytes:
-                            direct.append(("one", i))
-                            in_direct[i] = True
+                run = cand[s:e].tolist()
+                if len(run) > 1:
+                    view = _run_view(arrays, run, int(ptrs[run[0]]), int(rb // itemsize),
+                                     group.dtype)
+                    if view is not None:
+                        direct.append(("run", view))
+                        sig.append((run[0], run[-1]))
+                        in_direct[run] = True
+                        continue
+                for i in run:  # alone, or adjacent by chance: each large one alone
+                    if sizes[i] * itemsize >= direct_min_bytes:
+                        direct.append(("one", i))
+                        sig.append((i,))
+                        in_direct[i] = True
     packed = numpy.flatnonzero(use & ~in_direct)
-    return Segments(ptrs, active, direct, packed, sizes, group.scalar, bucket_elems)
+    seg = Segments(ptrs, active, direct, packed, sizes, group.scalar, bucket_elems)
+    seg.sig = zlib.crc32(repr((sig, len(packed))).encode())
+    return seg

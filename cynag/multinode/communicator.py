@@ -153,7 +153,7 @@ class MpiCommunicator:
         if self.bucket_bytes < 8:
             raise ValueError("bucket_bytes must be at least 8, got %d" % self.bucket_bytes)
         self._layouts = collections.OrderedDict()
-        self._ctl = numpy.zeros(3, numpy.int64)
+        self._ctl = numpy.zeros(5, numpy.int64)
         self._staging = {}
         self._device_ops = None
         self._init_ranks()
@@ -298,20 +298,26 @@ class MpiCommunicator:
         layout = self._layouts.get(id(model))
         if layout is not None and layout.still_valid(model):
             return layout
-        layout = _layout.Layout(model, _layout.collect(model))
+        layout = _layout.Layout(model, _layout.collect(model), gpu_kind=self._gpu_kind)
         self._layouts[id(model)] = layout
         self._layouts.move_to_end(id(model))
         while len(self._layouts) > 4:
             self._layouts.popitem(last=False)
         return layout
 
-    def _agree(self, kind, layout, h, error, missing=None):
-        """The control message: raise on every rank unless all agree and none failed."""
+    def _agree(self, kind, layout, h, error, hs, missing=None):
+        """The control message: raise on every rank unless all agree and none failed.
+
+        Returns whether the ranks also split the arrays into the same
+        segments (``hs``, see :func:`cynag.multinode._layout.compute_segments`).
+        """
         MPI = self._MPI
         ctl = self._ctl
         ctl[0] = h
         ctl[1] = -h
         ctl[2] = 0 if error is None else 1
+        ctl[3] = hs
+        ctl[4] = -hs
         self.mpi_comm.Allreduce(MPI.IN_PLACE, ctl, op=MPI.MAX)
         if ctl[2]:
             msgs = self.mpi_comm.allgather(
@@ -326,6 +332,7 @@ class MpiCommunicator:
             infos = self.mpi_comm.allgather(
                 (kind, layout.arrays_desc, None if missing is None else missing()))
             raise ModelMismatchError(describe_mismatch(infos))
+        return ctl[3] == -ctl[4]
 
     # -- gradients ---------------------------------------------------------------
     def multi_node_mean_grad(self, model, zero_fill=False):
@@ -342,14 +349,16 @@ class MpiCommunicator:
         layout = self._layout(model)
         error = None
         prepared = []
+        plans = []
         try:
             for group in layout.groups:
-                prepared.append(self._prepare(group, layout.owned, zero_fill, mean=True))
+                prep = self._prepare(group, layout.owned, zero_fill, mean=True)
+                prepared.append(prep)
+                plans.append(self._plan(group, "mean", prep[0], prep[1], True))
         except Exception as e:  # reported to the other ranks, then raised
             error = e
         h = layout.sig ^ (_KIND_MEAN << 3)
-        inactive = [p for p in prepared if p[1] is not None]
-        if inactive:
+        if any(p[1] is not None for p in prepared):
             crc = 0
             for group, p in zip(layout.groups, prepared):
                 if p[1] is not None:
@@ -363,12 +372,15 @@ class MpiCommunicator:
                     out.extend(group.paths[i] for i in numpy.flatnonzero(~p[1]))
             return out
 
-        self._agree(_KIND_MEAN, layout, h, error, missing)
-        for group, (arrays, active, fixups) in zip(layout.groups, prepared):
+        if not self._agree(_KIND_MEAN, layout, h, error, _plans_sig(plans), missing):
+            # the ranks split the arrays differently (addresses differ): by sizes only
+            plans = [self._plan(group, "mean", p[0], p[1], False)
+                     for group, p in zip(layout.groups, prepared)]
+        for group, (arrays, active, fixups), plan in zip(layout.groups, prepared, plans):
             if group.is_cpu:
-                self._mean_cpu(group, arrays, active)
+                self._mean_cpu(group, arrays, plan)
             else:
-                self._device().mean(group, arrays, active)
+                self._device().mean(group, arrays, plan)
             for dst, tmp in fixups:
                 dst[...] = tmp
 
@@ -443,25 +455,32 @@ class MpiCommunicator:
             buf = self._staging[dtype] = numpy.empty(n, dtype)
         return buf
 
-    def _segments(self, group, purpose, arrays, active, allow_direct):
+    def _plan(self, group, purpose, arrays, active, allow_runs):
+        """How ``group``'s arrays travel this step (cached while their addresses hold)."""
+        if group.dtype not in _layout.FLOAT_DTYPES:
+            return None
+        if not group.is_cpu:
+            return self._device().plan(group, arrays, active, allow_runs)
         if active is None:
             active = _all_true(group.n)
-        seg = group.cache.get(purpose)
+        key = (purpose, allow_runs)
+        seg = group.cache.get(key)
         if seg is None or not seg.matches(group.ptrs, active):
-            itemsize = 4 if group.dtype == numpy.float16 else group.dtype.itemsize
+            half = group.dtype == numpy.float16
+            itemsize = 4 if half else group.dtype.itemsize
             seg = _layout.compute_segments(
                 group, arrays, group.ptrs, active, self.direct_min_bytes,
-                max(1, self.bucket_bytes // itemsize), allow_direct)
-            group.cache[purpose] = seg
+                max(1, self.bucket_bytes // itemsize),
+                allow_direct=not (half and purpose == "mean"), allow_runs=allow_runs)
+            group.cache[key] = seg
         return seg
 
-    def _mean_cpu(self, group, arrays, active):
+    def _mean_cpu(self, group, arrays, seg):
         K = _kernels()
         MPI = self._MPI
         comm = self.mpi_comm
         dtype = group.dtype
         half = dtype == numpy.float16
-        seg = self._segments(group, "mean", arrays, active, allow_direct=not half)
         recip = 1.0 / comm.size
         scale = float(dtype.type(recip))
         step = max(1, self.bucket_bytes // (4 if half else dtype.itemsize))
@@ -503,19 +522,25 @@ class MpiCommunicator:
         layout = self._layout(model)
         error = None
         prepared = []
+        plans = []
         try:
             for group in layout.groups:
-                prepared.append(self._prepare(group, layout.owned, False, mean=False))
+                prep = self._prepare(group, layout.owned, False, mean=False)
+                prepared.append(prep)
+                plans.append(self._plan(group, "bcast", prep[0], None, True))
         except Exception as e:
             error = e
-        self._agree(_KIND_BCAST, layout, layout.sig ^ (_KIND_BCAST << 3), error)
-        for group, (arrays, _, fixups) in zip(layout.groups, prepared):
+        if not self._agree(_KIND_BCAST, layout, layout.sig ^ (_KIND_BCAST << 3), error,
+                           _plans_sig(plans)):
+            plans = [self._plan(group, "bcast", p[0], None, False)
+                     for group, p in zip(layout.groups, prepared)]
+        for group, (arrays, _, fixups), plan in zip(layout.groups, prepared, plans):
             if group.dtype not in _layout.FLOAT_DTYPES:
                 self._bcast_each(arrays)
             elif group.is_cpu:
-                self._bcast_cpu(group, arrays)
+                self._bcast_cpu(group, arrays, plan)
             else:
-                self._device().bcast(group, arrays)
+                self._device().bcast(group, arrays, plan)
             if self.rank != 0:
                 for dst, tmp in fixups:
                     dst[...] = tmp
@@ -534,12 +559,11 @@ class MpiCommunicator:
             if self.rank != 0 and buf is not a:
                 a[...] = buf
 
-    def _bcast_cpu(self, group, arrays):
+    def _bcast_cpu(self, group, arrays, seg):
         K = _kernels()
         MPI = self._MPI
         comm = self.mpi_comm
         root = self.rank == 0
-        seg = self._segments(group, "bcast", arrays, None, allow_direct=True)
         itemsize = group.dtype.itemsize
         step = max(1, self.bucket_bytes // itemsize)
         for kind, payload in seg.direct:
@@ -560,12 +584,23 @@ class MpiCommunicator:
                 K.unpack(plist, buf, offsets, first, last, lo, hi)
 
     # -- GPU -----------------------------------------------------------------------
+    def _gpu_kind(self):
+        return self._device().kind
+
     def _device(self):
         if self._device_ops is None:
             from cynag.multinode._device import DeviceOps
 
             self._device_ops = DeviceOps(self)
         return self._device_ops
+
+
+def _plans_sig(plans):
+    """One 62-bit number for the segments of every group (what the ranks compare)."""
+    crc = 0
+    for plan in plans:
+        crc = zlib.crc32(b"%d;" % (-1 if plan is None else plan.sig), crc)
+    return crc
 
 
 _TRUE = {}
