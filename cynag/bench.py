@@ -25,6 +25,15 @@ with these variants, each at every requested thread count where it has one:
 * ``torch fused``      -- ``torch.optim.SGD(..., nesterov=True, fused=True)``
   on CPU tensors, when ``import torch`` works.
 
+``--cases resnet50-hooks`` (not run by default) times a step with optimizer
+hooks on the ResNet-50 shapes: ``NesterovAG`` + ``WeightDecay(5e-4)`` +
+``GradientClipping(1.0)`` registered in that order (as Chainer's examples do:
+cynag folds the clipping into its update pass) and in the other order (both
+hooks folded), each as ``cynag update()`` (multi-tensor, folding where it
+applies), ``cynag per-param`` (``use_multi_tensor(False)``) and
+``chainer update()`` with Chainer's hooks; every step first copies the
+gradients back (the hooks change them in place), a copy also timed alone.
+
 It then reports where the time of ``update()`` goes (its cost over the native
 call, per tensor) and measures one tensor of 2**12 .. 2**22 elements with one
 and with several threads to recommend ``CYNAG_NUM_THREADS`` and
@@ -125,6 +134,23 @@ CASES = {
     "medium": ("1000 tensors of 1000", [(1000,)] * 1000),
     "resnet50": ("ResNet-50's 161 parameters", RESNET50_SHAPES),
 }
+#: Cases run when --cases is not given.
+DEFAULT_CASES = list(CASES)
+
+#: Cases of an optimizer step with hooks: their own variants and table (see
+#: run_hook_case); not in the default run.
+HOOK_CASES = {
+    "resnet50-hooks": ("ResNet-50's 161 parameters, NesterovAG + WeightDecay(5e-4) + "
+                       "GradientClipping(1.0)", RESNET50_SHAPES),
+}
+CASES.update(HOOK_CASES)
+HOOK_WEIGHT_DECAY = 5e-4
+HOOK_CLIP_THRESHOLD = 1.0
+#: Registration orders of the hooks: Chainer's examples add WeightDecay, then
+#: GradientClipping (cynag folds the clipping into its pass, not the decay
+#: before it); the other order lets cynag fold both.
+HOOK_ORDERS = [("wd,clip", ("WeightDecay", "GradientClipping")),
+               ("clip,wd", ("GradientClipping", "WeightDecay"))]
 
 #: Variant keys, in the order of the tables.
 VARIANTS = [
@@ -564,6 +590,243 @@ def run_case(env, index, name):
     return res
 
 
+# ---------------------------------------------------------------------------
+# Cases with optimizer hooks
+# ---------------------------------------------------------------------------
+#: The hook case's variant kinds: key -> label.
+HOOK_VARIANT_LABELS = {
+    "restore": "restore grads",
+    "cynag_nohooks": "cynag update()",
+    "cynag_update": "cynag update()",
+    "cynag_loop": "cynag per-param",
+    "chainer_update": "chainer update()",
+}
+
+
+def _hook_key(kind, order):
+    return kind if order is None else "%s|%s" % (kind, order)
+
+
+def _split_hook_key(key):
+    kind, _, order = key.partition("|")
+    return kind, order or None
+
+
+def _grad_buffer(shapes, dtype):
+    """Writeable gradients: views of one buffer, so that one copy restores them all."""
+    sizes = [math.prod(s) for s in shapes]
+    buf = numpy.empty(sum(sizes), dtype)
+    views, offset = [], 0
+    for s, n in zip(shapes, sizes):
+        views.append(buf[offset:offset + n].reshape(s))
+        offset += n
+    return buf, views
+
+
+def _make_hooks(mod, order):
+    hooks = []
+    for name in order:
+        if name == "WeightDecay":
+            hooks.append(mod.WeightDecay(HOOK_WEIGHT_DECAY))
+        else:
+            hooks.append(mod.GradientClipping(HOOK_CLIP_THRESHOLD))
+    return hooks
+
+
+def _fold_note(opt):
+    """Which hooks cynag's update() runs inside its pass."""
+    from cynag._multi_tensor import foldable_suffix
+
+    hooks = list(opt._hookable._pre_update_hooks.values())
+    n = foldable_suffix(hooks)
+    if not n:
+        return "no hook folded"
+    if n == len(hooks):
+        return "both hooks folded into the pass"
+    return "%s folded into the pass" % ", ".join(h.name for h in hooks[len(hooks) - n:])
+
+
+def build_hook_restore(env, shapes, dtype, source, thread_counts, order):
+    buf, _ = _grad_buffer(shapes, dtype)
+    return {1: (_noop, functools.partial(numpy.copyto, buf, source))}, buf, \
+        "one copy of every gradient (in every row below)"
+
+
+def _build_cynag_hooked(env, shapes, dtype, source, thread_counts, order, multi):
+    from cynag import optimizer_hooks
+
+    buf, grads = _grad_buffer(shapes, dtype)
+    link = cynag.Link()
+    with link.init_scope():
+        for i, p in enumerate(make_params(shapes, dtype, seed=1)):
+            setattr(link, "p%04d" % i, cynag.Parameter(p))
+    for i, g in enumerate(grads):
+        getattr(link, "p%04d" % i).grad = g
+    opt = cynag.optimizers.NesterovAG(lr=LR, momentum=MOMENTUM).setup(link)
+    opt.use_multi_tensor(multi)
+    if order is not None:
+        for hook in _make_hooks(optimizer_hooks, order):
+            opt.add_hook(hook)
+
+    def step():
+        numpy.copyto(buf, source)
+        opt.update()
+    step()   # creates the state
+    note = _fold_note(opt) if multi and order is not None else ""
+    return {t: (_set_threads(env.K, t), step) for t in thread_counts}, (link, opt, buf), note
+
+
+def build_hook_cynag_nohooks(env, shapes, dtype, source, thread_counts, order):
+    steps, keep, _ = _build_cynag_hooked(env, shapes, dtype, source, thread_counts, None, True)
+    return steps, keep, "no hooks: the reference of the hooks' cost"
+
+
+def build_hook_cynag_update(env, shapes, dtype, source, thread_counts, order):
+    return _build_cynag_hooked(env, shapes, dtype, source, thread_counts, order, True)
+
+
+def build_hook_cynag_loop(env, shapes, dtype, source, thread_counts, order):
+    return _build_cynag_hooked(env, shapes, dtype, source, thread_counts, order, False)
+
+
+def build_hook_chainer_update(env, shapes, dtype, source, thread_counts, order):
+    chainer = env.chainer
+    if chainer is None:
+        raise Skip("chainer " + env.chainer_note)
+    import chainer.optimizer_hooks as chainer_hooks
+
+    buf, grads = _grad_buffer(shapes, dtype)
+    link = chainer.Link()
+    with link.init_scope():
+        for i, p in enumerate(make_params(shapes, dtype, seed=1)):
+            setattr(link, "p%04d" % i, chainer.Parameter(p))
+    for i, g in enumerate(grads):
+        getattr(link, "p%04d" % i).grad = g
+    opt = chainer.optimizers.NesterovAG(lr=LR, momentum=MOMENTUM).setup(link)
+    for hook in _make_hooks(chainer_hooks, order):
+        opt.add_hook(hook)
+
+    def step():
+        numpy.copyto(buf, source)
+        opt.update()
+    step()
+    return {1: (_noop, step)}, (link, opt, buf), ""
+
+
+HOOK_BUILDERS = {
+    "restore": build_hook_restore,
+    "cynag_nohooks": build_hook_cynag_nohooks,
+    "cynag_update": build_hook_cynag_update,
+    "cynag_loop": build_hook_cynag_loop,
+    "chainer_update": build_hook_chainer_update,
+}
+
+
+def hook_variants():
+    """(key, kind, order) of every series of a hook case, in table order."""
+    out = [("restore", "restore", None), ("cynag_nohooks", "cynag_nohooks", None)]
+    for order_key, _ in HOOK_ORDERS:
+        for kind in ("cynag_update", "cynag_loop", "chainer_update"):
+            out.append((_hook_key(kind, order_key), kind, order_key))
+    return out
+
+
+def run_hook_case(env, index, name):
+    """Time one optimizer step with hooks (see the module docstring), every
+    variant over its own parameters, state and gradients, interleaved in rounds."""
+    desc, _ = CASES[name]
+    shapes = case_shapes(name, env.scale)
+    dtype = env.dtype
+    n_tensors = len(shapes)
+    elements = sum(math.prod(s) for s in shapes)
+    tag = "[%d/%d %s]" % (index + 1, len(env.cases), name)
+    progress("%s building %d tensors, %d elements" % (tag, n_tensors, elements))
+    source = numpy.concatenate([g.reshape(-1) for g in make_grads(shapes, dtype, seed=0)]
+                               + [numpy.zeros(0, dtype)])
+    source.flags.writeable = False
+    orders = dict(HOOK_ORDERS)
+
+    series, keep, skipped = [], [], {}
+    for key, kind, order_key in hook_variants():
+        label = HOOK_VARIANT_LABELS[kind]
+        progress("%s setting up %s%s" % (tag, label, "" if order_key is None
+                                         else " (%s)" % order_key))
+        try:
+            steps, owner, note = HOOK_BUILDERS[kind](
+                env, shapes, dtype, source, env.threads,
+                None if order_key is None else orders[order_key])
+        except Skip as e:
+            skipped[key] = str(e)
+            continue
+        except Exception as e:  # a peer or a half-finished feature: report, go on
+            skipped[key] = "failed to set up (%s: %s)" % (type(e).__name__, e)
+            continue
+        keep.append(owner)
+        for t, (prepare, step) in sorted(steps.items()):
+            series.append(Series(key, t, prepare, step, note))
+
+    for i, s in enumerate(series):
+        progress("%s warm-up %d/%d: %s, %d thr" % (tag, i + 1, len(series), s.key, s.threads))
+        try:
+            calibrate(s, env.warmup, env.min_sample_s)
+        except Exception as e:
+            skipped[s.key] = "failed when run (%s: %s)" % (type(e).__name__, e)
+    series = [s for s in series if s.key not in skipped]
+
+    load = OtherLoad()
+    try:
+        run_rounds(series, env.rounds, tag)
+    finally:
+        env.K.set_num_threads(None)
+    other_load = load.result()
+    progress("%s done" % tag, final=_TTY)
+
+    res = analyse_hooks(name, desc, dtype, shapes, series, skipped, env)
+    res["other_load_cpus"] = other_load
+    del series, keep
+    gc.collect()
+    return res
+
+
+def analyse_hooks(name, desc, dtype, shapes, series, skipped, env):
+    by = {(s.key, s.threads): s for s in series}
+    restore = by.get(("restore", 1))
+    rows = []
+    for s in series:
+        kind, order = _split_hook_key(s.key)
+        loop = chainer_s = nohooks = None
+        if order is not None:
+            chainer_s = by.get((_hook_key("chainer_update", order), 1))
+            if kind != "chainer_update":
+                loop = by.get((_hook_key("cynag_loop", order), s.threads))
+                nohooks = by.get(("cynag_nohooks", s.threads))
+        q1, q3 = numpy.percentile(s.samples, [25, 75])
+        med = s.median
+        rows.append({
+            "key": s.key, "kind": kind, "order": order,
+            "variant": HOOK_VARIANT_LABELS[kind], "threads": s.threads,
+            "median_s": med, "iqr_pct": 100.0 * (q3 - q1) / med,
+            "minus_restore_s": None if restore is None or s is restore
+            else med - restore.median,
+            "hooks_cost_s": None if nohooks is None else med - nohooks.median,
+            "speedup_loop": paired_ratio(loop, s) if loop is not None and loop is not s
+            else None,
+            "speedup_chainer": paired_ratio(chainer_s, s)
+            if chainer_s is not None and chainer_s is not s else None,
+            "reps_per_sample": s.reps, "samples_s": list(s.samples), "note": s.note,
+        })
+    elements = sum(math.prod(s) for s in shapes)
+    return {"name": name, "kind": "hooks",
+            "description": desc if env.scale == 1 else
+            "%s, every tensor scaled by %g" % (desc, env.scale),
+            "dtype": dtype.name, "n_tensors": len(shapes), "elements": elements,
+            "elements_per_tensor": elements / len(shapes),
+            "bytes_per_step": ACCESSES * dtype.itemsize * elements, "rounds": env.rounds,
+            "weight_decay": HOOK_WEIGHT_DECAY, "clip_threshold": HOOK_CLIP_THRESHOLD,
+            "orders": [k for k, _ in HOOK_ORDERS],
+            "rows": rows, "skipped": skipped}
+
+
 def profile_update(env, tag, series):
     """cProfile of env.profile cynag update() calls at the largest thread count."""
     cands = [s for s in series if s.key == "cynag_update"]
@@ -904,6 +1167,44 @@ def print_case(res, quiet=(), out=None):
     out.flush()
 
 
+def print_hook_case(res, quiet=(), out=None):
+    """The table of a hook case."""
+    out = out or sys.stdout
+    w = out.write
+    w("\n" + case_title(res) + "\n")
+    w("orders: wd,clip = WeightDecay(%g) then GradientClipping(%g) (as Chainer's examples); "
+      "clip,wd = the other way round\n" % (res["weight_decay"], res["clip_threshold"]))
+    cols = "%-17s %-7s %3s %10s %6s %10s %10s %9s %10s  %s"
+    hdr = cols % ("variant", "hooks", "thr", "time/step", "IQR%", "-restore", "hooks cost",
+                  "vs loop", "vs chainer", "note")
+    w(hdr + "\n" + "-" * len(hdr) + "\n")
+    for r in res["rows"]:
+        notes = [r["note"]] if r["note"] else []
+        if r["iqr_pct"] > NOISY_IQR_PCT:
+            notes.append("noisy")
+        hooks = r["order"] or ("none" if r["kind"] == "cynag_nohooks" else "-")
+        w(cols % (r["variant"], hooks, r["threads"], fmt_time(r["median_s"]),
+                  "%.1f" % r["iqr_pct"],
+                  "-" if r["minus_restore_s"] is None else fmt_time(r["minus_restore_s"]),
+                  "-" if r["hooks_cost_s"] is None else fmt_time(r["hooks_cost_s"]),
+                  sig(r["speedup_loop"], "x"), sig(r["speedup_chainer"], "x"),
+                  "; ".join(notes)) + "\n")
+    for key, why in res["skipped"].items():
+        kind, order = _split_hook_key(key)
+        if kind in quiet:
+            continue
+        w("  (%s%s skipped: %s)\n" % (HOOK_VARIANT_LABELS.get(kind, kind),
+                                      "" if order is None else " " + order, why))
+    w("-restore: time/step minus the gradient copy alone; hooks cost: minus cynag update() "
+      "without hooks at the same thread count; vs loop / vs chainer: speedup over cynag "
+      "per-param at the same thread count / chainer update() (1 thr), same hook order.\n")
+    load = res.get("other_load_cpus")
+    if load is not None and load > OTHER_LOAD_WARN:
+        w("  other processes kept %.2f CPUs busy during the rounds: the times are "
+          "unreliable\n" % load)
+    out.flush()
+
+
 # ---------------------------------------------------------------------------
 # Plot
 # ---------------------------------------------------------------------------
@@ -925,7 +1226,8 @@ def _count(x):
 def plot(results, path):
     """Effective GB/s against elements per tensor, one panel per thread count."""
     plt = _import_pyplot()
-    cases = sorted(results["cases"], key=lambda c: c["elements_per_tensor"])
+    cases = sorted((c for c in results["cases"] if c.get("kind") != "hooks"),
+                   key=lambda c: c["elements_per_tensor"])
     thread_counts = sorted({r["threads"] for c in cases for r in c["rows"]})
     fig, axes = plt.subplots(1, len(thread_counts), figsize=(6.5 * len(thread_counts), 4.8),
                              squeeze=False, sharey=True)
@@ -1009,8 +1311,9 @@ def parse_args(argv):
         description="Benchmark one NesterovAG step (cynag, its native call, numpy, a C loop, "
                     "a bandwidth probe, and Chainer/PyTorch when importable).",
         epilog="Cases: " + "; ".join("%s = %s" % (k, v[0]) for k, v in CASES.items()))
-    ap.add_argument("--cases", type=_case_list, default=list(CASES),
-                    help="comma-separated cases to run (default: %s)" % ",".join(CASES))
+    ap.add_argument("--cases", type=_case_list, default=list(DEFAULT_CASES),
+                    help="comma-separated cases to run (default: %s; also: %s)"
+                         % (",".join(DEFAULT_CASES), ",".join(HOOK_CASES)))
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                     help="array dtype (default float32)")
     ap.add_argument("--threads", type=_positive_int_list, default=default_threads,
@@ -1071,16 +1374,21 @@ def main(argv=None):
     cases, failures = [], {}
     for i, name in enumerate(env.cases):
         try:
-            res = run_case(env, i, name)
+            res = (run_hook_case if name in HOOK_CASES else run_case)(env, i, name)
         except Exception as e:   # report and go on: a benchmark never fails the caller
             failures[name] = "%s: %s" % (type(e).__name__, e)
             print("\n== %s: failed (%s) ==" % (name, failures[name]))
             continue
         cases.append(res)
-        print_case(res, quiet=header_skips)
+        if name in HOOK_CASES:
+            print_hook_case(res, quiet=header_skips)
+        else:
+            print_case(res, quiet=header_skips)
 
     sweep = None
-    if max(env.threads) > 1 and not args.no_sweep:
+    # The sweep recommends thread settings for the plain step: not with hook cases alone.
+    if max(env.threads) > 1 and not args.no_sweep and any(
+            name not in HOOK_CASES for name in env.cases):
         try:
             sweep = thread_sweep(env)
         except Exception as e:
@@ -1113,6 +1421,8 @@ def main(argv=None):
     if args.plot:
         if not cases:
             progress("no case ran: no plot written", final=True)
+        elif all(c.get("kind") == "hooks" for c in cases):
+            progress("only hook cases ran: no plot written", final=True)
         else:
             plot(results, args.plot)
             progress("wrote %s" % args.plot, final=True)

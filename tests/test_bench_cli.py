@@ -224,3 +224,74 @@ def test_probe_rejects_what_it_cannot_walk():
         _probe.NesterovTable([ok[0]], [ok[1]], [ok[0]], 0.01, 0.9)
     with pytest.raises(TypeError, match="ndarray"):
         _probe.TriadTable([[0.0] * 8], [ok[1]], [ok[2]])
+
+
+# ---------------------------------------------------------------------------
+# The optimizer-hook case
+# ---------------------------------------------------------------------------
+def test_hook_case_is_not_in_the_default_run():
+    assert "resnet50-hooks" in bench.CASES and "resnet50-hooks" not in bench.DEFAULT_CASES
+    assert bench.parse_args([]).cases == bench.DEFAULT_CASES
+    assert bench.parse_args(["--cases", "resnet50-hooks,small"]).cases == [
+        "small", "resnet50-hooks"]
+    assert bench.CASES["resnet50-hooks"][1] == bench.RESNET50_SHAPES
+
+
+def test_hook_case_runs_on_shrunken_sizes(tmp_path):
+    path = tmp_path / "hooks.json"
+    proc = _run_cli("--quick", "--cases", "resnet50-hooks", "--rounds", "2", "--threads",
+                    "1,2", "--scale", "0.001", "--json", str(path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(path.read_text())
+    (case,) = res["cases"]
+    assert case["name"] == "resnet50-hooks" and case["kind"] == "hooks"
+    assert case["n_tensors"] == 161 and case["orders"] == ["wd,clip", "clip,wd"]
+    assert (case["weight_decay"], case["clip_threshold"]) == (5e-4, 1.0)
+    rows = {(r["key"], r["threads"]): r for r in case["rows"]}
+    expected = {("restore", 1)} | {("cynag_nohooks", t) for t in (1, 2)} | {
+        ("%s|%s" % (kind, order), t) for kind in ("cynag_update", "cynag_loop")
+        for order in ("wd,clip", "clip,wd") for t in (1, 2)}
+    assert expected <= set(rows)
+    for order in ("wd,clip", "clip,wd"):
+        key = "chainer_update|" + order
+        assert (key, 1) in rows or key in case["skipped"]
+    for r in case["rows"]:
+        assert len(r["samples_s"]) == 2 and all(x > 0 for x in r["samples_s"])
+        assert r["median_s"] > 0 and r["reps_per_sample"] >= 1
+        if r["key"] != "restore":
+            assert math.isclose(r["minus_restore_s"],
+                                r["median_s"] - rows[("restore", 1)]["median_s"])
+        if r["kind"] == "cynag_update":
+            assert r["speedup_loop"] > 0 and r["hooks_cost_s"] is not None
+        if r["kind"] in ("cynag_loop", "chainer_update", "restore", "cynag_nohooks"):
+            assert r["speedup_loop"] is None
+    # What folds: the clipping after the decay; both the other way round.
+    assert rows[("cynag_update|wd,clip", 1)]["note"] == "GradientClipping folded into the pass"
+    assert rows[("cynag_update|clip,wd", 1)]["note"] == "both hooks folded into the pass"
+    out = proc.stdout
+    assert "== resnet50-hooks: ResNet-50's 161 parameters, NesterovAG + WeightDecay(5e-4)" in out
+    for col in ("time/step", "-restore", "hooks cost", "vs loop", "vs chainer"):
+        assert col in out
+    assert "cynag per-param" in out and "restore grads" in out
+    assert "threads sweep" not in proc.stderr       # no sweep for hook cases alone
+    assert res["recommendation"]["sweep"] is None
+
+
+def test_hook_case_variants_compute_the_same_step():
+    """The cynag variants of the hook case run the same arithmetic: after the same
+    number of steps their parameters are equal (bit for bit)."""
+    class Env:
+        K = cynag_kernels
+        chainer, chainer_note = None, "not used"
+    shapes = bench.case_shapes("resnet50-hooks", 0.0005)
+    dtype = numpy.dtype(numpy.float32)
+    source = numpy.concatenate([g.reshape(-1) for g in bench.make_grads(shapes, dtype, 0)])
+    for _, order in bench.HOOK_ORDERS:
+        runs = []
+        for builder in (bench.build_hook_cynag_update, bench.build_hook_cynag_loop):
+            steps, (link, opt, buf), _ = builder(Env, shapes, dtype, source, (1,), order)
+            for _ in range(4):
+                steps[1][1]()
+            runs.append([p.array.copy() for p in link.params()])
+        for a, b in zip(*runs):
+            assert numpy.array_equal(_bits(a), _bits(b))
