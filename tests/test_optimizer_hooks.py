@@ -1251,6 +1251,39 @@ def test_folded_hook_on_read_only_gradient_raises_as_unfolded():
     assert results[True] == results[False], results
 
 
+def test_failing_folded_hook_leaves_the_step_count_as_unfolded():
+    """A folded hook that raises (here WeightDecay on a read-only 0-d gradient,
+    a parameter updated one by one) must leave the optimizer as the unfolded
+    path does: Chainer and cynag's per-parameter path raise from the 'pre'
+    hooks, before ``optimizer.t += 1``.  cynag/optimizer.py
+    GradientMethod.update increments ``self.t`` before ``plan.run(fold)``
+    applies the folded hooks, so ``opt.t`` is one step ahead after the error.
+    (The gradients differ too: the unfolded path has already applied the hook
+    to the parameters before the failing one, the folded one to none.)"""
+    outcome = {}
+    for multi in (True, False):
+        link = Link()
+        with link.init_scope():
+            link.W = Parameter(np.ones((3, 4), F32))
+            link.s = Parameter(np.array(2.0, F32))      # 0-d: updated one by one
+        opt = NesterovAG().setup(link)
+        opt.use_multi_tensor(multi)
+        opt.add_hook(H.WeightDecay(0.1))
+        for p in link.params():
+            p.grad = np.ones_like(p.array)
+        opt.update()
+        for p in link.params():
+            p.grad = np.ones_like(p.array)
+        g = np.array(1.0, F32)
+        g.flags.writeable = False
+        link.s.grad = g
+        with pytest.raises(ValueError):
+            opt.update()
+        outcome[multi] = (opt.t, [(n, p.array.tolist(), p.update_rule.t)
+                                  for n, p in link.namedparams()])
+    assert outcome[True] == outcome[False]
+
+
 class _NoiseLog:
     def __init__(self):
         self.calls = []
