@@ -236,9 +236,9 @@ def compute_segments(group, arrays, ptrs, active, direct_min_bytes, bucket_elems
                 starts = numpy.arange(len(cand))
             ends = numpy.concatenate((starts[1:], [len(cand)]))
             run_bytes = numpy.add.reduceat(nb, starts)
-            for s, e, rb in zip(starts.tolist(), ends.tolist(), run_bytes.tolist()):
-                if rb < direct_min_bytes:
-                    continue
+            large = numpy.flatnonzero(run_bytes >= direct_min_bytes)
+            for s, e, rb in zip(starts[large].tolist(), ends[large].tolist(),
+                                run_bytes[large].tolist()):
                 run = cand[s:e].tolist()
                 if len(run) > 1:
                     view = _run_view(arrays, run, int(ptrs[run[0]]), int(rb // itemsize),
