@@ -420,42 +420,73 @@ class Plan:
         self.check_rest()
 
     # -- updating ------------------------------------------------------------
-    def run(self, fold=()):
-        """Update every parameter once: one native call per group, then the rest.
+    def can_fold(self):
+        """True if folded hooks cannot fail: every gradient is writeable.
 
-        ``fold``: optimizer hooks (see :func:`foldable_suffix`) to apply to
-        every gradient before the update, as the optimizer would have called
-        them: their operations run inside the update pass of the CPU groups
-        that allow it, and as separate calls for every other parameter.
+        Otherwise the optimizer calls the hooks as usual, so that the error
+        (and what was changed before it) is Chainer's.
         """
+        from cynag_kernels import _nesterov_cpu
+
         for group in self.groups:
-            if group.table is None:  # pragma: no cover - prepare() builds it
-                raise RuntimeError("multi-tensor plan used before its tables were built")
-        if not fold:
-            for group in self.groups:
-                group.run()
-            for _, _, param, _ in self.rest:
-                param.update()
-            return
+            table = group.table
+            if table is None:
+                return False
+            if group.key[0] == "cpu" and not _nesterov_cpu.arrays_writeable(
+                    list(table._arrays[1])):
+                return False
+        for _, _, param, _ in self.rest:
+            g = param.grad
+            if isinstance(g, numpy.ndarray):
+                if not g.flags.writeable:
+                    return False
+            elif g is not None and not _backend.is_cupy_array(g):
+                return False
+        return True
+
+    def fold_prepare(self, fold):
+        """Run the folded hooks where they cannot join the update pass; return the
+        operation programs of the groups whose pass takes them.
+
+        Called where the optimizer would call the hooks (before ``t`` is
+        incremented).  A GradientClipping first in ``fold`` takes its norm
+        now.  The returned dict maps groups to ``(rows, hooks, rate)``.
+        """
         from cynag.optimizer_hooks import GradientClipping
 
         hooks = list(fold)
         rate = None
-        if isinstance(hooks[0], GradientClipping):
+        if hooks and isinstance(hooks[0], GradientClipping):
             rate = hooks[0].rate(self.optimizer)
             hooks = hooks[1:]
-        # Operations per parameter, in hook order (a clipping scale first).
-        plans = []
+        programs = {}
         for group in self.groups:
             rows = group.fold_rows(hooks, rate)
-            if rows is None:  # not in the pass: apply the hooks first
+            if rows is None:
                 for param, rule in zip(group.params, group.rules):
                     _apply_hooks(param, rule, hooks, rate)
-            plans.append(rows)
+            programs[group] = rows  # None: applied already
         for _, _, param, rule in self.rest:
             _apply_hooks(param, rule, hooks, rate)
-        for group, rows in zip(self.groups, plans):
-            group.run(rows)
+        return {"programs": programs, "hooks": hooks, "rate": rate}
+
+    def run(self, folded=None):
+        """Update every parameter once: one native call per group, then the rest.
+
+        ``folded``: the result of :meth:`fold_prepare`; each group runs its
+        operation program in its pass (a group rebuilt since then applies
+        the hooks first, one parameter at a time).
+        """
+        for group in self.groups:
+            if group.table is None:  # pragma: no cover - prepare() builds it
+                raise RuntimeError("multi-tensor plan used before its tables were built")
+        programs = {} if folded is None else folded["programs"]
+        for group in self.groups:
+            if folded is not None and group not in programs:
+                # Rebuilt since fold_prepare(): the hooks one parameter at a time.
+                for param, rule in zip(group.params, group.rules):
+                    _apply_hooks(param, rule, folded["hooks"], folded["rate"])
+            group.run(programs.get(group))
         for _, _, param, _ in self.rest:
             param.update()
 

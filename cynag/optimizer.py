@@ -983,9 +983,10 @@ class GradientMethod(Optimizer):
             plan.prepare()
         self.reallocate_cleared_grads()
         self.check_nan_in_grads()
-        fold = ()
+        folded = None
         if self._hookable._pre_update_hooks:
             hooks = list(self._hookable._pre_update_hooks.values())
+            fold = ()
             if plan is not None and self.is_safe_to_update():
                 from cynag._multi_tensor import foldable_suffix
 
@@ -1001,6 +1002,12 @@ class GradientMethod(Optimizer):
                 self.check_params()
             else:
                 plan.prepare()
+                if fold and not plan.can_fold():
+                    for hook in fold:  # as usual: errors are then Chainer's
+                        self.call_hook(hook)
+                    plan.prepare()
+                elif fold:
+                    folded = plan.fold_prepare(fold)
         self.t += 1
         if self.is_safe_to_update():
             if plan is None:
@@ -1008,7 +1015,7 @@ class GradientMethod(Optimizer):
                     param.update()  # a checked rule skips its own check once
             else:
                 plan.prepare(final=True)
-                plan.run(fold)
+                plan.run(folded)
         self.reallocate_cleared_grads()
         self.call_hooks("post")
         self.update_loss_scale()

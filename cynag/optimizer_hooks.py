@@ -228,9 +228,12 @@ class GradientNoise:
         else:
             with _backend.device_of_array(g):
                 noise = self.noise_func(xp, g.shape, g.dtype, self, rule)
-        noise = xp.asarray(noise)
-        if noise.dtype != g.dtype or noise.shape != g.shape:
-            noise = xp.broadcast_to(noise, g.shape).astype(g.dtype)
+        if xp is not numpy:
+            noise = xp.asarray(noise)
+            if noise.dtype != g.dtype or noise.shape != g.shape:
+                noise = xp.broadcast_to(noise, g.shape).astype(g.dtype)
+        elif not numpy.isscalar(noise):
+            noise = numpy.asarray(noise)  # another dtype or shape: added as NumPy 1.x adds
         _apply(g, None, [("add", noise)])
 
 

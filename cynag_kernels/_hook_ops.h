@@ -18,7 +18,9 @@
  *   CYNAG_OP_CLIP          g = min(max(g, a), b)         (GradientHardClipping;
  *                          flags bit 0: a lower bound, bit 1: an upper bound;
  *                          NumPy's clip: max(x, y) = isnan(x) ? x : (x > y ? x : y),
- *                          min(x, y) = isnan(x) ? x : (x < y ? x : y))
+ *                          min(x, y) = isnan(x) ? x : (x < y ? x : y); for float16
+ *                          NumPy keeps x on a tie: max = (isnan(x) || x >= y) ? x : y,
+ *                          min = (isnan(x) || x <= y) ? x : y)
  *   CYNAG_OP_SCALE         g = g * a                     (GradientClipping, LARS)
  *   CYNAG_OP_ADD           g = g + p                     (GradientNoise: p is the noise)
  * sign(p) is NumPy's: 1, -1, +0 for either zero, NaN for NaN.
@@ -54,6 +56,9 @@ static inline double cynag_sign_f64(double x)
 
 #define CYNAG_NP_MAX(x, y) ((x) != (x) ? (x) : ((x) > (y) ? (x) : (y)))
 #define CYNAG_NP_MIN(x, y) ((x) != (x) ? (x) : ((x) < (y) ? (x) : (y)))
+/* NumPy's float16 clip keeps x on a tie (x == bound, e.g. -0.0 against +0.0). */
+#define CYNAG_NP_MAX_H(x, y) (((x) != (x) || (x) >= (y)) ? (x) : (y))
+#define CYNAG_NP_MIN_H(x, y) (((x) != (x) || (x) <= (y)) ? (x) : (y))
 
 /* One operation over n elements of float32 or float64 (T); P may be NULL
    for CYNAG_OP_CLIP and CYNAG_OP_SCALE. */
@@ -98,8 +103,8 @@ static inline void cynag_op_f16(uint16_t* g, const uint16_t* p, ptrdiff_t n, con
         } else if (kind == CYNAG_OP_LASSO) {
             x = cynag_h(x + cynag_h(a * cynag_sign_f32(cynag_half_to_float(p[i]))));
         } else if (kind == CYNAG_OP_CLIP) {
-            if (flags & 1) x = CYNAG_NP_MAX(x, a);
-            if (flags & 2) x = CYNAG_NP_MIN(x, b);
+            if (flags & 1) x = CYNAG_NP_MAX_H(x, a);
+            if (flags & 2) x = CYNAG_NP_MIN_H(x, b);
             x = cynag_h(x);
         } else if (kind == CYNAG_OP_SCALE) {
             x = cynag_h(x * a);

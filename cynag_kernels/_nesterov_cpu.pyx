@@ -166,8 +166,12 @@ cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b, Py_ssize_t nbytes) noex
 
 
 cdef inline bint _fits_float(double x) noexcept:
-    """False for a finite double that rounds to an infinite float."""
-    return not (isinf(<float>x) and not isinf(x))
+    """False where NumPy 1.x would compute in float64 with a float32 array.
+
+    Its value-based casting keeps a finite scalar of magnitude 3.4e38 or
+    more in float64 (``numpy.min_scalar_type``); NaN and infinities fit.
+    """
+    return not (x == x and not isinf(x) and (x >= 3.4e38 or x <= -3.4e38))
 
 
 cdef int _dense_type(object param, object grad, object v) noexcept:
@@ -494,8 +498,9 @@ def hook_ops(object g, object p, const double[:, ::1] ops, int type_num):
         raise ValueError("hook_ops: ops must have %d columns" % CYNAG_OP_WORDS)
     if p is not None:
         pa = p
-        if cnp.PyArray_SIZE(pa) != n or not cnp.PyArray_CHKFLAGS(pa, cnp.NPY_ARRAY_C_CONTIGUOUS):
-            raise ValueError("hook_ops: p must be contiguous and as long as g")
+        if cnp.PyArray_SIZE(pa) != n or not cnp.PyArray_CHKFLAGS(pa, cnp.NPY_ARRAY_C_CONTIGUOUS) \
+                or cnp.PyArray_ITEMSIZE(pa) != cnp.PyArray_ITEMSIZE(ga):
+            raise ValueError("hook_ops: p must be contiguous, as long as g and of its dtype")
         pp = cnp.PyArray_DATA(pa)
     if n == 0 or ops.shape[0] == 0:
         return
@@ -627,6 +632,15 @@ def sum_squares_multi(const int64_t[::1] ptrs, const int64_t[::1] cum,
     for t in range(n):
         total += per_tensor[t]
     return total
+
+
+def arrays_writeable(list arrays):
+    """True if every array of the list (NumPy arrays) is writeable."""
+    cdef object a
+    for a in arrays:
+        if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a):
+            return False
+    return True
 
 
 def multi_verify(list params, list grads, list vs, int type_num,

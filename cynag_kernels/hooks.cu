@@ -16,7 +16,8 @@
 //     5 add            g = g + p               (p is the noise of GradientNoise)
 // Other kinds leave the value unchanged.  sign is NumPy's (1, -1, +0 for
 // either zero, NaN for NaN), max and min are NumPy's clip (a NaN gradient stays
-// NaN; a NaN bound gives NaN).  Every row reads the same ``p`` (the parameter,
+// NaN; a NaN bound gives NaN; for float16 NumPy keeps the value on a tie with a
+// bound, e.g. -0.0 against +0.0).  Every row reads the same ``p`` (the parameter,
 // or the noise): a program needing both is two launches.
 //
 // Each thread loads g[i] (and p[i], once, if a row reads it), runs every row
@@ -89,6 +90,7 @@ const int kAdd = 5;
 template <typename T> struct Elem;
 
 template <> struct Elem<float> {
+    static const bool kTieKeep = false;
     typedef float C;
     static __device__ __forceinline__ float load(float x) { return x; }
     static __device__ __forceinline__ float store(float x) { return x; }
@@ -96,6 +98,7 @@ template <> struct Elem<float> {
 };
 
 template <> struct Elem<double> {
+    static const bool kTieKeep = false;
     typedef double C;
     static __device__ __forceinline__ double load(double x) { return x; }
     static __device__ __forceinline__ double store(double x) { return x; }
@@ -103,6 +106,7 @@ template <> struct Elem<double> {
 };
 
 template <> struct Elem<__half> {
+    static const bool kTieKeep = true;
     typedef float C;
     static __device__ __forceinline__ float load(__half x) { return __half2float(x); }
     static __device__ __forceinline__ __half store(float x) { return __float2half_rn(x); }
@@ -131,6 +135,19 @@ __device__ __forceinline__ C np_min(C x, C y)
     return x != x ? x : (x < y ? x : y);
 }
 
+// NumPy's float16 clip keeps x on a tie (x == bound, e.g. -0.0 against +0.0).
+template <typename C>
+__device__ __forceinline__ C np_max_tie_keep(C x, C y)
+{
+    return (x != x || x >= y) ? x : y;
+}
+
+template <typename C>
+__device__ __forceinline__ C np_min_tie_keep(C x, C y)
+{
+    return (x != x || x <= y) ? x : y;
+}
+
 __device__ __forceinline__ bool reads_p(int kind)
 {
     return kind == kWeightDecay || kind == kLasso || kind == kAdd;
@@ -152,10 +169,10 @@ __device__ __forceinline__ typename Elem<T>::C apply_op(
     } else if (kind == kClip) {
         const int flags = (int)op[3];
         if (flags & 1) {
-            x = np_max<C>(x, a);
+            x = E::kTieKeep ? np_max_tie_keep<C>(x, a) : np_max<C>(x, a);
         }
         if (flags & 2) {
-            x = np_min<C>(x, (C)op[2]);
+            x = E::kTieKeep ? np_min_tie_keep<C>(x, (C)op[2]) : np_min<C>(x, (C)op[2]);
         }
         x = E::round(x);
     } else if (kind == kScale) {

@@ -21,7 +21,7 @@ arrays, accumulated in float64.
 import numpy
 
 from cynag_kernels import _nesterov_cpu
-from cynag_kernels.nesterov import _strong_scalar
+from cynag_kernels.nesterov import _strong_scalar, np1_result_dtype
 from cynag_kernels.threads import threads_for
 
 #: Operation codes (see _hook_ops.h).
@@ -37,35 +37,29 @@ def scalar_product(a, b):
     return _strong_scalar(a) * _strong_scalar(b)
 
 
-def _fits(x, dtype):
-    """``dtype(x)``, or None where a finite ``x`` overflows ``dtype`` (NumPy 1.x then
-    computes in a wider type)."""
-    with numpy.errstate(over="ignore", invalid="ignore"):
-        r = dtype.type(x)
-    if numpy.isinf(r) and numpy.isfinite(numpy.float64(x)):
-        return None
-    return r
-
-
 def op_row(dtype, op):
-    """The 4-word row of ``op`` for arrays of ``dtype``, or None if NumPy 1.x
-    would compute the operation in a wider type (see module docstring)."""
+    """The 4-word row of ``op`` for arrays of ``dtype`` (at least 1-d), or None if
+    NumPy 1.x would compute the operation in a wider type (see
+    :func:`cynag_kernels.nesterov.np1_result_dtype`)."""
     dtype = numpy.dtype(dtype)
     kind = op[0]
     code = OP_CODES[kind]
     if kind == "clip":
         lo, hi = op[1], op[2]
+        for bound in (lo, hi):
+            if bound is not None and np1_result_dtype(bound, dtype) != dtype:
+                return None
         flags = (lo is not None) | ((hi is not None) << 1)
-        # A bound beyond the dtype's range clips like an infinite one.
         with numpy.errstate(over="ignore", invalid="ignore"):
             a = 0.0 if lo is None else float(dtype.type(_strong_scalar(lo)))
             b = 0.0 if hi is None else float(dtype.type(_strong_scalar(hi)))
         return (float(code), a, b, float(flags))
     if kind == "add":
         return (float(code), 0.0, 0.0, 0.0)
-    a = _fits(_strong_scalar(op[1]), dtype)
-    if a is None:
+    if np1_result_dtype(op[1], dtype) != dtype:
         return None
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        a = dtype.type(_strong_scalar(op[1]))
     return (float(code), float(a), 0.0, 0.0)
 
 
@@ -87,33 +81,67 @@ def gpu_row(dtype, op):
         return (float(code), float(dtype.type(_strong_scalar(op[1]))), 0.0, 0.0)
 
 
-def _wide_type(dtype, op, zero_dim):
-    """The type NumPy 1.x computes ``op`` in when it does not stay in ``dtype``."""
-    if zero_dim:
-        return numpy.dtype(numpy.float64)
-    if dtype == numpy.float16 and _fits(_strong_scalar(op[1]), numpy.dtype(numpy.float32)) \
-            is not None:
-        return numpy.dtype(numpy.float32)
-    return numpy.dtype(numpy.float64)
+def _wide_type(g, p, op):
+    """The type NumPy 1.x computes ``op`` on ``g`` (and ``p``) in."""
+    dtype = g.dtype
+    kind = op[0]
+    if kind == "add":
+        x = op[1]
+        if isinstance(x, numpy.ndarray) and x.ndim > 0:
+            return numpy.promote_types(dtype, x.dtype)
+        scalars = [x]
+    elif kind == "clip":
+        scalars = [b for b in op[1:3] if b is not None]
+    else:
+        scalars = [op[1]]
+    if kind in ("weight_decay", "lasso") and p is not None and p.ndim > 0:
+        # ``a * p`` is an array operation, then ``g += (a * p)``.
+        t = p.dtype
+        for x in scalars:
+            t = np1_result_dtype(x, t)
+        return numpy.promote_types(dtype, t)
+    if g.ndim == 0 and (p is None or p.ndim == 0):
+        # NumPy 1.x promotes 0-d arrays and scalars by their types.
+        t = dtype if p is None else numpy.promote_types(dtype, p.dtype)
+        for x in scalars:
+            t = numpy.promote_types(t, numpy.asarray(_strong_scalar(x)).dtype)
+        return t
+    t = dtype
+    for x in scalars:
+        t = np1_result_dtype(x, t)
+    return t
 
 
 def _numpy_op(g, p, op, w):
     """``op`` on ``g`` computed in the type ``w`` with NumPy, stored into ``g``."""
     kind = op[0]
     gw = g.astype(w)
-    if kind == "weight_decay":
-        gw = gw + w.type(_strong_scalar(op[1])) * p.astype(w)
-    elif kind == "lasso":
-        gw = gw + w.type(_strong_scalar(op[1])) * numpy.sign(p).astype(w)
+    if kind in ("weight_decay", "lasso"):
+        # a * p (or a * sign(p)) in its own promoted type, then the sum in w.
+        pp = numpy.sign(p) if kind == "lasso" else p
+        if pp.ndim > 0:
+            t = np1_result_dtype(op[1], pp.dtype)
+        else:
+            t = numpy.promote_types(pp.dtype, numpy.asarray(_strong_scalar(op[1])).dtype)
+        prod = t.type(_strong_scalar(op[1])) * pp.astype(t)
+        gw = gw + numpy.asarray(prod).astype(w)
     elif kind == "scale":
         gw = gw * w.type(_strong_scalar(op[1]))
     elif kind == "add":
         gw = gw + numpy.asarray(op[1]).astype(w)
-    else:  # clip: either the value or a bound; the bound rounded once
+    else:  # clip: either the value or a bound, with NumPy 1.x's max and min
         lo, hi = op[1], op[2]
-        gw = numpy.clip(gw, None if lo is None else w.type(_strong_scalar(lo)),
-                        None if hi is None else w.type(_strong_scalar(hi)))
-    g[...] = gw.astype(g.dtype)
+        half = w == numpy.float16
+        with numpy.errstate(invalid="ignore"):
+            if lo is not None:
+                b = w.type(_strong_scalar(lo))
+                keep = numpy.isnan(gw) | ((gw >= b) if half else (gw > b))
+                gw = numpy.where(keep, gw, b).astype(w)
+            if hi is not None:
+                b = w.type(_strong_scalar(hi))
+                keep = numpy.isnan(gw) | ((gw <= b) if half else (gw < b))
+                gw = numpy.where(keep, gw, b).astype(w)
+    g[...] = numpy.broadcast_to(gw, g.shape).astype(g.dtype)
 
 
 def apply_ops(g, p, ops):
@@ -121,19 +149,23 @@ def apply_ops(g, p, ops):
 
     Args:
         g: NumPy array (float16/32/64), any strides; updated in place.
-        p: the parameter array (same shape and dtype), or None if no
-            operation needs it.
+        p: the parameter array (same shape), or None if no operation needs
+            it.
         ops: sequence of operations (see module docstring), applied in order.
 
-    Contiguous arrays are processed natively in one pass over memory; other
-    layouts through contiguous copies written back.
+    Contiguous arrays of one dtype are processed natively in one pass over
+    memory; other layouts through contiguous copies written back.  Where
+    NumPy 1.x would compute in a wider type (0-d arrays, a parameter or
+    noise of another dtype, coefficients beyond the dtype's value-based
+    range) the operation is done with NumPy in that type.
     """
     dtype = g.dtype
     type_num = _TYPE_NUMS.get(dtype)
     if type_num is None:
         raise TypeError("hook operations need a float16, float32 or float64 gradient, got %s"
                         % dtype)
-    zero_dim = g.ndim == 0
+    if not g.flags.writeable:
+        raise ValueError("the gradient is read-only (its array is not writeable)")
     native = []
 
     def flush():
@@ -142,19 +174,30 @@ def apply_ops(g, p, ops):
             del native[:]
 
     for op in ops:
+        row = None
         if op[0] == "add":
-            x = numpy.asarray(op[1])
-            if x.dtype != dtype or x.shape != g.shape:
-                raise ValueError("the noise must have the gradient's dtype %s and shape %s, "
-                                 "got %s %s" % (dtype, g.shape, x.dtype, x.shape))
-            flush()
-            _run_native(g, x, [(float(OP_CODES["add"]), 0.0, 0.0, 0.0)], type_num)
-            continue
-        row = None if (zero_dim and op[0] in ("weight_decay", "lasso", "scale")) \
-            else op_row(dtype, op)
+            x = op[1]
+            if isinstance(x, numpy.ndarray) and x.ndim > 0:
+                try:
+                    shape = numpy.broadcast_shapes(x.shape, g.shape)
+                except ValueError:
+                    shape = None
+                if shape != g.shape:
+                    raise ValueError("the noise has shape %s, which does not broadcast to the "
+                                     "gradient's shape %s" % (x.shape, g.shape))
+            if isinstance(x, numpy.ndarray) and x.dtype == dtype and x.shape == g.shape:
+                flush()
+                _run_native(g, x, [(float(OP_CODES["add"]), 0.0, 0.0, 0.0)], type_num)
+                continue
+        elif g.ndim > 0 and (p is None or op[0] in ("clip", "scale")
+                             or (p.dtype == dtype and p.shape == g.shape)):
+            row = op_row(dtype, op)
+        elif g.ndim == 0 and op[0] == "clip" and all(
+                b is None or numpy.asarray(_strong_scalar(b)).dtype == dtype for b in op[1:3]):
+            row = op_row(dtype, op)
         if row is None:
             flush()
-            _numpy_op(g, p, op, _wide_type(dtype, op, zero_dim))
+            _numpy_op(g, p, op, _wide_type(g, p, op))
         else:
             native.append(row)
     flush()

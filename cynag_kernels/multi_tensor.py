@@ -101,8 +101,15 @@ def coefficient_table(dtype, lr, momentum, loss_scale=None):
             # The loss scale is rounded to the array dtype (NumPy rounds a
             # scalar divisor to float16 for a float16 array).
             k32[:, _LS] = coef[:, _LS].astype(stored).astype(numpy.float32)
-        overflow = numpy.isinf(k32) & numpy.isfinite(coef[:, :_HAS_LS])
-        ok &= ~overflow.any(axis=1)
+        # NumPy 1.x computes in float64 for a finite scalar of magnitude
+        # 3.4e38 or more (its value-based casting), and rounds a float16
+        # array's divisor of magnitude 65000 or more to float32.
+        raw = coef[:, :_HAS_LS]
+        with numpy.errstate(invalid="ignore"):
+            wide = numpy.isfinite(raw) & (numpy.abs(raw) >= 3.4e38)
+            if dtype == numpy.float16:
+                wide[:, _LS] |= numpy.isfinite(raw[:, _LS]) & (numpy.abs(raw[:, _LS]) >= 65000.0)
+        ok &= ~wide.any(axis=1)
         coef[:, :_HAS_LS] = k32
     return coef, ok
 

@@ -38,21 +38,56 @@ def _strong_scalar(x):
     return x
 
 
+def np1_scalar_dtype(x):
+    """The smallest dtype NumPy 1.x's value-based casting gives the scalar ``x``.
+
+    As ``numpy.min_scalar_type`` in NumPy 1.x: a float whose magnitude is
+    below 65000 (or an infinity or NaN) is float16, below 3.4e38 float32,
+    else float64; an integer the smallest (unsigned if non-negative) integer
+    type holding it; a boolean bool.
+    """
+    x = _strong_scalar(x)
+    kind = numpy.asarray(x).dtype.kind
+    if kind == "b":
+        return numpy.dtype(numpy.bool_)
+    if kind in "iu":
+        v = int(x)
+        types = ((numpy.uint8, numpy.uint16, numpy.uint32, numpy.uint64) if v >= 0
+                 else (numpy.int8, numpy.int16, numpy.int32, numpy.int64))
+        for t in types:
+            info = numpy.iinfo(t)
+            if info.min <= v <= info.max:
+                return numpy.dtype(t)
+        return numpy.dtype(numpy.float64)
+    if kind == "f":
+        v = float(x)
+        if not numpy.isfinite(v) or -65000.0 < v < 65000.0:
+            return numpy.dtype(numpy.float16)
+        if -3.4e38 < v < 3.4e38:
+            return numpy.dtype(numpy.float32)
+        return numpy.dtype(numpy.float64)
+    return numpy.asarray(x).dtype
+
+
+def np1_result_dtype(x, dtype):
+    """dtype of ``x * array`` (or ``array + x``, ...) for an array of ``dtype``
+    of at least one dimension, under NumPy 1.x's value-based casting."""
+    return numpy.promote_types(np1_scalar_dtype(x), numpy.dtype(dtype))
+
+
 def _round_value_based(x, t):
     """``t(x)``, or float64 where NumPy 1.x's value-based casting keeps float64.
 
     NumPy 1.x rounds a scalar to the array's float type only if its value
-    fits; a finite scalar beyond that range (``lr=1e39`` against float32)
-    makes the operation run in float64.  Such a coefficient is returned as
+    is small enough (see :func:`np1_scalar_dtype`); a larger one
+    (``lr=1e39`` or the integer ``lr=65536`` against float32) makes the
+    operation run in float64.  Such a coefficient is returned as
     ``numpy.float64`` and the launcher takes the NumPy path for it.
     """
+    if t is not numpy.float64 and np1_result_dtype(x, t) == numpy.float64:
+        return numpy.float64(x)
     with numpy.errstate(over="ignore"):
-        r = t(x)
-    if t is not numpy.float64 and not numpy.isfinite(r):
-        wide = numpy.float64(x)
-        if numpy.isfinite(wide):
-            return wide
-    return r
+        return t(x)
 
 
 def nesterov_ag_coefficients(lr, momentum, dtype, device="cpu"):

@@ -1308,6 +1308,12 @@ def _check_hook_signatures(kernels):
             assert not c.pointer and c.base == "long long", (name, c)
 
 
+def native_ops(dtype, ops):
+    """The operations of ``ops`` that the CPU also runs natively (NumPy 1.x keeps
+    them in the array dtype; see :func:`cynag_kernels.hooks.op_row`)."""
+    return [op for op in ops if op[0] == "add" or cpu_hooks.op_row(dtype, op) is not None]
+
+
 def hook_rows(dtype, ops):
     """The rows of ``ops`` for arrays of ``dtype`` (:func:`cynag_kernels.hooks.op_row`)."""
     rows = [cpu_hooks.op_row(dtype, op) for op in ops]
@@ -1383,7 +1389,7 @@ def random_program(rng, dtype, p, source, length=None):
         else:
             pool = special if rng.random() < 0.1 else ordinary
             ops.append((kind, pool[int(rng.integers(len(pool)))]))
-    return ops
+    return native_ops(dtype, ops) or [("scale", 0.5)]
 
 
 def _single_programs(dtype, param, noise):
@@ -1395,7 +1401,7 @@ def _single_programs(dtype, param, noise):
             out.append(([(kind, a)], param))
     out += [([("clip",) + b], None) for b in CLIP_BOUNDS]
     out.append(([("add", noise)], noise))
-    return out
+    return [(ops, p) for ops, p in out if native_ops(dtype, ops) == ops]
 
 
 def _hook_problems(emu, dtype, g, p, ops, sm_count, block, order_list):
