@@ -24,6 +24,9 @@ from cynag.multinode.communicator import (
 )
 from cynag.multinode.optimizers import create_multi_node_optimizer
 
+#: ChainerMN's name of the communicator interface (cynag has one implementation).
+CommunicatorBase = MpiCommunicator
+
 #: Names accepted by :func:`create_communicator`; all select cynag's communicator.
 COMMUNICATOR_NAMES = ("mpi", "naive", "flat")
 
@@ -72,7 +75,7 @@ def create_communicator(communicator_name="mpi", mpi_comm=None, **kwargs):
 global_except_hook._add_hook_if_enabled()
 
 __all__ = [
-    "COMMUNICATOR_NAMES", "DEFAULT_BUCKET_BYTES", "DEFAULT_DIRECT_MIN_BYTES", "INSTALL_HINT",
+    "COMMUNICATOR_NAMES", "CommunicatorBase", "DEFAULT_BUCKET_BYTES", "DEFAULT_DIRECT_MIN_BYTES", "INSTALL_HINT",
     "ModelMismatchError", "MpiCommunicator", "MultiNodeError", "available",
     "create_communicator", "create_multi_node_optimizer", "global_except_hook",
 ]

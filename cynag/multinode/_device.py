@@ -90,11 +90,11 @@ class DeviceOps:
                                 "device" % (label, what, _backend.describe(a),
                                             _backend.describe(param.array)))
             if a.dtype != group.dtype:
-                raise TypeError("%s: grad has dtype %s but param has dtype %s"
-                                % (label, a.dtype, group.dtype))
+                raise TypeError("%s: %s has dtype %s but param has dtype %s"
+                                % (label, what, a.dtype, group.dtype))
             if a.size != group.sizes[i]:
-                raise ValueError("%s: grad has shape %s but param has shape %s"
-                                 % (label, a.shape, group.shapes[i]))
+                raise ValueError("%s: %s has shape %s but param has shape %s"
+                                 % (label, what, a.shape, group.shapes[i]))
             if not a.flags.c_contiguous:
                 with self.cupy.cuda.Device(_device_id(group)):
                     tmp = self.cupy.ascontiguousarray(a)

@@ -69,7 +69,6 @@ class _MultiNodeOptimizer:
     def setup(self, link, **kwargs):
         """``actual_optimizer.setup(link, **kwargs)``; returns this wrapper."""
         self.actual_optimizer.setup(link, **kwargs)
-        object.__setattr__(self, "target_params", [])
         object.__setattr__(self, "_params_stamp", None)
         return self
 
