@@ -543,3 +543,15 @@ def test_chainer_style_link(fake_comm):
     link.ps["/w"].grad = numpy.full(3, 5, numpy.float32)   # a new array: read again
     comm.multi_node_mean_grad(link)
     assert (link.ps["/w"].grad == 5).all()
+
+
+def test_one_process_changes_nothing_but_fills_zeros(fake_comm):
+    comm, fc = fake_comm(size=1)
+    link = _link(3, size=5)
+    link.p0001.grad = None
+    grads = [p.grad for p in link.params()]
+    comm.multi_node_mean_grad(link, zero_fill=True)
+    assert [c[0] for c in fc.calls] == ["Allreduce"]   # the control message only
+    assert link.p0000.grad is grads[0] and (link.p0000.grad == 2).all()
+    assert (link.p0001.grad == 0).all()
+    comm.bcast_data(link)

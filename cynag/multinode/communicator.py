@@ -376,6 +376,8 @@ class MpiCommunicator:
             # the ranks split the arrays differently (addresses differ): by sizes only
             plans = [self._plan(group, "mean", p[0], p[1], False)
                      for group, p in zip(layout.groups, prepared)]
+        if self.size == 1:
+            return  # the mean of one value is the value (x * 1.0 == x in every dtype)
         for group, (arrays, active, fixups), plan in zip(layout.groups, prepared, plans):
             if group.is_cpu:
                 self._mean_cpu(group, arrays, plan)
@@ -534,6 +536,8 @@ class MpiCommunicator:
                            _plans_sig(plans)):
             plans = [self._plan(group, "bcast", p[0], None, False)
                      for group, p in zip(layout.groups, prepared)]
+        if self.size == 1:
+            return
         for group, (arrays, _, fixups), plan in zip(layout.groups, prepared, plans):
             if group.dtype not in _layout.FLOAT_DTYPES:
                 self._bcast_each(arrays)
