@@ -1329,6 +1329,9 @@ def parse_args(argv):
     ap.add_argument("--no-sweep", action="store_true",
                     help="skip the one-tensor thread sweep and the recommendation")
     ap.add_argument("--json", metavar="FILE", help="write every result and sample to FILE")
+    ap.add_argument("--mpi", action="store_true",
+                    help="time the gradient averaging of cynag.multinode instead (run under "
+                         "mpiexec -n 2 or more; cases small, big, resnet50)")
     ap.add_argument("--plot", metavar="FILE.png",
                     help="draw GB/s per case and variant into FILE.png (needs matplotlib)")
     # Shrinks every tensor (tests; not a measurement setting).
@@ -1346,6 +1349,20 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.mpi:
+        from cynag.multinode import bench as multinode_bench
+
+        cases = [c for c in args.cases if c in multinode_bench.CASES]
+        if not cases:
+            sys.stderr.write("--mpi: none of the cases %s has an MPI benchmark (%s)\n"
+                             % (",".join(args.cases), ",".join(multinode_bench.CASES)))
+            return 2
+        mpi_argv = ["--cases", ",".join(cases), "--dtype", args.dtype]
+        if args.rounds is not None:
+            mpi_argv += ["--rounds", str(args.rounds)]
+        if args.json:
+            mpi_argv += ["--json", args.json]
+        return multinode_bench.main(mpi_argv)
     env = Env()
     env.K = cynag_kernels
     env.started = datetime.datetime.now().isoformat(timespec="seconds")
