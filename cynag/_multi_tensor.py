@@ -417,7 +417,8 @@ class Plan:
                 # regroup, and let the parameter's own check name it.
                 self.build()
                 return
-        self.check_rest()
+        if not final:  # (after the previous call only cleared gradients became zeros)
+            self.check_rest()
 
     # -- updating ------------------------------------------------------------
     def can_fold(self):
