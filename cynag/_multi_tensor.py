@@ -264,9 +264,6 @@ class Plan:
             return ("gpu:%d" % array.device.id, dtype, kind)
         return None
 
-    def invalidate(self):
-        self.snapshot = None
-
     def _detach(self):
         for group in self.groups:
             group.detach()
