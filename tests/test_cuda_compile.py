@@ -413,26 +413,10 @@ def test_source_compiles(compiled, arch):
 @pytest.mark.parametrize("dtype,name", KERNELS, ids=[n for _, n in KERNELS])
 def test_entry_point(compiled, arch, dtype, name):
     """Unmangled entry with the launcher's argument types, no spills, 64-bit indices."""
-    unit = _unit(compiled, "kernels", arch)
-    assert unit["ok"], "NVRTC failed for sm_%s: %s\n%s" % (arch, unit["error"], _describe(unit))
-    context = "sm_%s %s\n%s\n%s" % (arch, name, compiled["table"], _describe(unit))
-    entry = ptx_entry(unit["ptx"], name)
-    assert entry is not None, "no '.visible .entry %s(' in the PTX: %s" % (name, context)
-    types, _ = entry
     scalar = _PTX_TYPE[numpy.dtype(cuda_launcher.SCALAR_TYPES[dtype])]
     # param, grad, v (pointers), lr, momentum (SCALAR_TYPES), n (long long).
-    assert types == ["u64", "u64", "u64", scalar, scalar, "u64"], (types, context)
-
-    info = parse_ptxas_log(unit["log"]).get(name)
-    assert info is not None, "ptxas reported nothing for %s: %s" % (name, context)
-    assert info["arch"] == "sm_" + arch, context
-    assert "registers" in info, context
-    problem = spill_problem(info)
-    assert problem is None, "%s spills on sm_%s (%s): %s" % (name, arch, problem, context)
-    assert info["stack"] == 0, "stack frame of %d bytes: %s" % (info["stack"], context)
-
-    problems = index_width_problems(unit["ptx"], name)
-    assert not problems, "index arithmetic is not 64-bit: %s\n%s" % (problems, context)
+    _check_entry(compiled, arch, name, ["u64", "u64", "u64", scalar, scalar, "u64"],
+                 counts=None, cooperation_ok=True)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -444,27 +428,11 @@ def test_multi_entry_point(compiled, arch, dtype, name):
     the ``numpy.int64`` counts ``GPUTable.run`` passes; both counts bound
     loops that must not be narrowed to 32 bits.
     """
-    unit = _unit(compiled, "kernels", arch)
-    assert unit["ok"], "NVRTC failed for sm_%s: %s\n%s" % (arch, unit["error"], _describe(unit))
-    context = "sm_%s %s\n%s\n%s" % (arch, name, compiled["table"], _describe(unit))
-    entry = ptx_entry(unit["ptx"], name)
-    assert entry is not None, "no '.visible .entry %s(' in the PTX: %s" % (name, context)
-    types, body = entry
-    assert types == ["u64", "u64", "u64", "u64"], (types, context)
+    body, context = _check_entry(compiled, arch, name, ["u64"] * 4, counts=(2, 3),
+                                 cooperation_ok=True)
     # The coefficients are read as the kernel's scalar type (SCALAR_TYPES).
     scalar = _PTX_TYPE[numpy.dtype(cuda_launcher.SCALAR_TYPES[dtype])]
     assert re.search(r"ld\.global(\.nc)?\.%s\b" % scalar, body), (scalar, context)
-
-    info = parse_ptxas_log(unit["log"]).get(name)
-    assert info is not None, "ptxas reported nothing for %s: %s" % (name, context)
-    assert info["arch"] == "sm_" + arch, context
-    assert "registers" in info, context
-    problem = spill_problem(info)
-    assert problem is None, "%s spills on sm_%s (%s): %s" % (name, arch, problem, context)
-    assert info["stack"] == 0, "stack frame of %d bytes: %s" % (info["stack"], context)
-
-    problems = index_width_problems(unit["ptx"], name, counts=(2, 3))
-    assert not problems, "index arithmetic is not 64-bit: %s\n%s" % (problems, context)
 
 
 #: PTX of what the emulator cannot run (threads of a block together).
@@ -472,8 +440,14 @@ _COOPERATION = re.compile(r"\.shared\b|\bbar(\.\w+)*\s|\bbarrier\b|\batom\.|\bre
                           r"\bvote\.|\bmatch\.|\bredux\.")
 
 
-def _check_entry(compiled, arch, name, want_types, counts):
-    """Shared checks of one entry; returns (PTX body, context)."""
+def _check_entry(compiled, arch, name, want_types, counts, cooperation_ok=False):
+    """Shared checks of one entry; returns (PTX body, context).
+
+    Unmangled with the parameter types ``want_types``, no spills or stack
+    frame, 64-bit indices (``counts``: see :func:`index_width_problems`) and,
+    unless ``cooperation_ok``, no shared memory, barriers, atomics or warp
+    primitives.
+    """
     unit = _unit(compiled, "kernels", arch)
     assert unit["ok"], "NVRTC failed for sm_%s: %s\n%s" % (arch, unit["error"], _describe(unit))
     context = "sm_%s %s\n%s\n%s" % (arch, name, compiled["table"], _describe(unit))
@@ -490,6 +464,8 @@ def _check_entry(compiled, arch, name, want_types, counts):
     assert info["stack"] == 0, "stack frame of %d bytes: %s" % (info["stack"], context)
     problems = index_width_problems(unit["ptx"], name, counts=counts)
     assert not problems, "index arithmetic is not 64-bit: %s\n%s" % (problems, context)
+    if cooperation_ok:
+        return body, context
     m = _COOPERATION.search(body)
     assert m is None, "%s uses %r (shared memory, barriers, atomics or warp primitives): %s" % (
         name, m.group(0), context)
