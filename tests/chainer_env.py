@@ -271,6 +271,29 @@ def case_group_runner(python, script, out_dir_factory):
     return run
 
 
+def group_runner_fixture(script, tmp_name):
+    """A module-scoped ``run_group`` fixture for the cases module ``script``.
+
+    ``run_group(group)`` -> results of that group (run once, in the Chainer
+    env, output under a fresh ``tmp_name`` folder); see :func:`case_group_runner`.
+    """
+    @pytest.fixture(scope="module")
+    def run_group(chainer_python, tmp_path_factory):
+        """run_group(group) -> results of that group (run once, in the Chainer env)."""
+        return case_group_runner(chainer_python, script,
+                                 lambda: tmp_path_factory.mktemp(tmp_name))
+
+    return run_group
+
+
+def check_case(run_group, group, name):
+    """Fails the test unless case ``name`` of ``group`` matched Chainer 7.8.1."""
+    _, res = case_result(run_group, group, name)
+    if not res["ok"]:
+        pytest.fail("cynag differs from Chainer 7.8.1 in %s:\n%s" % (name, res["error"]),
+                    pytrace=False)
+
+
 def case_result(run_group, group, name):
     """The result of case ``name``; fails the test if the group produced none."""
     results, rc, output = run_group(group)

@@ -26,7 +26,7 @@ import os
 import pytest
 
 import chainer_parity_cases
-from chainer_env import case_group_runner, case_result, venv_dir
+from chainer_env import case_result, check_case, group_runner_fixture, venv_dir
 
 pytestmark = pytest.mark.chainer
 
@@ -34,19 +34,12 @@ _SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chainer_pari
 _CASES = chainer_parity_cases.case_names()
 
 
-@pytest.fixture(scope="module")
-def run_group(chainer_python, tmp_path_factory):
-    """run_group(group) -> results of that group (run once, in the Chainer env)."""
-    return case_group_runner(chainer_python, _SCRIPT,
-                             lambda: tmp_path_factory.mktemp("chainer-parity"))
+run_group = group_runner_fixture(_SCRIPT, "chainer-parity")
 
 
 @pytest.mark.parametrize("group,name", _CASES, ids=[n for _, n in _CASES])
 def test_parity(run_group, group, name):
-    _, res = case_result(run_group, group, name)
-    if not res["ok"]:
-        pytest.fail("cynag differs from Chainer 7.8.1 in %s:\n%s" % (name, res["error"]),
-                    pytrace=False)
+    check_case(run_group, group, name)
 
 
 def test_environment(run_group):
