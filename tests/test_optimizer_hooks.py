@@ -39,6 +39,8 @@ from cynag._multi_tensor import _Group, foldable_suffix
 from cynag.optimizers import NesterovAG
 from cynag_kernels import hooks as K
 
+from test_multi_tensor import _Init
+
 F16, F32, F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 DTYPES = [F16, F32, F64]
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -688,17 +690,6 @@ def _params(rng, link, shapes):
         for name, (shape, dtype) in shapes.items():
             setattr(link, name, Parameter(np.asarray(rng.standard_normal(shape)).astype(dtype)))
     return link
-
-
-class _Init:
-    """A fixed-values initializer that carries its dtype."""
-
-    def __init__(self, dtype, seed):
-        self.dtype = np.dtype(dtype)
-        self.seed = seed
-
-    def __call__(self, array):
-        array[...] = np.random.default_rng(self.seed).standard_normal(array.shape)
 
 
 def mixed_model(seed=0, dtypes=(F32, F64, F16)):
