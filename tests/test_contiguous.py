@@ -471,20 +471,25 @@ def test_checkpoint_loaded_into_a_fresh_contiguous_optimizer():
     _assert_views(model2, opt2)
 
 
+def _copy(model, opt, how):
+    """(model, opt) copied by ``how``: deepcopy of the optimizer alone or of the
+    pair, or a pickle round trip of the optimizer; the model is the copy's target."""
+    if how == "deepcopy_opt":
+        opt2 = copy.deepcopy(opt)
+    elif how == "deepcopy_pair":
+        _, opt2 = copy.deepcopy((model, opt))
+    else:
+        opt2 = pickle.loads(pickle.dumps(opt))
+    return opt2.target, opt2
+
+
 @pytest.mark.parametrize("how", ["deepcopy_opt", "deepcopy_pair", "pickle_opt"])
 def test_copies_train_independently(how):
     model = make_model(dtypes=(np.float32, np.float64))
     opt = NesterovAG(lr=0.02).setup(model, contiguous=True)
     _train(model, opt, 0, 6)
     before = state_of(model, opt)
-    if how == "deepcopy_opt":
-        opt2 = copy.deepcopy(opt)
-        model2 = opt2.target
-    elif how == "deepcopy_pair":
-        model2, opt2 = copy.deepcopy((model, opt))
-    else:
-        opt2 = pickle.loads(pickle.dumps(opt))
-        model2 = opt2.target
+    model2, opt2 = _copy(model, opt, how)
     for b2 in opt2.contiguous_buffers:
         for b in opt.contiguous_buffers:
             for x in (b2.param, b2.grad, b2.state["v"]):
@@ -504,13 +509,7 @@ def test_copies_stay_contiguous(how):
     model = make_model(dtypes=(np.float32, np.float64))
     opt = NesterovAG(lr=0.02).setup(model, contiguous=True)
     _train(model, opt, 0, 3)
-    if how == "deepcopy_opt":
-        opt2 = copy.deepcopy(opt)
-    elif how == "deepcopy_pair":
-        _, opt2 = copy.deepcopy((model, opt))
-    else:
-        opt2 = pickle.loads(pickle.dumps(opt))
-    model2 = opt2.target
+    model2, opt2 = _copy(model, opt, how)
     _assert_views(model2, opt2)
     _train(model2, opt2, 3, 2)
     _assert_views(model2, opt2)
