@@ -67,8 +67,8 @@ try:
 except ImportError:
     cynag = None
 
-from chainer_parity_cases import (assert_same, assert_same_array, case_registry, main,
-                                  outcome)
+from chainer_parity_cases import (assert_same, assert_same_array, assert_same_nan_aware,
+                                  case_registry, main, outcome)
 
 CASES, case, case_names = case_registry()
 
@@ -96,19 +96,6 @@ def _sig(a):
     return [str(a.dtype), list(a.shape), hashlib.sha1(bits.tobytes()).hexdigest()[:16]]
 
 
-def _same_nan_aware(label, expected, actual):
-    """Bit for bit, except that any NaN matches any NaN (payloads may differ)."""
-    if expected is None or actual is None:
-        assert_same_array(label, expected, actual)
-        return
-    e, a = np.asarray(expected), np.asarray(actual)
-    if e.dtype != a.dtype or e.shape != a.shape or e.dtype.kind != "f":
-        assert_same_array(label, expected, actual)
-        return
-    assert_same_array(label + " NaN positions", np.isnan(e), np.isnan(a))
-    assert_same_array(label, np.where(np.isnan(e), 0, e), np.where(np.isnan(a), 0, a))
-
-
 def _grad_or_none(param):
     if param.array is None:
         return None
@@ -126,7 +113,7 @@ def compare_trained(label, ref_link, ref_opt, link, opt, grads=False, nan_aware=
     framework's.  ``values=False`` compares everything but the float values
     of parameters and states (float16 without fp32 master copies).
     """
-    same = _same_nan_aware if nan_aware else assert_same_array
+    same = assert_same_nan_aware if nan_aware else assert_same_array
     ref_params = sorted(ref_link.namedparams(), key=lambda t: t[0])
     params = sorted(link.namedparams(), key=lambda t: t[0])
     assert_same(label + " paths", [p for p, _ in ref_params], [p for p, _ in params])

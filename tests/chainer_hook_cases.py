@@ -62,30 +62,17 @@ try:
 except ImportError:
     cynag = None
 
-from chainer_parity_cases import assert_same, assert_same_array, case_registry, main
+from chainer_parity_cases import (assert_same, assert_same_array, assert_same_nan_aware,
+                                  case_registry, main)
 
 CASES, case, case_names = case_registry()
 
 F16, F32, F64 = np.float16, np.float32, np.float64
-_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 # ---------------------------------------------------------------------------
 # Comparison helpers
 # ---------------------------------------------------------------------------
-def _same_nan_aware(label, expected, actual):
-    """Bit for bit, except that any NaN matches any NaN (payloads may differ)."""
-    if expected is None or actual is None:
-        assert_same_array(label, expected, actual)
-        return
-    e, a = np.asarray(expected), np.asarray(actual)
-    if e.dtype != a.dtype or e.shape != a.shape:
-        assert_same_array(label, expected, actual)
-        return
-    assert_same_array(label + " NaN positions", np.isnan(e), np.isnan(a))
-    assert_same_array(label, np.where(np.isnan(e), 0, e), np.where(np.isnan(a), 0, a))
-
-
 def _magnitude(*arrays):
     """The largest finite magnitude in ``arrays`` (0 if none)."""
     m = 0.0
@@ -291,7 +278,7 @@ def kernels_per_element_hooks_bit_identical():
                     for scale in ((None, 8.0) if cls == "WeightDecay" else (None,)):
                         ch = _one_call(chainer, CH, cls, args, p, g, scale, kind)
                         cy = _one_call(cynag, YH, cls, args, p, g, scale, kind)
-                        _same_nan_aware("%s%r on %s %s %s, loss scale %r" % (
+                        assert_same_nan_aware("%s%r on %s %s %s, loss scale %r" % (
                             cls, args, np.dtype(dtype).name, shape, kind, scale), ch, cy)
                         checked += 1
     if checked < 500:
@@ -510,7 +497,7 @@ def _compare_trajectories(label, ref, other, exact, dtype):
                 if what == "rule t":
                     assert_same(lab, x, y)
                 elif exact or x is None or y is None:
-                    _same_nan_aware(lab, x, y)
+                    assert_same_nan_aware(lab, x, y)
                 else:
                     _close(lab, x, y, _tolerance(dtype), scales[k])
 
