@@ -111,6 +111,29 @@ cdef inline void _bounds(const int64_t[::1] offsets, Py_ssize_t first, Py_ssize_
                          % (lo, hi, offsets[first], offsets[last]))
 
 
+cdef inline int _checked_call(cnp.ndarray buf, int btype, int atype, const int64_t[::1] offsets,
+                              Py_ssize_t first, Py_ssize_t last, int64_t lo, int64_t hi,
+                              Py_ssize_t n) except -1:
+    """The checks :func:`pack` and :func:`unpack` make before copying."""
+    _check_buf(buf, btype, hi - lo)
+    _check_types(atype, btype)
+    _bounds(offsets, first, last, lo, hi, n)
+    return 0
+
+
+cdef inline cnp.ndarray _overlap(list arrays, const int64_t[::1] offsets, Py_ssize_t i,
+                                 int64_t lo, int64_t hi, int atype, int64_t* s, int64_t* e):
+    """``arrays[i]`` (checked), with ``[s, e)`` set to its elements inside ``[lo, hi)``;
+    None where it has none."""
+    cdef int64_t a0 = offsets[i]
+    cdef int64_t a1 = offsets[i + 1]
+    s[0] = a0 if a0 > lo else lo
+    e[0] = a1 if a1 < hi else hi
+    if s[0] >= e[0]:
+        return None
+    return _checked(arrays[i], atype, a1 - a0)
+
+
 def pack(list arrays, cnp.ndarray buf, const int64_t[::1] offsets, Py_ssize_t first,
          Py_ssize_t last, int64_t lo, int64_t hi, int typenum=-1):
     """Copy elements ``[lo, hi)`` of the concatenation of ``arrays`` into ``buf[:hi - lo]``.
@@ -123,25 +146,20 @@ def pack(list arrays, cnp.ndarray buf, const int64_t[::1] offsets, Py_ssize_t fi
     cdef int btype = cnp.PyArray_TYPE(buf)
     cdef int atype = btype if typenum < 0 else typenum
     cdef Py_ssize_t i, k
-    cdef int64_t a0, a1, s, e, count
+    cdef int64_t a0, s, e, count
     cdef cnp.ndarray a
     cdef char* dst
     cdef const uint16_t* hsrc
     cdef float* fdst
     cdef Py_ssize_t item
-    _check_buf(buf, btype, hi - lo)
-    _check_types(atype, btype)
-    _bounds(offsets, first, last, lo, hi, len(arrays))
+    _checked_call(buf, btype, atype, offsets, first, last, lo, hi, len(arrays))
     item = cnp.PyArray_ITEMSIZE(buf)
     dst = <char*>cnp.PyArray_DATA(buf)
     for i in range(first, last):
-        a0 = offsets[i]
-        a1 = offsets[i + 1]
-        s = a0 if a0 > lo else lo
-        e = a1 if a1 < hi else hi
-        if s >= e:
+        a = _overlap(arrays, offsets, i, lo, hi, atype, &s, &e)
+        if a is None:
             continue
-        a = _checked(arrays[i], atype, a1 - a0)
+        a0 = offsets[i]
         count = e - s
         if atype == btype:
             memcpy(dst + (s - lo) * item, <char*>cnp.PyArray_DATA(a) + (s - a0) * item,
@@ -183,7 +201,7 @@ def unpack(list arrays, cnp.ndarray buf, const int64_t[::1] offsets, Py_ssize_t 
     cdef int btype = cnp.PyArray_TYPE(buf)
     cdef int atype = btype if typenum < 0 else typenum
     cdef Py_ssize_t i, k
-    cdef int64_t a0, a1, s, e, count
+    cdef int64_t a0, s, e, count
     cdef cnp.ndarray a
     cdef char* src
     cdef Py_ssize_t item
@@ -193,21 +211,16 @@ def unpack(list arrays, cnp.ndarray buf, const int64_t[::1] offsets, Py_ssize_t 
     cdef double* dsrc
     cdef double* ddst
     cdef uint16_t* hdst
-    _check_buf(buf, btype, hi - lo)
-    _check_types(atype, btype)
-    _bounds(offsets, first, last, lo, hi, len(arrays))
+    _checked_call(buf, btype, atype, offsets, first, last, lo, hi, len(arrays))
     item = cnp.PyArray_ITEMSIZE(buf)
     src = <char*>cnp.PyArray_DATA(buf)
     for i in range(first, last):
-        a0 = offsets[i]
-        a1 = offsets[i + 1]
-        s = a0 if a0 > lo else lo
-        e = a1 if a1 < hi else hi
-        if s >= e:
+        a = _overlap(arrays, offsets, i, lo, hi, atype, &s, &e)
+        if a is None:
             continue
-        a = _checked(arrays[i], atype, a1 - a0)
         if not cnp.PyArray_ISWRITEABLE(a):
             raise ValueError("unpack: array %d is read-only" % i)
+        a0 = offsets[i]
         count = e - s
         if atype != btype:  # float16 arrays, float32 buffer
             fsrc = <float*>src + (s - lo)
