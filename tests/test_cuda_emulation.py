@@ -1069,6 +1069,15 @@ MULTI_CONFIGS = ((1, 256, cuda_launcher.MULTI_ITEM_ELEMENTS),
                  (1, 1, 333))
 
 
+def multi_orders(rng, k, sizes):
+    """(label, block order, thread order) of the launches of ``MULTI_CONFIGS[k]`` over
+    tensors of ``sizes``: several orders for configurations 0, 2 and 5, else forward."""
+    sm_count, block, item = MULTI_CONFIGS[k]
+    n_items = -(-sum(sizes) // item)
+    grid, blk = cuda_launcher.multi_launch_config(n_items, sm_count, block)
+    return orders(rng, grid, blk) if k in (0, 2, 5) else [("forward", None, None)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_multi_kernel_equals_the_single_kernel_bit_for_bit(emu, dtype):
     """One multi-tensor launch = per tensor ``grad /= scale`` then the single-tensor kernel.
@@ -1093,10 +1102,7 @@ def test_multi_kernel_equals_the_single_kernel_bit_for_bit(emu, dtype):
     want = [single_reference(emu, dtype, *args) for args in zip(ps, gs, vs, lrs, ms, scales)]
     problems = []
     for k, (sm_count, block, item) in enumerate(MULTI_CONFIGS):
-        n_items = -(-sum(sizes) // item)
-        grid, blk = cuda_launcher.multi_launch_config(n_items, sm_count, block)
-        order_list = orders(rng, grid, blk) if k in (0, 2, 5) else [("forward", None, None)]
-        for label, bo, to in order_list:
+        for label, bo, to in multi_orders(rng, k, sizes):
             where = "%s sm=%d block=%d item=%d order=%s" % (dtype, sm_count, block, item, label)
             got_p, got_g, got_v, damage = run_multi(emu, dtype, ps, gs, vs, lrs, ms, scales,
                                                     sm_count, block, item, bo, to)
@@ -1628,10 +1634,7 @@ def test_sum_squares_multi_partial_against_numpy(emu, dtype):
     want = exact_sum_squares(xs)
     problems = []
     for k, (sm_count, block, item) in enumerate(MULTI_CONFIGS):
-        n_items = -(-sum(sizes) // item)
-        grid, blk = cuda_launcher.multi_launch_config(n_items, sm_count, block)
-        order_list = orders(rng, grid, blk) if k in (0, 2, 5) else [("forward", None, None)]
-        for label, bo, to in order_list:
+        for label, bo, to in multi_orders(rng, k, sizes):
             where = "%s sm=%d block=%d item=%d order=%s" % (dtype, sm_count, block, item, label)
             partial, probs = run_sum_squares_multi(emu, dtype, xs, sm_count, block, item, bo, to)
             problems += ["%s: %s" % (where, q) for q in probs]
