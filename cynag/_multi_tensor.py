@@ -184,14 +184,16 @@ class _Group:
     def fold_rows(self, hooks, rate):
         """The operation program of ``hooks`` for this group's pass, or None.
 
-        None when the group cannot take them in its pass: a GPU group, loss
-        scales that differ between its parameters (WeightDecay's rate
-        depends on it), or a coefficient NumPy would not round to the dtype.
+        None when the group cannot take them in its pass: loss scales that
+        differ between its parameters (WeightDecay's rate depends on it), or,
+        on the CPU, a coefficient NumPy would not round to the dtype (on a
+        GPU, CuPy rounds every coefficient to the dtype).
         """
-        if self.key[0] != "cpu" or self.table is None:
+        if self.table is None:
             return None
-        from cynag_kernels.hooks import op_row
+        from cynag_kernels.hooks import gpu_row, op_row
 
+        row_of = op_row if self.key[0] == "cpu" else gpu_row
         scales = list(map(_LOSS_SCALE, self.params)) if self.owned else \
             [getattr(p, "_loss_scale", None) for p in self.params]
         first = scales[0] if scales else None
@@ -203,7 +205,7 @@ class _Group:
         for hook in hooks:
             ops.extend(hook._ops(self.params[0]) if self.params else [])
         dtype = self.key[1]
-        rows = [op_row(dtype, op) for op in ops]
+        rows = [row_of(dtype, op) for op in ops]
         if any(r is None for r in rows):
             return None
         return numpy.array(rows, numpy.float64).reshape(-1, 4)

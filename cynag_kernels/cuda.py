@@ -76,6 +76,14 @@ SUM_SQUARES_KERNEL_NAMES = {
 }
 
 #: Entry point of the partial sum of squares of a table of arrays, per dtype.
+#: Entry point of the multi-tensor kernel with an operation program (folded
+#: optimizer hooks) for each array dtype (in hooks.cu).
+MULTI_OPS_KERNEL_NAMES = {
+    numpy.dtype(numpy.float16): "cynag_nesterov_ag_multi_ops_f16",
+    numpy.dtype(numpy.float32): "cynag_nesterov_ag_multi_ops_f32",
+    numpy.dtype(numpy.float64): "cynag_nesterov_ag_multi_ops_f64",
+}
+
 SUM_SQUARES_MULTI_KERNEL_NAMES = {
     numpy.dtype(numpy.float16): "cynag_sum_squares_multi_partial_f16",
     numpy.dtype(numpy.float32): "cynag_sum_squares_multi_partial_f32",
@@ -372,15 +380,28 @@ class GPUTable:
         except cupy.cuda.runtime.CUDARuntimeError as e:
             raise RuntimeError("CuPy could not use GPU %d: %s" % (self.device_id, e)) from e
 
-    def run(self):
-        """Update every tensor of the table once (one kernel launch)."""
+    def run(self, ops=None):
+        """Update every tensor of the table once (one kernel launch).
+
+        ``ops``: optional ``(n_ops, 4)`` float64 operation program (rows of
+        :func:`cynag_kernels.hooks.gpu_row` for this dtype) run on every
+        gradient element before its update, in the same launch (folded
+        optimizer hooks, as :func:`hook_ops_gpu` would run them first).
+        """
         if self.n_tensors == 0:
             return
         cupy = _cupy()
         args = (self._table, self._coef, numpy.int64(self.n_tensors), numpy.int64(self._n_items))
         try:
             with cupy.cuda.Device(self.device_id):
-                self._kernel(self._grid, self._block, args)
+                if ops is None or len(ops) == 0:
+                    self._kernel(self._grid, self._block, args)
+                else:
+                    rows = check_hook_rows(ops)
+                    kernel = _kernel(cupy, self.device_id, self.dtype, MULTI_OPS_KERNEL_NAMES)
+                    kernel(self._grid, self._block,
+                           args + (device_rows(cupy, self.device_id, rows),
+                                   numpy.int64(rows.shape[0])))
         except cupy.cuda.runtime.CUDARuntimeError as e:
             raise RuntimeError("CuPy could not use GPU %d: %s" % (self.device_id, e)) from e
 

@@ -256,6 +256,37 @@ __device__ __forceinline__ void sum_squares_multi_partial(
     partial[(long long)blockIdx.x * (long long)blockDim.x + (long long)threadIdx.x] = acc;
 }
 
+// The operation program on element i of a gradient, before the update of
+// the multi-tensor kernel (cynag_nesterov_ag_multi_ops_*): the hook
+// operations folded into the update pass.
+template <typename T>
+struct OpsPre {
+    const double* ops;
+    long long n_ops;
+    bool need_p;
+    __device__ __forceinline__ void operator()(T* g, const T* p, long long i) const
+    {
+        typedef Elem<T> E;
+        typedef typename E::C C;
+        C x = E::load(g[i]);
+        const C pv = need_p ? E::load(p[i]) : C(0);
+        for (long long k = 0; k < n_ops; ++k) {
+            x = apply_op<T>(ops + kOpWords * k, x, pv);
+        }
+        g[i] = E::store(x);
+    }
+};
+
+__device__ __forceinline__ bool program_reads_p(const double* ops, long long n_ops)
+{
+    for (long long k = 0; k < n_ops; ++k) {
+        if (reads_p((int)ops[kOpWords * k])) {
+            return true;
+        }
+    }
+    return false;
+}
+
 }  // namespace hooks
 }  // namespace cynag
 
@@ -317,4 +348,38 @@ extern "C" __global__ void cynag_sum_squares_multi_partial_f64(
         long long n_tensors, long long n_items)
 {
     cynag::hooks::sum_squares_multi_partial<double>(table, partial, n_tensors, n_items);
+}
+
+// The multi-tensor update of nesterov_ag.cu with an operation program run on
+// every gradient element first (optimizer hooks folded into the pass):
+//     cynag_nesterov_ag_multi_ops_f16(const long long* table, const float* coef,
+//                                     long long n_tensors, long long n_items,
+//                                     const double* ops, long long n_ops)
+// (f32: float coef, f64: double coef); table and coef as for
+// cynag_nesterov_ag_multi_*, ops as for cynag_hook_ops_* (p is the parameter).
+extern "C" __global__ void cynag_nesterov_ag_multi_ops_f16(
+        const long long* __restrict__ table, const float* __restrict__ coef,
+        long long n_tensors, long long n_items, const double* __restrict__ ops, long long n_ops)
+{
+    const cynag::hooks::OpsPre<__half> pre = {ops, n_ops,
+                                              cynag::hooks::program_reads_p(ops, n_ops)};
+    cynag::nesterov_ag_multi<__half>(table, coef, n_tensors, n_items, pre);
+}
+
+extern "C" __global__ void cynag_nesterov_ag_multi_ops_f32(
+        const long long* __restrict__ table, const float* __restrict__ coef,
+        long long n_tensors, long long n_items, const double* __restrict__ ops, long long n_ops)
+{
+    const cynag::hooks::OpsPre<float> pre = {ops, n_ops,
+                                             cynag::hooks::program_reads_p(ops, n_ops)};
+    cynag::nesterov_ag_multi<float>(table, coef, n_tensors, n_items, pre);
+}
+
+extern "C" __global__ void cynag_nesterov_ag_multi_ops_f64(
+        const long long* __restrict__ table, const double* __restrict__ coef,
+        long long n_tensors, long long n_items, const double* __restrict__ ops, long long n_ops)
+{
+    const cynag::hooks::OpsPre<double> pre = {ops, n_ops,
+                                              cynag::hooks::program_reads_p(ops, n_ops)};
+    cynag::nesterov_ag_multi<double>(table, coef, n_tensors, n_items, pre);
 }

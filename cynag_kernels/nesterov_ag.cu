@@ -93,10 +93,17 @@ __device__ __forceinline__ void nesterov_ag_grid_stride(
     }
 }
 
-template <typename T>
+// What runs on an element's gradient before its update (nothing here; the
+// hook operations of hooks.cu for the cynag_nesterov_ag_multi_ops entries).
+struct NoPre {
+    template <typename T>
+    __device__ __forceinline__ void operator()(T*, const T*, long long) const {}
+};
+
+template <typename T, typename Pre>
 __device__ __forceinline__ void nesterov_ag_multi(
         const long long* __restrict__ table, const typename Arith<T>::compute* __restrict__ coef,
-        long long n_tensors, long long n_items)
+        long long n_tensors, long long n_items, const Pre& pre)
 {
     typedef Arith<T> A;
     typedef typename A::compute C;
@@ -119,6 +126,7 @@ __device__ __forceinline__ void nesterov_ag_multi(
             const C loss_scale = coef[4 * t + 2];
             const bool scaled = coef[4 * t + 3] != 0;
             for (long long i = start + threadIdx.x; i < stop; i += blockDim.x) {
+                pre(grad, param, i);
                 if (scaled) {
                     grad[i] = A::store(A::load(grad[i]) / loss_scale);
                 }
@@ -155,19 +163,19 @@ extern "C" __global__ void cynag_nesterov_ag_multi_f16(
         const long long* __restrict__ table, const float* __restrict__ coef,
         long long n_tensors, long long n_items)
 {
-    cynag::nesterov_ag_multi<__half>(table, coef, n_tensors, n_items);
+    cynag::nesterov_ag_multi<__half>(table, coef, n_tensors, n_items, cynag::NoPre());
 }
 
 extern "C" __global__ void cynag_nesterov_ag_multi_f32(
         const long long* __restrict__ table, const float* __restrict__ coef,
         long long n_tensors, long long n_items)
 {
-    cynag::nesterov_ag_multi<float>(table, coef, n_tensors, n_items);
+    cynag::nesterov_ag_multi<float>(table, coef, n_tensors, n_items, cynag::NoPre());
 }
 
 extern "C" __global__ void cynag_nesterov_ag_multi_f64(
         const long long* __restrict__ table, const double* __restrict__ coef,
         long long n_tensors, long long n_items)
 {
-    cynag::nesterov_ag_multi<double>(table, coef, n_tensors, n_items);
+    cynag::nesterov_ag_multi<double>(table, coef, n_tensors, n_items, cynag::NoPre());
 }

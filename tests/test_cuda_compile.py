@@ -66,7 +66,10 @@ HOOK_KERNELS = tuple(sorted(cuda_launcher.HOOK_KERNEL_NAMES.items(), key=lambda 
 SUM_KERNELS = tuple(sorted(cuda_launcher.SUM_SQUARES_KERNEL_NAMES.items(), key=lambda kv: kv[1]))
 SUM_MULTI_KERNELS = tuple(sorted(cuda_launcher.SUM_SQUARES_MULTI_KERNEL_NAMES.items(),
                                  key=lambda kv: kv[1]))
-ALL_KERNELS = KERNELS + MULTI_KERNELS + HOOK_KERNELS + SUM_KERNELS + SUM_MULTI_KERNELS
+MULTI_OPS_KERNELS = tuple(sorted(cuda_launcher.MULTI_OPS_KERNEL_NAMES.items(),
+                                 key=lambda kv: kv[1]))
+ALL_KERNELS = (KERNELS + MULTI_KERNELS + HOOK_KERNELS + SUM_KERNELS + SUM_MULTI_KERNELS
+               + MULTI_OPS_KERNELS)
 _PTX_TYPE = {numpy.dtype(numpy.float32): "f32", numpy.dtype(numpy.float64): "f64"}
 
 #: Small kernels that check the 64-bit index check itself (arch sm_80).
@@ -433,6 +436,19 @@ def test_multi_entry_point(compiled, arch, dtype, name):
     # The coefficients are read as the kernel's scalar type (SCALAR_TYPES).
     scalar = _PTX_TYPE[numpy.dtype(cuda_launcher.SCALAR_TYPES[dtype])]
     assert re.search(r"ld\.global(\.nc)?\.%s\b" % scalar, body), (scalar, context)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype,name", MULTI_OPS_KERNELS, ids=[n for _, n in MULTI_OPS_KERNELS])
+def test_multi_ops_entry_point(compiled, arch, dtype, name):
+    """Multi-tensor entry with folded hook operations: unmangled, (table, coef, n_tensors,
+    n_items, ops, n_ops), all 64-bit, no spills, 64-bit counts."""
+    body, context = _check_entry(compiled, arch, name, ["u64"] * 6, counts=(2, 3, 5),
+                                 cooperation_ok=True)
+    scalar = _PTX_TYPE[numpy.dtype(cuda_launcher.SCALAR_TYPES[dtype])]
+    assert re.search(r"ld\.global(\.nc)?\.%s\b" % scalar, body), (scalar, context)
+    # The operation rows are read as doubles.
+    assert re.search(r"ld\.global(\.nc)?\.f64\b", body), context
 
 
 #: PTX of what the emulator cannot run (threads of a block together).

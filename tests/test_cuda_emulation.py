@@ -115,7 +115,8 @@ DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 #: Every entry point table of the launcher (the module holds exactly these kernels).
 ALL_NAME_TABLES = (cuda_launcher.KERNEL_NAMES, cuda_launcher.MULTI_KERNEL_NAMES,
                    cuda_launcher.HOOK_KERNEL_NAMES, cuda_launcher.SUM_SQUARES_KERNEL_NAMES,
-                   cuda_launcher.SUM_SQUARES_MULTI_KERNEL_NAMES)
+                   cuda_launcher.SUM_SQUARES_MULTI_KERNEL_NAMES,
+                   cuda_launcher.MULTI_OPS_KERNEL_NAMES)
 
 
 # ---------------------------------------------------------------------------
@@ -589,6 +590,16 @@ def test_signatures_match_the_launcher_tables():
         c, _ = cuda_launcher.multi_coefficients(dtype, [0.01], [0.9])
         assert c.dtype == POINTEE_DTYPES[coef.base], (name, c.dtype)
         for p in params[2:]:
+            assert not p.pointer and p.base == "long long", (name, p)
+    for dtype, name in cuda_launcher.MULTI_OPS_KERNEL_NAMES.items():
+        params = kernels[name]
+        assert [p.name for p in params] == ["table", "coef", "n_tensors", "n_items", "ops",
+                                            "n_ops"], name
+        assert [p.base for p in params[:2]] == [
+            "long long", {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[
+                np.dtype(cuda_launcher.SCALAR_TYPES[dtype])]], name
+        assert params[4].pointer and params[4].const and params[4].base == "double", name
+        for p in (params[2], params[3], params[5]):
             assert not p.pointer and p.base == "long long", (name, p)
     _check_hook_signatures(kernels)
 
@@ -1956,7 +1967,7 @@ class FakeCupy:
 
     def _check_table(self, name, dev, args):
         """The table's pointers: NesterovAG (3 per tensor) or sum of squares (1 per array)."""
-        table, second, n_tensors, n_items = args
+        table, second, n_tensors, n_items = args[:4]
         n = int(n_tensors)
         if name in cuda_launcher.SUM_SQUARES_MULTI_KERNEL_NAMES.values():
             per = 1
@@ -2485,3 +2496,44 @@ def test_fake_cupy_sum_squares_gpu(fake_cupy):
     with pytest.raises(TypeError, match="CuPy array"):
         cuda_launcher.sum_squares_gpu([np.ones(3, f32)])
     assert fake_cupy.launches == []
+
+
+def test_folded_hooks_run_in_the_one_launch_per_group(fake_cupy):
+    """Optimizer hooks folded into the GPU pass: still one launch per (device, dtype)
+    group per step (the multi-tensor kernel with an operation program), and the
+    same bits as the hooks run one launch at a time before the per-parameter
+    update (``use_multi_tensor(False)``)."""
+    from cynag import optimizer_hooks as H
+
+    f16, f32, f64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+    specs = [ParamSpec(f32, 0, (50,), "C", False, False, None, None, None),
+             ParamSpec(f32, 0, (3, 4), "F", False, False, None, None, None),
+             ParamSpec(f64, 0, (7,), "C", False, False, None, None, None),
+             ParamSpec(f16, 1, (33,), "C", False, False, None, None, None),
+             ParamSpec(f32, 1, (9,), "C", False, False, None, None, None)]
+    orders = ([H.WeightDecay(1e-2)],
+              [H.GradientClipping(0.5), H.WeightDecay(1e-2), H.Lasso(1e-3),
+               H.GradientHardClipping(-0.05, 0.05)])
+    for hooks in orders:
+        runs = []
+        for multi in (True, False):
+            model, opt, params = _build_model(fake_cupy, specs, 11, [])
+            opt.use_multi_tensor(multi)
+            for h in hooks:
+                opt.add_hook(h)
+            launches = []
+            for step in range(4):
+                _set_grads(fake_cupy, params, specs, 11, step, in_place=False)
+                del fake_cupy.launches[:]
+                opt.update()
+                launches.append([l[0] for l in fake_cupy.launches])
+            runs.append((params, launches))
+        (params_a, launches_a), (params_b, launches_b) = runs
+        assert _state_bits(params_a) == _state_bits(params_b), [h.name for h in hooks]
+        updates = [[n for n in step if n in cuda_launcher.MULTI_OPS_KERNEL_NAMES.values()]
+                   for step in launches_a[1:]]
+        assert all(len(u) == 4 for u in updates), updates  # 4 (device, dtype) groups
+        others = [[n for n in step if n in cuda_launcher.HOOK_KERNEL_NAMES.values()
+                   or n in cuda_launcher.MULTI_KERNEL_NAMES.values()
+                   or n in cuda_launcher.KERNEL_NAMES.values()] for step in launches_a[1:]]
+        assert all(not o for o in others), others  # no separate hook or update launches
