@@ -460,14 +460,15 @@ class Plan:
             rate = hooks[0].rate(self.optimizer)
             hooks = hooks[1:]
         programs = {}
+        one_by_one = []
         for group in self.groups:
             rows = group.fold_rows(hooks, rate)
             if rows is None:
-                for param, rule in zip(group.params, group.rules):
-                    _apply_hooks(param, rule, hooks, rate)
+                one_by_one.extend(group.entries)
             programs[group] = rows  # None: applied already
-        for _, _, param, rule in self.rest:
-            _apply_hooks(param, rule, hooks, rate)
+        one_by_one.extend(self.rest)
+        one_by_one.sort(key=operator.itemgetter(0))
+        _apply_hooks(one_by_one, hooks, rate)
         return {"programs": programs, "hooks": hooks, "rate": rate}
 
     def run(self, folded=None):
@@ -483,9 +484,8 @@ class Plan:
         programs = {} if folded is None else folded["programs"]
         for group in self.groups:
             if folded is not None and group not in programs:
-                # Rebuilt since fold_prepare(): the hooks one parameter at a time.
-                for param, rule in zip(group.params, group.rules):
-                    _apply_hooks(param, rule, folded["hooks"], folded["rate"])
+                # Rebuilt since fold_prepare(): the hooks as the optimizer calls them.
+                _apply_hooks(group.entries, folded["hooks"], folded["rate"])
             group.run(programs.get(group))
         for _, _, param, _ in self.rest:
             param.update()
@@ -566,16 +566,21 @@ def _separate_from_rest(groups, rest):
     return kept, moved
 
 
-def _apply_hooks(param, rule, hooks, rate):
-    """Apply folded optimizer hooks to one parameter, as the optimizer calls them."""
+def _apply_hooks(entries, hooks, rate):
+    """Apply folded optimizer hooks to the parameters of ``entries`` as the optimizer
+    calls them: the clipping scale on every gradient, then each hook on every
+    parameter in turn, in the target's order (the order matters when
+    gradients share memory, e.g. a parameter registered in two links)."""
     if rate is not None:
-        g = param.grad
-        if g is not None and param.array is not None:
-            from cynag.optimizer_hooks import _apply
+        from cynag.optimizer_hooks import _apply
 
-            _apply(g, None, [("scale", rate)])
+        for _, _, param, _ in entries:
+            g = param.grad
+            if g is not None and param.array is not None:
+                _apply(g, None, [("scale", rate)])
     for hook in hooks:
-        hook(rule, param)
+        for _, _, param, rule in entries:
+            hook(rule, param)
 
 
 def foldable_suffix(hooks):

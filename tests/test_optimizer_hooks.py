@@ -1397,3 +1397,60 @@ def test_bad_input_changes_nothing(multi, hook_set, bad):
         opt.update()
     assert_same_states(before, state_of(model, opt), bad)
     assert (np.random.get_state()[1] == rng_state).all()   # no noise was drawn
+
+
+def _aliased_model(kind, dtype):
+    """Gradients that share memory: a parameter registered in two links
+    (``params()`` yields it twice, as in Chainer), or two parameters given one
+    gradient array, next to ordinary grouped parameters."""
+    rng = np.random.default_rng(7)
+    model = Chain()
+    with model.init_scope():
+        model.a = Link()
+        model.b = Link()
+        model.c = Link()
+        with model.c.init_scope():
+            model.c.W = Parameter(rng.standard_normal((5, 3)).astype(dtype))
+            model.c.b = Parameter(rng.standard_normal(3).astype(dtype))
+        if kind == "tied":
+            w = Parameter(rng.standard_normal(6).astype(dtype))
+            with model.a.init_scope():
+                model.a.w = w
+            with model.b.init_scope():
+                model.b.w = w
+        else:
+            with model.a.init_scope():
+                model.a.w = Parameter(rng.standard_normal(6).astype(dtype))
+            with model.b.init_scope():
+                model.b.w = Parameter(rng.standard_normal(6).astype(dtype))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["tied", "shared_grad"])
+@pytest.mark.parametrize("hook_set", ["wd_lasso_hard", "clip_wd", "clip_hard_wd_lasso"])
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_folded_hooks_keep_chainers_order_on_shared_gradients(kind, hook_set, dtype):
+    """Chainer calls each optimizer hook on every parameter before the next
+    hook; where gradients share memory the folded path must keep that order
+    (hook by hook over the parameters it cannot fold), not parameter by
+    parameter."""
+    trajectories = []
+    for multi in (True, False):
+        model = _aliased_model(kind, dtype)
+        opt = NesterovAG(lr=0.05, momentum=0.9).setup(model)
+        opt.use_multi_tensor(multi)
+        for i, (hook, timing) in enumerate(_hook_set(hook_set)):
+            opt.add_hook(hook, name="h%d" % i, timing=timing)
+        rng = np.random.default_rng(3)
+        traj = []
+        for step in range(6):
+            shared = (rng.standard_normal(6) * 4).astype(dtype)
+            model.a.w.grad = shared.copy()
+            model.b.w.grad = shared if kind == "tied" else model.a.w.grad
+            model.c.W.grad = rng.standard_normal((5, 3)).astype(dtype)
+            model.c.b.grad = rng.standard_normal(3).astype(dtype)
+            opt.update()
+            traj.append(state_of(model, opt))
+        trajectories.append(traj)
+    for step, (a, b) in enumerate(zip(*trajectories)):
+        assert_same_states(a, b, "%s %s step %d" % (kind, hook_set, step))
