@@ -914,7 +914,7 @@ class GradientMethod(Optimizer):
             if not isinstance(param, Parameter):
                 owned = False
             if param.grad is None:
-                view = getattr(param, "_grad_view", None)
+                view = param._fitting_grad_view() if isinstance(param, Parameter) else None
                 if view is not None:  # contiguous mode: the buffer's view again
                     view.fill(0)
                     param.grad = view

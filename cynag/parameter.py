@@ -203,14 +203,31 @@ class Parameter:
             self._grad_fill = 0
             return
         if self._grad is None:
-            if self._grad_view is not None:
-                self._grad_view.fill(0)
-                self._grad = self._grad_view
+            view = self._fitting_grad_view()
+            if view is not None:
+                view.fill(0)
+                self._grad = view
             else:
                 self._grad = _backend.zeros_like(self._array)
             _grads.n += 1
         else:
             self._grad.fill(0)
+
+    def _fitting_grad_view(self):
+        """Contiguous mode: the gradient buffer's view, if it still fits the array.
+
+        None outside contiguous mode, and when the array was replaced by one
+        of another shape, dtype, kind or device (the parameter then gets
+        gradients of its own, as any other)."""
+        view = self._grad_view
+        array = self._array
+        if view is None or array is None:
+            return None
+        if (type(array) is type(view) and array.shape == view.shape
+                and array.dtype == view.dtype
+                and _backend.device_of(array) == _backend.device_of(view)):
+            return view
+        return None
 
     def update(self):
         """Update the array with the attached update rule (if any)."""

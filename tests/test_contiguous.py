@@ -227,6 +227,41 @@ def test_zerograds_gives_the_views_back():
     del opt
 
 
+@pytest.mark.parametrize("clear", ["cleargrads", "zerograds"])
+@pytest.mark.parametrize("replacement", [((6, 5), F32), ((4, 5), F64)])
+def test_array_of_another_shape_or_dtype_gets_gradients_of_its_own(clear, replacement):
+    """Model surgery in contiguous mode: a parameter whose array no longer fits
+    its view of the gradient buffer gets a gradient of its own shape and dtype
+    (as in the ordinary mode and in Chainer), before and after its first update."""
+    shape, dtype = replacement
+    results = []
+    for contiguous in (True, False):
+        model = make_model()
+        opt = NesterovAG(lr=0.1).setup(model, contiguous=contiguous)
+        assign_grads(model, 0)
+        opt.update()
+        model.l0_0.W.array = np.full(shape, 0.5, dtype)
+        model.l0_1.W.array = model.l0_1.W.array.astype(F64)
+        for p in (model.l0_0.W, model.l0_1.W):
+            p.update_rule._state = None   # a new state, as after surgery in Chainer
+            p.cleargrad()                 # (zerograd would keep an old gradient)
+        for step in range(1, 4):
+            if clear == "cleargrads":
+                model.cleargrads()
+            else:
+                with pytest.warns(DeprecationWarning):
+                    model.zerograds()
+            opt.update()
+            for path, p in model.namedparams():
+                assert p.grad.shape == p.array.shape and p.grad.dtype == p.array.dtype, path
+            assign_grads(model, step)
+            model.l0_0.W.grad = np.full(shape, 0.25, dtype)
+            model.l0_1.W.grad = np.ones((3, 2, 2), F64)
+            opt.update()
+        results.append(state_of(model, opt))
+    assert_same_state(*results, "contiguous vs ordinary")
+
+
 # ---------------------------------------------------------------------------
 # the plan: one table row per group
 # ---------------------------------------------------------------------------

@@ -620,7 +620,7 @@ def _all_true(n):
 
 def _zero_grad(param):
     """Zeros as ``param``'s gradient (the buffer's view in contiguous mode); returns it."""
-    view = getattr(param, "_grad_view", None) if isinstance(param, Parameter) else None
+    view = param._fitting_grad_view() if isinstance(param, Parameter) else None
     if view is not None:
         view.fill(0)
         param.grad = view
