@@ -181,6 +181,15 @@ def _set_state_v(value_fn):
     return brk
 
 
+def _drop_state_v(model):
+    rule = _param(model, BAD).update_rule
+    good = rule.state.pop("v")
+
+    def fix():
+        rule.state["v"] = good
+    return fix
+
+
 def _readonly_v(model):
     v = _param(model, BAD).update_rule.state["v"]
     v.flags.writeable = False
@@ -247,6 +256,8 @@ CASES = [
     ("v_list", _set_state_v(lambda v, p: v.tolist()), True, TypeError, ["v"]),
     ("v_fake_cupy", _set_state_v(lambda v, p: FakeCupyArray(v)), True, TypeError, ["v"]),
     ("v_read_only", _readonly_v, True, ValueError, ["read-only", "v"]),
+    ("v_missing", _drop_state_v, True, ValueError, ["state", "'v'"]),
+    ("v_none", _set_state_v(lambda v, p: None), True, ValueError, ["state", "'v'"]),
     ("v_is_param", _set_state_v(lambda v, p: p.array), True, ValueError, ["overlap"]),
     ("grad_is_v", _grad_is_v, True, ValueError, ["overlap"]),
     ("lr_string", _rule_hyperparam("lr", "0.1"), False, TypeError, ["lr"]),

@@ -58,6 +58,12 @@ class NesterovAGRule(optimizer.UpdateRule):
         optimizer._check_scalar("momentum", momentum)
         if array is None:
             return
+        if self._state is not None and grad is not None and v is None:
+            # The state is created only when there is none; one without its
+            # 'v' array would fail in the middle of the step.
+            raise ValueError("the update rule's state has no 'v' array (state %s); set "
+                             "rule.state['v'] or reset the state to None"
+                             % ({k: type(x).__name__ for k, x in self._state.items()},))
         xp = _backend.array_module(array)
         if self._uses_fp32(param):
             # v belongs to the float32 master copy, which the grad is converted for.
