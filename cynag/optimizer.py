@@ -522,10 +522,16 @@ class UpdateRule:
                 # Find the state's keys by initializing a stand-in.
                 keys = self._state_keys()
                 checking = getattr(serializer, "checking", False)
+                # The parameter, when the optimizer serializes this rule: the
+                # loaded entries must fit the state it would create.
+                param = self.__dict__.get("_param_being_loaded")
+                like = {} if param is None else self._state_like(param)
                 state = {}
                 for key in keys:
                     try:
-                        value = serializer(key, None)
+                        # While checking, a stand-in of the state's shape and
+                        # dtype lets the deserializer compare; nothing is written.
+                        value = serializer(key, like.get(key) if checking else None)
                     except KeyError:
                         if self.enabled:
                             raise
@@ -535,6 +541,9 @@ class UpdateRule:
                     if value is None:
                         state = None
                         break
+                    if key in like:
+                        value = _fit_loaded_state(
+                            getattr(serializer, "path", "") + key, value, like[key], param)
                     state[key] = value
                 if not checking:
                     if state:
@@ -551,6 +560,29 @@ class UpdateRule:
         else:
             for key in self._state:
                 self._state[key] = serializer(key, self._state[key])
+
+    def _state_like(self, param):
+        """``{key: stand-in}`` for the state ``init_state`` would create for ``param``.
+
+        Each stand-in is a NumPy array of the entry's shape and dtype that
+        holds no memory of its own (a checkpoint loaded into a rule without
+        state is checked against it, and converted to its dtype and to the
+        parameter's device).  Empty when ``param`` is uninitialized.
+        """
+        array = param.array
+        if array is None or _backend.device_of(array) is None:
+            return {}
+        # The state of a float16 parameter updated through a float32 master
+        # copy belongs to that copy.
+        dtype = numpy.float32 if self._uses_fp32(param) else array.dtype
+        target = Parameter(numpy.broadcast_to(numpy.empty((), dtype), array.shape))
+        stand_in = copy.copy(self)
+        stand_in._state = {}
+        stand_in._contiguous_state = None
+        stand_in.init_state(target)
+        return {k: numpy.broadcast_to(numpy.empty((), v.dtype), v.shape)
+                for k, v in stand_in._state.items()
+                if isinstance(v, numpy.ndarray)}
 
     def _state_keys(self):
         """Names of the state entries, found by initializing a throw-away copy."""
@@ -705,7 +737,15 @@ class Optimizer:
         self.epoch = serializer("epoch", self.epoch)
         for name, param in self.target.namedparams():
             rule = getattr(param, "update_rule", None)
-            if rule is not None:
+            if rule is None:
+                continue
+            if isinstance(rule, UpdateRule):
+                rule._param_being_loaded = param
+                try:
+                    rule.serialize(serializer[name])
+                finally:
+                    del rule._param_being_loaded
+            else:
                 rule.serialize(serializer[name])
 
     def loss_scaling(self, interval=1000, scale=None):
@@ -1049,6 +1089,35 @@ class _Float32Placeholder:
 
     def __call__(self, array):
         raise RuntimeError("the float32 master copy is created from the parameter's array")
+
+
+def _fit_loaded_state(key, value, like, param):
+    """A state entry loaded into a rule without state, as the rule would hold it.
+
+    It must have the shape of ``like`` (the entry ``init_state`` would
+    create) and the same kind of number; it is converted to that dtype (as
+    loading into an existing state converts) and put on the parameter's
+    device.
+    """
+    from cynag.serializers import CheckpointError, CheckpointTypeError
+
+    shape = getattr(value, "shape", None)
+    if shape != like.shape:
+        raise CheckpointError("key %r has shape %s in the checkpoint but the state of a "
+                              "parameter of shape %s needs %s"
+                              % (key, shape, param.array.shape, like.shape))
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or dtype.kind != like.dtype.kind:
+        raise CheckpointTypeError("key %r has dtype %s in the checkpoint but the state needs "
+                                  "%s (a different kind of number)" % (key, dtype, like.dtype))
+    if _backend.is_cupy_array(param.array):
+        import cupy
+
+        with _backend.device_of_array(param.array):
+            return cupy.asarray(value, dtype=like.dtype)
+    if not isinstance(value, numpy.ndarray):  # e.g. a CuPy array from another loader
+        value = value.get() if hasattr(value, "get") else numpy.asarray(value)
+    return value.astype(like.dtype, copy=False)
 
 
 def _divide_grad(grad, scale):

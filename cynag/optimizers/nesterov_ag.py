@@ -43,6 +43,15 @@ class NesterovAGRule(optimizer.UpdateRule):
         else:
             self.state["v"] = _backend.zeros_like(array)
 
+    def _state_like(self, param):
+        # v: the shape of the parameter, in its dtype (float32 for a float16
+        # parameter with a float32 master copy); see UpdateRule._state_like.
+        array = param.array
+        if array is None or _backend.device_of(array) is None:
+            return {}
+        dtype = numpy.float32 if self._uses_fp32(param) else array.dtype
+        return {"v": numpy.broadcast_to(numpy.empty((), dtype), array.shape)}
+
     def _check_param(self, param):
         """Check hyperparameters, arrays and the state ``v`` before an update."""
         lr, momentum = self.hyperparam.lr, self.hyperparam.momentum
