@@ -17,6 +17,7 @@ They need mpi4py and ``mpiexec`` next to the interpreter or on ``PATH``
 they are skipped with that message.  The other tests here run in-process on
 an emulated MPI.
 """
+import ctypes
 import importlib.util
 import os
 import re
@@ -395,6 +396,23 @@ class _FakeComm:
         if op == "SUM":
             buf[...] = buf * buf.dtype.type(self.size)
 
+    def Sendrecv(self, sendbuf, dest, sendtag, recvbuf, source, recvtag):
+        """The ring of ``_ring_mean`` with two identical ranks, this one rank 0.
+
+        Reducing, rank 0 sends the first half of a bucket and receives the
+        other rank's second half, which holds what this rank's second half
+        (right after the first in memory) holds; gathering, it receives the
+        first half reduced, ``(g + g) * 0.5 == g``: what it holds already.
+        """
+        assert self.size == 2 and dest == source == 1 and sendtag == recvtag
+        self.calls.append(("Sendrecv", sendbuf.size, recvbuf.size, sendbuf.dtype.name))
+        if sendtag == communicator_mod._TAG_REDUCE:
+            addr = sendbuf.ctypes.data + sendbuf.nbytes
+            mine = (ctypes.c_char * recvbuf.nbytes).from_address(addr)
+            recvbuf[...] = numpy.frombuffer(mine, recvbuf.dtype, recvbuf.size)
+        else:
+            assert sendtag == communicator_mod._TAG_GATHER
+
     def Bcast(self, buf, root=0):
         self.calls.append(("Bcast",))
 
@@ -452,15 +470,17 @@ def test_few_messages(fake_comm):
     comm, fc = fake_comm()
     link = _link(2000)
     comm.multi_node_mean_grad(link)
-    # one control message and one bucket for 2000 gradients of 64 float32
-    assert [c[0] for c in fc.calls] == ["Allreduce", "Allreduce"]
-    assert fc.calls[0][2] == "int64" and fc.calls[1][1:3] == (128000, "float32")
+    # one control message and one bucket for 2000 gradients of 64 float32,
+    # reduced by a ring (with two ranks: one exchange of each half each way)
+    assert [c[0] for c in fc.calls] == ["Allreduce", "Sendrecv", "Sendrecv"]
+    assert fc.calls[0][2] == "int64"
+    assert fc.calls[1][1:] == fc.calls[2][1:] == (64000, 64000, "float32")
     for p in link.params():
         assert (p.grad == 2).all()
     fc.calls.clear()
     comm.set_config("bucket_bytes", 100 * 1024)
     comm.multi_node_mean_grad(link)
-    assert len(fc.calls) == 1 + 5   # 512000 bytes in buckets of 100 KiB
+    assert len(fc.calls) == 1 + 2 * 5   # 512000 bytes in buckets of 100 KiB
 
 
 def test_zero_copy_in_contiguous_mode(fake_comm):
@@ -470,7 +490,9 @@ def test_zero_copy_in_contiguous_mode(fake_comm):
     comm.multi_node_mean_grad(link)
     assert [p.grad for p in link.params()] == views
     assert comm._staging == {}, "the packing buffer is not used"
-    assert fc.calls[1][1] == 128000
+    assert comm._ring_tmp[numpy.dtype(numpy.float32)].size == 64000
+    # the whole gradient buffer in one bucket: one ring exchange each way
+    assert fc.calls[1:] == [("Sendrecv", 64000, 64000, "float32")] * 2
 
 
 def test_multi_node_optimizer_broadcasts_first_then_averages(fake_comm):

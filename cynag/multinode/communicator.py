@@ -27,7 +27,7 @@ import zlib
 
 import numpy
 
-from cynag import _backend
+from cynag import _backend, _tracking
 from cynag.multinode import _layout
 from cynag.multinode._mpi import import_mpi
 from cynag.optimizer import _param_label
@@ -42,6 +42,10 @@ DEFAULT_BUCKET_BYTES = 4 * 1024 * 1024
 #: Gradients (or runs of adjacent gradients) of at least this size are
 #: reduced in place instead of being copied through the packing buffer.
 DEFAULT_DIRECT_MIN_BYTES = 256 * 1024
+
+#: Message tags of the ring reduction (:meth:`MpiCommunicator._ring_mean`).
+_TAG_REDUCE = 0x6379
+_TAG_GATHER = 0x6380
 
 _KIND_MEAN = 1
 _KIND_BCAST = 2
@@ -154,7 +158,8 @@ class MpiCommunicator:
             raise ValueError("bucket_bytes must be at least 8, got %d" % self.bucket_bytes)
         self._layouts = collections.OrderedDict()
         self._ctl = numpy.zeros(5, numpy.int64)
-        self._staging = {}
+        self._staging = {}          # packing buffers, per dtype
+        self._ring_tmp = {}         # receive buffers of the ring reduction, per dtype
         self._device_ops = None
         self._init_ranks()
 
@@ -233,6 +238,7 @@ class MpiCommunicator:
     def _drop_caches(self):
         self._layouts.clear()
         self._staging.clear()
+        self._ring_tmp.clear()
 
     def split(self, color, key):
         """A communicator over ``mpi_comm.Split(color, key)``, with the same settings."""
@@ -399,7 +405,15 @@ class MpiCommunicator:
         parameter) for arrays that cannot take part.
         """
         params = group.params
-        if mean:
+        # cynag's parameters report every replaced gradient or array
+        # (cynag._tracking): while none was, the arrays are the ones found by
+        # the previous call (checked again below, natively, for changes made
+        # in place).
+        stamp = (mean, _tracking.grads.n, _tracking.structure.n) if owned else None
+        cached = group.cache.get("arrays")
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            arrays = cached[1]
+        elif mean:
             arrays = list(map(_GRAD_OWNED if owned else _GRAD, params))
         else:
             arrays = list(map(_ARRAY_OWNED if owned else _ARRAY, params))
@@ -416,7 +430,10 @@ class MpiCommunicator:
         writeable = mean or self.rank != 0
         nbad = K.scan(arrays, typenum, group.sizes, group.ptrs, group.codes, writeable)
         if not nbad:
+            if stamp is not None:
+                group.cache["arrays"] = (stamp, arrays)
             return arrays, None, []
+        group.cache.pop("arrays", None)
         active = numpy.ones(group.n, bool)
         fixups = []
         for i in numpy.flatnonzero(group.codes).tolist():
@@ -450,6 +467,12 @@ class MpiCommunicator:
         if fixups or zero_fill:
             K.scan(arrays, typenum, group.sizes, group.ptrs, group.codes, writeable)
         return arrays, (None if active.all() else active), fixups
+
+    def _ring_buffer(self, dtype, n):
+        buf = self._ring_tmp.get(dtype)
+        if buf is None or buf.size < n:
+            buf = self._ring_tmp[dtype] = numpy.empty(n, dtype)
+        return buf
 
     def _staging_buffer(self, dtype, n):
         buf = self._staging.get(dtype)
@@ -490,26 +513,67 @@ class MpiCommunicator:
             v = payload if kind == "run" else arrays[payload].ravel(order="K")
             n = v.size
             for lo in range(0, n, step):
-                hi = min(n, lo + step)
-                comm.Allreduce(MPI.IN_PLACE, v[lo:hi])
-                K.scale(v, lo, hi, scale)
+                self._ring_mean(v, lo, min(n, lo + step), scale)
         if not seg.total:
             return
-        plist = arrays if seg.all_packed else [arrays[i] for i in seg.packed.tolist()]
+        # The addresses scan() found in this step (the arrays are held in
+        # ``arrays``): packing by address costs no Python object per array.
+        ptrs = group.ptrs if seg.all_packed else group.ptrs[seg.packed]
+        plist = None
         cdtype = numpy.dtype(numpy.float32) if half else dtype
         buf = self._staging_buffer(cdtype, min(seg.total, step))
         typenum = _TYPE_NUMS[dtype]
         offsets = seg.offsets
         for lo, hi, first, last, scalars in seg.buckets:
-            K.pack(plist, buf, offsets, first, last, lo, hi, typenum)
-            comm.Allreduce(MPI.IN_PLACE, buf[:hi - lo])
-            K.unpack(plist, buf, offsets, first, last, lo, hi, True, scale, typenum)
+            K.pack_at(ptrs, buf, offsets, first, last, lo, hi, typenum)
+            if half or scalars:
+                # float16 is rounded to float16 before the multiplication, and a
+                # 0-d gradient is multiplied in float64 (NumPy 1.x): both from the sum.
+                comm.Allreduce(MPI.IN_PLACE, buf[:hi - lo])
+                K.unpack_at(ptrs, buf, offsets, first, last, lo, hi, True, scale, typenum)
+            else:
+                self._ring_mean(buf, 0, hi - lo, scale)
+                K.unpack_at(ptrs, buf, offsets, first, last, lo, hi, False, 1.0, typenum)
+            if scalars and plist is None:
+                plist = arrays if seg.all_packed else [arrays[i] for i in seg.packed.tolist()]
             for k, off in scalars:
                 # NumPy 1.x multiplies a 0-d array by a Python float in float64.
                 total = buf[off]
                 if half:
                     total = numpy.float16(total)
                 plist[k][()] = numpy.float64(total) * recip
+
+    def _ring_mean(self, v, lo, hi, scale):
+        """``v[lo:hi] = (sum over the ranks of v[lo:hi]) * scale``, in place.
+
+        A ring reduce-scatter (``size - 1`` exchanges with the neighbours;
+        the last addition of each chunk is fused with the multiplication by
+        ``scale``, so the mean costs no pass of its own), then a ring
+        allgather of the reduced chunks: the same traffic as MPI's
+        bandwidth-optimal ``Allreduce``, without a separate scaling pass.
+        Every chunk is reduced on one rank and copied to the others, so all
+        ranks hold the same bits; with two ranks each element is
+        ``(a + b) * scale``, exactly what ``Allreduce`` and then
+        ``*= scale`` give.
+        """
+        K = _kernels()
+        comm = self.mpi_comm
+        size, rank = comm.size, comm.rank
+        n = hi - lo
+        bounds = [lo + n * i // size for i in range(size + 1)]
+        tmp = self._ring_buffer(v.dtype, -(-n // size))
+        right, left = (rank + 1) % size, (rank - 1) % size
+        for s in range(size - 1):
+            c_send, c_recv = (rank - s) % size, (rank - s - 1) % size
+            r0, r1 = bounds[c_recv], bounds[c_recv + 1]
+            t = tmp[:r1 - r0]
+            comm.Sendrecv(v[bounds[c_send]:bounds[c_send + 1]], right, _TAG_REDUCE,
+                          t, left, _TAG_REDUCE)
+            K.add_into(v, r0, r1, t, scale, s == size - 2)
+        for s in range(size - 1):
+            c_send, c_recv = (rank + 1 - s) % size, (rank - s) % size
+            comm.Sendrecv(v[bounds[c_send]:bounds[c_send + 1]], right, _TAG_GATHER,
+                          v[bounds[c_recv]:bounds[c_recv + 1]], left, _TAG_GATHER)
 
     # -- parameters ----------------------------------------------------------------
     def bcast_data(self, model):
