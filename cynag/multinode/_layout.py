@@ -16,8 +16,8 @@ into *segments* (:class:`Segments`):
   moved through a reused staging buffer, one bucket at a time
   (:mod:`cynag_kernels._pack` packs and unpacks a bucket in one call).
 
-Segments are recomputed when the arrays' addresses change, and reused
-otherwise.
+Segments are reused while the same entries take part; a split with runs
+(which depend on addresses) is recomputed when the arrays' addresses change.
 """
 import collections
 import hashlib
@@ -150,6 +150,7 @@ class Segments:
         self.ptrs = ptrs.copy()
         self.active = active.copy()
         self.direct = direct
+        self.has_runs = any(kind == "run" for kind, _ in direct)
         self.packed = packed
         self.all_packed = len(packed) == len(ptrs)
         psizes = sizes[packed] if len(packed) else numpy.zeros(0, numpy.int64)
@@ -171,8 +172,17 @@ class Segments:
             self.buckets.append((lo, hi, first, last, scalars))
 
     def matches(self, ptrs, active):
-        return (self.ptrs.shape == ptrs.shape and numpy.array_equal(self.ptrs, ptrs)
-                and numpy.array_equal(self.active, active))
+        """True if this split still applies to arrays at ``ptrs`` taking part as ``active``.
+
+        Only runs depend on addresses; a split without runs depends on the
+        sizes and ``active`` alone, so new gradient arrays (a backward pass
+        makes them at every step) keep it.
+        """
+        if not numpy.array_equal(self.active, active):
+            return False
+        if not self.has_runs:
+            return True
+        return self.ptrs.shape == ptrs.shape and numpy.array_equal(self.ptrs, ptrs)
 
 
 def _run_view(arrays, run, ptr0, count, dtype):
