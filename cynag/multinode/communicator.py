@@ -1,20 +1,23 @@
 """The MPI communicator of :mod:`cynag.multinode` (ChainerMN's interface).
 
-Gradients are averaged with few messages: per device and dtype, one in-place
-``Allreduce`` per bucket of the packed gradients, and one per bucket of each
-large gradient (or run of gradients that lie back to back in one buffer, as
-in contiguous mode) without any copy.  After the sum, every element is
-multiplied by ``1.0 / size`` in the gradient's dtype, which is exactly what
-ChainerMN's communicators do (``recvbuf *= 1.0 / comm.size``; a 0-d gradient
-is multiplied in float64 and rounded once, as NumPy 1.x computes it), and
-float16 gradients travel as float32, as in ChainerMN.  With two processes
-the sum of two values does not depend on the order of the operands, so the
-averaged gradients are bit-identical to ChainerMN's ``naive`` communicator;
-with three or more, MPI chooses the order of the additions per message
-size, so results agree to rounding.
+Gradients are averaged with few messages: per device and dtype, the packed
+gradients one bucket at a time, and each large gradient (or run of gradients
+that lie back to back in one buffer, as in contiguous mode) in place, one
+bucket-sized chunk at a time, without any copy.  A bucket is averaged by a
+ring reduce-scatter over ``Sendrecv`` whose last addition is fused with the
+multiplication by ``1.0 / size`` in the gradient's dtype, then a ring
+allgather: the numbers of ChainerMN's communicators (``Allreduce``, then
+``recvbuf *= 1.0 / comm.size``) without the separate pass.  float16
+gradients travel as float32, as in ChainerMN, through ``Allreduce``, and
+are multiplied while unpacked (rounded to float16 first, as NumPy does); so
+is a bucket with a 0-d gradient (multiplied in float64 and rounded once, as
+NumPy 1.x computes it).  With two processes the sum of two values does not
+depend on the order of the operands, so the averaged gradients are
+bit-identical to ChainerMN's ``naive`` communicator; with three or more the
+order of the additions differs from MPI's, so results agree to rounding.
 
 Before every collective operation on a model, the ranks exchange one small
-message (an ``Allreduce`` of three integers): a hash of the model's layout
+message (an ``Allreduce`` of five integers): a hash of the model's layout
 (paths, shapes, dtypes, kind of device), of which gradients take part, of
 the operation, and a flag for a local error.  When they disagree, every rank
 raises an exception naming the first differing parameter (or the failing
