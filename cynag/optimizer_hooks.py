@@ -42,9 +42,15 @@ __all__ = ["GradientClipping", "GradientHardClipping", "GradientLARS", "Gradient
 
 
 def _check_real(cls, name, value, minimum=0.0, allow_none=False, allow_inf=False):
-    """Raise unless ``value`` is a real number >= ``minimum`` (finite unless allowed)."""
+    """``value`` if it is a real number >= ``minimum`` (finite unless allowed); raise otherwise.
+
+    A 0-d NumPy array of a real dtype, which Chainer takes as well (NumPy
+    computes with it as with a scalar), becomes that scalar.
+    """
     if value is None and allow_none:
-        return
+        return value
+    if isinstance(value, numpy.ndarray) and value.ndim == 0 and value.dtype.kind in "fiu":
+        value = value[()]
     ok_type = (isinstance(value, (numbers.Real, numpy.floating, numpy.integer))
                and not isinstance(value, (bool, numpy.bool_)))
     if not ok_type:
@@ -54,6 +60,7 @@ def _check_real(cls, name, value, minimum=0.0, allow_none=False, allow_inf=False
         raise ValueError("%s: %s must be finite, got %r" % (cls, name, value))
     if minimum is not None and v < minimum:
         raise ValueError("%s: %s must be >= %s, got %r" % (cls, name, minimum, value))
+    return value
 
 
 def _apply(g, p, ops):
@@ -130,8 +137,7 @@ class WeightDecay(_ElementwiseHook):
     name = "WeightDecay"
 
     def __init__(self, rate):
-        _check_real("WeightDecay", "rate", rate)
-        self.rate = rate
+        self.rate = _check_real("WeightDecay", "rate", rate)
 
     def _ops(self, param):
         return [("weight_decay", _loss_scaled(self.rate, param))]
@@ -147,8 +153,7 @@ class Lasso(_ElementwiseHook):
     name = "Lasso"
 
     def __init__(self, rate):
-        _check_real("Lasso", "rate", rate)
-        self.rate = rate
+        self.rate = _check_real("Lasso", "rate", rate)
 
     def _ops(self, param):
         return [("lasso", self.rate)]
@@ -169,10 +174,10 @@ class GradientHardClipping(_ElementwiseHook):
     _needs_param = False
 
     def __init__(self, lower_bound, upper_bound):
-        _check_real("GradientHardClipping", "lower_bound", lower_bound, minimum=None,
-                    allow_none=True, allow_inf=True)
-        _check_real("GradientHardClipping", "upper_bound", upper_bound, minimum=None,
-                    allow_none=True, allow_inf=True)
+        lower_bound = _check_real("GradientHardClipping", "lower_bound", lower_bound,
+                                  minimum=None, allow_none=True, allow_inf=True)
+        upper_bound = _check_real("GradientHardClipping", "upper_bound", upper_bound,
+                                  minimum=None, allow_none=True, allow_inf=True)
         if lower_bound is None and upper_bound is None:
             raise ValueError("GradientHardClipping: lower_bound and upper_bound cannot both "
                              "be None")
@@ -212,7 +217,7 @@ class GradientNoise:
     timing = "pre"
 
     def __init__(self, eta, noise_func=exponential_decay_noise):
-        _check_real("GradientNoise", "eta", eta)
+        eta = _check_real("GradientNoise", "eta", eta)
         if not callable(noise_func):
             raise TypeError("GradientNoise: noise_func must be callable, got %r" % (noise_func,))
         self.eta = eta
@@ -277,8 +282,7 @@ class GradientClipping:
     call_for_each_param = False
 
     def __init__(self, threshold):
-        _check_real("GradientClipping", "threshold", threshold)
-        self.threshold = threshold
+        self.threshold = _check_real("GradientClipping", "threshold", threshold)
 
     def rate(self, opt):
         """The scale factor this step, or None if the gradients are left as they are."""
@@ -321,12 +325,9 @@ class GradientLARS:
     timing = "pre"
 
     def __init__(self, threshold=1e-2, weight_decay=0.0, eps=1e-9):
-        _check_real("GradientLARS", "threshold", threshold)
-        _check_real("GradientLARS", "weight_decay", weight_decay)
-        _check_real("GradientLARS", "eps", eps)
-        self.threshold = threshold
-        self.weight_decay = weight_decay
-        self.eps = eps
+        self.threshold = _check_real("GradientLARS", "threshold", threshold)
+        self.weight_decay = _check_real("GradientLARS", "weight_decay", weight_decay)
+        self.eps = _check_real("GradientLARS", "eps", eps)
 
     def __call__(self, rule, param):
         p, g = param.data, param.grad

@@ -117,8 +117,9 @@ class Parameter:
                 # Contiguous mode: the gradient lives in the gradient buffer.
                 view[...] = value
                 value = view
-        self._grad = value
-        _grads.n += 1
+        if value is not self._grad:  # (the same array again: nothing was replaced)
+            self._grad = value
+            _grads.n += 1
 
     @property
     def update_rule(self):

@@ -754,6 +754,21 @@ def edge_tied_weights_get_the_hooks_in_chainers_order():
 
 
 @case("edge")
+def edge_zero_dim_array_coefficients():
+    """Chainer takes a 0-d array as a rate or bound (NumPy computes with it as
+    with a scalar); cynag/optimizer_hooks.py _check_real uses the scalar."""
+    rng = np.random.default_rng(6)
+    for dtype in (F16, F32, F64):
+        p = rng.standard_normal(300).astype(dtype)
+        g = rng.standard_normal(300).astype(dtype)
+        for cls, args in [("WeightDecay", (np.array(0.1),)), ("Lasso", (np.array(0.01, F32),)),
+                          ("GradientHardClipping", (np.array(-0.5), np.array(0.5, F32)))]:
+            ch = _one_call(chainer, CH, cls, args, p, g)
+            cy = _one_call(cynag, YH, cls, args, p, g)
+            assert_same_array("%s%r on %s" % (cls, args, np.dtype(dtype).name), ch, cy)
+
+
+@case("edge")
 def edge_float16_clip_keeps_signed_zero():
     """NumPy 1.26's float16 clip keeps ``x`` when it equals the bound;
     cynag_kernels/_hook_ops.h (cynag_op_f16 via CYNAG_NP_MAX/MIN) takes the bound."""

@@ -121,13 +121,21 @@ def test_constructor_values_and_defaults_as_chainer():
     H.GradientHardClipping(-np.inf, np.inf), H.GradientHardClipping(1.0, 1.0)
     H.GradientHardClipping(-np.inf, None), H.GradientHardClipping(None, np.float64(-3))
     H.WeightDecay(np.float16(1e-3)), H.WeightDecay(np.int64(2))
+    # A 0-d array, which Chainer takes too, is used as the scalar it holds.
+    for make, attr in [(H.WeightDecay, "rate"), (H.Lasso, "rate"), (H.GradientNoise, "eta"),
+                       (H.GradientClipping, "threshold"), (H.GradientLARS, "threshold")]:
+        value = getattr(make(np.array(0.125, np.float32)), attr)
+        assert type(value) is np.float32 and value == 0.125
+    h = H.GradientHardClipping(np.array(-1.0), np.array(2))
+    assert type(h.lower_bound) is np.float64 and type(h.upper_bound) is np.int64
 
 
 _BAD_NUMBERS = [(-1e-3, ValueError), (-1, ValueError), (float("nan"), ValueError),
                 (np.float32("nan"), ValueError), (float("inf"), ValueError),
                 (-float("inf"), ValueError), (True, TypeError), (np.bool_(False), TypeError),
                 ("0.1", TypeError), (None, TypeError), ([0.1], TypeError),
-                (np.array([0.1]), TypeError), (1j, TypeError)]
+                (np.array([0.1]), TypeError), (1j, TypeError), (np.array(-0.5), ValueError),
+                (np.array(True), TypeError), (np.array(0.5 + 0j), TypeError)]
 
 
 def _constructors():
