@@ -253,6 +253,14 @@ def _sum_squares(arrays):
         if device == "cpu":
             from cynag_kernels import hooks
 
+            half = [a for a in group if a.dtype == numpy.float16]
+            if half:
+                # Chainer's x.dot(x) of a float16 array is a float16 value
+                # (inf past 65504): each array's sum is rounded to float16.
+                with numpy.errstate(over="ignore"):
+                    total += float(hooks.sum_squares_each(half).astype(numpy.float16)
+                                   .astype(numpy.float64).sum())
+                group = [a for a in group if a.dtype != numpy.float16]
             total += hooks.sum_squares(group)
         elif device is not None:
             from cynag_kernels import cuda
@@ -265,11 +273,23 @@ def _sum_squares(arrays):
     return total
 
 
+def _norm(a):
+    """``numpy.linalg.norm(a)`` as Chainer gets it (float64; a float16 array's
+    norm is a float16 value, as NumPy computes it), from a float64 reduction."""
+    sq = _sum_squares([a])
+    if a.dtype == numpy.float16 and isinstance(a, numpy.ndarray):
+        with numpy.errstate(over="ignore"):
+            return numpy.float64(numpy.sqrt(numpy.float16(sq)))
+    return numpy.float64(math.sqrt(sq))
+
+
 class GradientClipping:
     """Scale all gradients so that their global L2 norm is at most ``threshold``.
 
     The norm is taken over the gradients of every initialized parameter of
-    the target, in one native float64 reduction per device; if
+    the target, in one native float64 reduction per device (on the CPU the
+    sum of a float16 gradient is rounded to float16, as Chainer's
+    ``x.dot(x)`` gives it); if
     ``threshold / norm < 1`` every gradient is multiplied by that rate (in
     its dtype).
 
@@ -333,8 +353,8 @@ class GradientLARS:
         p, g = param.data, param.grad
         if p is None or g is None:
             return
-        p_norm = numpy.float64(math.sqrt(_sum_squares([p])))
-        g_norm = numpy.float64(math.sqrt(_sum_squares([g])))
+        p_norm = _norm(p)
+        g_norm = _norm(g)
         with numpy.errstate(divide="ignore", invalid="ignore"):
             local_rate = p_norm / (numpy.float64(self.eps) + g_norm
                                    + numpy.float64(self.weight_decay) * p_norm)

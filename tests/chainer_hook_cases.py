@@ -769,6 +769,37 @@ def edge_zero_dim_array_coefficients():
 
 
 @case("edge")
+def edge_float16_norms_are_float16_values():
+    """Chainer's float16 norms are float16 values (``x.dot(x)`` per array,
+    ``numpy.linalg.norm``): past 65504 a sum of squares is inf, and
+    GradientClipping zeroes every gradient, GradientLARS makes them NaN;
+    cynag/optimizer_hooks.py _sum_squares/_norm round as NumPy does."""
+    rng = np.random.default_rng(8)
+    for scale in (0.5, 3.0, 40.0, 150.0):
+        p = (rng.standard_normal(64) * scale).astype(F16)
+        g = (rng.standard_normal(64) * scale).astype(F16)
+        q = rng.standard_normal((4, 4)).astype(F16)
+        for hook in ("GradientClipping", "GradientLARS"):
+            results = []
+            for fw, H in ((chainer, CH), (cynag, YH)):
+                link = fw.Link()
+                with link.init_scope():
+                    link.p = fw.Parameter(p.copy())
+                    link.q = fw.Parameter(q.copy())
+                opt = fw.optimizers.NesterovAG(lr=0.01).setup(link)
+                opt.add_hook(H.GradientClipping(2.0) if hook == "GradientClipping"
+                             else H.GradientLARS(threshold=1.0, weight_decay=1e-3))
+                link.p.grad = g.copy()
+                link.q.grad = q.copy()
+                with np.errstate(all="ignore"):
+                    opt.update()
+                results.append([link.p.grad.copy(), link.q.grad.copy(), link.p.array.copy()])
+            for what, a, b in zip(("p.grad", "q.grad", "p"), *results):
+                label = "float16 %s, gradients of scale %g: %s" % (hook, scale, what)
+                _close(label, a, b, 2e-3)
+
+
+@case("edge")
 def edge_float16_clip_keeps_signed_zero():
     """NumPy 1.26's float16 clip keeps ``x`` when it equals the bound;
     cynag_kernels/_hook_ops.h (cynag_op_f16 via CYNAG_NP_MAX/MIN) takes the bound."""
