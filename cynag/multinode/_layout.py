@@ -149,6 +149,9 @@ class Segments:
     def __init__(self, ptrs, active, direct, packed, sizes, scalar, bucket_elems):
         self.ptrs = ptrs.copy()
         self.active = active.copy()
+        # the caller's mask itself when it cannot change (the shared all-True
+        # mask is read-only): the same object again needs no comparison
+        self._active_obj = None if active.flags.writeable else active
         self.direct = direct
         self.has_runs = any(kind == "run" for kind, _ in direct)
         self.packed = packed
@@ -178,7 +181,7 @@ class Segments:
         sizes and ``active`` alone, so new gradient arrays (a backward pass
         makes them at every step) keep it.
         """
-        if not numpy.array_equal(self.active, active):
+        if active is not self._active_obj and not numpy.array_equal(self.active, active):
             return False
         if not self.has_runs:
             return True

@@ -46,6 +46,10 @@ DEFAULT_BUCKET_BYTES = 4 * 1024 * 1024
 #: reduced in place instead of being copied through the packing buffer.
 DEFAULT_DIRECT_MIN_BYTES = 256 * 1024
 
+#: Buckets are averaged by the ring (:meth:`MpiCommunicator._ring_mean`) when
+#: each rank's piece of the bucket has at least this many bytes; smaller ones
+#: by one ``Allreduce`` and a multiplication (fewer messages).
+RING_MIN_BYTES = 32 * 1024
 #: Message tags of the ring reduction (:meth:`MpiCommunicator._ring_mean`).
 _TAG_REDUCE = 0x6379
 _TAG_GATHER = 0x6380
@@ -512,11 +516,19 @@ class MpiCommunicator:
         recip = 1.0 / comm.size
         scale = float(dtype.type(recip))
         step = max(1, self.bucket_bytes // (4 if half else dtype.itemsize))
+        # The ring pays 2 * (size - 1) messages per bucket: only for buckets
+        # whose pieces are large enough to move at full speed.
+        ring_min = RING_MIN_BYTES * comm.size // (4 if half else dtype.itemsize)
         for kind, payload in seg.direct:
             v = payload if kind == "run" else arrays[payload].ravel(order="K")
             n = v.size
             for lo in range(0, n, step):
-                self._ring_mean(v, lo, min(n, lo + step), scale)
+                hi = min(n, lo + step)
+                if hi - lo >= ring_min:
+                    self._ring_mean(v, lo, hi, scale)
+                else:
+                    comm.Allreduce(MPI.IN_PLACE, v[lo:hi])
+                    K.scale(v, lo, hi, scale)
         if not seg.total:
             return
         # The addresses scan() found in this step (the arrays are held in
@@ -529,7 +541,7 @@ class MpiCommunicator:
         offsets = seg.offsets
         for lo, hi, first, last, scalars in seg.buckets:
             K.pack_at(ptrs, buf, offsets, first, last, lo, hi, typenum)
-            if half or scalars:
+            if half or scalars or hi - lo < ring_min:
                 # float16 is rounded to float16 before the multiplication, and a
                 # 0-d gradient is multiplied in float64 (NumPy 1.x): both from the sum.
                 comm.Allreduce(MPI.IN_PLACE, buf[:hi - lo])
