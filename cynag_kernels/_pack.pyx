@@ -134,43 +134,6 @@ cdef inline cnp.ndarray _overlap(list arrays, const int64_t[::1] offsets, Py_ssi
     return _checked(arrays[i], atype, a1 - a0)
 
 
-def pack(list arrays, cnp.ndarray buf, const int64_t[::1] offsets, Py_ssize_t first,
-         Py_ssize_t last, int64_t lo, int64_t hi, int typenum=-1):
-    """Copy elements ``[lo, hi)`` of the concatenation of ``arrays`` into ``buf[:hi - lo]``.
-
-    ``arrays[i]`` holds the elements ``[offsets[i], offsets[i + 1])`` of the
-    virtual vector; only ``arrays[first:last]`` are read (they must cover
-    ``[lo, hi)``).  ``buf`` is a contiguous 1-d array of the arrays' dtype,
-    or float32 for float16 arrays (converted exactly).
-    """
-    cdef int btype = cnp.PyArray_TYPE(buf)
-    cdef int atype = btype if typenum < 0 else typenum
-    cdef Py_ssize_t i, k
-    cdef int64_t a0, s, e, count
-    cdef cnp.ndarray a
-    cdef char* dst
-    cdef const uint16_t* hsrc
-    cdef float* fdst
-    cdef Py_ssize_t item
-    _checked_call(buf, btype, atype, offsets, first, last, lo, hi, len(arrays))
-    item = cnp.PyArray_ITEMSIZE(buf)
-    dst = <char*>cnp.PyArray_DATA(buf)
-    for i in range(first, last):
-        a = _overlap(arrays, offsets, i, lo, hi, atype, &s, &e)
-        if a is None:
-            continue
-        a0 = offsets[i]
-        count = e - s
-        if atype == btype:
-            memcpy(dst + (s - lo) * item, <char*>cnp.PyArray_DATA(a) + (s - a0) * item,
-                   <size_t>(count * item))
-        else:
-            hsrc = <const uint16_t*>cnp.PyArray_DATA(a) + (s - a0)
-            fdst = <float*>dst + (s - lo)
-            for k in range(count):
-                fdst[k] = cynag_half_to_float(hsrc[k])
-
-
 cdef inline void _check_buf(cnp.ndarray buf, int btype, int64_t n) except *:
     if btype != cnp.NPY_FLOAT and btype != cnp.NPY_DOUBLE and btype != NPY_HALF:
         raise TypeError("buffer dtype %s is not supported" % buf.dtype)
@@ -185,68 +148,6 @@ cdef inline void _check_types(int atype, int btype) except *:
     if atype != btype and not (atype == NPY_HALF and btype == cnp.NPY_FLOAT):
         raise TypeError("arrays of type number %d cannot be packed into a buffer of type "
                         "number %d" % (atype, btype))
-
-
-def unpack(list arrays, cnp.ndarray buf, const int64_t[::1] offsets, Py_ssize_t first,
-           Py_ssize_t last, int64_t lo, int64_t hi, bint mean=False, double scale=1.0,
-           int typenum=-1):
-    """Copy ``buf[:hi - lo]`` back into elements ``[lo, hi)`` of ``arrays`` (see :func:`pack`).
-
-    With ``mean``, every element is multiplied by ``scale`` (a value of the
-    arrays' dtype) in that dtype, as ``grad *= scale`` does in NumPy; a
-    float16 array receives ``half(buf)`` first, then the float16 product.
-    Without ``mean`` the elements are copied (converted to float16 for a
-    float32 buffer of float16 arrays).
-    """
-    cdef int btype = cnp.PyArray_TYPE(buf)
-    cdef int atype = btype if typenum < 0 else typenum
-    cdef Py_ssize_t i, k
-    cdef int64_t a0, s, e, count
-    cdef cnp.ndarray a
-    cdef char* src
-    cdef Py_ssize_t item
-    cdef float fs = <float>scale
-    cdef float* fsrc
-    cdef float* fdst
-    cdef double* dsrc
-    cdef double* ddst
-    cdef uint16_t* hdst
-    _checked_call(buf, btype, atype, offsets, first, last, lo, hi, len(arrays))
-    item = cnp.PyArray_ITEMSIZE(buf)
-    src = <char*>cnp.PyArray_DATA(buf)
-    for i in range(first, last):
-        a = _overlap(arrays, offsets, i, lo, hi, atype, &s, &e)
-        if a is None:
-            continue
-        if not cnp.PyArray_ISWRITEABLE(a):
-            raise ValueError("unpack: array %d is read-only" % i)
-        a0 = offsets[i]
-        count = e - s
-        if atype != btype:  # float16 arrays, float32 buffer
-            fsrc = <float*>src + (s - lo)
-            hdst = <uint16_t*>cnp.PyArray_DATA(a) + (s - a0)
-            if mean:
-                for k in range(count):
-                    hdst[k] = cynag_float_to_half(
-                        cynag_half_to_float(cynag_float_to_half(fsrc[k])) * fs)
-            else:
-                for k in range(count):
-                    hdst[k] = cynag_float_to_half(fsrc[k])
-        elif not mean:
-            memcpy(<char*>cnp.PyArray_DATA(a) + (s - a0) * item, src + (s - lo) * item,
-                   <size_t>(count * item))
-        elif btype == cnp.NPY_FLOAT:
-            fsrc = <float*>src + (s - lo)
-            fdst = <float*>cnp.PyArray_DATA(a) + (s - a0)
-            for k in range(count):
-                fdst[k] = fsrc[k] * fs
-        elif btype == cnp.NPY_DOUBLE:
-            dsrc = <double*>src + (s - lo)
-            ddst = <double*>cnp.PyArray_DATA(a) + (s - a0)
-            for k in range(count):
-                ddst[k] = dsrc[k] * scale
-        else:
-            raise TypeError("mean of a %s buffer is not supported" % buf.dtype)
 
 
 def scale(cnp.ndarray buf, int64_t lo, int64_t hi, double scale):
@@ -280,6 +181,151 @@ def scale(cnp.ndarray buf, int64_t lo, int64_t hi, double scale):
         raise TypeError("scale: buffer dtype %s is not supported" % buf.dtype)
 
 
+cdef int64_t[::1] _addresses(list arrays, const int64_t[::1] offsets, Py_ssize_t first,
+                              Py_ssize_t last, int64_t lo, int64_t hi, int atype,
+                              bint writeable):
+    """Data addresses of ``arrays[first:last]`` (checked; 0 where outside ``[lo, hi)``)."""
+    cdef cnp.npy_intp n = len(arrays)
+    cdef int64_t[::1] ptrs = cnp.PyArray_ZEROS(1, &n, cnp.NPY_INT64, 0)
+    cdef Py_ssize_t i
+    cdef int64_t s, e
+    cdef cnp.ndarray a
+    for i in range(first, last):
+        a = _overlap(arrays, offsets, i, lo, hi, atype, &s, &e)
+        if a is None:
+            continue
+        if writeable and not cnp.PyArray_ISWRITEABLE(a):
+            raise ValueError("unpack: array %d is read-only" % i)
+        ptrs[i] = <int64_t><size_t>cnp.PyArray_DATA(a)
+    return ptrs
+
+
+cdef void _pack_core(const int64_t[::1] ptrs, char* dst, Py_ssize_t item, bint widen,
+                     const int64_t[::1] offsets, Py_ssize_t first, Py_ssize_t last,
+                     int64_t lo, int64_t hi) noexcept nogil:
+    cdef Py_ssize_t i, k
+    cdef int64_t a0, a1, s, e
+    cdef const uint16_t* hsrc
+    cdef float* fdst
+    for i in range(first, last):
+        a0 = offsets[i]
+        a1 = offsets[i + 1]
+        s = a0 if a0 > lo else lo
+        e = a1 if a1 < hi else hi
+        if s >= e or ptrs[i] == 0:
+            continue
+        if not widen:
+            memcpy(dst + (s - lo) * item, <char*><size_t>ptrs[i] + (s - a0) * item,
+                   <size_t>((e - s) * item))
+        else:
+            hsrc = <const uint16_t*><size_t>ptrs[i] + (s - a0)
+            fdst = <float*>dst + (s - lo)
+            for k in range(e - s):
+                fdst[k] = cynag_half_to_float(hsrc[k])
+
+
+cdef void _unpack_core(const int64_t[::1] ptrs, char* src, Py_ssize_t item, int btype,
+                       bint narrow, bint mean, double scale, const int64_t[::1] offsets,
+                       Py_ssize_t first, Py_ssize_t last, int64_t lo,
+                       int64_t hi) noexcept nogil:
+    cdef Py_ssize_t i, k
+    cdef int64_t a0, a1, s, e, count
+    cdef float fs = <float>scale
+    cdef float* fsrc
+    cdef float* fdst
+    cdef double* dsrc
+    cdef double* ddst
+    cdef uint16_t* hdst
+    for i in range(first, last):
+        a0 = offsets[i]
+        a1 = offsets[i + 1]
+        s = a0 if a0 > lo else lo
+        e = a1 if a1 < hi else hi
+        if s >= e or ptrs[i] == 0:
+            continue
+        count = e - s
+        if narrow:  # float16 arrays, float32 buffer
+            fsrc = <float*>src + (s - lo)
+            hdst = <uint16_t*><size_t>ptrs[i] + (s - a0)
+            if mean:
+                for k in range(count):
+                    hdst[k] = cynag_float_to_half(
+                        cynag_half_to_float(cynag_float_to_half(fsrc[k])) * fs)
+            else:
+                for k in range(count):
+                    hdst[k] = cynag_float_to_half(fsrc[k])
+        elif not mean:
+            memcpy(<char*><size_t>ptrs[i] + (s - a0) * item, src + (s - lo) * item,
+                   <size_t>(count * item))
+        elif btype == cnp.NPY_FLOAT:
+            fsrc = <float*>src + (s - lo)
+            fdst = <float*><size_t>ptrs[i] + (s - a0)
+            for k in range(count):
+                fdst[k] = fsrc[k] * fs
+        else:
+            dsrc = <double*>src + (s - lo)
+            ddst = <double*><size_t>ptrs[i] + (s - a0)
+            for k in range(count):
+                ddst[k] = dsrc[k] * scale
+
+
+cdef inline void _check_addresses(const int64_t[::1] ptrs, const int64_t[::1] offsets,
+                                  Py_ssize_t first, Py_ssize_t last, int64_t lo,
+                                  int64_t hi) except *:
+    cdef Py_ssize_t i
+    for i in range(first, last):
+        if ptrs[i] == 0 and offsets[i] < offsets[i + 1] and offsets[i] < hi \
+                and offsets[i + 1] > lo:
+            raise ValueError("entry %d has no address (not checked by scan)" % i)
+
+
+cdef inline void _check_mean(int btype, int atype, bint mean) except *:
+    if mean and atype == btype and btype != cnp.NPY_FLOAT and btype != cnp.NPY_DOUBLE:
+        raise TypeError("mean of a buffer of type number %d is not supported" % btype)
+
+
+def pack(list arrays, cnp.ndarray buf, const int64_t[::1] offsets, Py_ssize_t first,
+         Py_ssize_t last, int64_t lo, int64_t hi, int typenum=-1):
+    """Copy elements ``[lo, hi)`` of the concatenation of ``arrays`` into ``buf[:hi - lo]``.
+
+    ``arrays[i]`` holds the elements ``[offsets[i], offsets[i + 1])`` of the
+    virtual vector; only ``arrays[first:last]`` are read (they must cover
+    ``[lo, hi)``).  ``buf`` is a contiguous 1-d array of the arrays' dtype,
+    or float32 for float16 arrays (converted exactly).
+    """
+    cdef int btype = cnp.PyArray_TYPE(buf)
+    cdef int atype = btype if typenum < 0 else typenum
+    _checked_call(buf, btype, atype, offsets, first, last, lo, hi, len(arrays))
+    cdef int64_t[::1] ptrs = _addresses(arrays, offsets, first, last, lo, hi, atype, False)
+    cdef char* dst = <char*>cnp.PyArray_DATA(buf)
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(buf)
+    with nogil:
+        _pack_core(ptrs, dst, item, atype != btype, offsets, first, last, lo, hi)
+
+
+def unpack(list arrays, cnp.ndarray buf, const int64_t[::1] offsets, Py_ssize_t first,
+           Py_ssize_t last, int64_t lo, int64_t hi, bint mean=False, double scale=1.0,
+           int typenum=-1):
+    """Copy ``buf[:hi - lo]`` back into elements ``[lo, hi)`` of ``arrays`` (see :func:`pack`).
+
+    With ``mean``, every element is multiplied by ``scale`` (a value of the
+    arrays' dtype) in that dtype, as ``grad *= scale`` does in NumPy; a
+    float16 array receives ``half(buf)`` first, then the float16 product.
+    Without ``mean`` the elements are copied (converted to float16 for a
+    float32 buffer of float16 arrays).
+    """
+    cdef int btype = cnp.PyArray_TYPE(buf)
+    cdef int atype = btype if typenum < 0 else typenum
+    _checked_call(buf, btype, atype, offsets, first, last, lo, hi, len(arrays))
+    _check_mean(btype, atype, mean)
+    cdef int64_t[::1] ptrs = _addresses(arrays, offsets, first, last, lo, hi, atype, True)
+    cdef char* src = <char*>cnp.PyArray_DATA(buf)
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(buf)
+    with nogil:
+        _unpack_core(ptrs, src, item, btype, atype != btype, mean, scale, offsets, first,
+                     last, lo, hi)
+
+
 def pack_at(const int64_t[::1] ptrs, cnp.ndarray buf, const int64_t[::1] offsets,
             Py_ssize_t first, Py_ssize_t last, int64_t lo, int64_t hi, int typenum=-1):
     """:func:`pack` from data addresses: ``ptrs[i]`` is the address :func:`scan`
@@ -291,34 +337,12 @@ def pack_at(const int64_t[::1] ptrs, cnp.ndarray buf, const int64_t[::1] offsets
     """
     cdef int btype = cnp.PyArray_TYPE(buf)
     cdef int atype = btype if typenum < 0 else typenum
-    cdef Py_ssize_t i, k
-    cdef int64_t a0, a1, s, e
-    cdef char* dst
-    cdef const uint16_t* hsrc
-    cdef float* fdst
-    cdef Py_ssize_t item
     _checked_call(buf, btype, atype, offsets, first, last, lo, hi, ptrs.shape[0])
-    item = cnp.PyArray_ITEMSIZE(buf)
-    dst = <char*>cnp.PyArray_DATA(buf)
-    for i in range(first, last):
-        if ptrs[i] == 0:
-            raise ValueError("pack_at: entry %d has no address (not checked by scan)" % i)
+    _check_addresses(ptrs, offsets, first, last, lo, hi)
+    cdef char* dst = <char*>cnp.PyArray_DATA(buf)
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(buf)
     with nogil:
-        for i in range(first, last):
-            a0 = offsets[i]
-            a1 = offsets[i + 1]
-            s = a0 if a0 > lo else lo
-            e = a1 if a1 < hi else hi
-            if s >= e:
-                continue
-            if atype == btype:
-                memcpy(dst + (s - lo) * item, <char*><size_t>ptrs[i] + (s - a0) * item,
-                       <size_t>((e - s) * item))
-            else:
-                hsrc = <const uint16_t*><size_t>ptrs[i] + (s - a0)
-                fdst = <float*>dst + (s - lo)
-                for k in range(e - s):
-                    fdst[k] = cynag_half_to_float(hsrc[k])
+        _pack_core(ptrs, dst, item, atype != btype, offsets, first, last, lo, hi)
 
 
 def unpack_at(const int64_t[::1] ptrs, cnp.ndarray buf, const int64_t[::1] offsets,
@@ -328,56 +352,14 @@ def unpack_at(const int64_t[::1] ptrs, cnp.ndarray buf, const int64_t[::1] offse
     have been checked writeable by :func:`scan`."""
     cdef int btype = cnp.PyArray_TYPE(buf)
     cdef int atype = btype if typenum < 0 else typenum
-    cdef Py_ssize_t i, k
-    cdef int64_t a0, a1, s, e, count
-    cdef char* src
-    cdef Py_ssize_t item
-    cdef float fs = <float>scale
-    cdef float* fsrc
-    cdef float* fdst
-    cdef double* dsrc
-    cdef double* ddst
-    cdef uint16_t* hdst
     _checked_call(buf, btype, atype, offsets, first, last, lo, hi, ptrs.shape[0])
-    if mean and atype == btype and btype != cnp.NPY_FLOAT and btype != cnp.NPY_DOUBLE:
-        raise TypeError("mean of a %s buffer is not supported" % buf.dtype)
-    for i in range(first, last):
-        if ptrs[i] == 0:
-            raise ValueError("unpack_at: entry %d has no address (not checked by scan)" % i)
-    item = cnp.PyArray_ITEMSIZE(buf)
-    src = <char*>cnp.PyArray_DATA(buf)
+    _check_mean(btype, atype, mean)
+    _check_addresses(ptrs, offsets, first, last, lo, hi)
+    cdef char* src = <char*>cnp.PyArray_DATA(buf)
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(buf)
     with nogil:
-        for i in range(first, last):
-            a0 = offsets[i]
-            a1 = offsets[i + 1]
-            s = a0 if a0 > lo else lo
-            e = a1 if a1 < hi else hi
-            if s >= e:
-                continue
-            count = e - s
-            if atype != btype:  # float16 arrays, float32 buffer
-                fsrc = <float*>src + (s - lo)
-                hdst = <uint16_t*><size_t>ptrs[i] + (s - a0)
-                if mean:
-                    for k in range(count):
-                        hdst[k] = cynag_float_to_half(
-                            cynag_half_to_float(cynag_float_to_half(fsrc[k])) * fs)
-                else:
-                    for k in range(count):
-                        hdst[k] = cynag_float_to_half(fsrc[k])
-            elif not mean:
-                memcpy(<char*><size_t>ptrs[i] + (s - a0) * item, src + (s - lo) * item,
-                       <size_t>(count * item))
-            elif btype == cnp.NPY_FLOAT:
-                fsrc = <float*>src + (s - lo)
-                fdst = <float*><size_t>ptrs[i] + (s - a0)
-                for k in range(count):
-                    fdst[k] = fsrc[k] * fs
-            else:
-                dsrc = <double*>src + (s - lo)
-                ddst = <double*><size_t>ptrs[i] + (s - a0)
-                for k in range(count):
-                    ddst[k] = dsrc[k] * scale
+        _unpack_core(ptrs, src, item, btype, atype != btype, mean, scale, offsets, first,
+                     last, lo, hi)
 
 
 def add_into(cnp.ndarray v, int64_t lo, int64_t hi, cnp.ndarray t, double scale,

@@ -261,6 +261,63 @@ def test_pack_unpack_mean_matches_numpy(K, dtype, size):
         assert o.dtype == expect.dtype and numpy.array_equal(o, expect)
 
 
+@pytest.mark.parametrize("dtype", [numpy.float16, numpy.float32, numpy.float64])
+def test_pack_at_and_unpack_at_equal_pack_and_unpack(K, dtype):
+    """The address-based copies (after scan) give the object-based ones' bits."""
+    rng = numpy.random.default_rng(1)
+    shapes = [(5,), (2, 3), (0,), (1,), (17,), (4, 4), ()]
+    arrays = [numpy.asarray(rng.standard_normal(s) * 3).astype(dtype) for s in shapes]
+    arrays[1] = numpy.asfortranarray(arrays[1])
+    n = len(arrays)
+    sizes = numpy.array([a.size for a in arrays], numpy.int64)
+    offsets = numpy.concatenate(([0], numpy.cumsum(sizes))).astype(numpy.int64)
+    total = int(offsets[-1])
+    ptrs, codes = numpy.zeros(n, numpy.int64), numpy.zeros(n, numpy.int8)
+    assert K.scan(arrays, TYPENUM[dtype], sizes, ptrs, codes, True) == 0
+    cdtype = numpy.float32 if dtype == numpy.float16 else dtype
+    scale = float(numpy.dtype(dtype).type(1.0 / 3))
+    for bucket in (1, 4, total):
+        for lo in range(0, total, bucket):
+            hi = min(total, lo + bucket)
+            first = int(numpy.searchsorted(offsets, lo, "right")) - 1
+            last = int(numpy.searchsorted(offsets, hi, "left"))
+            a, b = numpy.full(bucket, 7, cdtype), numpy.full(bucket, 7, cdtype)
+            K.pack(arrays, a, offsets, first, last, lo, hi, TYPENUM[dtype])
+            K.pack_at(ptrs, b, offsets, first, last, lo, hi, TYPENUM[dtype])
+            assert a.tobytes() == b.tobytes()
+            for mean in (False, True):
+                one = [x.copy(order="K") for x in arrays]
+                two = [x.copy(order="K") for x in arrays]
+                p2 = numpy.array([x.ctypes.data if x.size else 0 for x in two], numpy.int64)
+                K.scan(two, TYPENUM[dtype], sizes, p2, codes, True)
+                src = (a * cdtype(3)).astype(cdtype)
+                K.unpack(one, src, offsets, first, last, lo, hi, mean, scale, TYPENUM[dtype])
+                K.unpack_at(p2, src, offsets, first, last, lo, hi, mean, scale,
+                            TYPENUM[dtype])
+                for x, y in zip(one, two):
+                    assert x.tobytes() == y.tobytes()
+    with pytest.raises(ValueError, match="no address"):
+        K.pack_at(numpy.zeros(n, numpy.int64), numpy.zeros(total, cdtype), offsets, 0, n,
+                  0, total, TYPENUM[dtype])
+
+
+def test_add_into(K):
+    for dtype in (numpy.float32, numpy.float64):
+        v = numpy.arange(10, dtype=dtype) / 3
+        t = numpy.linspace(-1, 1, 4).astype(dtype)
+        w = v.copy()
+        K.add_into(w, 3, 7, t, 1.0, False)
+        assert w.tobytes() == numpy.concatenate((v[:3], v[3:7] + t, v[7:])).tobytes()
+        s = dtype(1.0 / 3)
+        w = v.copy()
+        K.add_into(w, 3, 7, t, float(s), True)
+        assert w.tobytes() == numpy.concatenate((v[:3], (v[3:7] + t) * s, v[7:])).tobytes()
+    with pytest.raises(TypeError):
+        K.add_into(numpy.zeros(4, numpy.float32), 0, 4, numpy.zeros(4), 1.0, False)
+    with pytest.raises(IndexError):
+        K.add_into(numpy.zeros(4), 2, 6, numpy.zeros(4), 1.0, False)
+
+
 def test_scan_codes(K):
     f32 = numpy.zeros(4, numpy.float32)
     ro = numpy.zeros(4, numpy.float32)
