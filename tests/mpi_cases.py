@@ -386,10 +386,50 @@ def mismatch():
         assert rank != 1 and "rank 1: TypeError" in str(e), str(e)
     else:
         raise AssertionError("no error for a bad gradient")
+    # settings changed on one rank only (other bucket sizes: other messages)
+    big = flat_link([("a", (3000,), numpy.float32), ("b", (100000,), numpy.float32)], 0)
+    for name, value in [("bucket_bytes", 4096), ("direct_min_bytes", 1 << 30)]:
+        old = comm.get_config(name)
+        if rank == 0:
+            comm.set_config(name, value)
+        random_grads(big, [("a", (3000,), numpy.float32), ("b", (100000,), numpy.float32)],
+                     rank)
+        try:
+            comm.multi_node_mean_grad(big)
+        except mn.ModelMismatchError as e:
+            assert "communicator settings differ" in str(e) and name in str(e), str(e)
+        else:
+            raise AssertionError("no error for %s set on rank 0 only" % name)
+        comm.set_config(name, old)
     # and the communicator still works afterwards
     random_grads(same, [("a", (3,), numpy.float32)], rank)
     comm.multi_node_mean_grad(same)
     assert time.time() - t0 < 30
+
+
+@case
+def pending_user_receive():
+    """A receive the program posted on the communicator (any source, any tag)
+    takes none of the averaging's messages."""
+    comm = mn.create_communicator("naive")
+    mpi = comm.mpi_comm
+    from mpi4py import MPI
+
+    specs = [("big", (300000,), numpy.float32), ("small", (64,), numpy.float32)]
+    link = flat_link(specs, 0)
+    box = numpy.zeros(1, numpy.int64)
+    req = mpi.Irecv(box, source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG)
+    random_grads(link, specs, comm.rank)
+    before = {n: numpy.array(param(link, n).grad) for n, _, _ in specs}
+    everyone = mpi.allgather(before)
+    comm.multi_node_mean_grad(link)
+    for name, _, _ in specs:
+        assert_same(param(link, name).grad, chainermn_mean([e[name] for e in everyone]), name,
+                    comm.size == 2)
+    mpi.Send(numpy.array([comm.rank + 100], numpy.int64), dest=(comm.rank + 1) % comm.size,
+             tag=5)
+    req.Wait()
+    assert int(box[0]) == (comm.rank - 1) % comm.size + 100
 
 
 @case

@@ -40,6 +40,7 @@ CASES_SCRIPT = os.path.join(HERE, "mpi_cases.py")
 #: Wall-clock limit of one mpiexec run: a hang fails the test after this.
 TIMEOUT_S = 120
 CASES = ["mean_grads", "mean_many_small", "mean_zero_fill", "bcast", "trajectory", "mismatch",
+         "pending_user_receive",
          "split_and_objects", "gpu_nccl_mock", "gpu_host_mock"]
 CHAINERMN_CASES = ["chainermn_mean_grads", "chainermn_parity"]
 
@@ -430,6 +431,9 @@ def test_describe_mismatch_names_first_differing_parameter():
            "ranks 1, 2" in msg
     msg = communicator_mod.describe_mismatch([(2, d0, None), (1, d0, None)])
     assert "rank 0 to broadcast parameters" in msg and "rank 1 to average gradients" in msg
+    msg = communicator_mod.describe_mismatch([(1, d0, None, {"bucket_bytes": 4}),
+                                              (1, d0, None, {"bucket_bytes": 8})])
+    assert "communicator settings differ" in msg and "{'bucket_bytes': 8} on rank 1" in msg
     msg = communicator_mod.describe_mismatch([(1, d0, []), (1, d0, ["/a"])])
     assert "'/a' has a gradient on rank 0 but None on rank 1" in msg
 
@@ -478,6 +482,12 @@ class _FakeComm:
 
     def Split(self, color, key):
         return self
+
+    def Dup(self):
+        return self
+
+    def Free(self):
+        pass
 
 
 class _FakeMPI:

@@ -111,6 +111,14 @@ def describe_mismatch(infos):
         if _KIND_BCAST in by_kind:
             lines.append("(the multi-node optimizer broadcasts when a rank's set of initialized "
                          "parameters changed since its last update)")
+    configs = [info[3] if len(info) > 3 else None for info in infos]
+    if any(c != configs[0] for c in configs):
+        by_config = collections.OrderedDict()
+        for r, c in enumerate(configs):
+            by_config.setdefault(repr(c), []).append(r)
+        lines.append("the ranks' communicator settings differ (set_config must be called "
+                     "alike on every rank): %s" % "; ".join(
+                         "%s on %s" % (c, _ranks(rs)) for c, rs in by_config.items()))
     maps = [dict((d[0], tuple(d[1:])) for d in info[1]) for info in infos]
     paths = sorted(set().union(*maps))
     for path in paths:
@@ -165,6 +173,9 @@ class MpiCommunicator:
             raise ValueError("bucket_bytes must be at least 8, got %d" % self.bucket_bytes)
         self._layouts = collections.OrderedDict()
         self._ctl = numpy.zeros(5, numpy.int64)
+        # The ring's point-to-point messages travel on a private duplicate, so
+        # that no receive the program posts on mpi_comm (ANY_TAG) can take them.
+        self._ring_comm = self.mpi_comm.Dup()
         self._staging = {}          # packing buffers, per dtype
         self._ring_tmp = {}         # receive buffers of the ring reduction, per dtype
         self._device_ops = None
@@ -259,6 +270,9 @@ class MpiCommunicator:
         if self._device_ops is not None:
             self._device_ops.finalize()
             self._device_ops = None
+        if self._ring_comm is not None:
+            self._ring_comm.Free()
+            self._ring_comm = None
 
     # -- objects ---------------------------------------------------------------
     def send_obj(self, obj, dest, tag=0):
@@ -326,6 +340,8 @@ class MpiCommunicator:
         """
         MPI = self._MPI
         ctl = self._ctl
+        # The settings decide how many messages of which sizes follow.
+        h ^= _layout.stable_hash((self.bucket_bytes, self.direct_min_bytes))
         ctl[0] = h
         ctl[1] = -h
         ctl[2] = 0 if error is None else 1
@@ -343,7 +359,9 @@ class MpiCommunicator:
                 "; ".join("rank %d: %s" % (r, m) for r, m in failed)))
         if ctl[0] != -ctl[1]:
             infos = self.mpi_comm.allgather(
-                (kind, layout.arrays_desc, None if missing is None else missing()))
+                (kind, layout.arrays_desc, None if missing is None else missing(),
+                 {"bucket_bytes": self.bucket_bytes,
+                  "direct_min_bytes": self.direct_min_bytes}))
             raise ModelMismatchError(describe_mismatch(infos))
         return ctl[3] == -ctl[4]
 
@@ -572,7 +590,7 @@ class MpiCommunicator:
         ``*= scale`` give.
         """
         K = _kernels()
-        comm = self.mpi_comm
+        comm = self._ring_comm
         size, rank = comm.size, comm.rank
         n = hi - lo
         bounds = [lo + n * i // size for i in range(size + 1)]
