@@ -173,6 +173,7 @@ class MpiCommunicator:
             raise ValueError("bucket_bytes must be at least 8, got %d" % self.bucket_bytes)
         self._layouts = collections.OrderedDict()
         self._ctl = numpy.zeros(5, numpy.int64)
+        self._settings_sig = (None, 0)   # ((bucket_bytes, direct_min_bytes), its hash)
         # The ring's point-to-point messages travel on a private duplicate, so
         # that no receive the program posts on mpi_comm (ANY_TAG) can take them.
         self._ring_comm = self.mpi_comm.Dup()
@@ -341,7 +342,10 @@ class MpiCommunicator:
         MPI = self._MPI
         ctl = self._ctl
         # The settings decide how many messages of which sizes follow.
-        h ^= _layout.stable_hash((self.bucket_bytes, self.direct_min_bytes))
+        settings = (self.bucket_bytes, self.direct_min_bytes)
+        if self._settings_sig[0] != settings:
+            self._settings_sig = (settings, _layout.stable_hash(settings))
+        h ^= self._settings_sig[1]
         ctl[0] = h
         ctl[1] = -h
         ctl[2] = 0 if error is None else 1
