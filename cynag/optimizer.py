@@ -502,7 +502,10 @@ class UpdateRule:
 
         Keys: ``t`` and one per state entry (``v`` for NesterovAG).  Loading
         into a rule whose state does not exist yet creates it from the
-        checkpoint; if the checkpoint has no state (the rule had never
+        checkpoint (when the optimizer serializes the rule, each entry is
+        first checked against the state its parameter would get -- shape,
+        kind of number -- and converted to that dtype and device); if the
+        checkpoint has no state (the rule had never
         updated), the state stays uninitialized and is created at the first
         update.  A missing key is tolerated for a disabled rule, as in
         Chainer.  The parameters themselves are saved by the link.  The
