@@ -141,9 +141,12 @@ def describe_mismatch(infos):
                     "would block); pass zero_fill=True to treat it as zeros"
                     % (path, _ranks(set(range(len(infos))) - set(without)), _ranks(without)))
                 break
+    settings_only = len(lines) == 1 and lines[0].startswith("the ranks' communicator settings")
     if not lines:
         lines.append("the ranks' layouts differ (no differing parameter found)")
-    return "cynag.multinode: the models differ between ranks: " + "; ".join(lines)
+    return "cynag.multinode: %s: %s" % (
+        "the ranks disagree" if settings_only else "the models differ between ranks",
+        "; ".join(lines))
 
 
 class MpiCommunicator:
