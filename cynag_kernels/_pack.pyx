@@ -121,17 +121,23 @@ cdef inline int _checked_call(cnp.ndarray buf, int btype, int atype, const int64
     return 0
 
 
-cdef inline cnp.ndarray _overlap(list arrays, const int64_t[::1] offsets, Py_ssize_t i,
-                                 int64_t lo, int64_t hi, int atype, int64_t* s, int64_t* e):
-    """``arrays[i]`` (checked), with ``[s, e)`` set to its elements inside ``[lo, hi)``;
-    None where it has none."""
+cdef inline bint _span(const int64_t[::1] offsets, Py_ssize_t i, int64_t lo, int64_t hi,
+                       int64_t* s, int64_t* e) noexcept nogil:
+    """Set ``[s, e)`` to the elements of entry ``i`` inside ``[lo, hi)``; False if none."""
     cdef int64_t a0 = offsets[i]
     cdef int64_t a1 = offsets[i + 1]
     s[0] = a0 if a0 > lo else lo
     e[0] = a1 if a1 < hi else hi
-    if s[0] >= e[0]:
+    return s[0] < e[0]
+
+
+cdef inline cnp.ndarray _overlap(list arrays, const int64_t[::1] offsets, Py_ssize_t i,
+                                 int64_t lo, int64_t hi, int atype, int64_t* s, int64_t* e):
+    """``arrays[i]`` (checked), with ``[s, e)`` set to its elements inside ``[lo, hi)``;
+    None where it has none."""
+    if not _span(offsets, i, lo, hi, s, e):
         return None
-    return _checked(arrays[i], atype, a1 - a0)
+    return _checked(arrays[i], atype, offsets[i + 1] - offsets[i])
 
 
 cdef inline void _check_buf(cnp.ndarray buf, int btype, int64_t n) except *:
@@ -204,16 +210,13 @@ cdef void _pack_core(const int64_t[::1] ptrs, char* dst, Py_ssize_t item, bint w
                      const int64_t[::1] offsets, Py_ssize_t first, Py_ssize_t last,
                      int64_t lo, int64_t hi) noexcept nogil:
     cdef Py_ssize_t i, k
-    cdef int64_t a0, a1, s, e
+    cdef int64_t a0, s, e
     cdef const uint16_t* hsrc
     cdef float* fdst
     for i in range(first, last):
-        a0 = offsets[i]
-        a1 = offsets[i + 1]
-        s = a0 if a0 > lo else lo
-        e = a1 if a1 < hi else hi
-        if s >= e or ptrs[i] == 0:
+        if not _span(offsets, i, lo, hi, &s, &e) or ptrs[i] == 0:
             continue
+        a0 = offsets[i]
         if not widen:
             memcpy(dst + (s - lo) * item, <char*><size_t>ptrs[i] + (s - a0) * item,
                    <size_t>((e - s) * item))
@@ -229,7 +232,7 @@ cdef void _unpack_core(const int64_t[::1] ptrs, char* src, Py_ssize_t item, int 
                        Py_ssize_t first, Py_ssize_t last, int64_t lo,
                        int64_t hi) noexcept nogil:
     cdef Py_ssize_t i, k
-    cdef int64_t a0, a1, s, e, count
+    cdef int64_t a0, s, e, count
     cdef float fs = <float>scale
     cdef float* fsrc
     cdef float* fdst
@@ -237,12 +240,9 @@ cdef void _unpack_core(const int64_t[::1] ptrs, char* src, Py_ssize_t item, int 
     cdef double* ddst
     cdef uint16_t* hdst
     for i in range(first, last):
-        a0 = offsets[i]
-        a1 = offsets[i + 1]
-        s = a0 if a0 > lo else lo
-        e = a1 if a1 < hi else hi
-        if s >= e or ptrs[i] == 0:
+        if not _span(offsets, i, lo, hi, &s, &e) or ptrs[i] == 0:
             continue
+        a0 = offsets[i]
         count = e - s
         if narrow:  # float16 arrays, float32 buffer
             fsrc = <float*>src + (s - lo)
