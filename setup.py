@@ -141,11 +141,21 @@ def _extensions():
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION"),
                            ("NPY_TARGET_VERSION", "NPY_1_23_API_VERSION")],
             depends=["cynag_kernels/_half.h", "cynag_kernels/_hook_ops.h",
+                     "cynag_kernels/_nag_coef.h",
                      "cynag_kernels/_openmp.pxd",
                      "cynag_kernels/_probe.h"],
         )
         for name in names
     ]
+    # The optimizer's per-step collection (reads parameter objects: part of cynag).
+    exts.append(Extension(
+        "cynag._step",
+        ["cynag/_step.pyx"],
+        include_dirs=["cynag_kernels", numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION"),
+                       ("NPY_TARGET_VERSION", "NPY_1_23_API_VERSION")],
+        depends=["cynag_kernels/_half.h", "cynag_kernels/_nag_coef.h"],
+    ))
     return cythonize(
         exts,
         language_level=3,

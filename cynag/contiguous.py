@@ -74,6 +74,41 @@ def _aligned_empty(like, n, dtype):
     return raw[offset:offset + nbytes].view(dtype)
 
 
+def _shared_arrays(arrays):
+    """For each array: None (packed on its own), the id of an earlier identical array
+    (shares that array's slice), or False (overlaps another array without being
+    it: not packed)."""
+    out = [None] * len(arrays)
+    first = {}
+    spans = []
+    for i, a in enumerate(arrays):
+        if id(a) in first:
+            out[i] = id(a)
+            continue
+        first[id(a)] = i
+        if isinstance(a, numpy.ndarray) and a.size:
+            lo, hi = _bounds(a)
+            spans.append((lo, hi, i))
+    spans.sort()
+    end, owner = None, None
+    for lo, hi, i in spans:
+        if end is not None and lo < end:
+            out[i] = False
+            out[owner] = False
+        if end is None or hi > end:
+            end, owner = hi, i
+    for i, a in enumerate(arrays):
+        if out[i] is not None and out[i] is not False and out[first[out[i]]] is False:
+            out[i] = False
+    return out
+
+
+def _bounds(a):
+    if hasattr(numpy.lib, "array_utils"):
+        return numpy.lib.array_utils.byte_bounds(a)
+    return numpy.byte_bounds(a)
+
+
 def pack(link):
     """Move ``link``'s parameters, gradients and state into contiguous buffers.
 
@@ -84,6 +119,7 @@ def pack(link):
     """
     groups = collections.OrderedDict()
     seen = set()
+    members_all = []
     for path, param in link.namedparams():
         if id(param) in seen:
             continue
@@ -92,24 +128,38 @@ def pack(link):
         device = _backend.device_of(array)
         if device is None or array.dtype not in _DTYPES:
             continue
-        groups.setdefault((device, array.dtype), []).append((path, param))
+        members_all.append((path, param))
+    shared = _shared_arrays([p.array for _, p in members_all])
+    for (path, param), share in zip(members_all, shared):
+        if share is False:
+            continue  # overlaps another parameter's array without being it: left as is
+        array = param.array
+        groups.setdefault((_backend.device_of(array), array.dtype), []).append(
+            (path, param, share))
     result = []
     for (device, dtype), members in groups.items():
         like = members[0][1].array
-        total = sum(p.array.size for _, p in members)
+        total = sum(p.array.size for _, p, share in members if share is None)
         pbuf = _aligned_empty(like, total, dtype)
         gbuf = _aligned_empty(like, total, dtype)
         vbuf = _aligned_empty(like, total, dtype)
         vbuf.fill(0)
         offset = 0
-        for path, param in members:
+        views = {}
+        for path, param, share in members:
             array = param.array
             n = array.size
             pview = pbuf[offset:offset + n].reshape(array.shape)
             gview = gbuf[offset:offset + n].reshape(array.shape)
             vview = vbuf[offset:offset + n].reshape(array.shape)
             offset += n
-            pview[...] = array
+            if share is None:
+                pview[...] = array
+                views[id(array)] = pview
+            else:
+                # Parameters holding one array object keep holding one array
+                # (each update applies to it in turn, as in Chainer).
+                pview = views[share]
             grad = param.grad
             gview.fill(0)
             if grad is not None and getattr(grad, "shape", None) == array.shape:
@@ -128,6 +178,6 @@ def pack(link):
                     vview[...] = v
                     rule.state["v"] = vview
                 rule._contiguous_state = {"v": vview}
-        result.append(ContiguousBuffers(device, dtype, [path for path, _ in members],
+        result.append(ContiguousBuffers(device, dtype, [path for path, _, _ in members],
                                         pbuf, gbuf, {"v": vbuf}))
     return result

@@ -12,7 +12,6 @@ import warnings
 
 import numpy
 
-from cynag import _tracking
 from cynag.parameter import Parameter
 
 
@@ -67,16 +66,12 @@ class Link:
             value.name = name
             self._params.add(name)
             self._persistent.discard(name)
-        if isinstance(value, (Parameter, Link)) or isinstance(self.__dict__.get(name),
-                                                              (Parameter, Link)):
-            _tracking.structure.bump()  # the set of parameters may change
         super().__setattr__(name, value)
 
     def __delattr__(self, name):
         self._params.discard(name)
         self._persistent.discard(name)
         super().__delattr__(name)
-        _tracking.structure.bump()
 
     def add_param(self, name, shape=None, dtype=numpy.float32, initializer=None):
         """Register a new parameter ``name`` (NaN-filled unless ``initializer`` says otherwise)."""
@@ -96,7 +91,6 @@ class Link:
         self._persistent.add(name)
         self._params.discard(name)
         super().__setattr__(name, value)
-        _tracking.structure.bump()
 
     def register_persistent(self, name):
         """Mark an existing attribute as persistent."""
@@ -105,7 +99,6 @@ class Link:
                                  % name)
         self._persistent.add(name)
         self._params.discard(name)
-        _tracking.structure.bump()
 
     # -- traversal -------------------------------------------------------
     def params(self, include_uninit=True):
@@ -320,7 +313,6 @@ class ChainList(Link, collections.abc.MutableSequence):
         else:
             raise TypeError("ChainList indices must be integers or slices, not %s"
                             % type(index).__name__)
-        _tracking.structure.bump()
 
     def __getitem__(self, index):
         return self._children[index]
@@ -329,7 +321,6 @@ class ChainList(Link, collections.abc.MutableSequence):
         del self._children[index]
         for i, c in enumerate(self._children):
             c.name = str(i)
-        _tracking.structure.bump()
 
     def insert(self, index, link):
         """Insert ``link`` at ``index`` and renumber the children."""
@@ -338,7 +329,6 @@ class ChainList(Link, collections.abc.MutableSequence):
         self._children.insert(index, link)
         for i, c in enumerate(self._children):
             c.name = str(i)
-        _tracking.structure.bump()
 
     def __iter__(self):
         return iter(self._children)

@@ -28,7 +28,7 @@ import warnings
 
 import numpy
 
-from cynag import _backend, _tracking
+from cynag import _backend
 from cynag.link import Link
 from cynag.parameter import Parameter
 from cynag.serializer import Deserializer
@@ -46,6 +46,10 @@ class _Hookable:
             registered as ``'pre'`` with a warning (Chainer's optimizer
             behaviour); otherwise it is a ``ValueError``.
     """
+
+    # Slots: the optimizer's step reads the hook dictionaries natively.
+    __slots__ = ("_pre_update_hooks", "_post_update_hooks", "_invalid_timing_fallback",
+                 "__dict__")
 
     def __init__(self, invalid_timing_fallback=False):
         self._pre_update_hooks = collections.OrderedDict()
@@ -79,14 +83,12 @@ class _Hookable:
             self._pre_update_hooks[name] = hook
         else:
             self._post_update_hooks[name] = hook
-        _tracking.structure.bump()
 
     def remove_hook(self, name):
         if name in self._pre_update_hooks:
             del self._pre_update_hooks[name]
         else:
             del self._post_update_hooks[name]
-        _tracking.structure.bump()
 
     def hooks(self, timing):
         if timing == "pre":
@@ -105,46 +107,6 @@ class _Hookable:
         hook(*args)
 
 
-class _State(dict):
-    """The state dictionary of an update rule: a dict that reports replaced entries.
-
-    Replacing, adding or removing an entry (``rule.state['v'] = ...``) tells
-    the multi-tensor plan to look at the rule again; changing the values of
-    a state array in place needs no notice.
-    """
-
-    __slots__ = ()
-
-    def __setitem__(self, key, value):
-        dict.__setitem__(self, key, value)
-        _tracking.structure.bump()
-
-    def __delitem__(self, key):
-        dict.__delitem__(self, key)
-        _tracking.structure.bump()
-
-    def _changed(method):
-        def wrapper(self, *args, **kwargs):
-            try:
-                return method(self, *args, **kwargs)
-            finally:
-                _tracking.structure.bump()
-        wrapper.__name__ = method.__name__
-        wrapper.__doc__ = method.__doc__
-        return wrapper
-
-    clear = _changed(dict.clear)
-    pop = _changed(dict.pop)
-    popitem = _changed(dict.popitem)
-    setdefault = _changed(dict.setdefault)
-    update = _changed(dict.update)
-    __ior__ = _changed(dict.__ior__)
-    del _changed
-
-    def __reduce__(self):
-        return (_State, (dict(self),))
-
-
 class Hyperparameter:
     """Set of hyperparameter entries, falling back to a parent.
 
@@ -158,19 +120,6 @@ class Hyperparameter:
 
     def __init__(self, parent=None):
         self._parent = parent
-
-    def __setattr__(self, name, value):
-        # A new entry (or a new parent) can change where every rule finds a
-        # value; a new value for an existing entry changes values only.
-        if name in self.__dict__ and name != "_parent":
-            _tracking.hyper.bump()
-        else:
-            _tracking.structure.bump()
-        object.__setattr__(self, name, value)
-
-    def __delattr__(self, name):
-        object.__delattr__(self, name)
-        _tracking.structure.bump()
 
     def __getattr__(self, name):
         if "_parent" not in self.__dict__:
@@ -262,9 +211,12 @@ class UpdateRule:
 
     is_elementwise = False
 
+    # Slots hold what the optimizer's step reads natively at every step
+    # (cynag._step); every other attribute lives in the instance dictionary.
+    __slots__ = ("_enabled", "_t", "_state_dict", "_hyperparam", "_hookable",
+                 "_use_fp32_update", "_fp32_param", "__dict__", "__weakref__")
+
     def __init__(self, parent_hyperparam=None):
-        self._t_counter = None  # set while the rule is in a multi-tensor group
-        self._t_mark = 0
         self._state = None
         self.enabled = True
         self.hyperparam = Hyperparameter(parent_hyperparam)
@@ -281,14 +233,13 @@ class UpdateRule:
 
     @property
     def _state(self):
-        return self.__dict__["_state_dict"]
+        return self._state_dict
 
     @_state.setter
     def _state(self, state):
-        if state is not None and type(state) is not _State:
-            state = _State(state)
-        self.__dict__["_state_dict"] = state
-        _tracking.structure.bump()
+        if state is not None and type(state) is not dict:
+            state = dict(state)
+        self._state_dict = state
 
     @property
     def enabled(self):
@@ -298,7 +249,6 @@ class UpdateRule:
     @enabled.setter
     def enabled(self, flag):
         self._enabled = flag
-        _tracking.structure.bump()
 
     @property
     def hyperparam(self):
@@ -308,29 +258,15 @@ class UpdateRule:
     @hyperparam.setter
     def hyperparam(self, hyperparam):
         self._hyperparam = hyperparam
-        _tracking.structure.bump()
 
     @property
     def t(self):
         """Number of updates made by this rule."""
-        counter = self._t_counter
-        if counter is None:
-            return self._t
-        # In a multi-tensor group the group counts the steps for all rules.
-        return self._t + (counter.n - self._t_mark)
+        return self._t
 
     @t.setter
     def t(self, value):
         self._t = value
-        counter = self._t_counter
-        if counter is not None:
-            self._t_mark = counter.n
-
-    def _attach_t(self, counter):
-        """Let ``counter`` count this rule's steps from now on (``None``: stop)."""
-        t = self.t
-        self._t_counter = counter
-        self.t = t
 
     def add_hook(self, hook, name=None, timing="auto"):
         """Add a hook called as ``hook(rule, param)``.
@@ -606,7 +542,6 @@ class UpdateRule:
         back into the parameter, as Chainer does.
         """
         self._use_fp32_update = flag
-        _tracking.structure.bump()
 
 
 class _OptimizerHookable(_Hookable):
@@ -841,14 +776,12 @@ class GradientMethod(Optimizer):
         self._use_fp32_update = False
         self._use_multi_tensor = multi_tensor_default()
         self._plan = None
-        self._realloc_snapshot = None
 
     def __getstate__(self):
-        # The plan points into this optimizer's arrays by address: a copy
-        # (copy.deepcopy, pickle) builds its own at its first update.
+        # The step's table points into arrays by address: a copy
+        # (copy.deepcopy, pickle) makes its own.
         state = self.__dict__.copy()
         state["_plan"] = None
-        state["_realloc_snapshot"] = None
         return state
 
     def __setstate__(self, state):
@@ -874,9 +807,7 @@ class GradientMethod(Optimizer):
                 :func:`cynag.contiguous.pack`), so that a step is a single
                 pass over memory.
         """
-        if self._plan is not None:
-            self._plan.release()
-            self._plan = None
+        self._plan = None
         super().setup(link)
         for param in link.params():
             param.update_rule = self.create_update_rule()
@@ -890,30 +821,32 @@ class GradientMethod(Optimizer):
         return self
 
     def use_multi_tensor(self, flag=True):
-        """Update groups of parameters with one native call each (default: on).
+        """Update the parameters with one native call per device and dtype (default: on).
 
-        With the multi-tensor path (see :mod:`cynag._multi_tensor`), the
-        parameters that share a device and dtype, whose rules are of one
-        class, enabled, without rule-level hooks or float32 master copies,
-        are updated together by one native call per group; the others one
-        by one.  Results are the same either way (bit for bit on the CPU);
+        With the multi-tensor step (see :mod:`cynag._multi_tensor`), one
+        native pass over the parameter objects at every step finds the
+        parameters whose rules the kernel can stand in for (same class,
+        enabled, without rule-level hooks or float32 master copies, dense
+        arrays, ...) and updates them in one native call per dtype; the
+        others are updated by their rules at their place in the target's
+        order.  Results are the same either way (bit for bit on the CPU);
         ``use_multi_tensor(False)`` selects Chainer's per-parameter loop.
         """
         self._use_multi_tensor = bool(flag)
-        if self._plan is not None:
-            self._plan.release()
-            self._plan = None
+        self._plan = None
 
     def multi_tensor_plan(self):
-        """The current grouping as a dict (``groups`` and ``rest``), for inspection.
+        """How the next step would update the parameters, for inspection.
 
-        Builds the plan if needed (which checks every parameter).  ``None``
-        when the multi-tensor path is off.
+        A dict: ``groups`` (device, dtype, number of parameters and elements
+        of each multi-tensor group) and ``rest`` (paths of the parameters
+        updated by their rules or not at all).  Checks every parameter (as
+        :meth:`update` does) and changes nothing.  ``None`` when the
+        multi-tensor path is off.
         """
         plan = self._current_plan()
         if plan is None:
             return None
-        plan.prepare()
         return plan.describe()
 
     def _current_plan(self):
@@ -941,31 +874,13 @@ class GradientMethod(Optimizer):
         Called before and after the hooks of every step.  Uninitialized
         parameters are skipped.
         """
-        snapshot = (_tracking.structure.n, _tracking.grads.n)
-        if snapshot == self._realloc_snapshot:
-            return  # no gradient was cleared since the last pass
-        plan = self._plan
-        params = None if plan is None else plan.current_params()
-        if params is not None:
-            # The plan knows the parameters: look for a cleared gradient
-            # without walking the link.
-            if not any(map(operator.is_, map(_GRAD, params), itertools.repeat(None))):
-                self._realloc_snapshot = snapshot
-                return
-        owned = True
-        for _, param in self._namedparams(False):
-            if not isinstance(param, Parameter):
-                owned = False
-            if param.grad is None:
-                view = param._fitting_grad_view() if isinstance(param, Parameter) else None
-                if view is not None:  # contiguous mode: the buffer's view again
-                    view.fill(0)
-                    param.grad = view
-                else:
-                    param.grad = _backend.zeros_like(param.array)  # on the param's device
-        # Only cynag's parameters report a cleared gradient.
-        self._realloc_snapshot = (
-            (_tracking.structure.n, _tracking.grads.n) if owned else None)
+        from cynag import _multi_tensor, _step
+
+        params = list(self.target.params())
+        cleared = []
+        _step.cleared(params, cleared)
+        for i in cleared:
+            _multi_tensor._zero_grad(params[i])
 
     def call_hook(self, hook):
         super().call_hook(hook)
@@ -1021,16 +936,41 @@ class GradientMethod(Optimizer):
                     param._loss_scale = self._loss_scale
         plan = self._current_plan()
         if plan is None:
-            self.check_params()
-        else:
-            plan.prepare()
+            self._update_per_param()
+            return
+        try:
+            self._update_multi(plan)
+        finally:
+            plan.release()
+
+    def _update_per_param(self):
+        """Chainer's loop: every parameter updated by its rule."""
+        self.check_params()
         self.reallocate_cleared_grads()
         self.check_nan_in_grads()
-        folded = None
+        if self._hookable._pre_update_hooks:
+            self.call_hooks("pre")
+            # Hooks may have replaced gradients or hyperparameters: check
+            # again, before anything is updated.
+            self.check_params()
+        self.t += 1
+        if self.is_safe_to_update():
+            for param in self.target.params():
+                param.update()  # a checked rule skips its own check once
+        self.reallocate_cleared_grads()
+        self.call_hooks("post")
+        self.update_loss_scale()
+
+    def _update_multi(self, plan):
+        """The same steps, with the multi-tensor step of :mod:`cynag._multi_tensor`."""
+        plan.collect()      # checks everything; raises before any change
+        plan.reallocate()   # Chainer's first reallocation of cleared gradients
+        self.check_nan_in_grads()
+        programs = None
         if self._hookable._pre_update_hooks:
             hooks = list(self._hookable._pre_update_hooks.values())
             fold = ()
-            if plan is not None and self.is_safe_to_update():
+            if self.is_safe_to_update():
                 from cynag._multi_tensor import foldable_suffix
 
                 n_fold = foldable_suffix(hooks)
@@ -1039,27 +979,23 @@ class GradientMethod(Optimizer):
                     hooks, fold = hooks[:len(hooks) - n_fold], hooks[len(hooks) - n_fold:]
             for hook in hooks:
                 self.call_hook(hook)
-            # Hooks may have replaced gradients or hyperparameters: check
-            # again, before anything is updated.
-            if plan is None:
-                self.check_params()
-            else:
-                plan.prepare()
-                if fold and not plan.can_fold():
-                    for hook in fold:  # as usual: errors are then Chainer's
-                        self.call_hook(hook)
-                    plan.prepare()
-                elif fold:
-                    folded = plan.fold_prepare(fold)
+            if hooks:
+                # Hooks may have replaced gradients or hyperparameters: read
+                # and check everything again, before anything is updated.
+                plan.collect()
+                plan.reallocate()
+            if fold and not plan.can_fold():
+                for hook in fold:  # as usual: errors are then Chainer's
+                    self.call_hook(hook)
+                plan.collect()
+                plan.reallocate()
+            elif fold:
+                programs = plan.fold_prepare(fold)
         self.t += 1
         if self.is_safe_to_update():
-            if plan is None:
-                for param in self.target.params():
-                    param.update()  # a checked rule skips its own check once
-            else:
-                plan.prepare(final=True)
-                plan.run(folded)
-        self.reallocate_cleared_grads()
+            if plan.run(programs):
+                self.reallocate_cleared_grads()  # a rule's own code may have cleared some
+        plan.release()
         self.call_hooks("post")
         self.update_loss_scale()
 
@@ -1124,17 +1060,10 @@ def _fit_loaded_state(key, value, like, param):
 
 
 def _divide_grad(grad, scale):
-    """``grad /= scale`` in place, with NumPy 1.x's promotion (as in Chainer).
+    """``grad /= scale`` in place, with NumPy 1.x's promotion (as in Chainer)."""
+    from cynag.functional import _divide
 
-    NumPy 1.x divides an array of at least one dimension in its own dtype
-    (the scale is rounded to it), but a 0-d array in the promoted type
-    (float64 for a Python-float scale), rounding only the result.  CuPy
-    divides any array, 0-d included, in its own dtype.
-    """
-    if grad.ndim == 0 and isinstance(grad, numpy.ndarray):
-        grad[()] = numpy.float64(grad[()]) / numpy.float64(scale)
-    else:
-        grad /= float(scale)
+    _divide(grad, scale)
 
 
 def _check_scalar(name, value):

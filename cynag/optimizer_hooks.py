@@ -304,7 +304,7 @@ class GradientClipping:
     def __init__(self, threshold):
         self.threshold = _check_real("GradientClipping", "threshold", threshold)
 
-    def rate(self, opt):
+    def _rate(self, opt):
         """The scale factor this step, or None if the gradients are left as they are."""
         grads = [p.grad for p in opt.target.params(False) if p.grad is not None]
         if not grads:
@@ -317,7 +317,7 @@ class GradientClipping:
         return rate
 
     def __call__(self, opt):
-        rate = self.rate(opt)
+        rate = self._rate(opt)
         if rate is None:
             return
         for param in opt.target.params(False):

@@ -3,11 +3,7 @@ import warnings
 
 import numpy
 
-from cynag import _backend, _tracking
-
-_structure = _tracking.structure
-_grads = _tracking.grads
-_hyper = _tracking.hyper
+from cynag import _backend
 
 
 def _generate_array(initializer, shape, dtype=None):
@@ -58,6 +54,11 @@ class Parameter:
             optimizer's ``setup``.
     """
 
+    # Slots hold what the optimizer's step reads natively at every step
+    # (cynag._step); every other attribute lives in the instance dictionary.
+    __slots__ = ("_array", "_grad", "_update_rule", "_loss_scale_value", "__dict__",
+                 "__weakref__")
+
     def __init__(self, initializer=None, shape=None, name=None, *, array=None):
         if isinstance(shape, str) and name is None:
             shape, name = None, shape
@@ -68,7 +69,7 @@ class Parameter:
         self.name = name
         self._grad_view = None  # contiguous mode: this gradient's slice of the buffer
         self._update_rule = None
-        self.__loss_scale = None
+        self._loss_scale_value = None
         self.initializer = initializer
         is_array = isinstance(initializer, numpy.ndarray) or _backend.is_cupy_array(initializer)
         if shape is None:
@@ -98,7 +99,6 @@ class Parameter:
     @array.setter
     def array(self, value):
         self._array = value
-        _structure.n += 1
 
     data = array
 
@@ -117,9 +117,7 @@ class Parameter:
                 # Contiguous mode: the gradient lives in the gradient buffer.
                 view[...] = value
                 value = view
-        if value is not self._grad:  # (the same array again: nothing was replaced)
-            self._grad = value
-            _grads.n += 1
+        self._grad = value
 
     @property
     def update_rule(self):
@@ -129,19 +127,15 @@ class Parameter:
     @update_rule.setter
     def update_rule(self, rule):
         self._update_rule = rule
-        _structure.n += 1
 
     @property
     def _loss_scale(self):
         """Loss scale of the backward pass that produced :attr:`grad` (or ``None``)."""
-        return self.__loss_scale
+        return self._loss_scale_value
 
     @_loss_scale.setter
     def _loss_scale(self, value):
-        old = self.__loss_scale
-        if value is not old and not (type(value) is type(old) and value == old):
-            _hyper.n += 1
-        self.__loss_scale = value
+        self._loss_scale_value = value
 
     @property
     def is_initialized(self):
@@ -182,14 +176,11 @@ class Parameter:
             self._grad = None
         else:
             self._grad = numpy.full_like(self._array, self._grad_fill)
-        _structure.n += 1
-        _grads.n += 1
 
     # -- gradients ---------------------------------------------------------
     def cleargrad(self):
         """Set the gradient to ``None`` (the optimizer reallocates it as zeros)."""
         self._grad = None
-        _grads.n += 1
         if self._array is None:
             self._grad_fill = None
 
@@ -210,7 +201,6 @@ class Parameter:
                 self._grad = view
             else:
                 self._grad = _backend.zeros_like(self._array)
-            _grads.n += 1
         else:
             self._grad.fill(0)
 

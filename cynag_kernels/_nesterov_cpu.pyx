@@ -165,13 +165,47 @@ cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b, Py_ssize_t nbytes) noex
     return pa + nbytes <= pb or pb + nbytes <= pa
 
 
-cdef inline bint _fits_float(double x) noexcept:
-    """False where NumPy 1.x would compute in float64 with a float32 array.
+cdef extern from "_nag_coef.h" nogil:
+    int cynag_nag_coefficients(int type_num, double lr, double m, int has_ls, double ls,
+                               double* out)
 
-    Its value-based casting keeps a finite scalar of magnitude 3.4e38 or
-    more in float64 (``numpy.min_scalar_type``); NaN and infinities fit.
+
+def coefficient_rows(int type_num, lr, momentum, loss_scale, double[:, ::1] out,
+                     cnp.uint8_t[::1] ok):
+    """Fill ``out[i]`` (6 columns, see ``_nag_coef.h``) for tensor ``i``; ``ok[i] = 0`` where
+    the kernels cannot take its values.
+
+    ``lr``, ``momentum``: sequences of Python floats (anything else is not
+    ok); ``loss_scale``: ``None`` or a sequence of ``None``, Python floats
+    and ints of at most 2**53.  The one place of the rounding rule is
+    ``cynag_nag_coefficients`` (``_nag_coef.h``).
     """
-    return not (x == x and not isinf(x) and (x >= 3.4e38 or x <= -3.4e38))
+    cdef Py_ssize_t i, n = out.shape[0]
+    cdef double ls
+    cdef int has_ls
+    if out.shape[1] != 6 or ok.shape[0] != n or len(lr) != n or len(momentum) != n \
+            or (loss_scale is not None and len(loss_scale) != n):
+        raise ValueError("coefficient_rows: inconsistent lengths")
+    for i in range(n):
+        a = lr[i]
+        m = momentum[i]
+        out[i, :] = 0
+        if type(a) is not float or type(m) is not float:
+            ok[i] = 0
+            continue
+        has_ls = 0
+        ls = 0.0
+        if loss_scale is not None:
+            s = loss_scale[i]
+            if s is not None:
+                if type(s) is int and -2 ** 53 <= s <= 2 ** 53:
+                    s = float(s)
+                if type(s) is not float:
+                    ok[i] = 0
+                    continue
+                ls = s
+                has_ls = 1
+        ok[i] = cynag_nag_coefficients(type_num, a, m, has_ls, ls, &out[i, 0])
 
 
 cdef int _dense_type(object param, object grad, object v) noexcept:
@@ -235,6 +269,7 @@ def try_nesterov_ag_dense(object param, object grad, object v, object lr, object
     cdef int type_num
     cdef Py_ssize_t n
     cdef double lr_d, m_d, mm_d, c_d
+    cdef double coef[6]
     cdef void* pp
     cdef void* gp
     cdef void* vp
@@ -249,18 +284,12 @@ def try_nesterov_ag_dense(object param, object grad, object v, object lr, object
     pp = cnp.PyArray_DATA(<cnp.ndarray>param)
     gp = cnp.PyArray_DATA(<cnp.ndarray>grad)
     vp = cnp.PyArray_DATA(<cnp.ndarray>v)
-    lr_d = lr
-    m_d = momentum
-    mm_d = m_d * m_d
-    c_d = (1.0 + m_d) * lr_d
-    if type_num != cnp.NPY_DOUBLE:
-        if not (_fits_float(lr_d) and _fits_float(m_d) and _fits_float(mm_d)
-                and _fits_float(c_d)):
-            return False  # NumPy 1.x would compute in float64: general path
-        lr_d = <float>lr_d
-        m_d = <float>m_d
-        mm_d = <float>mm_d
-        c_d = <float>c_d
+    if not cynag_nag_coefficients(type_num, lr, momentum, 0, 0.0, coef):
+        return False  # NumPy 1.x would compute in float64: general path
+    lr_d = coef[0]
+    m_d = coef[1]
+    mm_d = coef[2]
+    c_d = coef[3]
     with nogil:
         if type_num == cnp.NPY_FLOAT:
             _contiguous_run(<float*>pp, <const float*>gp, <float*>vp,

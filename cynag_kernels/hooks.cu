@@ -1,8 +1,14 @@
 // Gradient operations of the optimizer hooks, and the partial sums of squares
 // of GradientClipping and GradientLARS, on the GPU.
 //
-// Compiled in one RawModule with nesterov_ag.cu (cynag_kernels/cuda.py,
-// ``SOURCE_FILES``); self-contained, it uses nothing of that file.
+// Compiled in one RawModule after nesterov_ag.cu (cynag_kernels/cuda.py,
+// ``SOURCE_FILES``: the files are concatenated in that order), and not
+// compilable alone: the folded update kernels at the end of this file
+// (cynag_nesterov_ag_multi_ops_*) use, from nesterov_ag.cu, the device
+// template ``cynag::nesterov_ag_multi<T, Pre>`` (the multi-tensor update,
+// with a functor ``Pre`` run on each gradient element first; OpsPre below)
+// and the table layout it reads.  Everything else here (the operation
+// programs, the sums of squares) uses nothing of nesterov_ag.cu.
 //
 // Operation programs
 // ------------------

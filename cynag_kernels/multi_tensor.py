@@ -65,53 +65,16 @@ def coefficient_table(dtype, lr, momentum, loss_scale=None):
         the kernel can update this way.  Excluded: a coefficient or loss
         scale that is finite but overflows the compute type (NumPy 1.x would
         then compute in float64), a loss scale that is not a float or an
-        int of at most 2**53.
+        int of at most 2**53.  The rule is written once, in C
+        (``_nag_coef.h``), and shared with the optimizer's step table.
     """
     dtype = numpy.dtype(dtype)
     n = len(lr)
     coef = numpy.zeros((n, N_COEF), numpy.float64)
-    ok = numpy.ones(n, bool)
-    lr_a = numpy.array(lr, numpy.float64)
-    m_a = numpy.array(momentum, numpy.float64)
-    coef[:, _LR] = lr_a
-    coef[:, _M] = m_a
-    with numpy.errstate(all="ignore"):
-        coef[:, _MM] = m_a * m_a
-        coef[:, _C] = (1.0 + m_a) * lr_a
-    if loss_scale is not None:
-        kinds = set(map(type, loss_scale))
-        if kinds == {float}:
-            coef[:, _LS] = loss_scale
-            coef[:, _HAS_LS] = 1.0
-        elif kinds != {type(None)}:
-            for i, s in enumerate(loss_scale):
-                if s is None:
-                    continue
-                if type(s) is int and -2 ** 53 <= s <= 2 ** 53:
-                    s = float(s)
-                if type(s) is not float:
-                    ok[i] = False
-                    continue
-                coef[i, _LS] = s
-                coef[i, _HAS_LS] = 1.0
-    if dtype != numpy.float64:
-        stored = numpy.float16 if dtype == numpy.float16 else numpy.float32
-        with numpy.errstate(all="ignore"):
-            k32 = coef[:, :_HAS_LS].astype(numpy.float32)
-            # The loss scale is rounded to the array dtype (NumPy rounds a
-            # scalar divisor to float16 for a float16 array).
-            k32[:, _LS] = coef[:, _LS].astype(stored).astype(numpy.float32)
-        # NumPy 1.x computes in float64 for a finite scalar of magnitude
-        # 3.4e38 or more (its value-based casting), and rounds a float16
-        # array's divisor of magnitude 65000 or more to float32.
-        raw = coef[:, :_HAS_LS]
-        with numpy.errstate(invalid="ignore"):
-            wide = numpy.isfinite(raw) & (numpy.abs(raw) >= 3.4e38)
-            if dtype == numpy.float16:
-                wide[:, _LS] |= numpy.isfinite(raw[:, _LS]) & (numpy.abs(raw[:, _LS]) >= 65000.0)
-        ok &= ~wide.any(axis=1)
-        coef[:, :_HAS_LS] = k32
-    return coef, ok
+    ok = numpy.ones(n, numpy.uint8)
+    _nesterov_cpu.coefficient_rows(_TYPE_NUMS[dtype], list(lr), list(momentum),
+                                   None if loss_scale is None else list(loss_scale), coef, ok)
+    return coef, ok.view(bool)
 
 
 class CPUTable:
@@ -211,6 +174,44 @@ class CPUTable:
         self._arrays = (params, grads, vs)
         self.n_tensors = len(sizes)
         self.n_elements = int(self._cum[-1])
+
+    @classmethod
+    def from_rows(cls, ptrs, sizes, coef, dtype, keep=None):
+        """A table over rows that were already checked (e.g. by ``cynag._step``).
+
+        Args:
+            ptrs: ``(n, 3)`` int64 addresses of param, grad and v (dense,
+                disjoint, aligned, of ``dtype``; param, v and a loss-scaled
+                grad writeable).
+            sizes: ``(n,)`` int64 element counts.
+            coef: ``(n, 6)`` float64 coefficient rows, as
+                :func:`coefficient_table` makes them.
+            dtype: the arrays' dtype.
+            keep: the arrays (kept alive while the table points into them).
+
+        Nothing is checked here: the caller vouches for the rows.
+        """
+        table = object.__new__(cls)
+        table.dtype = numpy.dtype(dtype)
+        table._type_num = _TYPE_NUMS[table.dtype]
+        table.excluded = []
+        ptrs = numpy.asarray(ptrs, numpy.int64)
+        sizes = numpy.asarray(sizes, numpy.int64)
+        coef = numpy.asarray(coef, numpy.float64)
+        keep_rows = sizes > 0
+        if not keep_rows.all():
+            ptrs, sizes, coef = ptrs[keep_rows], sizes[keep_rows], coef[keep_rows]
+        ptrs, sizes, coef = _merge_adjacent(ptrs, sizes, coef, table.dtype.itemsize)
+        table._ptrs = numpy.ascontiguousarray(ptrs)
+        table._coef = numpy.ascontiguousarray(coef)
+        table._cum = numpy.zeros(len(sizes) + 1, numpy.int64)
+        numpy.cumsum(sizes, out=table._cum[1:])
+        table._scaled = bool(table._coef[:, _HAS_LS].any()) if len(sizes) else False
+        table._items = {}
+        table._arrays = keep
+        table.n_tensors = len(sizes)
+        table.n_elements = int(table._cum[-1])
+        return table
 
     def with_grads(self, grads):
         """A table for the same entries with new gradient arrays.

@@ -35,7 +35,8 @@ from hypothesis import strategies as st
 
 from cynag import Chain, Link, Parameter
 from cynag import optimizer_hooks as H
-from cynag._multi_tensor import _Group, foldable_suffix
+from cynag import functional
+from cynag._multi_tensor import foldable_suffix
 from cynag.optimizers import NesterovAG
 from cynag_kernels import hooks as K
 
@@ -797,13 +798,13 @@ class _Spy:
 
     def __init__(self, monkeypatch):
         self.calls = []
-        original = _Group.run
+        original = functional.nesterov_ag_table
 
-        def run(group, ops=None):
+        def run(table, ops=None, num_threads=None):
             self.calls.append(None if ops is None else np.array(ops))
-            return original(group, ops)
+            return original(table, ops=ops, num_threads=num_threads)
 
-        monkeypatch.setattr(_Group, "run", run)
+        monkeypatch.setattr(functional, "nesterov_ag_table", run)
 
     def folded(self):
         return [c for c in self.calls if c is not None]
@@ -1218,7 +1219,7 @@ def test_folding_keeps_float16_coefficients_numpy_would_widen():
 def test_folded_hook_on_read_only_gradient_raises_as_unfolded():
     """Chainer's ``g += rate * p`` raises ValueError on a read-only gradient, and
     so does cynag's unfolded WeightDecay.  Folded into the multi-tensor pass
-    (cynag/_multi_tensor.py Plan.run -> _Group.fold_rows; CPUTable admits a
+    (cynag/_multi_tensor.py Plan.fold_prepare; the step table admits a
     read-only gradient when there is no loss scale to divide by) it writes the
     read-only array instead and updates the parameter."""
     results = {}

@@ -2,11 +2,11 @@
 import numpy
 
 import cynag_kernels
-from cynag import _backend, optimizer
+from cynag import _backend, functional, optimizer
 
 _default_hyperparam = optimizer.Hyperparameter()
-_default_hyperparam.lr = 0.01
-_default_hyperparam.momentum = 0.9
+_default_hyperparam.lr = functional.DEFAULTS["lr"]
+_default_hyperparam.momentum = functional.DEFAULTS["momentum"]
 
 
 class NesterovAGRule(optimizer.UpdateRule):
@@ -41,7 +41,7 @@ class NesterovAGRule(optimizer.UpdateRule):
             v.fill(0)
             self.state["v"] = v
         else:
-            self.state["v"] = _backend.zeros_like(array)
+            self.state.update(functional.init_state(array))
 
     def _state_like(self, param):
         # v: the shape of the parameter, in its dtype (float32 for a float16
@@ -50,7 +50,7 @@ class NesterovAGRule(optimizer.UpdateRule):
         if array is None or _backend.device_of(array) is None:
             return {}
         dtype = numpy.float32 if self._uses_fp32(param) else array.dtype
-        return {"v": numpy.broadcast_to(numpy.empty((), dtype), array.shape)}
+        return functional.state_like(array.shape, dtype)
 
     def _check_param(self, param):
         """Check hyperparameters, arrays and the state ``v`` before an update."""
@@ -89,17 +89,11 @@ class NesterovAGRule(optimizer.UpdateRule):
         grad = param.grad
         if grad is None:
             return
-        cynag_kernels.nesterov_ag_cpu(param.array, grad, self.state["v"],
-                                      self.hyperparam.lr, self.hyperparam.momentum)
+        functional.nesterov_ag([param.array], [grad], [self.state["v"]],
+                               lr=self.hyperparam.lr, momentum=self.hyperparam.momentum,
+                               impl="single")
 
-    def update_core_gpu(self, param):
-        grad = param.grad
-        if grad is None:
-            return
-        from cynag_kernels import cuda
-
-        cuda.nesterov_ag_gpu(param.array, grad, self.state["v"],
-                             self.hyperparam.lr, self.hyperparam.momentum)
+    update_core_gpu = update_core_cpu
 
 
 class NesterovAG(optimizer.GradientMethod):

@@ -1,0 +1,886 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The collection of one optimizer step: one native pass over the parameter objects.
+
+:func:`scan` walks the target's parameter objects once per step and, for
+each, reads its update rule, array, gradient and loss scale, the rule's
+flags, state and hyperparameters, checks the arrays from their headers
+(dtype, shape, contiguity, alignment, byte order, writability, disjointness)
+and fills one row of the step's table: the addresses and coefficients the
+multi-tensor kernel takes.  Nothing is remembered from one step to the next:
+every step reads the objects as they are, so no change can go unnoticed,
+whoever makes it and whatever the parameter's class.
+
+A row gets one of these codes:
+
+* ``SKIP`` -- nothing to update: no update rule, or a disabled rule;
+* ``FAST`` -- updated by the multi-tensor kernel (a CPU row of the table);
+* ``GPU`` -- a candidate for the GPU multi-tensor launch (the arrays are not
+  NumPy arrays; the caller checks and groups them);
+* ``REST`` -- updated by its rule (``param.update()``), as Chainer does;
+* ``NEEDS_GRAD`` -- as ``FAST`` but the gradient is ``None``: the optimizer
+  allocates zeros and scans the row again.
+
+``flags`` marks every initialized parameter whose gradient is ``None``
+(``CLEARED``), whatever its code: the optimizer reallocates those, as
+Chainer's ``reallocate_cleared_grads`` does.
+
+How attributes are read depends on the parameter's class (decided once per
+class by the caller, see ``cynag._multi_tensor``): cynag's ``Parameter``
+from its slots, Chainer 7's ``chainer.Parameter`` from its instance
+dictionary (the non-ChainerX, standard-layout case; anything else through
+the public properties), any other class through ``getattr``.  Update rules
+whose class takes the multi-tensor kernel are read from
+:class:`cynag.optimizer.UpdateRule`'s slots.
+
+:func:`mark_overlaps` then moves to ``REST`` every ``FAST`` row whose arrays
+overlap an array of another row or one of the caller's extra arrays (those
+of the parameters updated by their rules), in time linear in the number of
+arrays (arrays are grouped by the allocation that owns their memory; only
+arrays of one allocation are compared by address).
+"""
+cimport numpy as cnp
+from cpython.object cimport PyObject, PyTypeObject
+from libc.stdint cimport int64_t, uint8_t, int32_t, uintptr_t
+from libc.stdlib cimport malloc, free, qsort
+from libc.string cimport memset
+
+import numpy
+
+cnp.import_array()
+
+cdef extern from "numpy/arrayobject.h":
+    enum: NPY_HALF
+
+cdef extern from "_nag_coef.h" nogil:
+    int CYNAG_N_COEF
+    int cynag_nag_coefficients(int type_num, double lr, double m, int has_ls, double ls,
+                               double* out)
+
+cdef extern from "Python.h":
+    PyObject* PyDict_GetItem(PyObject* d, PyObject* key)
+    Py_ssize_t PyDict_Size(PyObject* d)
+    bint PyDict_Check(PyObject* o)
+    bint PyFloat_CheckExact(PyObject* o)
+    double PyFloat_AS_DOUBLE(PyObject* o)
+    bint PyLong_CheckExact(PyObject* o)
+    long long PyLong_AsLongLongAndOverflow(PyObject* o, int* overflow)
+    bint PyList_CheckExact(PyObject* o)
+    Py_ssize_t PyList_GET_SIZE(PyObject* o)
+    PyObject* PyList_GET_ITEM(PyObject* o, Py_ssize_t i)
+    PyTypeObject* Py_TYPE(PyObject* o)
+    int PyObject_IsTrue(PyObject* o) except -1
+    object PyObject_GenericGetDict(object o, void* context)
+    ctypedef struct PyMemberDef:
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+    PyTypeObject PyMemberDescr_Type
+    PyObject* PyLong_FromLongLong(long long v)
+    void Py_DECREF(PyObject* o)
+    void Py_INCREF(PyObject* o)
+
+
+# Row codes.
+SKIP = 0
+FAST = 1
+GPU = 2
+REST = 3
+NEEDS_GRAD = 4
+cdef enum:
+    C_SKIP = 0
+    C_FAST = 1
+    C_GPU = 2
+    C_REST = 3
+    C_NEEDS_GRAD = 4
+
+# Row flags.
+CLEARED = 1
+cdef enum:
+    F_CLEARED = 1
+
+# Parameter classes (values of the ``param_kinds`` dictionary).
+PARAM_GENERIC = 0     # getattr of the public attributes
+PARAM_CYNAG = 1       # cynag.Parameter: slots
+PARAM_CHAINER = 2     # chainer.Parameter (Chainer 7): instance dictionary
+PARAM_UPDATE_OK = 8   # its update() is update_rule.update(self)
+cdef enum:
+    K_GENERIC = 0
+    K_CYNAG = 1
+    K_CHAINER = 2
+    K_UPDATE_OK = 8
+
+# Update rule classes (values of the ``rule_kinds`` dictionary).
+RULE_OTHER = 0        # updated by the rule itself
+RULE_NESTEROV_AG = 1  # NesterovAG: the multi-tensor kernel
+cdef enum:
+    R_OTHER = 0
+    R_NAG = 1
+
+# Interned attribute names.
+cdef object S_ARRAY = "array"
+cdef object S_GRAD = "grad"
+cdef object S_RULE = "update_rule"
+cdef object S_LOSS_SCALE = "_loss_scale"
+cdef object S_V = "v"
+cdef object S_LR = "lr"
+cdef object S_MOMENTUM = "momentum"
+cdef object S_PARENT = "_parent"
+cdef object S_DATA = "_data"
+cdef object S_LAYOUT = "_layout"
+cdef object S_CHAINERX = "_has_chainerx_array"
+cdef object S_GRAD_VALID = "_grad_valid"
+cdef object S_GRAD_VAR = "_grad_var"
+cdef object S_GRAD_PRIV = "_grad"
+
+# Slot offsets, set by configure().
+cdef Py_ssize_t OFF_P_ARRAY = -1, OFF_P_GRAD = -1, OFF_P_RULE = -1, OFF_P_LS = -1
+cdef Py_ssize_t OFF_R_ENABLED = -1, OFF_R_T = -1, OFF_R_STATE = -1, OFF_R_HP = -1
+cdef Py_ssize_t OFF_R_HOOKABLE = -1, OFF_R_FP32 = -1
+cdef Py_ssize_t OFF_H_PRE = -1, OFF_H_POST = -1
+cdef bint _configured = False
+
+# Classification of classes: {type: kind}; the callbacks fill missing entries.
+cdef dict _param_kinds = {}
+cdef dict _rule_kinds = {}
+cdef object _classify_param = None
+cdef object _classify_rule = None
+
+
+cdef Py_ssize_t _member_offset(object cls, str name) except -1:
+    descr = cls.__dict__[name]
+    tp = type(descr)
+    if <PyTypeObject*>tp is not &PyMemberDescr_Type:
+        raise TypeError("%s.%s is not a slot" % (cls.__name__, name))
+    return (<PyMemberDescrObject*>descr).d_member.offset
+
+
+def configure(param_cls, rule_cls, hookable_cls, classify_param, classify_rule):
+    """Record the slot layout of cynag's classes and the class classifiers."""
+    global OFF_P_ARRAY, OFF_P_GRAD, OFF_P_RULE, OFF_P_LS
+    global OFF_R_ENABLED, OFF_R_T, OFF_R_STATE, OFF_R_HP, OFF_R_HOOKABLE, OFF_R_FP32
+    global OFF_H_PRE, OFF_H_POST, _configured, _classify_param, _classify_rule
+    OFF_P_ARRAY = _member_offset(param_cls, "_array")
+    OFF_P_GRAD = _member_offset(param_cls, "_grad")
+    OFF_P_RULE = _member_offset(param_cls, "_update_rule")
+    OFF_P_LS = _member_offset(param_cls, "_loss_scale_value")
+    OFF_R_ENABLED = _member_offset(rule_cls, "_enabled")
+    OFF_R_T = _member_offset(rule_cls, "_t")
+    OFF_R_STATE = _member_offset(rule_cls, "_state_dict")
+    OFF_R_HP = _member_offset(rule_cls, "_hyperparam")
+    OFF_R_HOOKABLE = _member_offset(rule_cls, "_hookable")
+    OFF_R_FP32 = _member_offset(rule_cls, "_use_fp32_update")
+    OFF_H_PRE = _member_offset(hookable_cls, "_pre_update_hooks")
+    OFF_H_POST = _member_offset(hookable_cls, "_post_update_hooks")
+    _classify_param = classify_param
+    _classify_rule = classify_rule
+    _param_kinds.clear()
+    _rule_kinds.clear()
+    _configured = True
+
+
+def kinds():
+    """The class classifications made so far (for tests): ``(param_kinds, rule_kinds)``."""
+    return dict(_param_kinds), dict(_rule_kinds)
+
+
+cdef inline PyObject* _slot(PyObject* o, Py_ssize_t off) noexcept:
+    return (<PyObject**>((<char*>o) + off))[0]
+
+
+cdef inline object _slot_or_raise(object o, Py_ssize_t off, str name):
+    cdef PyObject* v = _slot(<PyObject*>o, off)
+    if v is NULL:
+        raise AttributeError("%r object has no attribute %r" % (type(o).__name__, name))
+    return <object>v
+
+
+cdef inline int _param_kind(PyTypeObject* tp) except -1:
+    cdef PyObject* k = PyDict_GetItem(<PyObject*>_param_kinds, <PyObject*>tp)
+    if k is not NULL:
+        return <int><object>k
+    kind = _classify_param(<object>tp)
+    _param_kinds[<object>tp] = kind
+    return kind
+
+
+cdef inline int _rule_kind(PyTypeObject* tp) except -1:
+    cdef PyObject* k = PyDict_GetItem(<PyObject*>_rule_kinds, <PyObject*>tp)
+    if k is not NULL:
+        return <int><object>k
+    kind = _classify_rule(<object>tp)
+    _rule_kinds[<object>tp] = kind
+    return kind
+
+
+# -- reading a parameter ---------------------------------------------------------
+cdef inline object _chainer_dict_item(object d, object key, bint* found):
+    cdef PyObject* v = PyDict_GetItem(<PyObject*>d, <PyObject*>key)
+    if v is NULL:
+        found[0] = False
+        return None
+    found[0] = True
+    return <object>v
+
+
+cdef object _read_rule(object p, int kind):
+    cdef bint found
+    if kind == K_CYNAG:
+        return _slot_or_raise(p, OFF_P_RULE, "_update_rule")
+    if kind == K_CHAINER:
+        d = PyObject_GenericGetDict(p, NULL)
+        v = _chainer_dict_item(d, S_RULE, &found)
+        if found:
+            return v
+    return getattr(p, S_RULE, None)
+
+
+cdef bint _chainer_plain(object d):
+    """True if a chainer.Variable's dictionary says: standard layout, no ChainerX."""
+    cdef bint found
+    layout = _chainer_dict_item(d, S_LAYOUT, &found)
+    if not found or layout is not None:
+        return False
+    chx = _chainer_dict_item(d, S_CHAINERX, &found)
+    if found and chx is not False:
+        return False
+    return True
+
+
+cdef object _read_array(object p, int kind):
+    cdef bint found
+    if kind == K_CYNAG:
+        return _slot_or_raise(p, OFF_P_ARRAY, "_array")
+    if kind == K_CHAINER:
+        d = PyObject_GenericGetDict(p, NULL)
+        if _chainer_plain(d):
+            data = _chainer_dict_item(d, S_DATA, &found)
+            if found and PyList_CheckExact(<PyObject*>data) \
+                    and PyList_GET_SIZE(<PyObject*>data) == 1:
+                return <object>PyList_GET_ITEM(<PyObject*>data, 0)
+    return getattr(p, S_ARRAY)
+
+
+cdef object _read_grad(object p, int kind):
+    cdef bint found
+    if kind == K_CYNAG:
+        return _slot_or_raise(p, OFF_P_GRAD, "_grad")
+    if kind == K_CHAINER:
+        d = PyObject_GenericGetDict(p, NULL)
+        if _chainer_plain(d):
+            valid = _chainer_dict_item(d, S_GRAD_VALID, &found)
+            if found and valid is True:
+                gv = _chainer_dict_item(d, S_GRAD_VAR, &found)
+                if found and gv is None:
+                    g = _chainer_dict_item(d, S_GRAD_PRIV, &found)
+                    if found:
+                        return g
+    return getattr(p, S_GRAD)
+
+
+cdef object _read_loss_scale(object p, int kind):
+    cdef bint found
+    if kind == K_CYNAG:
+        return _slot_or_raise(p, OFF_P_LS, "_loss_scale_value")
+    if kind == K_CHAINER:
+        d = PyObject_GenericGetDict(p, NULL)
+        v = _chainer_dict_item(d, S_LOSS_SCALE, &found)
+        if found:
+            return v
+    return getattr(p, S_LOSS_SCALE, None)
+
+
+# -- hyperparameters ---------------------------------------------------------------
+cdef object _MISSING = object()
+
+
+cdef object _hp_lookup(object hp, object name):
+    """Value of ``name`` along the Hyperparameter chain (``_MISSING`` if none)."""
+    cdef PyObject* v
+    cdef int depth = 0
+    while hp is not None and depth < 64:
+        d = PyObject_GenericGetDict(hp, NULL)
+        v = PyDict_GetItem(<PyObject*>d, <PyObject*>name)
+        if v is not NULL:
+            return <object>v
+        v = PyDict_GetItem(<PyObject*>d, <PyObject*>S_PARENT)
+        if v is NULL:
+            return _MISSING
+        hp = <object>v
+        depth += 1
+    return _MISSING
+
+
+# -- the table ---------------------------------------------------------------------
+cdef class StepTable:
+    """Rows of one step: codes, flags, addresses, sizes, coefficients (see module doc).
+
+    Attributes (NumPy arrays of ``capacity`` rows; the first ``n`` are valid):
+        codes (uint8), flags (uint8), ptrs (int64, 3 per row: param, grad,
+        v), sizes (int64, elements), coef (float64, 6 per row; for ``GPU``
+        rows the raw lr, momentum, loss scale and flag), type_nums (int32),
+        owners (uint64, 3 per row: the allocation of each array, 0 if
+        unknown), rules (list: the update rule of ``FAST``/``GPU`` rows),
+        keep (list: the arrays of every ``FAST`` row, kept alive while the
+        table points at them).
+    """
+    cdef public object codes, flags, ptrs, sizes, coef, type_nums, owners
+    cdef public list rules, keep
+    cdef public Py_ssize_t n
+    cdef Py_ssize_t capacity
+    cdef uint8_t* c_codes
+    cdef uint8_t* c_flags
+    cdef int64_t* c_ptrs
+    cdef int64_t* c_sizes
+    cdef double* c_coef
+    cdef int32_t* c_tnum
+    cdef uintptr_t* c_owners
+
+    def __init__(self):
+        self.n = 0
+        self.capacity = -1
+        self.reserve(0)
+
+    def reserve(self, Py_ssize_t n):
+        """Make room for ``n`` rows (the contents are not kept)."""
+        if n <= self.capacity:
+            self.n = n
+            return
+        cap = max(n, 16)
+        self.codes = numpy.zeros(cap, numpy.uint8)
+        self.flags = numpy.zeros(cap, numpy.uint8)
+        self.ptrs = numpy.zeros((cap, 3), numpy.int64)
+        self.sizes = numpy.zeros(cap, numpy.int64)
+        self.coef = numpy.zeros((cap, 6), numpy.float64)
+        self.type_nums = numpy.zeros(cap, numpy.int32)
+        self.owners = numpy.zeros((cap, 3), numpy.uint64)
+        self.c_codes = <uint8_t*>cnp.PyArray_DATA(self.codes)
+        self.c_flags = <uint8_t*>cnp.PyArray_DATA(self.flags)
+        self.c_ptrs = <int64_t*>cnp.PyArray_DATA(self.ptrs)
+        self.c_sizes = <int64_t*>cnp.PyArray_DATA(self.sizes)
+        self.c_coef = <double*>cnp.PyArray_DATA(self.coef)
+        self.c_tnum = <int32_t*>cnp.PyArray_DATA(self.type_nums)
+        self.c_owners = <uintptr_t*>cnp.PyArray_DATA(self.owners)
+        self.capacity = cap
+        self.n = n
+
+    def release(self):
+        """Drop the references to rules and arrays (the rows become invalid)."""
+        self.rules = [None] * max(self.capacity, 0)
+        self.keep = [None] * (3 * max(self.capacity, 0))
+
+
+cdef inline uintptr_t _owner(cnp.ndarray a) noexcept:
+    """Address of the object that owns ``a``'s memory, 0 if it cannot be told.
+
+    NumPy arrays that own their memory never overlap one another; a view's
+    base chain ends at the array that owns its memory.  A chain that ends at
+    another kind of object (a buffer exported by something else) or at an
+    array that does not own its memory gives 0.
+    """
+    cdef PyObject* obj = <PyObject*>a
+    cdef PyObject* base
+    cdef int depth = 0
+    while depth < 1000:
+        base = <PyObject*>cnp.PyArray_BASE(<cnp.ndarray>obj)
+        if base is NULL:
+            if cnp.PyArray_CHKFLAGS(<cnp.ndarray>obj, cnp.NPY_ARRAY_OWNDATA):
+                return <uintptr_t>obj
+            return 0
+        if not cnp.PyArray_Check(<object>base):
+            return 0
+        obj = base
+        depth += 1
+    return 0
+
+
+cdef inline bint _same_layout(cnp.ndarray a, cnp.ndarray b, int type_num) noexcept:
+    cdef int i
+    if cnp.PyArray_TYPE(b) != type_num or cnp.PyArray_NDIM(b) != cnp.PyArray_NDIM(a):
+        return False
+    for i in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(a)[i] != cnp.PyArray_DIMS(b)[i]:
+            return False
+    return True
+
+
+cdef inline bint _disjoint(char* pa, char* pb, Py_ssize_t nbytes) noexcept:
+    return pa + nbytes <= pb or pb + nbytes <= pa
+
+
+cdef int _dense_row(object param, object grad, object v, bint grad_written) noexcept:
+    """NumPy type number if the three arrays take the kernel's dense path, else -1."""
+    cdef cnp.ndarray p, g, vv
+    cdef int type_num, flag
+    cdef Py_ssize_t nbytes
+    if not (cnp.PyArray_CheckExact(param) and cnp.PyArray_CheckExact(grad)
+            and cnp.PyArray_CheckExact(v)):
+        return -1
+    p, g, vv = param, grad, v
+    if cnp.PyArray_NDIM(p) == 0:
+        return -1  # 0-d arrays follow NumPy's scalar promotion: the rule's path
+    type_num = cnp.PyArray_TYPE(p)
+    if type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE and type_num != NPY_HALF:
+        return -1
+    if not (_same_layout(p, g, type_num) and _same_layout(p, vv, type_num)):
+        return -1
+    flag = cnp.NPY_ARRAY_C_CONTIGUOUS
+    if not (cnp.PyArray_CHKFLAGS(p, flag) and cnp.PyArray_CHKFLAGS(g, flag)
+            and cnp.PyArray_CHKFLAGS(vv, flag)):
+        flag = cnp.NPY_ARRAY_F_CONTIGUOUS
+        if not (cnp.PyArray_CHKFLAGS(p, flag) and cnp.PyArray_CHKFLAGS(g, flag)
+                and cnp.PyArray_CHKFLAGS(vv, flag)):
+            return -1
+    if not (cnp.PyArray_ISWRITEABLE(p) and cnp.PyArray_ISWRITEABLE(vv)
+            and cnp.PyArray_ISALIGNED(p) and cnp.PyArray_ISALIGNED(g)
+            and cnp.PyArray_ISALIGNED(vv) and cnp.PyArray_ISNOTSWAPPED(p)
+            and cnp.PyArray_ISNOTSWAPPED(g) and cnp.PyArray_ISNOTSWAPPED(vv)):
+        return -1
+    if grad_written and not cnp.PyArray_ISWRITEABLE(g):
+        return -1
+    nbytes = cnp.PyArray_SIZE(p) * cnp.PyArray_ITEMSIZE(p)
+    if nbytes and not (_disjoint(<char*>cnp.PyArray_DATA(p), <char*>cnp.PyArray_DATA(g), nbytes)
+                       and _disjoint(<char*>cnp.PyArray_DATA(p), <char*>cnp.PyArray_DATA(vv),
+                                     nbytes)
+                       and _disjoint(<char*>cnp.PyArray_DATA(g), <char*>cnp.PyArray_DATA(vv),
+                                     nbytes)):
+        return -1
+    return type_num
+
+
+cdef inline void _clear_row(StepTable t, Py_ssize_t i):
+    cdef int j
+    for j in range(3):
+        t.c_ptrs[3 * i + j] = 0
+        t.c_owners[3 * i + j] = 0
+    t.c_sizes[i] = 0
+    t.c_tnum[i] = -1
+
+
+def scan(list params, StepTable table, object indices=None):
+    """Fill the rows of ``params`` (all, or the rows listed in ``indices``).
+
+    ``table`` must have room for ``len(params)`` rows (:meth:`StepTable.reserve`).
+    Returns the number of ``FAST`` rows among those scanned.  Raises only
+    what reading an attribute raises (e.g. Chainer's ``RuntimeError`` for a
+    gradient that was never set); the checks themselves never raise: a row
+    that fails one goes to ``REST``, where the rule's own check names the
+    problem.
+    """
+    cdef Py_ssize_t n = len(params)
+    cdef Py_ssize_t i, k, n_idx, n_fast = 0
+    cdef int pkind, rkind, type_num, has_ls, ovf
+    cdef PyTypeObject* last_ptype = NULL
+    cdef PyTypeObject* last_rtype = NULL
+    cdef int last_pkind = 0, last_rkind = 0
+    cdef PyObject* rp
+    cdef PyObject* hook_pre
+    cdef PyObject* hook_post
+    cdef PyObject* hookable
+    cdef PyObject* state
+    cdef PyObject* vp
+    cdef PyObject* hp
+    cdef PyObject* hpd_parent
+    cdef double lr, m, ls
+    cdef long long ls_i
+    cdef double* row
+    cdef cnp.int64_t[::1] idx_view
+    if not _configured:
+        raise RuntimeError("cynag._step.configure() was not called")
+    if table.capacity < n:
+        raise ValueError("scan: the table has room for %d rows, not %d" % (table.capacity, n))
+    if len(table.rules) < n or len(table.keep) < 3 * n:
+        raise ValueError("scan: table.release() was not called after reserve()")
+    if indices is None:
+        n_idx = n
+    else:
+        idx_view = numpy.ascontiguousarray(indices, dtype=numpy.int64)
+        n_idx = idx_view.shape[0]
+    rules = table.rules
+    keep = table.keep
+    memo_parent = _MISSING
+    memo_lr = memo_m = _MISSING
+    for k in range(n_idx):
+        i = k if indices is None else idx_view[k]
+        if i < 0 or i >= n:
+            raise IndexError("scan: row %d out of range" % i)
+        p = params[i]
+        table.c_flags[i] = 0
+        table.c_codes[i] = C_REST
+        _clear_row(table, i)
+        rules[i] = None
+        ptype = Py_TYPE(<PyObject*>p)
+        if ptype is not last_ptype:
+            last_pkind = _param_kind(ptype)
+            last_ptype = ptype
+        pkind = last_pkind & 7
+        rule = _read_rule(p, pkind)
+        array = _read_array(p, pkind)
+        if rule is None:
+            table.c_codes[i] = C_SKIP
+            if array is not None and _read_grad(p, pkind) is None:
+                table.c_flags[i] = F_CLEARED
+            continue
+        rtype = Py_TYPE(<PyObject*>rule)
+        if rtype is not last_rtype:
+            last_rkind = _rule_kind(rtype)
+            last_rtype = rtype
+        rkind = last_rkind
+        grad = None
+        if array is not None:
+            grad = _read_grad(p, pkind)
+            if grad is None:
+                table.c_flags[i] = F_CLEARED
+        if rkind != R_NAG or not (last_pkind & K_UPDATE_OK):
+            continue  # REST: the rule updates it
+        rp = <PyObject*>rule
+        vp = _slot(rp, OFF_R_ENABLED)
+        if vp is NULL:
+            continue
+        if not PyObject_IsTrue(vp):
+            table.c_codes[i] = C_SKIP  # a disabled rule does nothing (reads nothing)
+            continue
+        if array is None:
+            continue  # uninitialized: the rule's own update (Chainer's order)
+        # Rule-level hooks, state and the float32 master copy.
+        hookable = _slot(rp, OFF_R_HOOKABLE)
+        if hookable is NULL:
+            continue
+        hook_pre = _slot(hookable, OFF_H_PRE)
+        hook_post = _slot(hookable, OFF_H_POST)
+        if hook_pre is NULL or hook_post is NULL or not PyDict_Check(hook_pre) \
+                or not PyDict_Check(hook_post) or PyDict_Size(hook_pre) \
+                or PyDict_Size(hook_post):
+            continue
+        state = _slot(rp, OFF_R_STATE)
+        if state is NULL or not PyDict_Check(state) or PyDict_Size(state) != 1:
+            continue  # no state yet (the first update creates it) or another state
+        vp = PyDict_GetItem(state, <PyObject*>S_V)
+        if vp is NULL:
+            continue
+        # Hyperparameters: Python floats found along the Hyperparameter chain.
+        hp = _slot(rp, OFF_R_HP)
+        if hp is NULL:
+            continue
+        hpd = PyObject_GenericGetDict(<object>hp, NULL)
+        lr_o = _MISSING
+        hpd_parent = NULL
+        if PyDict_Size(<PyObject*>hpd) == 1:
+            # Only a parent: every rule of the optimizer reads the same values.
+            hpd_parent = PyDict_GetItem(<PyObject*>hpd, <PyObject*>S_PARENT)
+            if hpd_parent is not NULL and hpd_parent is <PyObject*>memo_parent:
+                lr_o = memo_lr
+                m_o = memo_m
+        if lr_o is _MISSING:
+            lr_o = _hp_lookup(<object>hp, S_LR)
+            m_o = _hp_lookup(<object>hp, S_MOMENTUM)
+            if hpd_parent is not NULL:
+                memo_parent = <object>hpd_parent
+                memo_lr = lr_o
+                memo_m = m_o
+        if not PyFloat_CheckExact(<PyObject*>lr_o) or not PyFloat_CheckExact(<PyObject*>m_o):
+            continue
+        lr = PyFloat_AS_DOUBLE(<PyObject*>lr_o)
+        m = PyFloat_AS_DOUBLE(<PyObject*>m_o)
+        # The loss scale of the backward pass that produced the gradient.
+        ls_obj = _read_loss_scale(p, pkind)
+        has_ls = 0
+        ls = 0.0
+        if ls_obj is not None:
+            if PyFloat_CheckExact(<PyObject*>ls_obj):
+                ls = PyFloat_AS_DOUBLE(<PyObject*>ls_obj)
+            elif PyLong_CheckExact(<PyObject*>ls_obj):
+                ovf = 0
+                ls_i = PyLong_AsLongLongAndOverflow(<PyObject*>ls_obj, &ovf)
+                if ovf or ls_i > (1LL << 53) or ls_i < -(1LL << 53):
+                    continue
+                ls = <double>ls_i
+            else:
+                continue
+            has_ls = 1
+        v = <object>vp
+        if grad is None:
+            # Zeros are allocated for it before the update; scanned again then.
+            table.c_codes[i] = C_NEEDS_GRAD
+            continue
+        if not cnp.PyArray_CheckExact(array):
+            # Not a NumPy array: the caller looks for a CuPy array here.
+            table.c_codes[i] = C_GPU
+            row = table.c_coef + 6 * i
+            row[0] = lr
+            row[1] = m
+            row[4] = ls
+            row[5] = has_ls
+            rules[i] = rule
+            continue
+        type_num = _dense_row(array, grad, v, has_ls != 0)
+        if type_num < 0:
+            continue
+        if type_num == NPY_HALF:
+            vp = _slot(rp, OFF_R_FP32)
+            if vp is NULL or PyObject_IsTrue(vp):
+                continue  # the float32 master copy: the rule's path
+        row = table.c_coef + 6 * i
+        if not cynag_nag_coefficients(type_num, lr, m, has_ls, ls, row):
+            continue
+        table.c_ptrs[3 * i] = <int64_t>cnp.PyArray_DATA(<cnp.ndarray>array)
+        table.c_ptrs[3 * i + 1] = <int64_t>cnp.PyArray_DATA(<cnp.ndarray>grad)
+        table.c_ptrs[3 * i + 2] = <int64_t>cnp.PyArray_DATA(<cnp.ndarray>v)
+        table.c_owners[3 * i] = _owner(<cnp.ndarray>array)
+        table.c_owners[3 * i + 1] = _owner(<cnp.ndarray>grad)
+        table.c_owners[3 * i + 2] = _owner(<cnp.ndarray>v)
+        table.c_sizes[i] = cnp.PyArray_SIZE(<cnp.ndarray>array)
+        table.c_tnum[i] = type_num
+        table.c_codes[i] = C_FAST
+        rules[i] = rule
+        keep[3 * i] = array
+        keep[3 * i + 1] = grad
+        keep[3 * i + 2] = v
+        n_fast += 1
+    return n_fast
+
+
+def cleared(list params, object out):
+    """Indices of the initialized parameters whose gradient is ``None``, into ``out`` (a list).
+
+    What Chainer's ``reallocate_cleared_grads`` looks for, read as
+    :func:`scan` reads.  Returns the number found.
+    """
+    cdef Py_ssize_t i, n = len(params), found = 0
+    cdef PyTypeObject* last_ptype = NULL
+    cdef int pkind = 0
+    if not _configured:
+        raise RuntimeError("cynag._step.configure() was not called")
+    for i in range(n):
+        p = params[i]
+        ptype = Py_TYPE(<PyObject*>p)
+        if ptype is not last_ptype:
+            pkind = _param_kind(ptype) & 7
+            last_ptype = ptype
+        if _read_array(p, pkind) is not None and _read_grad(p, pkind) is None:
+            out.append(i)
+            found += 1
+    return found
+
+
+def bump_t(StepTable table, Py_ssize_t lo, Py_ssize_t hi, int code):
+    """``rule.t += 1`` for the rules of the rows ``[lo, hi)`` whose code is ``code``."""
+    cdef Py_ssize_t i
+    cdef PyObject* rp
+    cdef PyObject* t
+    cdef PyObject* nt
+    cdef int ovf
+    cdef long long tv
+    rules = table.rules
+    if hi > table.n:
+        hi = table.n
+    for i in range(max(lo, 0), hi):
+        if table.c_codes[i] != code:
+            continue
+        rule = rules[i]
+        rp = <PyObject*>rule
+        t = _slot(rp, OFF_R_T)
+        if t is not NULL and PyLong_CheckExact(t):
+            ovf = 0
+            tv = PyLong_AsLongLongAndOverflow(t, &ovf)
+            if not ovf and tv < 0x7fffffffffffffffLL:
+                nt = PyLong_FromLongLong(tv + 1)
+                if nt is NULL:
+                    raise MemoryError()
+                (<PyObject**>((<char*>rp) + OFF_R_T))[0] = nt
+                Py_DECREF(t)
+                continue
+        rule.t = rule.t + 1
+
+
+# -- overlaps ----------------------------------------------------------------------
+cdef struct Rec:
+    uintptr_t owner
+    int64_t lo
+    int64_t hi
+    Py_ssize_t row      # -1: an extra array
+
+
+cdef int _cmp_rec(const void* a, const void* b) noexcept nogil:
+    cdef const Rec* x = <const Rec*>a
+    cdef const Rec* y = <const Rec*>b
+    if x.lo != y.lo:
+        return -1 if x.lo < y.lo else 1
+    return 0
+
+
+cdef inline uintptr_t _mix(uintptr_t x) noexcept nogil:
+    x ^= x >> 33
+    x *= <uintptr_t>0xff51afd7ed558ccdULL
+    x ^= x >> 33
+    return x
+
+
+def mark_overlaps(StepTable table, list extras):
+    """Move to ``REST`` the ``FAST`` rows whose arrays overlap another row's or an extra array.
+
+    ``extras``: NumPy arrays of the parameters that are not ``FAST`` (their
+    arrays, gradients and state).  Returns the number of rows moved.
+    Linear in the number of arrays: arrays are grouped by the allocation
+    that owns their memory and only arrays of one allocation are compared
+    (all of them, sorted by address, if some array's owner cannot be told).
+    """
+    cdef Py_ssize_t n = table.n
+    cdef Py_ssize_t i, j, k, nrec = 0, n_extra = len(extras), moved = 0
+    cdef Py_ssize_t itemsize
+    cdef Rec* recs
+    cdef bint unknown = False
+    cdef int rc
+    cdef cnp.ndarray a
+    cdef uint8_t* bad
+    if n == 0:
+        return 0
+    recs = <Rec*>malloc(sizeof(Rec) * (3 * n + n_extra + 1))
+    bad = <uint8_t*>malloc(n + 1)
+    if recs is NULL or bad is NULL:
+        free(recs)
+        free(bad)
+        raise MemoryError()
+    memset(bad, 0, n + 1)
+    try:
+        for i in range(n):
+            if table.c_codes[i] != C_FAST or table.c_sizes[i] == 0:
+                continue
+            itemsize = 2 if table.c_tnum[i] == NPY_HALF else (
+                4 if table.c_tnum[i] == cnp.NPY_FLOAT else 8)
+            for j in range(3):
+                recs[nrec].owner = table.c_owners[3 * i + j]
+                recs[nrec].lo = table.c_ptrs[3 * i + j]
+                recs[nrec].hi = recs[nrec].lo + table.c_sizes[i] * itemsize
+                recs[nrec].row = i
+                if recs[nrec].owner == 0:
+                    unknown = True
+                nrec += 1
+        if nrec == 0:
+            return 0
+        for k in range(n_extra):
+            x = extras[k]
+            if not cnp.PyArray_Check(x):
+                continue
+            a = x
+            if cnp.PyArray_SIZE(a) == 0:
+                continue
+            lo_hi = _byte_bounds(a)
+            recs[nrec].owner = _owner(a)
+            recs[nrec].lo = lo_hi[0]
+            recs[nrec].hi = lo_hi[1]
+            recs[nrec].row = -1
+            if recs[nrec].owner == 0:
+                unknown = True
+            nrec += 1
+        if unknown:
+            for k in range(nrec):
+                recs[k].owner = 0
+        with nogil:
+            rc = _mark(recs, nrec, bad)
+        if rc < 0:
+            raise MemoryError()
+        for i in range(n):
+            if bad[i] and table.c_codes[i] == C_FAST:
+                table.c_codes[i] = C_REST
+                moved += 1
+    finally:
+        free(recs)
+        free(bad)
+    return moved
+
+
+cdef object _byte_bounds(cnp.ndarray a):
+    """``(lo, hi)``: the bytes an array of any strides can touch."""
+    cdef int64_t lo = <int64_t>cnp.PyArray_DATA(a)
+    cdef int64_t hi = lo
+    cdef int d
+    cdef Py_ssize_t dim, stride
+    for d in range(cnp.PyArray_NDIM(a)):
+        dim = cnp.PyArray_DIMS(a)[d]
+        stride = cnp.PyArray_STRIDES(a)[d]
+        if stride < 0:
+            lo += stride * (dim - 1)
+        else:
+            hi += stride * (dim - 1)
+    return lo, hi + cnp.PyArray_ITEMSIZE(a)
+
+
+cdef void _mark_group(Rec* g, Py_ssize_t m, uint8_t* bad) noexcept nogil:
+    """Mark the rows of the records of one allocation that overlap another record."""
+    cdef Py_ssize_t k
+    cdef bint in_order = True
+    cdef int64_t runmax
+    if m < 2:
+        return
+    for k in range(1, m):
+        if g[k - 1].lo > g[k].lo:
+            in_order = False
+            break
+    if not in_order:
+        qsort(g, m, sizeof(Rec), _cmp_rec)
+    # Sorted by start: a record overlaps another iff an earlier one ends
+    # after it starts, or the next one starts before it ends.
+    runmax = g[0].hi
+    for k in range(1, m):
+        if g[k].lo < runmax and g[k].row >= 0:
+            bad[g[k].row] = 1
+        if g[k].hi > runmax:
+            runmax = g[k].hi
+    for k in range(m - 1):
+        if g[k + 1].lo < g[k].hi and g[k].row >= 0:
+            bad[g[k].row] = 1
+
+
+cdef int _mark(Rec* recs, Py_ssize_t nrec, uint8_t* bad) noexcept nogil:
+    """Mark (``bad[row] = 1``) the rows of records that overlap another record.
+
+    Records are grouped by owner with a hash table (arrays of different
+    owners cannot overlap); each group of two or more is checked by address.
+    Returns -1 if out of memory.
+    """
+    cdef Py_ssize_t cap = 16, mask, k, slot, m, j
+    cdef uintptr_t* keys
+    cdef Py_ssize_t* heads
+    cdef Py_ssize_t* counts
+    cdef Py_ssize_t* nexts
+    cdef Rec* tmp
+    cdef int rc = 0
+    while cap < 2 * nrec:
+        cap *= 2
+    mask = cap - 1
+    keys = <uintptr_t*>malloc(sizeof(uintptr_t) * cap)
+    heads = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * cap)
+    counts = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * cap)
+    nexts = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * (nrec + 1))
+    tmp = <Rec*>malloc(sizeof(Rec) * (nrec + 1))
+    if keys is NULL or heads is NULL or counts is NULL or nexts is NULL or tmp is NULL:
+        rc = -1
+    else:
+        memset(counts, 0, sizeof(Py_ssize_t) * cap)
+        for k in range(nrec):
+            slot = _mix(recs[k].owner) & mask
+            while counts[slot] and keys[slot] != recs[k].owner:
+                slot = (slot + 1) & mask
+            if counts[slot] == 0:
+                keys[slot] = recs[k].owner
+                heads[slot] = -1
+            nexts[k] = heads[slot]
+            heads[slot] = k
+            counts[slot] += 1
+        for slot in range(cap):
+            m = counts[slot]
+            if m < 2:
+                continue
+            j = heads[slot]
+            k = m
+            while j >= 0:
+                k -= 1
+                tmp[k] = recs[j]  # back in insertion order
+                j = nexts[j]
+            _mark_group(tmp, m, bad)
+    free(keys)
+    free(heads)
+    free(counts)
+    free(nexts)
+    free(tmp)
+    return rc

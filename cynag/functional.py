@@ -1,0 +1,182 @@
+"""NesterovAG on arrays: one signature, three implementations.
+
+What is NesterovAG's lives here and nowhere else in :mod:`cynag`: its state
+(one array ``v`` per parameter, zeros at the first update), its
+hyperparameters (``lr``, ``momentum``) and the step over lists of arrays.
+The optimizer (:mod:`cynag.optimizers.nesterov_ag`, its multi-tensor step
+in :mod:`cynag._multi_tensor`) and any other front end call these functions;
+the native kernels in :mod:`cynag_kernels` take arrays and scalars only.
+
+:func:`nesterov_ag` has the shape of PyTorch's ``torch.optim.sgd.sgd()``
+over ``_single_tensor_sgd`` / ``_multi_tensor_sgd``::
+
+    nesterov_ag(params, grads, vs, lr=0.01, momentum=0.9, impl="multi")
+
+* ``impl="single"`` -- one kernel call per tensor, any strides, any scalar
+  type for ``lr``/``momentum`` (NumPy 1.x's promotion, as Chainer's numpy
+  sequence computes);
+* ``impl="multi"`` -- one native call per (device, dtype): the tensors must
+  be dense and disjoint and the hyperparameters Python floats;
+* ``impl="contiguous"`` -- ``params``, ``grads`` and ``vs`` are one flat
+  buffer each (see :mod:`cynag.contiguous`): one pass over memory.
+
+The coefficients (``m * m`` and ``(1 + m) * lr`` evaluated in double
+precision and rounded once to the compute type, as Chainer's sequence rounds
+them) are computed by one C function, ``cynag_nag_coefficients`` in
+``cynag_kernels/_nag_coef.h``, which every CPU path shares;
+:func:`coefficients` gives them to Python callers.  On the CPU every
+implementation gives bit-identical results.
+"""
+import numpy
+
+import cynag_kernels
+from cynag import _backend
+
+#: Hyperparameters of NesterovAG, with Chainer's defaults.
+DEFAULTS = {"lr": 0.01, "momentum": 0.9}
+
+#: The entries of a parameter's state.
+STATE_KEYS = ("v",)
+
+IMPLEMENTATIONS = ("single", "multi", "contiguous")
+
+
+def init_state(array, dtype=None):
+    """The state of a parameter holding ``array``: ``{'v': zeros}`` on its device.
+
+    ``dtype``: the state's dtype (default: the array's; float32 for a float16
+    parameter updated through a float32 master copy).
+    """
+    if dtype is None or numpy.dtype(dtype) == array.dtype:
+        return {"v": _backend.zeros_like(array)}
+    xp = _backend.array_module(array)
+    return {"v": xp.zeros(array.shape, dtype)}
+
+
+def state_like(shape, dtype):
+    """``{'v': stand-in}``: what :func:`init_state` makes, as arrays holding no memory."""
+    return {"v": numpy.broadcast_to(numpy.empty((), dtype), shape)}
+
+
+def coefficients(dtype, lr, momentum, device="cpu"):
+    """The scalar coefficients of one step (see :func:`cynag_kernels.nesterov_ag_coefficients`)."""
+    return cynag_kernels.nesterov_ag_coefficients(lr, momentum, dtype, device=device)
+
+
+def _per_tensor(value, n, name):
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError("%s has %d entries for %d tensors" % (name, len(value), n))
+        return list(value)
+    return [value] * n
+
+
+def nesterov_ag(params, grads, vs, *, lr=DEFAULTS["lr"], momentum=DEFAULTS["momentum"],
+                loss_scale=None, ops=None, impl="multi", num_threads=None):
+    """One NesterovAG step over lists of arrays, in place.
+
+    For each tensor: ``grad /= loss_scale`` (if given, in the gradient's
+    dtype, in place), then ``v = v * momentum - lr * grad`` and ``param =
+    (param + mm * v) - c * grad``.
+
+    Args:
+        params, grads, vs: sequences of NumPy or CuPy arrays (one entry per
+            tensor; ``vs`` as :func:`init_state` makes them).  With
+            ``impl="contiguous"``, one flat buffer each (or one-element
+            sequences of them).
+        lr, momentum: scalars, or sequences with one value per tensor.
+        loss_scale: ``None``, a scalar or a sequence (``None`` entries: no
+            scaling).
+        ops: ``(n_ops, 4)`` hook operation program applied to every gradient
+            before the loss scale and the update, in the same pass (rows of
+            :func:`cynag_kernels.hooks.op_row`; ``"multi"`` and
+            ``"contiguous"`` on the CPU only).
+        impl: ``"single"``, ``"multi"`` or ``"contiguous"`` (see the module
+            documentation).
+        num_threads: OpenMP threads (``None``: the thread settings of
+            :mod:`cynag_kernels.threads`).
+    """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError("impl must be one of %s, got %r" % (IMPLEMENTATIONS, impl))
+    if impl == "contiguous":
+        params, grads, vs = (_one_buffer(x, name) for x, name in
+                             ((params, "params"), (grads, "grads"), (vs, "vs")))
+        impl = "multi"
+    params, grads, vs = list(params), list(grads), list(vs)
+    n = len(params)
+    if len(grads) != n or len(vs) != n:
+        raise ValueError("params, grads and vs must have the same length")
+    lrs = _per_tensor(lr, n, "lr")
+    ms = _per_tensor(momentum, n, "momentum")
+    scales = None if loss_scale is None else _per_tensor(loss_scale, n, "loss_scale")
+    if impl == "single":
+        if ops is not None:
+            raise ValueError("impl='single' takes no ops (apply the hooks first)")
+        for i in range(n):
+            if scales is not None and scales[i] is not None:
+                _divide(grads[i], scales[i])
+            _single(params[i], grads[i], vs[i], lrs[i], ms[i], num_threads)
+        return
+    groups = {}
+    for i, p in enumerate(params):
+        groups.setdefault((_backend.device_of(p), getattr(p, "dtype", None)), []).append(i)
+    for (device, _), idx in groups.items():
+        args = ([params[i] for i in idx], [grads[i] for i in idx], [vs[i] for i in idx],
+                [lrs[i] for i in idx], [ms[i] for i in idx],
+                None if scales is None else [scales[i] for i in idx])
+        if device == "cpu":
+            from cynag_kernels.multi_tensor import CPUTable
+
+            nesterov_ag_table(CPUTable(*args), ops=ops, num_threads=num_threads)
+        elif device is not None:
+            if ops is not None:
+                raise ValueError("ops are taken on the CPU only")
+            from cynag_kernels.cuda import GPUTable
+
+            nesterov_ag_table(GPUTable(*args))
+        else:
+            raise TypeError("nesterov_ag takes NumPy or CuPy arrays, got %s"
+                            % type(params[idx[0]]).__name__)
+
+
+def nesterov_ag_table(table, ops=None, num_threads=None):
+    """Run one step over a prepared multi-tensor table (a ``CPUTable`` or ``GPUTable``).
+
+    The optimizer's step builds its tables from the rows its native scan
+    checked (:meth:`cynag_kernels.multi_tensor.CPUTable.from_rows`) and
+    runs them here.
+    """
+    if ops is None and num_threads is None:
+        table.run()
+    elif num_threads is None:
+        table.run(ops=ops)
+    else:
+        table.run(num_threads=num_threads, ops=ops)
+
+
+def _one_buffer(x, name):
+    if isinstance(x, (list, tuple)):
+        if len(x) != 1:
+            raise ValueError("impl='contiguous' takes one buffer for %s, got %d" % (name, len(x)))
+        x = x[0]
+    if getattr(x, "ndim", None) != 1:
+        raise ValueError("impl='contiguous' takes 1-d buffers; %s is not one" % name)
+    return [x]
+
+
+def _divide(grad, scale):
+    """``grad /= scale`` in place, with NumPy 1.x's promotion (as Chainer divides)."""
+    if grad.ndim == 0 and isinstance(grad, numpy.ndarray):
+        grad[()] = numpy.float64(grad[()]) / numpy.float64(scale)
+    else:
+        grad /= float(scale)
+
+
+def _single(param, grad, v, lr, momentum, num_threads=None):
+    """One tensor, any strides and scalar types (Chainer's per-parameter arithmetic)."""
+    if isinstance(param, numpy.ndarray):
+        cynag_kernels.nesterov_ag_cpu(param, grad, v, lr, momentum, num_threads=num_threads)
+    else:
+        from cynag_kernels import cuda
+
+        cuda.nesterov_ag_gpu(param, grad, v, lr, momentum)
