@@ -915,12 +915,15 @@ def _layout_machine(kind):
             self.opt_target_params = current
             object.__setattr__(self.opt, "zero_fill", self.zero_fill)
             if changed:
+                # (an uninitialized chainer.Parameter has no gradient to read)
                 before = {id(p): None if p.grad is None else p.grad.copy()
-                          for p in self._params()}
+                          for p in self._params() if p.array is not None}
                 calls = self.actual.calls
                 self.opt.update()
                 assert self.actual.calls == calls, "broadcast expected, got an update"
                 for p in self._params():
+                    if id(p) not in before:
+                        continue
                     b = before[id(p)]
                     assert (p.grad is None) == (b is None)
                     assert b is None or p.grad.tobytes() == b.tobytes()
