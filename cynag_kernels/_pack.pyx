@@ -20,10 +20,14 @@ the arrays' dtype by the caller), as NumPy computes ``grad *= scale``:
 
 Arrays must be dense (C- or F-contiguous, elements taken in memory order);
 :func:`scan` checks a list once per step and reports, per entry, what is
-wrong with it.  Nothing here knows MPI, parameters or models.
+wrong with it; :func:`gather` reads the arrays from an attribute of a
+list of objects and checks them in the same pass, and :func:`same_entries`
+tells whether a list of ``(key, object)`` pairs and the shapes of one
+attribute of the objects are still those recorded.  Nothing here knows MPI,
+parameters or models.
 """
 cimport numpy as cnp
-from libc.stdint cimport int8_t, int64_t, uint16_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t
 from libc.string cimport memcpy, memset
 
 cnp.import_array()
@@ -49,6 +53,28 @@ cdef inline bint _dense(cnp.ndarray a):
     return cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_IS_F_CONTIGUOUS(a)
 
 
+cdef inline int8_t _code(object obj, int typenum, int64_t size, bint writeable,
+                        int64_t* ptr) noexcept:
+    """What :func:`scan` reports for one entry; ``ptr[0]`` its address when OK."""
+    cdef cnp.ndarray a
+    ptr[0] = 0
+    if obj is None:
+        return NONE
+    if not cnp.PyArray_Check(obj):
+        return NOT_NDARRAY
+    a = <cnp.ndarray>obj
+    if cnp.PyArray_TYPE(a) != typenum:
+        return BAD_DTYPE
+    if cnp.PyArray_SIZE(a) != size:
+        return BAD_SIZE
+    if not _dense(a):
+        return NOT_DENSE
+    if writeable and not cnp.PyArray_ISWRITEABLE(a):
+        return READ_ONLY
+    ptr[0] = <int64_t><size_t>cnp.PyArray_DATA(a)
+    return OK
+
+
 def scan(list arrays, int typenum, const int64_t[::1] sizes, int64_t[::1] ptrs,
          int8_t[::1] codes, bint writeable=True):
     """Check ``arrays`` against the expected dtype and sizes; return the number of bad entries.
@@ -62,34 +88,105 @@ def scan(list arrays, int typenum, const int64_t[::1] sizes, int64_t[::1] ptrs,
     cdef Py_ssize_t i, n = len(arrays)
     cdef int nbad = 0
     cdef int8_t code
-    cdef object obj
-    cdef cnp.ndarray a
+    cdef int64_t ptr
     if sizes.shape[0] < n or ptrs.shape[0] < n or codes.shape[0] < n:
         raise ValueError("scan: sizes, ptrs and codes need %d entries" % n)
     for i in range(n):
-        obj = arrays[i]
-        ptrs[i] = 0
-        if obj is None:
-            code = NONE
-        elif not cnp.PyArray_Check(obj):
-            code = NOT_NDARRAY
-        else:
-            a = <cnp.ndarray>obj
-            if cnp.PyArray_TYPE(a) != typenum:
-                code = BAD_DTYPE
-            elif cnp.PyArray_SIZE(a) != sizes[i]:
-                code = BAD_SIZE
-            elif not _dense(a):
-                code = NOT_DENSE
-            elif writeable and not cnp.PyArray_ISWRITEABLE(a):
-                code = READ_ONLY
-            else:
-                code = OK
-                ptrs[i] = <int64_t><size_t>cnp.PyArray_DATA(a)
+        code = _code(arrays[i], typenum, sizes[i], writeable, &ptr)
+        ptrs[i] = ptr
         codes[i] = code
         if code != OK:
             nbad += 1
     return nbad
+
+
+def gather(list objs, str attr, int typenum, const int64_t[::1] sizes, int64_t[::1] ptrs,
+           int8_t[::1] codes, list out, bint writeable=True):
+    """:func:`scan` of ``getattr(obj, attr)`` for each of ``objs``, in one pass.
+
+    ``out[i]`` receives ``getattr(objs[i], attr)`` (``out`` is a list of at
+    least ``len(objs)`` entries, which the caller keeps while it uses the
+    addresses); ``codes`` and ``ptrs`` are filled as :func:`scan` fills them.
+    Returns the number of entries that are not :data:`OK`.  An exception
+    raised by an attribute read propagates (``out`` is then partly filled).
+    """
+    cdef Py_ssize_t i, n = len(objs)
+    cdef int nbad = 0
+    cdef int8_t code
+    cdef int64_t ptr
+    cdef object a
+    if sizes.shape[0] < n or ptrs.shape[0] < n or codes.shape[0] < n or len(out) < n:
+        raise ValueError("gather: sizes, ptrs, codes and out need %d entries" % n)
+    for i in range(n):
+        a = getattr(objs[i], attr)
+        out[i] = a
+        code = _code(a, typenum, sizes[i], writeable, &ptr)
+        ptrs[i] = ptr
+        codes[i] = code
+        if code != OK:
+            nbad += 1
+    return nbad
+
+
+# Kinds of entries for same_entries().
+KIND_NONE = -1       # the attribute is None
+KIND_OTHER = -2      # neither None nor a NumPy array (the caller checks it further)
+KIND_SET = -3        # anything but None
+
+
+def same_entries(list items, list keys, list objs, str attr, const int32_t[::1] kinds,
+                 const int64_t[::1] shape_at, const int64_t[::1] dims):
+    """True if ``items`` still holds ``zip(keys, objs)`` and every ``getattr(obj, attr)``
+    still has the recorded kind, type number and shape.
+
+    ``items[i]`` must be a 2-tuple whose first element equals ``keys[i]``
+    and whose second element *is* ``objs[i]``.  ``kinds[i]`` is
+    :data:`KIND_NONE`, :data:`KIND_OTHER`, :data:`KIND_SET` or a NumPy
+    type number: then the attribute must be a NumPy array of that type
+    number whose shape is ``dims[shape_at[i]:shape_at[i + 1]]``.  One pass,
+    stopping at the first difference.
+    """
+    cdef Py_ssize_t i, d, nd, n = len(keys)
+    cdef object item, key, a
+    cdef int kind
+    cdef cnp.ndarray arr
+    cdef cnp.npy_intp* shape
+    if len(items) != n:
+        return False
+    if len(objs) != n or kinds.shape[0] < n or shape_at.shape[0] < n + 1:
+        raise ValueError("same_entries: keys, objs, kinds and shape_at disagree")
+    for i in range(n):
+        item = items[i]
+        if type(item) is not tuple or len(<tuple>item) != 2:
+            return False
+        if (<tuple>item)[1] is not objs[i]:
+            return False
+        key = (<tuple>item)[0]
+        if key is not keys[i] and not (key == keys[i]):
+            return False
+        a = getattr(objs[i], attr)
+        kind = kinds[i]
+        if kind == KIND_NONE:
+            if a is not None:
+                return False
+        elif kind == KIND_SET:
+            if a is None:
+                return False
+        elif kind == KIND_OTHER:
+            if a is None or cnp.PyArray_Check(a):
+                return False
+        else:
+            if not cnp.PyArray_Check(a):
+                return False
+            arr = <cnp.ndarray>a
+            nd = cnp.PyArray_NDIM(arr)
+            if cnp.PyArray_TYPE(arr) != kind or nd != shape_at[i + 1] - shape_at[i]:
+                return False
+            shape = cnp.PyArray_DIMS(arr)
+            for d in range(nd):
+                if shape[d] != dims[shape_at[i] + d]:
+                    return False
+    return True
 
 
 cdef inline cnp.ndarray _checked(object obj, int typenum, int64_t size):

@@ -336,6 +336,54 @@ def test_scan_codes(K):
     assert K.scan(arrays[-1:], 11, sizes, ptrs, codes, False) == 0
 
 
+def test_gather_reads_the_attribute_and_scans(K):
+    class O:
+        def __init__(self, g):
+            self.grad = g
+
+    f32 = numpy.zeros(4, numpy.float32)
+    objs = [O(f32), O(None), O(numpy.zeros(4)), O(numpy.zeros((4, 2), numpy.float32)[:, 0])]
+    n = len(objs)
+    ptrs, codes = numpy.zeros(n, numpy.int64), numpy.zeros(n, numpy.int8)
+    out = [None] * n
+    assert K.gather(objs, "grad", 11, numpy.full(n, 4, numpy.int64), ptrs, codes, out) == 3
+    assert out[0] is f32 and out[1] is None and out[2] is objs[2].grad
+    assert codes.tolist() == [K.OK, K.NONE, K.BAD_DTYPE, K.NOT_DENSE]
+    assert ptrs[0] == f32.ctypes.data and (ptrs[1:] == 0).all()
+    with pytest.raises(AttributeError):
+        K.gather(objs, "nope", 11, numpy.full(n, 4, numpy.int64), ptrs, codes, out)
+    with pytest.raises(ValueError):
+        K.gather(objs, "grad", 11, numpy.full(n, 4, numpy.int64), ptrs, codes, [])
+
+
+def test_same_entries(K):
+    class P:
+        def __init__(self, a):
+            self.array = a
+
+    ps = [P(numpy.zeros((2, 3), numpy.float32)), P(None), P(numpy.zeros(()))]
+    items = [("/a", ps[0]), ("/b", ps[1]), ("/c", ps[2])]
+    snap = _layout.Snapshot(items)
+    assert snap.matches(list(items)) and snap.matches([("/" + k[1:], p) for k, p in items])
+    assert not snap.matches(items[:2])
+    assert not snap.matches([items[0], ("/b", P(None)), items[2]])       # another object
+    assert not snap.matches([items[0], ("/x", ps[1]), items[2]])         # another path
+    assert not snap.matches([list(items[0])] + items[1:])               # not a tuple
+    for a in (numpy.zeros((3, 2), numpy.float32), numpy.zeros((2, 3)), None):
+        old, ps[0].array = ps[0].array, a
+        assert not snap.matches(items)
+        ps[0].array = old
+    ps[1].array = numpy.zeros(1)
+    assert not snap.matches(items)
+    assert _layout.Snapshot(items, arrays=False).matches(items)
+    ps[1].array = numpy.zeros(5)                     # initialized: shape not recorded
+    assert _layout.Snapshot(items[:2], arrays=False).matches(items[:2])
+    ps[1].array = None
+    snap = _layout.Snapshot(items, arrays=False)
+    ps[1].array = numpy.zeros(1)                     # initialized late: a change
+    assert not snap.matches(items)
+
+
 def test_pack_rejects_bad_ranges_and_arrays(K):
     a = [numpy.zeros(4, numpy.float32)]
     off = numpy.array([0, 4], numpy.int64)
@@ -644,3 +692,296 @@ def test_one_process_changes_nothing_but_fills_zeros(fake_comm):
     assert link.p0000.grad is grads[0] and (link.p0000.grad == 2).all()
     assert (link.p0001.grad == 0).all()
     comm.bcast_data(link)
+
+
+# -- the cached layout against ChainerMN's naive averaging, step by step ---------------
+def _naive_mean(model, zero_fill, size):
+    """What ChainerMN's ``naive`` communicator leaves in each gradient, when every one of
+    ``size`` ranks holds this rank's gradients: ``{id(param): expected or None}``.
+
+    For each initialized parameter in ``sorted(namedparams())``: a ``None``
+    gradient is zeros with ``zero_fill``, else left alone; the rest is
+    ``allreduce(g)`` (the sum of ``size`` copies, float16 summed in float32)
+    then ``g *= 1.0 / size``.
+    """
+    from mpi_cases import chainermn_mean
+
+    want = {}
+    for _, p in sorted(model.namedparams(), key=lambda x: x[0]):
+        if p.array is None or id(p) in want:
+            continue
+        g = p.grad
+        if g is None:
+            want[id(p)] = numpy.zeros_like(p.array) if zero_fill else None
+        else:
+            want[id(p)] = chainermn_mean([numpy.array(g)] * size)
+    return want
+
+
+class _DuckParam:
+    """A parameter with Chainer's interface only (``array``, ``grad``)."""
+
+    def __init__(self, array=None):
+        self.array = array
+        self.grad = None
+
+
+class _DuckLink:
+    """Chainer's link interface only: ``namedparams()``, in insertion (unsorted) order."""
+
+    def __init__(self):
+        self.ps = {}
+
+    def add(self, name, param):
+        self.ps[name] = param
+
+    def namedparams(self, include_uninit=True):
+        for name, p in self.ps.items():
+            if include_uninit or p.array is not None:
+                yield name, p
+
+    def params(self, include_uninit=True):
+        for _, p in self.namedparams(include_uninit):
+            yield p
+
+    def cleargrads(self):
+        for p in self.params():
+            p.grad = None
+
+
+def _chainer_link_kind():
+    try:
+        import chainer
+    except ImportError:
+        return None
+
+    class Kind:
+        @staticmethod
+        def link():
+            return chainer.Link()
+
+        @staticmethod
+        def param(array):
+            return chainer.Parameter(array)
+
+        @staticmethod
+        def add(link, name, param):
+            with link.init_scope():
+                setattr(link, name, param)
+    return Kind
+
+
+class _CynagKind:
+    @staticmethod
+    def link():
+        return cynag.Link()
+
+    @staticmethod
+    def param(array):
+        return cynag.Parameter() if array is None else cynag.Parameter(array)
+
+    @staticmethod
+    def add(link, name, param):
+        with link.init_scope():
+            setattr(link, name, param)
+
+
+class _DuckKind:
+    link = _DuckLink
+
+    @staticmethod
+    def param(array):
+        return _DuckParam(array)
+
+    @staticmethod
+    def add(link, name, param):
+        link.add("/" + name, param)
+
+
+_KINDS = {"cynag": _CynagKind, "duck": _DuckKind, "chainer": _chainer_link_kind()}
+
+
+def _layout_machine(kind):
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+    SHAPES = [(), (1,), (3,), (2, 3), (5,), (3, 2)]
+    DTYPES = [numpy.float16, numpy.float32, numpy.float64]
+    SIZE = 3
+
+    class LayoutMachine(RuleBasedStateMachine):
+        """Gradients and arrays replaced, edited, cleared; parameters added late; both
+        ``multi_node_mean_grad`` and the multi-node optimizer's ``update``."""
+
+        @initialize(seed=st.integers(0, 2 ** 16))
+        def start(self, seed):
+            self.rng = numpy.random.default_rng(seed)
+            self.fc = _FakeComm(SIZE)
+            self.comm = mn.create_communicator("naive", mpi_comm=self.fc)
+            self.link = kind.link()
+            self.names = []
+            self.zero_fill = False
+            self.actual = _NoopOptimizer(self.link)
+            self.opt = mn.create_multi_node_optimizer(self.actual, self.comm,
+                                                      zero_fill=False)
+            self.opt_target_params = []   # ChainerMN's is_changed, for the reference
+            for _ in range(3):
+                self.add_param(shape=SHAPES[2], dtype=DTYPES[1], init=True)
+
+        def _array(self, shape, dtype):
+            return numpy.asarray(self.rng.standard_normal(shape) * 4).astype(dtype)
+
+        def _params(self):
+            return [p for _, p in self.link.namedparams()]
+
+        def _pick(self, i, initialized=True):
+            ps = [p for p in self._params() if (p.array is not None) == initialized]
+            return ps[i % len(ps)] if ps else None
+
+        @rule(shape=st.sampled_from(SHAPES), dtype=st.sampled_from(DTYPES), init=st.booleans())
+        def add_param(self, shape, dtype, init):
+            name = "q%d" % (int(self.rng.integers(1000)))
+            if name in self.names:
+                return
+            self.names.append(name)
+            p = kind.param(self._array(shape, dtype) if init else None)
+            kind.add(self.link, name, p)
+            if init:
+                p.grad = self._array(shape, dtype)
+
+        @rule(i=st.integers(0, 50), shape=st.sampled_from(SHAPES),
+              dtype=st.sampled_from(DTYPES))
+        def initialize_param(self, i, shape, dtype):
+            p = self._pick(i, initialized=False)
+            if p is not None:
+                p.array = self._array(shape, dtype)
+                p.grad = self._array(shape, dtype)
+
+        @rule(i=st.integers(0, 50), how=st.sampled_from(["new", "same", "none", "inplace"]))
+        def change_grad(self, i, how):
+            p = self._pick(i)
+            if p is None:
+                return
+            if how == "new":
+                p.grad = self._array(p.array.shape, p.array.dtype)
+            elif how == "none":
+                p.grad = None
+            elif how == "same" and p.grad is not None:
+                p.grad = p.grad
+            elif how == "inplace" and p.grad is not None:
+                p.grad[...] = self._array(p.array.shape, p.array.dtype)
+
+        @rule(i=st.integers(0, 50), how=st.sampled_from(["same", "shape", "dtype"]),
+              shape=st.sampled_from(SHAPES), dtype=st.sampled_from(DTYPES))
+        def replace_array(self, i, how, shape, dtype):
+            p = self._pick(i)
+            if p is None:
+                return
+            if how == "same":
+                shape, dtype = p.array.shape, p.array.dtype
+            elif how == "shape":
+                dtype = p.array.dtype
+            else:
+                shape = p.array.shape
+            p.array = self._array(shape, dtype)
+            p.grad = self._array(shape, dtype)
+
+        @rule()
+        def reshape_in_place(self):
+            p = self._pick(0)
+            if p is not None and p.array.size == 6 and p.array.ndim == 2:
+                # same size, other shape: the layout's shapes must follow
+                p.array = p.array.reshape(p.array.shape[::-1]).copy()
+                p.grad = self._array(p.array.shape, p.array.dtype)
+
+        @rule(zero_fill=st.booleans())
+        def set_zero_fill(self, zero_fill):
+            self.zero_fill = zero_fill
+
+        @rule()
+        def mean_grad(self):
+            want = _naive_mean(self.link, self.zero_fill, SIZE)
+            skipped = {id(p): p.grad for p in self._params() if want.get(id(p), 0) is None}
+            self.comm.multi_node_mean_grad(self.link, self.zero_fill)
+            self._check(want, skipped)
+            self._check_layout()
+
+        @rule()
+        def optimizer_update(self):
+            # ChainerMN's is_changed, on the reference list
+            current = [(n, p.array is not None)
+                       for n, p in sorted(self.link.namedparams(), key=lambda x: x[0])]
+            changed = current != self.opt_target_params
+            self.opt_target_params = current
+            object.__setattr__(self.opt, "zero_fill", self.zero_fill)
+            if changed:
+                # (an uninitialized chainer.Parameter has no gradient to read)
+                before = {id(p): None if p.grad is None else p.grad.copy()
+                          for p in self._params() if p.array is not None}
+                calls = self.actual.calls
+                self.opt.update()
+                assert self.actual.calls == calls, "broadcast expected, got an update"
+                for p in self._params():
+                    if id(p) not in before:
+                        continue
+                    b = before[id(p)]
+                    assert (p.grad is None) == (b is None)
+                    assert b is None or p.grad.tobytes() == b.tobytes()
+            else:
+                want = _naive_mean(self.link, self.zero_fill, SIZE)
+                skipped = {id(p): p.grad for p in self._params()
+                           if want.get(id(p), 0) is None}
+                calls = self.actual.calls
+                self.opt.update()
+                assert self.actual.calls == calls + 1, "an update expected, got a broadcast"
+                self._check(want, skipped)
+
+        def _check(self, want, skipped):
+            for p in self._params():
+                if id(p) not in want:
+                    continue
+                w = want[id(p)]
+                if w is None:
+                    assert p.grad is skipped[id(p)]
+                    continue
+                g = numpy.asarray(p.grad)
+                assert g.dtype == w.dtype and g.shape == w.shape, (g.dtype, g.shape, w.shape)
+                assert g.tobytes() == w.tobytes(), (g, w)
+
+        def _check_layout(self):
+            # the cached layout describes the model as a fresh one would
+            fresh = _layout.Layout(self.link, _layout.collect(self.link))
+            layout = self.comm._layout(self.link)
+            assert layout.arrays_desc == fresh.arrays_desc
+            assert layout.sig == fresh.sig
+            assert [p for p in layout.params] == [p for p in fresh.params]
+
+    return LayoutMachine
+
+
+class _NoopOptimizer:
+    _loss_scale = None
+
+    def __init__(self, target):
+        self.target = target
+        self.calls = 0
+
+    def update(self, lossfun=None, *args, **kwds):
+        self.calls += 1
+
+
+@pytest.mark.parametrize("kind", sorted(_KINDS))
+def test_cached_layout_matches_naive_averaging(fake_comm, kind):
+    """Whatever happens to the model between steps, the averaged gradients are
+    ChainerMN's (naive communicator), bit for bit, and the optimizer broadcasts
+    exactly when ChainerMN's would."""
+    pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, settings
+    from hypothesis.stateful import run_state_machine_as_test
+
+    if _KINDS[kind] is None:
+        pytest.skip("chainer is not installed in this interpreter")
+    machine = _layout_machine(_KINDS[kind])
+    run_state_machine_as_test(machine, settings=settings(
+        max_examples=60, stateful_step_count=40, deadline=None,
+        suppress_health_check=list(HealthCheck)))

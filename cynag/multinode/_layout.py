@@ -18,6 +18,14 @@ into *segments* (:class:`Segments`):
 
 Segments are reused while the same entries take part; a split with runs
 (which depend on addresses) is recomputed when the arrays' addresses change.
+
+A layout is kept across steps while its :class:`Snapshot` of
+``model.namedparams()`` still holds: the caller lists ``namedparams()`` at
+every step and :meth:`Snapshot.matches` compares, in one native pass, the
+paths, the parameter objects and each parameter's array (None, or dtype and
+shape) with those the layout was built from.  Nothing else is trusted: a
+parameter added, removed, initialized or given an array of another shape or
+dtype rebuilds the layout.
 """
 import collections
 import hashlib
@@ -26,9 +34,7 @@ import zlib
 
 import numpy
 
-from cynag import _backend, _tracking
-from cynag.link import Link
-from cynag.parameter import Parameter
+from cynag import _backend
 
 FLOAT_DTYPES = (numpy.dtype(numpy.float16), numpy.dtype(numpy.float32),
                 numpy.dtype(numpy.float64))
@@ -42,14 +48,22 @@ def stable_hash(obj):
     return int.from_bytes(digest, "little") & _SIG_MASK
 
 
-def collect(model):
+def _kernels():
+    from cynag_kernels import _pack
+
+    return _pack
+
+
+def collect(model, items=None):
     """``[(path, param)]`` of ``model``'s initialized parameters, sorted by path.
 
     As ChainerMN's ``sorted(model.namedparams())`` with ``param.data is not
     None``; a parameter reachable under two paths is kept once (at its first
-    path).
+    path).  ``items``: ``list(model.namedparams())`` if the caller has it.
     """
-    items = sorted(model.namedparams(), key=_PATH)
+    if items is None:
+        items = list(model.namedparams())
+    items = sorted(items, key=_PATH)
     seen = set()
     out = []
     for path, param in items:
@@ -60,9 +74,55 @@ def collect(model):
     return out
 
 
-def _owned(model, params):
-    return isinstance(model, Link) and all(type(p) is Parameter or isinstance(p, Parameter)
-                                           for p in params)
+class Snapshot:
+    """``list(model.namedparams())`` as it was, and what each parameter's array was.
+
+    ``arrays=True`` records each array's dtype and shape (None, a NumPy
+    array, or another array type, whose type, dtype, shape and device are
+    checked in Python); ``arrays=False`` only whether it is None (what
+    ChainerMN's multi-node optimizer compares).
+    """
+
+    def __init__(self, items, arrays=True):
+        K = _kernels()
+        self.keys = []
+        self.objs = []
+        kinds = []
+        shape_at = [0]
+        dims = []
+        self.others = []       # (index, key) of arrays that are not NumPy arrays
+        for i, (path, param) in enumerate(items):
+            self.keys.append(path)
+            self.objs.append(param)
+            a = param.array
+            if a is None:
+                kinds.append(K.KIND_NONE)
+            elif not arrays:
+                kinds.append(K.KIND_SET)
+            elif isinstance(a, numpy.ndarray):
+                kinds.append(a.dtype.num)
+                dims.extend(a.shape)
+            else:
+                kinds.append(K.KIND_OTHER)
+                self.others.append((i, _other_key(a)))
+            shape_at.append(len(dims))
+        self.kinds = numpy.array(kinds, numpy.int32)
+        self.shape_at = numpy.array(shape_at, numpy.int64)
+        self.dims = numpy.array(dims, numpy.int64)
+
+    def matches(self, items):
+        """True if ``items`` (``list(model.namedparams())`` now) is what was recorded."""
+        if not _kernels().same_entries(items, self.keys, self.objs, "array", self.kinds,
+                                       self.shape_at, self.dims):
+            return False
+        for i, key in self.others:
+            if _other_key(self.objs[i].array) != key:
+                return False
+        return True
+
+
+def _other_key(a):
+    return (type(a), tuple(a.shape), numpy.dtype(a.dtype), _backend.device_of(a))
 
 
 class Group:
@@ -90,12 +150,13 @@ class Group:
 class Layout:
     """The initialized parameters of a model, sorted by path, grouped by device and dtype."""
 
-    def __init__(self, model, items, gpu_kind=None):
+    def __init__(self, model, items, gpu_kind=None, snapshot=None):
+        """``items``: from :func:`collect`; ``snapshot``: the :class:`Snapshot` of
+        ``model.namedparams()`` they come from (None: the layout is never reused)."""
         self.model = model
+        self.snapshot = snapshot
         self.paths = [path for path, _ in items]
         self.params = [p for _, p in items]
-        self.owned = _owned(model, self.params)
-        self.stamp = _tracking.structure.n if self.owned else None
         self.arrays_desc = []
         groups = collections.OrderedDict()
         for i, (path, param) in enumerate(items):
@@ -114,20 +175,12 @@ class Layout:
             Group(key, idx, [self.params[i] for i in idx], [self.paths[i] for i in idx])
             for key, idx in groups.items()]
         self.sig = stable_hash(self.arrays_desc)
-        self._foreign_key = None if self.owned else self._key(items)
 
-    @staticmethod
-    def _key(items):
-        return [(path, id(p), getattr(p.array, "shape", None), getattr(p.array, "dtype", None),
-                 type(p.array)) for path, p in items]
-
-    def still_valid(self, model):
-        """True if ``model`` still has exactly these parameters (and arrays of these shapes)."""
-        if model is not self.model:
-            return False
-        if self.owned:
-            return _tracking.structure.n == self.stamp
-        return self._key(collect(model)) == self._foreign_key
+    def still_valid(self, model, items):
+        """True if ``model``, whose ``namedparams()`` are now ``items``, still has
+        exactly these parameters (with arrays of these shapes and dtypes)."""
+        return (model is self.model and self.snapshot is not None
+                and self.snapshot.matches(items))
 
 
 class Segments:

@@ -2,19 +2,29 @@
 
 For three sets of gradients -- ResNet-50's 161 parameter shapes
 (``cynag.bench.RESNET50_SHAPES``), 2000 tensors of 64 elements and one
-tensor of 2**24 elements -- it times one ``multi_node_mean_grad`` call:
+tensor of 2**24 elements -- it times one ``multi_node_mean_grad`` call.
+First the realistic rows, where the gradients are new arrays at every step
+(a backward pass allocates them):
 
-* ``cynag``: a ``cynag.Link`` (gradients packed per bucket, large ones in place);
-* ``cynag new grads``: the same with new gradient arrays at every step (as a
-  backward pass makes them), so the split into segments is recomputed;
+* ``cynag chainer.Link``: cynag's communicator on a ``chainer.Link`` (when
+  ``import chainer`` works: run the command with the Chainer environment's
+  interpreter);
+* ``cynag Link``: the same on a ``cynag.Link``;
+* ``ChainerMN naive``: ``chainermn.create_communicator('naive')`` on the
+  same ``chainer.Link`` (when ``import chainermn`` works);
+
+then the idealized rows, where the gradients stay the same arrays from one
+step to the next (only their values change):
+
+* ``cynag Link same grads``: a ``cynag.Link`` (gradients packed per bucket,
+  large ones in place);
 * ``cynag contiguous``: after ``opt.setup(link, contiguous=True)`` (the
   gradient buffer reduced in place);
-* ``ChainerMN naive``: ``chainermn.create_communicator('naive')`` on a
-  ``chainer.Link`` with the same shapes, when ``import chainermn`` works (run
-  the command with the Chainer environment's interpreter for it);
-* ``Allreduce 1x``: one in-place ``MPI_Allreduce`` of all the bytes at once,
-  and ``Allreduce <size>``: the same bytes in buckets of 256 KiB to 16 MiB
-  (communication only, no mean, no copies): the references.
+
+and the references: ``Allreduce 1x``, one in-place ``MPI_Allreduce`` of all
+the bytes at once, and ``Allreduce <size>``, the same bytes in buckets of
+256 KiB to 16 MiB (communication only, no mean, no copies).  Replacing the
+gradients is done before each timed call and not timed.
 
 Every sample is the slowest rank's time (after a barrier); the variants are
 interleaved in each round and the report gives medians over rounds and the
@@ -59,7 +69,7 @@ def _cynag_link(shapes, dtype, grads):
     return link
 
 
-def _variants(case, dtype, comm, mpi_comm, MPI, with_chainermn):
+def _variants(case, dtype, comm, mpi_comm, MPI, with_chainer):
     """``[(name, prepare, run)]`` for one case; ``prepare`` runs untimed before ``run``."""
     import cynag
 
@@ -67,35 +77,46 @@ def _variants(case, dtype, comm, mpi_comm, MPI, with_chainermn):
     grads = _grads(shapes, dtype, seed=comm.rank)
     out = []
 
-    link = _cynag_link(shapes, dtype, grads)
-    out.append(("cynag", None, lambda: comm.multi_node_mean_grad(link)))
+    sets = [[g.copy() for g in grads], [g.copy() for g in grads]]
+
+    def replacing(params):
+        """Before each call: every gradient a new array (alternating between two sets)."""
+        state = {"k": 0}
+
+        def prepare():
+            state["k"] ^= 1
+            for p, g in zip(params, sets[state["k"]]):
+                p.grad = g
+        return prepare
+
+    clink = None
+    if with_chainer is not None:
+        chainer = with_chainer[0]
+        clink = chainer.Link()
+        with clink.init_scope():
+            for i, s in enumerate(shapes):
+                setattr(clink, "p%04d" % i, chainer.Parameter(numpy.zeros(s, dtype)))
+        cparams = [p for _, p in sorted(clink.namedparams())]
+        out.append(("cynag chainer.Link", replacing(cparams),
+                    lambda: comm.multi_node_mean_grad(clink)))
 
     link2 = _cynag_link(shapes, dtype, grads)
-    sets = [[g.copy() for g in grads], [g.copy() for g in grads]]
-    state = {"k": 0}
+    params2 = [p for _, p in sorted(link2.namedparams())]
+    out.append(("cynag Link", replacing(params2), lambda: comm.multi_node_mean_grad(link2)))
 
-    def new_grads():
-        state["k"] ^= 1
-        for p, g in zip(link2.params(), sets[state["k"]]):
-            p.grad = g
-    out.append(("cynag new grads", new_grads, lambda: comm.multi_node_mean_grad(link2)))
+    if clink is not None and with_chainer[1] is not None:
+        cm = with_chainer[1].create_communicator("naive", mpi_comm=mpi_comm)
+        out.append(("ChainerMN naive", replacing(cparams),
+                    lambda: cm.multi_node_mean_grad(clink)))
+
+    link = _cynag_link(shapes, dtype, grads)
+    out.append(("cynag Link same grads", None, lambda: comm.multi_node_mean_grad(link)))
 
     link3 = _cynag_link(shapes, dtype, grads)
     cynag.optimizers.NesterovAG().setup(link3, contiguous=True)
     for p, g in zip(link3.params(), grads):
         p.grad = g
     out.append(("cynag contiguous", None, lambda: comm.multi_node_mean_grad(link3)))
-
-    if with_chainermn is not None:
-        chainer, chainermn = with_chainermn
-        cm = chainermn.create_communicator("naive", mpi_comm=mpi_comm)
-        clink = chainer.Link()
-        with clink.init_scope():
-            for i, s in enumerate(shapes):
-                setattr(clink, "p%04d" % i, chainer.Parameter(numpy.zeros(s, dtype)))
-        for (_, p), g in zip(sorted(clink.namedparams()), grads):
-            p.grad = g.copy()
-        out.append(("ChainerMN naive", None, lambda: cm.multi_node_mean_grad(clink)))
 
     total = sum(int(numpy.prod(s)) for s in shapes)
     flat = numpy.concatenate([g.ravel() for g in grads])
@@ -148,7 +169,8 @@ def main(argv=None):
     p.add_argument("--direct-min-bytes", type=int, default=None,
                    help="cynag's threshold for reducing a gradient in place (default: the "
                         "communicator's)")
-    p.add_argument("--no-chainermn", action="store_true")
+    p.add_argument("--no-chainermn", action="store_true",
+                   help="leave out the chainer.Link and ChainerMN rows")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -159,16 +181,21 @@ def main(argv=None):
     comm = mn.create_communicator("naive", mpi_comm=mpi_comm, bucket_bytes=args.bucket_bytes,
                                   direct_min_bytes=args.direct_min_bytes)
     rank = comm.rank
-    with_chainermn = None
+    with_chainer = None
     note = ""
     if not args.no_chainermn:
         try:
             import chainer
-            import chainermn
-
-            with_chainermn = (chainer, chainermn)
         except Exception as e:  # noqa: BLE001 - any failure to import means: not here
-            note = "ChainerMN not importable here (%s: %s)" % (type(e).__name__, e)
+            note = "chainer not importable here (%s: %s): no chainer.Link rows" % (
+                type(e).__name__, e)
+        else:
+            try:
+                import chainermn
+            except Exception as e:  # noqa: BLE001
+                chainermn = None
+                note = "ChainerMN not importable here (%s: %s)" % (type(e).__name__, e)
+            with_chainer = (chainer, chainermn)
     dtype = numpy.dtype(args.dtype)
     report = {"size": comm.size, "dtype": dtype.name, "bucket_bytes": comm.bucket_bytes,
               "direct_min_bytes": comm.direct_min_bytes, "machine": platform.machine(),
@@ -184,7 +211,7 @@ def main(argv=None):
         if case not in CASES:
             raise SystemExit("unknown case %r" % case)
         title, _ = _shapes(case)
-        variants, nbytes = _variants(case, dtype, comm, mpi_comm, MPI, with_chainermn)
+        variants, nbytes = _variants(case, dtype, comm, mpi_comm, MPI, with_chainer)
         reps = {}
         for name, prepare, run in variants:  # warm up, and calls per sample
             t = _time(mpi_comm, MPI, prepare, run, 1)
@@ -214,14 +241,18 @@ def main(argv=None):
         if rank == 0:
             print("\n%s, %.1f MB, medians of %d rounds (slowest rank per sample):"
                   % (title, nbytes / 1e6, args.rounds))
-            print("  %-20s %12s %10s %14s %12s" % ("variant", "time/call", "GB/s",
+            print("  %-22s %12s %10s %14s %12s" % ("variant", "time/call", "GB/s",
                                                    "x Allreduce 1x", "vs ChainerMN"))
             for name, t in med.items():
                 extra = ""
                 if name in ratios and "speedup vs ChainerMN" in ratios[name]:
                     extra = "%.1fx faster" % ratios[name]["speedup vs ChainerMN"]
                 mark = " (best bucketed)" if name == best_b else ""
-                print("  %-20s %12s %10.2f %14.2f %12s%s" % (
+                if name == "cynag Link same grads":
+                    print("  idealized: the same gradient arrays at every step")
+                elif name == "Allreduce 1x":
+                    print("  references: communication only")
+                print("  %-22s %12s %10.2f %14.2f %12s%s" % (
                     name, _fmt(t), nbytes / t / 1e9, t / med["Allreduce 1x"], extra, mark))
             if best_b:
                 print("  cynag / best bucketed Allreduce (%s): %s" % (best_b, ", ".join(

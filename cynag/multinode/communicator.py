@@ -30,7 +30,7 @@ import zlib
 
 import numpy
 
-from cynag import _backend, _tracking
+from cynag import _backend
 from cynag.multinode import _layout
 from cynag.multinode._mpi import import_mpi
 from cynag.optimizer import _param_label
@@ -58,9 +58,7 @@ _KIND_MEAN = 1
 _KIND_BCAST = 2
 _KIND_NAMES = {_KIND_MEAN: "average gradients (multi_node_mean_grad)",
                _KIND_BCAST: "broadcast parameters (bcast_data)"}
-_GRAD_OWNED = operator.attrgetter("_grad")
 _GRAD = operator.attrgetter("grad")
-_ARRAY_OWNED = operator.attrgetter("_array")
 _ARRAY = operator.attrgetter("array")
 _TYPE_NUMS = {numpy.dtype(numpy.float16): 23, numpy.dtype(numpy.float32): 11,
               numpy.dtype(numpy.float64): 12}
@@ -325,11 +323,21 @@ class MpiCommunicator:
         return self.mpi_comm.allreduce(obj)
 
     # -- layouts -----------------------------------------------------------------
-    def _layout(self, model):
+    def _layout(self, model, items=None):
+        """The :class:`~cynag.multinode._layout.Layout` of ``model`` now.
+
+        ``items``: ``list(model.namedparams())`` if the caller has it.  The
+        cached layout is reused only when ``namedparams()`` lists the same
+        paths and parameter objects, with arrays of the same dtypes and
+        shapes (checked in one native pass; see ``_layout.Snapshot``).
+        """
+        if items is None:
+            items = list(model.namedparams())
         layout = self._layouts.get(id(model))
-        if layout is not None and layout.still_valid(model):
+        if layout is not None and layout.still_valid(model, items):
             return layout
-        layout = _layout.Layout(model, _layout.collect(model), gpu_kind=self._gpu_kind)
+        layout = _layout.Layout(model, _layout.collect(model, items), gpu_kind=self._gpu_kind,
+                                snapshot=_layout.Snapshot(items))
         self._layouts[id(model)] = layout
         self._layouts.move_to_end(id(model))
         while len(self._layouts) > 4:
@@ -384,13 +392,16 @@ class MpiCommunicator:
         :class:`ModelMismatchError`, where ChainerMN would block).  The
         gradients keep their arrays (contiguous mode keeps its views).
         """
-        layout = self._layout(model)
+        self._mean_grad(model, zero_fill, None)
+
+    def _mean_grad(self, model, zero_fill, items):
+        layout = self._layout(model, items)
         error = None
         prepared = []
         plans = []
         try:
             for group in layout.groups:
-                prep = self._prepare(group, layout.owned, zero_fill, mean=True)
+                prep = self._prepare(group, zero_fill, mean=True)
                 prepared.append(prep)
                 plans.append(self._plan(group, "mean", prep[0], prep[1], True))
         except Exception as e:  # reported to the other ranks, then raised
@@ -428,44 +439,36 @@ class MpiCommunicator:
         """Alias of :meth:`multi_node_mean_grad` (ChainerMN's older name)."""
         self.multi_node_mean_grad(model, zero_fill)
 
-    def _prepare(self, group, owned, zero_fill, mean):
+    def _prepare(self, group, zero_fill, mean):
         """Arrays of one group for this step: ``(arrays, active or None, fixups)``.
 
-        ``active`` is None when every entry takes part.  ``fixups`` are
-        ``(original, dense copy)`` pairs for arrays that are not dense; the
-        copy is written back after the operation.  Raises (naming the
-        parameter) for arrays that cannot take part.
+        The gradients (``mean``) or parameter arrays are read from the
+        parameters, checked and their addresses recorded in ``group.ptrs``
+        in one native pass (``_pack.gather``).  ``active`` is None when
+        every entry takes part.  ``fixups`` are ``(original, dense copy)``
+        pairs for arrays that are not dense; the copy is written back after
+        the operation.  Raises (naming the parameter) for arrays that cannot
+        take part.
         """
         params = group.params
-        # cynag's parameters report every replaced gradient or array
-        # (cynag._tracking): while none was, the arrays are the ones found by
-        # the previous call (checked again below, natively, for changes made
-        # in place).
-        stamp = (mean, _tracking.grads.n, _tracking.structure.n) if owned else None
-        cached = group.cache.get("arrays")
-        if stamp is not None and cached is not None and cached[0] == stamp:
-            arrays = cached[1]
-        elif mean:
-            arrays = list(map(_GRAD_OWNED if owned else _GRAD, params))
-        else:
-            arrays = list(map(_ARRAY_OWNED if owned else _ARRAY, params))
         if group.dtype not in _layout.FLOAT_DTYPES:
+            arrays = list(map(_GRAD if mean else _ARRAY, params))
             if mean:
                 raise TypeError("%s: cannot average gradients of dtype %s (float16, float32 "
                                 "and float64 are supported)"
                                 % (_param_label(params[0], group.paths[0]), group.dtype))
             return arrays, None, []
         if not group.is_cpu:
+            arrays = list(map(_GRAD if mean else _ARRAY, params))
             return self._device().prepare(group, arrays, zero_fill, mean)
         K = _kernels()
         typenum = _TYPE_NUMS[group.dtype]
         writeable = mean or self.rank != 0
-        nbad = K.scan(arrays, typenum, group.sizes, group.ptrs, group.codes, writeable)
+        arrays = [None] * group.n
+        nbad = K.gather(params, "grad" if mean else "array", typenum, group.sizes, group.ptrs,
+                        group.codes, arrays, writeable)
         if not nbad:
-            if stamp is not None:
-                group.cache["arrays"] = (stamp, arrays)
             return arrays, None, []
-        group.cache.pop("arrays", None)
         active = numpy.ones(group.n, bool)
         fixups = []
         for i in numpy.flatnonzero(group.codes).tolist():
@@ -631,7 +634,7 @@ class MpiCommunicator:
         plans = []
         try:
             for group in layout.groups:
-                prep = self._prepare(group, layout.owned, False, mean=False)
+                prep = self._prepare(group, False, mean=False)
                 prepared.append(prep)
                 plans.append(self._plan(group, "bcast", prep[0], None, True))
         except Exception as e:

@@ -7,10 +7,21 @@ broadcasts rank 0's parameters instead of updating; every other ``update()``
 averages the gradients (``communicator.multi_node_mean_grad``) and then lets
 the wrapped optimizer update.  Attribute reads and writes go to the wrapped
 optimizer.
+
+Whether the set changed is decided as ChainerMN does (the sorted list of
+``(name, param.array is not None)`` compared with the previous one), after
+a cheap test: when ``namedparams()`` lists the same names and parameter
+objects as at the previous call, each with an array exactly where it had
+one (one native pass, :class:`cynag.multinode._layout.Snapshot`), nothing
+changed.  The list of ``namedparams()`` is read once per ``update()`` and
+passed on to the communicator.
 """
-from cynag import _tracking
-from cynag.link import Link
+import operator
+
+from cynag.multinode import _layout
 from cynag.parameter import Parameter
+
+_PATH = operator.itemgetter(0)
 
 
 class _MultiNodeOptimizer:
@@ -20,7 +31,7 @@ class _MultiNodeOptimizer:
         object.__setattr__(self, "actual_optimizer", actual_optimizer)
         object.__setattr__(self, "target_params", [])
         object.__setattr__(self, "zero_fill", zero_fill)
-        object.__setattr__(self, "_params_stamp", None)
+        object.__setattr__(self, "_snapshot", None)   # (target, Snapshot) of the last call
 
     def update(self, lossfun=None, *args, **kwds):
         """One training step: backward (with ``lossfun``), then broadcast or average and update.
@@ -44,32 +55,35 @@ class _MultiNodeOptimizer:
             for param in target.params():
                 if isinstance(param, Parameter):
                     param._loss_scale = actual._loss_scale
-        if self.is_changed(target):
+        items = list(target.namedparams())
+        if self._is_changed(target, items):
             self.communicator.bcast_data(target)
         else:
-            self.communicator.multi_node_mean_grad(target, self.zero_fill)
+            mean = getattr(self.communicator, "_mean_grad", None)
+            if mean is not None:  # cynag's communicator: no second namedparams() listing
+                mean(target, self.zero_fill, items)
+            else:
+                self.communicator.multi_node_mean_grad(target, self.zero_fill)
             actual.update(None, *args, **kwds)
 
     def is_changed(self, target):
         """True if the (sorted) parameter names or their initialization changed since last call."""
-        owned = isinstance(target, Link)
-        stamp = (id(target), _tracking.structure.n) if owned else None
-        if stamp is not None and stamp == self._params_stamp:
+        return self._is_changed(target, list(target.namedparams()))
+
+    def _is_changed(self, target, items):
+        snap = self._snapshot
+        if snap is not None and snap[0] is target and snap[1].matches(items):
             return False
         previous = self.target_params
-        current = [(name, param.array is not None)
-                   for name, param in sorted(target.namedparams(), key=lambda x: x[0])]
+        current = [(name, param.array is not None) for name, param in sorted(items, key=_PATH)]
         object.__setattr__(self, "target_params", current)
-        if owned and all(isinstance(p, Parameter) for p in target.params()):
-            object.__setattr__(self, "_params_stamp", stamp)
-        else:
-            object.__setattr__(self, "_params_stamp", None)
+        object.__setattr__(self, "_snapshot", (target, _layout.Snapshot(items, arrays=False)))
         return current != previous
 
     def setup(self, link, **kwargs):
         """``actual_optimizer.setup(link, **kwargs)``; returns this wrapper."""
         self.actual_optimizer.setup(link, **kwargs)
-        object.__setattr__(self, "_params_stamp", None)
+        object.__setattr__(self, "_snapshot", None)
         return self
 
     def __getattr__(self, attr_name):
