@@ -139,21 +139,23 @@ def pack(link):
     result = []
     for (device, dtype), members in groups.items():
         like = members[0][1].array
-        total = sum(p.array.size for _, p, share in members if share is None)
-        pbuf = _aligned_empty(like, total, dtype)
+        total = sum(p.array.size for _, p, _ in members)
+        ptotal = sum(p.array.size for _, p, share in members if share is None)
+        pbuf = _aligned_empty(like, ptotal, dtype)
         gbuf = _aligned_empty(like, total, dtype)
         vbuf = _aligned_empty(like, total, dtype)
         vbuf.fill(0)
-        offset = 0
+        offset = poffset = 0
         views = {}
         for path, param, share in members:
             array = param.array
             n = array.size
-            pview = pbuf[offset:offset + n].reshape(array.shape)
             gview = gbuf[offset:offset + n].reshape(array.shape)
             vview = vbuf[offset:offset + n].reshape(array.shape)
             offset += n
             if share is None:
+                pview = pbuf[poffset:poffset + n].reshape(array.shape)
+                poffset += n
                 pview[...] = array
                 views[id(array)] = pview
             else:

@@ -27,6 +27,7 @@ from cynag_kernels.threads import threads_for
 #: Operation codes (see _hook_ops.h).
 OP_CODES = {"weight_decay": 1, "lasso": 2, "clip": 3, "scale": 4, "add": 5}
 OP_WORDS = 4
+_READS_P = (OP_CODES["weight_decay"], OP_CODES["lasso"], OP_CODES["add"])
 
 _TYPE_NUMS = {numpy.dtype(numpy.float16): 23, numpy.dtype(numpy.float32): 11,
               numpy.dtype(numpy.float64): 12}
@@ -205,6 +206,8 @@ def apply_ops(g, p, ops):
 
 def _run_native(g, p, rows, type_num):
     table = numpy.asarray(rows, numpy.float64).reshape(-1, OP_WORDS)
+    if not numpy.isin(table[:, 0], _READS_P).any():
+        p = None  # clip and scale read no parameter (whatever its shape or dtype)
     gc = g if g.flags.c_contiguous and g.flags.writeable else numpy.ascontiguousarray(g)
     pc = None if p is None else numpy.ascontiguousarray(p)
     if g.dtype == numpy.float16:

@@ -1,0 +1,171 @@
+"""Cases where trusting change notifications gave other results than Chainer.
+
+Each compares the multi-tensor step with the per-parameter path (Chainer's
+loop, ``use_multi_tensor(False)``) bit for bit; their Chainer counterparts
+are in chainer_parity_cases.py (``edge_*_step_*``).
+"""
+import numpy as np
+import pytest
+
+import cynag
+from cynag import optimizer_hooks as H
+
+F32 = np.float32
+
+
+def _pair(build, contiguous=False):
+    out = []
+    for multi in (True, False):
+        link, extra = build()
+        opt = cynag.optimizers.NesterovAG(lr=0.1, momentum=0.9)
+        opt.setup(link, contiguous=contiguous)
+        opt.use_multi_tensor(multi)
+        out.append((link, opt, extra))
+    return out
+
+
+def _assert_same(runs):
+    (la, oa, _), (lb, ob, _) = runs
+    for (path, pa), (_, pb) in zip(la.namedparams(), lb.namedparams()):
+        assert pa.array.tobytes() == pb.array.tobytes(), (path, pa.array, pb.array)
+        ra, rb = pa.update_rule, pb.update_rule
+        assert ra.t == rb.t, path
+        if ra.state:
+            assert ra.state["v"].tobytes() == rb.state["v"].tobytes(), path
+
+
+def _two():
+    link = cynag.Link()
+    with link.init_scope():
+        link.a = cynag.Parameter(np.array([1.0, 2.0], F32))
+        link.b = cynag.Parameter(np.array([2.0, 3.0], F32))
+    return link, None
+
+
+def test_shared_gradient_after_the_plan_was_built():
+    """``b.grad = a.grad`` after a step: a's rule-level WeightDecay changes the
+    shared gradient before b is updated with it (Chainer's order)."""
+    runs = _pair(_two)
+    for link, opt, _ in runs:
+        for p in link.params():
+            p.grad = np.ones(2, F32)
+        opt.update()                                  # creates the states
+        link.a.update_rule.add_hook(H.WeightDecay(0.5))
+        for p in link.params():
+            p.grad = np.ones(2, F32)
+        opt.update()                                  # the old plan: b grouped, a alone
+        link.b.grad = link.a.grad
+        opt.update()
+    _assert_same(runs)
+    # Chainer 7.8.1's values for this sequence (see the parity case).
+    assert runs[0][0].b.array.tolist() == runs[1][0].b.array.tolist()
+
+
+def test_shared_gradient_with_folded_optimizer_hooks():
+    """A folded WeightDecay adds each parameter's term to a shared gradient
+    before either is updated, as Chainer's hook loop does."""
+    runs = _pair(_two)
+    for link, opt, _ in runs:
+        for p in link.params():
+            p.grad = np.ones(2, F32)
+        opt.update()
+        opt.add_hook(H.WeightDecay(0.25))
+        g = np.ones(2, F32)
+        link.a.grad = g
+        link.b.grad = g
+        opt.update()
+    _assert_same(runs)
+
+
+def test_shared_arrays_across_threads():
+    """Parameters whose arrays overlap are updated one after the other even when
+    the kernel would split the work over threads."""
+    n = 1 << 17
+    base = np.linspace(-1, 1, 2 * n).astype(F32)
+
+    def build():
+        link = cynag.Link()
+        b = base.copy()
+        with link.init_scope():
+            link.a = cynag.Parameter(b[:n + 1000])
+            link.b = cynag.Parameter(b[n - 1000:2 * n])
+        return link, None
+
+    old = cynag.get_num_threads()
+    cynag.set_num_threads(2)
+    try:
+        runs = _pair(build)
+        for link, opt, _ in runs:
+            for step in range(3):
+                for p in link.params():
+                    p.grad = np.full(p.array.shape, 0.5 + step, F32)
+                opt.update()
+    finally:
+        cynag.set_num_threads(old)
+    _assert_same(runs)
+
+
+def test_contiguous_mode_keeps_parameters_that_share_an_array_sharing_it():
+    """Two Parameters holding one array object stay one array in contiguous mode."""
+    def build():
+        link = cynag.Link()
+        shared = np.array([1.0, -2.0, 3.0], F32)
+        with link.init_scope():
+            link.a = cynag.Parameter(shared)
+            link.b = cynag.Parameter(shared)
+            link.c = cynag.Parameter(np.array([0.5, 0.25], F32))
+        return link, None
+
+    for contiguous in (True, False):
+        runs = _pair(build, contiguous=contiguous)
+        for link, opt, _ in runs:
+            for step in range(4):
+                link.a.grad = np.full(3, 1.0 + step, F32)
+                link.b.grad = np.full(3, -0.5, F32)
+                link.c.grad = np.ones(2, F32)
+                opt.update()
+            assert link.a.array is link.b.array or np.shares_memory(link.a.array,
+                                                                     link.b.array)
+        _assert_same(runs)
+        # Against the plain model (no contiguous packing).
+        plain = _pair(build)
+        for link, opt, _ in plain:
+            for step in range(4):
+                link.a.grad = np.full(3, 1.0 + step, F32)
+                link.b.grad = np.full(3, -0.5, F32)
+                link.c.grad = np.ones(2, F32)
+                opt.update()
+        assert runs[0][0].a.array.tolist() == plain[1][0].a.array.tolist()
+
+
+@pytest.mark.parametrize("how", ["disabled", "added_after_setup"])
+def test_uninitialized_parameter_that_is_not_updated_is_not_read(how):
+    """A lazily initialized parameter whose rule is disabled or that has no rule
+    is skipped without reading its gradient (Chainer raises on reading it)."""
+
+    class Lazy(cynag.Parameter):
+        @property
+        def grad(self):
+            if self.array is None:
+                raise RuntimeError("Cannot retrieve Variable.grad")
+            return self._grad
+
+        @grad.setter
+        def grad(self, value):
+            self._grad = value
+
+    link = cynag.Link()
+    with link.init_scope():
+        link.w = cynag.Parameter(np.ones(3, F32))
+        if how == "disabled":
+            link.lazy = Lazy(lambda a: a.fill(1))
+    opt = cynag.optimizers.NesterovAG().setup(link)
+    if how == "disabled":
+        link.lazy.update_rule.enabled = False
+    else:
+        with link.init_scope():
+            link.lazy = Lazy(lambda a: a.fill(1))
+    link.w.grad = np.ones(3, F32)
+    opt.update()
+    opt.update()
+    assert link.w.update_rule.t == 2
