@@ -155,8 +155,13 @@ class Plan:
         table.reserve(len(params))
         table.release()
         _step.scan(params, table)
-        self._gpu_rows()
-        self._check_rows((REST, NEEDS_GRAD))
+        if table.n_fast < table.n:  # (all FAST: nothing else to look at)
+            self._gpu_rows()
+            self._check_rows((REST, NEEDS_GRAD))
+
+    def _recount(self):
+        table = self.table
+        table.n_fast = int((table.codes[:table.n] == FAST).sum())
 
     def _gpu_rows(self):
         """Group the ``GPU`` rows into GPU tables (rows they cannot take go to ``REST``)."""
@@ -188,6 +193,8 @@ class Plan:
                           strict=False)
             for k in gt.excluded:
                 codes[idx[k]] = REST
+            if gt.excluded:
+                self._recount()
             kept = [i for k, i in enumerate(idx) if k not in set(gt.excluded)]
             if kept:
                 self.gpu_tables.append((key, gt, kept))
@@ -196,7 +203,9 @@ class Plan:
         """``rule.check_param`` of the rows with these codes (named errors)."""
         table = self.table
         codes = table.codes[:table.n]
-        mask = numpy.isin(codes, codes_to_check)
+        mask = codes == codes_to_check[0]
+        for c in codes_to_check[1:]:
+            mask |= codes == c
         params = self.params
         for i in numpy.flatnonzero(mask).tolist():
             param = params[i]
@@ -218,7 +227,7 @@ class Plan:
         table = self.table
         n = table.n
         params = self.params
-        cleared = numpy.flatnonzero(table.flags[:n] & _step.CLEARED)
+        cleared = numpy.flatnonzero(table.flags[:n] & _step.CLEARED) if table.n_cleared else ()
         if len(cleared):
             for i in cleared.tolist():
                 _zero_grad(params[i])
@@ -227,17 +236,19 @@ class Plan:
                 _step.scan(params, table, waiting)
                 codes = table.codes[:n]
                 codes[waiting[codes[waiting] == NEEDS_GRAD]] = REST
+                self._recount()
                 self._gpu_rows()
         self._mark_overlaps()
 
     def _mark_overlaps(self):
         table = self.table
         codes = table.codes[:table.n]
-        if not (codes == FAST).any():
-            return
         extras = []
         params = self.params
-        for i in numpy.flatnonzero(codes != FAST).tolist():
+        others = numpy.flatnonzero(codes != FAST).tolist() if table.n_fast < table.n else []
+        if len(others) == table.n:
+            return
+        for i in others:
             param = params[i]
             array = param.array
             if array is None:
@@ -251,6 +262,7 @@ class Plan:
                 extras.extend(state.values())
         moved = _step.mark_overlaps(table, extras)
         if moved:
+            self._recount()
             self._check_rows((REST,))
 
     # -- hooks folded into the pass -----------------------------------------
@@ -359,6 +371,7 @@ class Plan:
                 if len(later):
                     _step.scan(params, table, later)
                     codes[later[codes[later] == NEEDS_GRAD]] = REST
+                    self._recount()
                     self._mark_overlaps()
                     rest = rest[:k] + numpy.flatnonzero(codes[lo:] == REST).tolist()
                     rest[k:] = [x + lo for x in rest[k:]]

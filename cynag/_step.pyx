@@ -41,7 +41,7 @@ arrays of one allocation are compared by address).
 cimport numpy as cnp
 from cpython.object cimport PyObject, PyTypeObject
 from libc.stdint cimport int64_t, uint8_t, int32_t, uintptr_t
-from libc.stdlib cimport malloc, free, qsort
+from libc.stdlib cimport malloc, calloc, free, qsort
 from libc.string cimport memset
 
 import numpy
@@ -57,7 +57,8 @@ cdef extern from "_nag_coef.h" nogil:
                                double* out)
 
 cdef extern from "Python.h":
-    PyObject* PyDict_GetItem(PyObject* d, PyObject* key)
+    # Borrowed reference or NULL; a lookup by str key cannot raise here.
+    PyObject* PyDict_GetItem "PyDict_GetItemWithError"(PyObject* d, PyObject* key)
     Py_ssize_t PyDict_Size(PyObject* d)
     bint PyDict_Check(PyObject* o)
     bint PyFloat_CheckExact(PyObject* o)
@@ -67,6 +68,7 @@ cdef extern from "Python.h":
     bint PyList_CheckExact(PyObject* o)
     Py_ssize_t PyList_GET_SIZE(PyObject* o)
     PyObject* PyList_GET_ITEM(PyObject* o, Py_ssize_t i)
+    void PyList_SET_ITEM_raw "PyList_SET_ITEM"(PyObject* o, Py_ssize_t i, PyObject* v)
     PyTypeObject* Py_TYPE(PyObject* o)
     int PyObject_IsTrue(PyObject* o) except -1
     object PyObject_GenericGetDict(object o, void* context)
@@ -78,6 +80,15 @@ cdef extern from "Python.h":
     PyObject* PyLong_FromLongLong(long long v)
     void Py_DECREF(PyObject* o)
     void Py_INCREF(PyObject* o)
+    void Py_XDECREF(PyObject* o)
+
+
+cdef inline void _list_set(list lst, Py_ssize_t i, object value) noexcept:
+    """``lst[i] = value`` for an index known to be in range."""
+    cdef PyObject* old = PyList_GET_ITEM(<PyObject*>lst, i)
+    Py_INCREF(<PyObject*>value)
+    PyList_SET_ITEM_raw(<PyObject*>lst, i, <PyObject*>value)
+    Py_XDECREF(old)
 
 
 # Row codes.
@@ -97,6 +108,7 @@ cdef enum:
 CLEARED = 1
 cdef enum:
     F_CLEARED = 1
+    F_OVERLAP = 2
 
 # Parameter classes (values of the ``param_kinds`` dictionary).
 PARAM_GENERIC = 0     # getattr of the public attributes
@@ -311,6 +323,13 @@ cdef object _hp_lookup(object hp, object name):
 
 
 # -- the table ---------------------------------------------------------------------
+cdef struct Rec:
+    uintptr_t owner
+    int64_t lo
+    int64_t hi
+    Py_ssize_t row      # -1: an extra array
+
+
 cdef class StepTable:
     """Rows of one step: codes, flags, addresses, sizes, coefficients (see module doc).
 
@@ -326,6 +345,8 @@ cdef class StepTable:
     cdef public object codes, flags, ptrs, sizes, coef, type_nums, owners
     cdef public list rules, keep
     cdef public Py_ssize_t n
+    # Rows of each code and cleared gradients, as counted by the last full scan.
+    cdef public Py_ssize_t n_fast, n_cleared
     cdef Py_ssize_t capacity
     cdef uint8_t* c_codes
     cdef uint8_t* c_flags
@@ -334,6 +355,62 @@ cdef class StepTable:
     cdef double* c_coef
     cdef int32_t* c_tnum
     cdef uintptr_t* c_owners
+    # Scratch of mark_overlaps, kept from step to step (no allocation per step).
+    cdef Rec* recs
+    cdef Rec* tmp
+    cdef uintptr_t* keys
+    cdef Py_ssize_t* heads
+    cdef Py_ssize_t* counts
+    cdef Py_ssize_t* nexts
+    cdef Py_ssize_t* used
+    cdef Py_ssize_t scratch_recs
+    cdef Py_ssize_t scratch_cap
+
+    def __cinit__(self):
+        self.recs = self.tmp = NULL
+        self.keys = NULL
+        self.heads = self.counts = self.nexts = self.used = NULL
+        self.scratch_recs = self.scratch_cap = 0
+
+    def __dealloc__(self):
+        free(self.recs)
+        free(self.tmp)
+        free(self.keys)
+        free(self.heads)
+        free(self.counts)
+        free(self.nexts)
+        free(self.used)
+
+    cdef int _scratch(self, Py_ssize_t nrec) except -1:
+        cdef Py_ssize_t cap = 16
+        while cap < 2 * nrec:
+            cap *= 2
+        if nrec > self.scratch_recs:
+            free(self.recs)
+            free(self.tmp)
+            free(self.nexts)
+            free(self.used)
+            self.used = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * (nrec + 1))
+            self.recs = <Rec*>malloc(sizeof(Rec) * (nrec + 1))
+            self.tmp = <Rec*>malloc(sizeof(Rec) * (nrec + 1))
+            self.nexts = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * (nrec + 1))
+            self.scratch_recs = nrec
+            if self.recs is NULL or self.tmp is NULL or self.nexts is NULL \
+                    or self.used is NULL:
+                self.scratch_recs = 0
+                raise MemoryError()
+        if cap > self.scratch_cap:
+            free(self.keys)
+            free(self.heads)
+            free(self.counts)
+            self.keys = <uintptr_t*>malloc(sizeof(uintptr_t) * cap)
+            self.heads = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * cap)
+            self.counts = <Py_ssize_t*>calloc(cap, sizeof(Py_ssize_t))
+            self.scratch_cap = cap
+            if self.keys is NULL or self.heads is NULL or self.counts is NULL:
+                self.scratch_cap = 0
+                raise MemoryError()
+        return 0
 
     def __init__(self):
         self.n = 0
@@ -447,15 +524,6 @@ cdef int _dense_row(object param, object grad, object v, bint grad_written) noex
     return type_num
 
 
-cdef inline void _clear_row(StepTable t, Py_ssize_t i):
-    cdef int j
-    for j in range(3):
-        t.c_ptrs[3 * i + j] = 0
-        t.c_owners[3 * i + j] = 0
-    t.c_sizes[i] = 0
-    t.c_tnum[i] = -1
-
-
 def scan(list params, StepTable table, object indices=None):
     """Fill the rows of ``params`` (all, or the rows listed in ``indices``).
 
@@ -480,6 +548,7 @@ def scan(list params, StepTable table, object indices=None):
     cdef PyObject* vp
     cdef PyObject* hp
     cdef PyObject* hpd_parent
+    cdef Py_ssize_t n_cleared = 0
     cdef double lr, m, ls
     cdef long long ls_i
     cdef double* row
@@ -495,8 +564,8 @@ def scan(list params, StepTable table, object indices=None):
     else:
         idx_view = numpy.ascontiguousarray(indices, dtype=numpy.int64)
         n_idx = idx_view.shape[0]
-    rules = table.rules
-    keep = table.keep
+    cdef list rules = table.rules
+    cdef list keep = table.keep
     memo_parent = _MISSING
     memo_lr = memo_m = _MISSING
     for k in range(n_idx):
@@ -506,8 +575,8 @@ def scan(list params, StepTable table, object indices=None):
         p = params[i]
         table.c_flags[i] = 0
         table.c_codes[i] = C_REST
-        _clear_row(table, i)
-        rules[i] = None
+        table.c_sizes[i] = 0
+        table.c_tnum[i] = -1
         ptype = Py_TYPE(<PyObject*>p)
         if ptype is not last_ptype:
             last_pkind = _param_kind(ptype)
@@ -519,6 +588,7 @@ def scan(list params, StepTable table, object indices=None):
             table.c_codes[i] = C_SKIP
             if array is not None and _read_grad(p, pkind) is None:
                 table.c_flags[i] = F_CLEARED
+                n_cleared += 1
             continue
         rtype = Py_TYPE(<PyObject*>rule)
         if rtype is not last_rtype:
@@ -530,6 +600,7 @@ def scan(list params, StepTable table, object indices=None):
             grad = _read_grad(p, pkind)
             if grad is None:
                 table.c_flags[i] = F_CLEARED
+                n_cleared += 1
         if rkind != R_NAG or not (last_pkind & K_UPDATE_OK):
             continue  # REST: the rule updates it
         rp = <PyObject*>rule
@@ -610,7 +681,7 @@ def scan(list params, StepTable table, object indices=None):
             row[1] = m
             row[4] = ls
             row[5] = has_ls
-            rules[i] = rule
+            _list_set(rules, i, rule)
             continue
         type_num = _dense_row(array, grad, v, has_ls != 0)
         if type_num < 0:
@@ -631,11 +702,14 @@ def scan(list params, StepTable table, object indices=None):
         table.c_sizes[i] = cnp.PyArray_SIZE(<cnp.ndarray>array)
         table.c_tnum[i] = type_num
         table.c_codes[i] = C_FAST
-        rules[i] = rule
-        keep[3 * i] = array
-        keep[3 * i + 1] = grad
-        keep[3 * i + 2] = v
+        _list_set(rules, i, rule)
+        _list_set(keep, 3 * i, array)
+        _list_set(keep, 3 * i + 1, grad)
+        _list_set(keep, 3 * i + 2, v)
         n_fast += 1
+    if indices is None:
+        table.n_fast = n_fast
+        table.n_cleared = n_cleared
     return n_fast
 
 
@@ -693,13 +767,6 @@ def bump_t(StepTable table, Py_ssize_t lo, Py_ssize_t hi, int code):
 
 
 # -- overlaps ----------------------------------------------------------------------
-cdef struct Rec:
-    uintptr_t owner
-    int64_t lo
-    int64_t hi
-    Py_ssize_t row      # -1: an extra array
-
-
 cdef int _cmp_rec(const void* a, const void* b) noexcept nogil:
     cdef const Rec* x = <const Rec*>a
     cdef const Rec* y = <const Rec*>b
@@ -727,70 +794,62 @@ def mark_overlaps(StepTable table, list extras):
     cdef Py_ssize_t n = table.n
     cdef Py_ssize_t i, j, k, nrec = 0, n_extra = len(extras), moved = 0
     cdef Py_ssize_t itemsize
-    cdef Rec* recs
     cdef bint unknown = False
-    cdef int rc
     cdef cnp.ndarray a
+    cdef Rec* recs
     cdef uint8_t* bad
+    cdef int64_t lo, hi
     if n == 0:
         return 0
-    recs = <Rec*>malloc(sizeof(Rec) * (3 * n + n_extra + 1))
-    bad = <uint8_t*>malloc(n + 1)
-    if recs is NULL or bad is NULL:
-        free(recs)
-        free(bad)
-        raise MemoryError()
-    memset(bad, 0, n + 1)
-    try:
-        for i in range(n):
-            if table.c_codes[i] != C_FAST or table.c_sizes[i] == 0:
-                continue
-            itemsize = 2 if table.c_tnum[i] == NPY_HALF else (
-                4 if table.c_tnum[i] == cnp.NPY_FLOAT else 8)
-            for j in range(3):
-                recs[nrec].owner = table.c_owners[3 * i + j]
-                recs[nrec].lo = table.c_ptrs[3 * i + j]
-                recs[nrec].hi = recs[nrec].lo + table.c_sizes[i] * itemsize
-                recs[nrec].row = i
-                if recs[nrec].owner == 0:
-                    unknown = True
-                nrec += 1
-        if nrec == 0:
-            return 0
-        for k in range(n_extra):
-            x = extras[k]
-            if not cnp.PyArray_Check(x):
-                continue
-            a = x
-            if cnp.PyArray_SIZE(a) == 0:
-                continue
-            lo_hi = _byte_bounds(a)
-            recs[nrec].owner = _owner(a)
-            recs[nrec].lo = lo_hi[0]
-            recs[nrec].hi = lo_hi[1]
-            recs[nrec].row = -1
+    table._scratch(3 * n + n_extra)
+    recs = table.recs
+    bad = <uint8_t*>table.c_flags  # bit 1 of the flags: overlaps (cleared below)
+    for i in range(n):
+        if table.c_codes[i] != C_FAST or table.c_sizes[i] == 0:
+            continue
+        itemsize = 2 if table.c_tnum[i] == NPY_HALF else (
+            4 if table.c_tnum[i] == cnp.NPY_FLOAT else 8)
+        for j in range(3):
+            recs[nrec].owner = table.c_owners[3 * i + j]
+            recs[nrec].lo = table.c_ptrs[3 * i + j]
+            recs[nrec].hi = recs[nrec].lo + table.c_sizes[i] * itemsize
+            recs[nrec].row = i
             if recs[nrec].owner == 0:
                 unknown = True
             nrec += 1
-        if unknown:
-            for k in range(nrec):
-                recs[k].owner = 0
-        with nogil:
-            rc = _mark(recs, nrec, bad)
-        if rc < 0:
-            raise MemoryError()
-        for i in range(n):
-            if bad[i] and table.c_codes[i] == C_FAST:
+    if nrec == 0:
+        return 0
+    for k in range(n_extra):
+        x = extras[k]
+        if not cnp.PyArray_Check(x):
+            continue
+        a = x
+        if cnp.PyArray_SIZE(a) == 0:
+            continue
+        _bounds(a, &lo, &hi)
+        recs[nrec].owner = _owner(a)
+        recs[nrec].lo = lo
+        recs[nrec].hi = hi
+        recs[nrec].row = -1
+        if recs[nrec].owner == 0:
+            unknown = True
+        nrec += 1
+    if unknown:
+        for k in range(nrec):
+            recs[k].owner = 0
+    with nogil:
+        _mark(table, recs, nrec)
+    for i in range(n):
+        if table.c_flags[i] & F_OVERLAP:
+            table.c_flags[i] &= ~F_OVERLAP
+            if table.c_codes[i] == C_FAST:
                 table.c_codes[i] = C_REST
                 moved += 1
-    finally:
-        free(recs)
-        free(bad)
     return moved
 
 
-cdef object _byte_bounds(cnp.ndarray a):
-    """``(lo, hi)``: the bytes an array of any strides can touch."""
+cdef void _bounds(cnp.ndarray a, int64_t* lo_out, int64_t* hi_out) noexcept:
+    """The bytes an array of any strides can touch: ``[lo, hi)``."""
     cdef int64_t lo = <int64_t>cnp.PyArray_DATA(a)
     cdef int64_t hi = lo
     cdef int d
@@ -802,10 +861,11 @@ cdef object _byte_bounds(cnp.ndarray a):
             lo += stride * (dim - 1)
         else:
             hi += stride * (dim - 1)
-    return lo, hi + cnp.PyArray_ITEMSIZE(a)
+    lo_out[0] = lo
+    hi_out[0] = hi + cnp.PyArray_ITEMSIZE(a)
 
 
-cdef void _mark_group(Rec* g, Py_ssize_t m, uint8_t* bad) noexcept nogil:
+cdef void _mark_group(Rec* g, Py_ssize_t m, uint8_t* flags) noexcept nogil:
     """Mark the rows of the records of one allocation that overlap another record."""
     cdef Py_ssize_t k
     cdef bint in_order = True
@@ -823,64 +883,50 @@ cdef void _mark_group(Rec* g, Py_ssize_t m, uint8_t* bad) noexcept nogil:
     runmax = g[0].hi
     for k in range(1, m):
         if g[k].lo < runmax and g[k].row >= 0:
-            bad[g[k].row] = 1
+            flags[g[k].row] |= F_OVERLAP
         if g[k].hi > runmax:
             runmax = g[k].hi
     for k in range(m - 1):
         if g[k + 1].lo < g[k].hi and g[k].row >= 0:
-            bad[g[k].row] = 1
+            flags[g[k].row] |= F_OVERLAP
 
 
-cdef int _mark(Rec* recs, Py_ssize_t nrec, uint8_t* bad) noexcept nogil:
-    """Mark (``bad[row] = 1``) the rows of records that overlap another record.
+cdef void _mark(StepTable t, Rec* recs, Py_ssize_t nrec) noexcept nogil:
+    """Set ``F_OVERLAP`` in the flags of the rows of records that overlap another.
 
     Records are grouped by owner with a hash table (arrays of different
     owners cannot overlap); each group of two or more is checked by address.
-    Returns -1 if out of memory.
     """
-    cdef Py_ssize_t cap = 16, mask, k, slot, m, j
-    cdef uintptr_t* keys
-    cdef Py_ssize_t* heads
-    cdef Py_ssize_t* counts
-    cdef Py_ssize_t* nexts
-    cdef Rec* tmp
-    cdef int rc = 0
-    while cap < 2 * nrec:
-        cap *= 2
-    mask = cap - 1
-    keys = <uintptr_t*>malloc(sizeof(uintptr_t) * cap)
-    heads = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * cap)
-    counts = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * cap)
-    nexts = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * (nrec + 1))
-    tmp = <Rec*>malloc(sizeof(Rec) * (nrec + 1))
-    if keys is NULL or heads is NULL or counts is NULL or nexts is NULL or tmp is NULL:
-        rc = -1
-    else:
-        memset(counts, 0, sizeof(Py_ssize_t) * cap)
-        for k in range(nrec):
-            slot = _mix(recs[k].owner) & mask
-            while counts[slot] and keys[slot] != recs[k].owner:
-                slot = (slot + 1) & mask
-            if counts[slot] == 0:
-                keys[slot] = recs[k].owner
-                heads[slot] = -1
-            nexts[k] = heads[slot]
-            heads[slot] = k
-            counts[slot] += 1
-        for slot in range(cap):
-            m = counts[slot]
-            if m < 2:
-                continue
+    cdef Py_ssize_t mask = t.scratch_cap - 1, k, slot, m, j, u
+    cdef uintptr_t* keys = t.keys
+    cdef Py_ssize_t* heads = t.heads
+    cdef Py_ssize_t* counts = t.counts
+    cdef Py_ssize_t* nexts = t.nexts
+    cdef Py_ssize_t* used = t.used
+    cdef Rec* tmp = t.tmp
+    cdef Py_ssize_t n_used = 0
+    # counts[] is all zeros between calls: the used slots are cleared at the end.
+    for k in range(nrec):
+        slot = _mix(recs[k].owner) & mask
+        while counts[slot] and keys[slot] != recs[k].owner:
+            slot = (slot + 1) & mask
+        if counts[slot] == 0:
+            keys[slot] = recs[k].owner
+            heads[slot] = -1
+            used[n_used] = slot
+            n_used += 1
+        nexts[k] = heads[slot]
+        heads[slot] = k
+        counts[slot] += 1
+    for u in range(n_used):
+        slot = used[u]
+        m = counts[slot]
+        if m >= 2:
             j = heads[slot]
             k = m
             while j >= 0:
                 k -= 1
                 tmp[k] = recs[j]  # back in insertion order
                 j = nexts[j]
-            _mark_group(tmp, m, bad)
-    free(keys)
-    free(heads)
-    free(counts)
-    free(nexts)
-    free(tmp)
-    return rc
+            _mark_group(tmp, m, t.c_flags)
+        counts[slot] = 0

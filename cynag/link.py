@@ -24,7 +24,7 @@ class Link:
     """
 
     def __init__(self, **params):
-        self._params = set()
+        self._params = _Names()
         self._persistent = set()
         self._within_init_scope = False
         self.name = None
@@ -104,9 +104,11 @@ class Link:
     def params(self, include_uninit=True):
         """All parameters under this link, in Chainer's order."""
         d = self.__dict__
-        for name in sorted(self._params):
-            if include_uninit or d[name].array is not None:
-                yield d[name]
+        names = self._params
+        names = names.sorted() if type(names) is _Names else sorted(names)
+        if include_uninit:
+            return iter([d[name] for name in names])
+        return iter([d[name] for name in names if d[name].array is not None])
 
     def namedparams(self, include_uninit=True):
         """All ``(path, parameter)`` pairs under this link."""
@@ -201,6 +203,47 @@ class _NaN:
 
     def __call__(self, array):
         array[...] = numpy.nan
+
+
+class _Names(set):
+    """The names of a link's parameters, with their sorted order kept until a change."""
+
+    __slots__ = ("_sorted",)
+
+    def sorted(self):
+        try:
+            return self._sorted
+        except AttributeError:
+            self._sorted = tuple(sorted(self))
+            return self._sorted
+
+    def _changed(method):
+        def wrapper(self, *args):
+            try:
+                del self._sorted
+            except AttributeError:
+                pass
+            return method(self, *args)
+        wrapper.__name__ = method.__name__
+        return wrapper
+
+    add = _changed(set.add)
+    discard = _changed(set.discard)
+    remove = _changed(set.remove)
+    pop = _changed(set.pop)
+    clear = _changed(set.clear)
+    update = _changed(set.update)
+    difference_update = _changed(set.difference_update)
+    intersection_update = _changed(set.intersection_update)
+    symmetric_difference_update = _changed(set.symmetric_difference_update)
+    __ior__ = _changed(set.__ior__)
+    __iand__ = _changed(set.__iand__)
+    __isub__ = _changed(set.__isub__)
+    __ixor__ = _changed(set.__ixor__)
+    del _changed
+
+    def __reduce__(self):
+        return (_Names, (list(self),))
 
 
 class Chain(Link):

@@ -663,6 +663,53 @@ def sum_squares_multi(const int64_t[::1] ptrs, const int64_t[::1] cum,
     return total
 
 
+def compact_rows(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
+                 const double[:, ::1] coef, Py_ssize_t itemsize, int64_t[:, ::1] out_ptrs,
+                 int64_t[::1] out_cum, double[:, ::1] out_coef):
+    """Rows of a multi-tensor table, without the empty ones, adjacent runs merged.
+
+    Row ``t`` continues row ``t - 1`` when its three arrays start where the
+    previous row's end and its coefficients are the same (as in contiguous
+    mode): the two become one row.  Fills ``out_ptrs``, ``out_coef`` and the
+    cumulative element counts ``out_cum`` (``out_cum[0] = 0``); returns the
+    number of rows.  One pass, no Python objects.
+    """
+    cdef Py_ssize_t n = ptrs.shape[0], i, j, m = 0
+    cdef int64_t nb
+    cdef bint merge
+    if sizes.shape[0] != n or coef.shape[0] != n or ptrs.shape[1] != 3 \
+            or coef.shape[1] != 6 or out_ptrs.shape[0] < n or out_cum.shape[0] < n + 1 \
+            or out_coef.shape[0] < n:
+        raise ValueError("compact_rows: inconsistent shapes")
+    out_cum[0] = 0
+    with nogil:
+        for i in range(n):
+            if sizes[i] <= 0:
+                continue
+            merge = m > 0
+            if merge:
+                nb = (out_cum[m] - out_cum[m - 1]) * itemsize
+                for j in range(3):
+                    if ptrs[i, j] != out_ptrs[m - 1, j] + nb:
+                        merge = False
+                        break
+            if merge:
+                for j in range(6):
+                    if coef[i, j] != out_coef[m - 1, j]:
+                        merge = False
+                        break
+            if merge:
+                out_cum[m] += sizes[i]
+                continue
+            for j in range(3):
+                out_ptrs[m, j] = ptrs[i, j]
+            for j in range(6):
+                out_coef[m, j] = coef[i, j]
+            out_cum[m + 1] = out_cum[m] + sizes[i]
+            m += 1
+    return m
+
+
 def arrays_writeable(list arrays):
     """True if every array of the list (NumPy arrays) is writeable."""
     cdef object a

@@ -195,18 +195,19 @@ class CPUTable:
         table.dtype = numpy.dtype(dtype)
         table._type_num = _TYPE_NUMS[table.dtype]
         table.excluded = []
-        ptrs = numpy.asarray(ptrs, numpy.int64)
-        sizes = numpy.asarray(sizes, numpy.int64)
-        coef = numpy.asarray(coef, numpy.float64)
-        keep_rows = sizes > 0
-        if not keep_rows.all():
-            ptrs, sizes, coef = ptrs[keep_rows], sizes[keep_rows], coef[keep_rows]
-        ptrs, sizes, coef = _merge_adjacent(ptrs, sizes, coef, table.dtype.itemsize)
-        table._ptrs = numpy.ascontiguousarray(ptrs)
-        table._coef = numpy.ascontiguousarray(coef)
-        table._cum = numpy.zeros(len(sizes) + 1, numpy.int64)
-        numpy.cumsum(sizes, out=table._cum[1:])
-        table._scaled = bool(table._coef[:, _HAS_LS].any()) if len(sizes) else False
+        n = len(sizes)
+        out_ptrs = numpy.empty((n, 3), numpy.int64)
+        out_coef = numpy.empty((n, N_COEF), numpy.float64)
+        cum = numpy.empty(n + 1, numpy.int64)
+        m = _nesterov_cpu.compact_rows(
+            numpy.ascontiguousarray(ptrs, numpy.int64), numpy.ascontiguousarray(sizes, numpy.int64),
+            numpy.ascontiguousarray(coef, numpy.float64), table.dtype.itemsize,
+            out_ptrs, cum, out_coef)
+        table._ptrs = out_ptrs[:m]
+        table._coef = out_coef[:m]
+        table._cum = cum[:m + 1]
+        sizes = table._cum[1:]
+        table._scaled = bool(table._coef[:, _HAS_LS].any()) if m else False
         table._items = {}
         table._arrays = keep
         table.n_tensors = len(sizes)
