@@ -1197,6 +1197,144 @@ def parameter_construction_and_initialize():
 
 
 # ---------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# The step on chainer.Link models: cynag's optimizer against Chainer's, both
+# on Chainer links (the divergences of a step that trusted change notices)
+# ---------------------------------------------------------------------------
+def _chainer_twins(build):
+    """``[(chainer link, Chainer's optimizer), (chainer link, cynag's optimizer)]``."""
+    out = []
+    for opt_cls in (chainer.optimizers.NesterovAG, cynag.optimizers.NesterovAG):
+        link = build()
+        out.append([link, opt_cls(lr=0.1, momentum=0.9)])
+    return out
+
+
+def _compare_chainer_links(label, a, b):
+    for (path, pa), (_, pb) in zip(a.namedparams(), b.namedparams()):
+        assert_same_array("%s %s array" % (label, path), pa.array, pb.array)
+        ra, rb = pa.update_rule, pb.update_rule
+        assert_same("%s %s has rule" % (label, path), ra is None, rb is None)
+        if ra is not None:
+            assert_same("%s %s t" % (label, path), ra.t, rb.t)
+            if ra.state:
+                assert_same_array("%s %s v" % (label, path), ra.state["v"], rb.state["v"])
+
+
+@case("step")
+def edge_step_shared_gradient_after_a_step():
+    """``b.grad = a.grad`` after a step with a rule-level WeightDecay on ``a``."""
+    def build():
+        link = chainer.Link()
+        with link.init_scope():
+            link.a = chainer.Parameter(np.array([1.0, 2.0], np.float32))
+            link.b = chainer.Parameter(np.array([2.0, 3.0], np.float32))
+        return link
+
+    twins = _chainer_twins(build)
+    for link, opt in twins:
+        opt.setup(link)
+        for p in link.params():
+            p.grad = np.ones(2, np.float32)
+        opt.update()
+        hook = (chainer.optimizer_hooks.WeightDecay if isinstance(
+            opt, chainer.optimizers.NesterovAG) else cynag.optimizer_hooks.WeightDecay)(0.5)
+        link.a.update_rule.add_hook(hook)
+        for p in link.params():
+            p.grad = np.ones(2, np.float32)
+        opt.update()
+        link.b.grad = link.a.grad
+        opt.update()
+    _compare_chainer_links("shared grad", twins[0][0], twins[1][0])
+
+
+@case("step")
+def edge_step_contiguous_keeps_a_shared_array_shared():
+    """Two Parameters holding one array stay one array with ``contiguous=True``."""
+    def build():
+        link = chainer.Link()
+        shared = np.array([1.0, -2.0, 3.0], np.float32)
+        with link.init_scope():
+            link.a = chainer.Parameter(shared)
+            link.b = chainer.Parameter(shared)
+            link.c = chainer.Parameter(np.array([0.5, 0.25], np.float32))
+        return link
+
+    twins = _chainer_twins(build)
+    twins[0][1].setup(twins[0][0])
+    twins[1][1].setup(twins[1][0], contiguous=True)
+    for step in range(5):
+        for link, opt in twins:
+            link.a.grad = np.full(3, 1.0 + step, np.float32)
+            link.b.grad = np.full(3, -0.5, np.float32)
+            link.c.grad = np.ones(2, np.float32)
+            opt.update()
+        _compare_chainer_links("step %d" % step, twins[0][0], twins[1][0])
+    assert np.shares_memory(twins[1][0].a.array, twins[1][0].b.array)
+
+
+@case("step")
+def edge_step_lazy_parameters_not_updated_are_not_read():
+    """``L.Linear(None, n)``-style parameters: uninitialized, with a disabled rule or
+    added after ``setup``; Chainer's update skips them, and so must cynag's."""
+    for how in ("disabled", "after_setup", "linear_none"):
+        def build():
+            np.random.seed(7)  # the initial weights
+            model = chainer.Chain()
+            with model.init_scope():
+                model.l1 = chainer.links.Linear(3, 2)
+                if how == "linear_none":
+                    model.l2 = chainer.links.Linear(None, 4)
+                elif how == "disabled":
+                    model.late = chainer.Parameter(chainer.initializers.Constant(0.5))
+            return model
+
+        twins = _chainer_twins(build)
+        for model, opt in twins:
+            opt.setup(model)
+            if how == "disabled":
+                model.late.update_rule.enabled = False
+            elif how == "after_setup":
+                with model.init_scope():
+                    model.late = chainer.Parameter(chainer.initializers.Constant(0.5))
+            elif how == "linear_none":
+                model.l2.W.update_rule.enabled = False
+            rng = np.random.RandomState(3)
+            for step in range(3):
+                model.cleargrads()
+                x = chainer.Variable(rng.standard_normal((5, 3)).astype(np.float32))
+                loss = chainer.functions.sum(model.l1(x) ** 2)
+                loss.backward()
+                opt.update()
+        _compare_chainer_links(how, twins[0][0], twins[1][0])
+
+
+@case("step")
+def edge_step_trainer_on_a_chainer_model():
+    """Chainer's Trainer (StandardUpdater) driving a chainer.Link model, new gradient
+    arrays at every iteration: cynag's optimizer gives Chainer's parameters."""
+    from chainer import training
+
+    rng = np.random.RandomState(0)
+    x = rng.standard_normal((64, 10)).astype(np.float32)
+    t = rng.randint(0, 3, 64).astype(np.int32)
+    results = []
+    for opt_cls in (chainer.optimizers.NesterovAG, cynag.optimizers.NesterovAG):
+        np.random.seed(1)
+        model = chainer.links.Classifier(chainer.Sequential(
+            chainer.links.Linear(10, 16), chainer.functions.relu, chainer.links.Linear(16, 3)))
+        opt = opt_cls(lr=0.05, momentum=0.9).setup(model)
+        it = chainer.iterators.SerialIterator(chainer.datasets.TupleDataset(x, t), 16,
+                                              shuffle=False)
+        updater = training.updaters.StandardUpdater(it, opt)
+        trainer = training.Trainer(updater, (3, "epoch"))
+        trainer.run()
+        results.append((model, opt))
+    _compare_chainer_links("trainer", results[0][0], results[1][0])
+    assert_same("trainer t", results[0][1].t, results[1][1].t)
+    assert_same("trainer epoch", results[0][1].epoch, results[1][1].epoch)
+
+
 def main(argv, cases=None, doc=__doc__):
     """Run the groups named in ``argv[2:]`` (all by default) of ``cases``
     (this module's CASES by default) and write the results to ``argv[1]``."""

@@ -59,5 +59,5 @@ def test_environment(run_group):
 
 def test_every_group_has_cases():
     assert sorted({g for g, _ in _CASES}) == sorted(
-        ["float16", "hooks", "hyperparam", "lossfun", "naming", "trajectory"])
+        ["float16", "hooks", "hyperparam", "lossfun", "naming", "step", "trajectory"])
     assert len({n for _, n in _CASES}) == len(_CASES)
