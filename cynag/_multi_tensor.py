@@ -50,8 +50,11 @@ def _chainer_parameter_class(tp):
         return False
     # The properties the native reader replicates must be Chainer 7's own.
     v = variable.Variable
-    return (tp.array is v.array and tp.grad is v.grad and "_loss_scale" not in tp.__dict__
-            and getattr(v, "_has_chainerx_array", None) is False)
+    ok = (tp.array is v.array and tp.grad is v.grad and "_loss_scale" not in tp.__dict__
+          and getattr(v, "_has_chainerx_array", None) is False)
+    if ok:
+        _step.set_chainer_variable(v)  # gradient variables are read natively too
+    return ok
 
 
 def _standard_update(tp):
@@ -327,6 +330,20 @@ class Plan:
                 continue
             programs[type_num] = numpy.array(program, numpy.float64).reshape(-1, 4)
             folded_rows[rows] = True
+        from cynag_kernels.hooks import gpu_row
+
+        for key, gt, kept in self.gpu_tables:
+            scales = [_loss_scale_of(params[i]) for i in kept]
+            if any(x is not scales[0] and x != scales[0] for x in scales):
+                continue
+            ops = [("scale", rate)] if rate is not None else []
+            for hook in hooks:
+                ops.extend(hook._ops(params[kept[0]]))
+            program = [gpu_row(key[1], op) for op in ops]
+            if any(r is None for r in program):
+                continue
+            programs[("gpu", key)] = numpy.array(program, numpy.float64).reshape(-1, 4)
+            folded_rows[kept] = True
         one_by_one = [(i, params[i]) for i in numpy.flatnonzero(~folded_rows).tolist()]
         _apply_hooks(one_by_one, hooks, rate)
         return programs
@@ -345,8 +362,9 @@ class Plan:
         params = self.params
         codes = table.codes[:n]
         ran_python = False
-        for _, gt, kept in self.gpu_tables:
-            functional.nesterov_ag_table(gt)
+        for key, gt, kept in self.gpu_tables:
+            functional.nesterov_ag_table(
+                gt, ops=None if programs is None else programs.get(("gpu", key)))
             for i in kept:
                 rule = table.rules[i]
                 rule.t = rule.t + 1

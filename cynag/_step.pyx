@@ -150,6 +150,9 @@ cdef Py_ssize_t OFF_R_ENABLED = -1, OFF_R_T = -1, OFF_R_STATE = -1, OFF_R_HP = -
 cdef Py_ssize_t OFF_R_HOOKABLE = -1, OFF_R_FP32 = -1
 cdef Py_ssize_t OFF_H_PRE = -1, OFF_H_POST = -1
 cdef bint _configured = False
+# chainer.Variable (the class of a gradient variable), when Chainer 7 is in use.
+cdef PyTypeObject* _chainer_variable_type = NULL
+cdef object _chainer_variable_ref = None
 
 # Classification of classes: {type: kind}; the callbacks fill missing entries.
 cdef dict _param_kinds = {}
@@ -188,6 +191,13 @@ def configure(param_cls, rule_cls, hookable_cls, classify_param, classify_rule):
     _param_kinds.clear()
     _rule_kinds.clear()
     _configured = True
+
+
+def set_chainer_variable(cls):
+    """Tell the reader Chainer's ``Variable`` class (its instances are read natively)."""
+    global _chainer_variable_type, _chainer_variable_ref
+    _chainer_variable_ref = cls
+    _chainer_variable_type = <PyTypeObject*>cls if cls is not None else NULL
 
 
 def kinds():
@@ -287,6 +297,77 @@ cdef object _read_grad(object p, int kind):
                     if found:
                         return g
     return getattr(p, S_GRAD)
+
+
+cdef struct ChainerRead:
+    PyObject* rule      # borrowed from the dictionary (NULL: read by getattr)
+    PyObject* array
+    PyObject* grad
+    PyObject* loss_scale
+    bint plain          # standard layout, no ChainerX: array and grad were read
+
+
+cdef inline void _chainer_read(object d, ChainerRead* r, bint want_grad) noexcept:
+    """Read a Chainer 7 parameter's attributes from its dictionary, once.
+
+    Replicates ``Variable.array``/``grad`` for the common case (standard
+    layout, no ChainerX, a gradient set and not held by a gradient
+    variable); ``plain`` is false otherwise and the caller uses the
+    properties.  Every pointer is borrowed from ``d``.
+    """
+    cdef PyObject* dp = <PyObject*>d
+    cdef PyObject* x
+    cdef PyObject* data
+    r.rule = PyDict_GetItem(dp, <PyObject*>S_RULE)
+    r.loss_scale = PyDict_GetItem(dp, <PyObject*>S_LOSS_SCALE)
+    r.array = NULL
+    r.grad = NULL
+    r.plain = False
+    x = PyDict_GetItem(dp, <PyObject*>S_LAYOUT)
+    if x is NULL or x is not <PyObject*>None:
+        return
+    x = PyDict_GetItem(dp, <PyObject*>S_CHAINERX)
+    if x is not NULL and x is not <PyObject*>False:
+        return
+    data = PyDict_GetItem(dp, <PyObject*>S_DATA)
+    if data is NULL or not PyList_CheckExact(data) or PyList_GET_SIZE(data) != 1:
+        return
+    r.array = PyList_GET_ITEM(data, 0)
+    if want_grad:
+        x = PyDict_GetItem(dp, <PyObject*>S_GRAD_VALID)
+        if x is not <PyObject*>True:
+            return
+        x = PyDict_GetItem(dp, <PyObject*>S_GRAD_VAR)
+        if x is NULL:
+            return
+        if x is <PyObject*>None:
+            r.grad = PyDict_GetItem(dp, <PyObject*>S_GRAD_PRIV)
+        else:
+            # After a backward pass the gradient is held by a gradient
+            # variable: Variable.grad is its array.
+            r.grad = _variable_data(x)
+        if r.grad is NULL:
+            return
+    r.plain = True
+
+
+cdef inline PyObject* _variable_data(PyObject* var) noexcept:
+    """A chainer.Variable's array (borrowed), or NULL unless plainly stored."""
+    cdef PyObject* x
+    cdef PyObject* data
+    if Py_TYPE(var) is not _chainer_variable_type:
+        return NULL
+    d = PyObject_GenericGetDict(<object>var, NULL)
+    x = PyDict_GetItem(<PyObject*>d, <PyObject*>S_LAYOUT)
+    if x is not <PyObject*>None:
+        return NULL
+    x = PyDict_GetItem(<PyObject*>d, <PyObject*>S_CHAINERX)
+    if x is not NULL and x is not <PyObject*>False:
+        return NULL
+    data = PyDict_GetItem(<PyObject*>d, <PyObject*>S_DATA)
+    if data is NULL or not PyList_CheckExact(data) or PyList_GET_SIZE(data) != 1:
+        return NULL
+    return PyList_GET_ITEM(data, 0)  # kept alive by the variable, kept by the parameter
 
 
 cdef object _read_loss_scale(object p, int kind):
@@ -549,6 +630,8 @@ def scan(list params, StepTable table, object indices=None):
     cdef PyObject* hp
     cdef PyObject* hpd_parent
     cdef Py_ssize_t n_cleared = 0
+    cdef ChainerRead cr
+    cdef bint got_grad, got_ls
     cdef double lr, m, ls
     cdef long long ls_i
     cdef double* row
@@ -582,22 +665,41 @@ def scan(list params, StepTable table, object indices=None):
             last_pkind = _param_kind(ptype)
             last_ptype = ptype
         pkind = last_pkind & 7
-        rule = _read_rule(p, pkind)
-        array = _read_array(p, pkind)
+        got_grad = False
+        grad = None
+        ls_obj = None
+        got_ls = False
+        if pkind == K_CHAINER:
+            pd = PyObject_GenericGetDict(p, NULL)
+            _chainer_read(pd, &cr, True)
+            rule = <object>cr.rule if cr.rule is not NULL else getattr(p, S_RULE, None)
+            array = <object>cr.array if cr.array is not NULL else getattr(p, S_ARRAY)
+            if cr.plain:
+                grad = <object>cr.grad
+                got_grad = True
+            if cr.loss_scale is not NULL:
+                ls_obj = <object>cr.loss_scale
+                got_ls = True
+        else:
+            rule = _read_rule(p, pkind)
+            array = _read_array(p, pkind)
         if rule is None:
             table.c_codes[i] = C_SKIP
-            if array is not None and _read_grad(p, pkind) is None:
-                table.c_flags[i] = F_CLEARED
-                n_cleared += 1
+            if array is not None:
+                if not got_grad:
+                    grad = _read_grad(p, pkind)
+                if grad is None:
+                    table.c_flags[i] = F_CLEARED
+                    n_cleared += 1
             continue
         rtype = Py_TYPE(<PyObject*>rule)
         if rtype is not last_rtype:
             last_rkind = _rule_kind(rtype)
             last_rtype = rtype
         rkind = last_rkind
-        grad = None
         if array is not None:
-            grad = _read_grad(p, pkind)
+            if not got_grad:
+                grad = _read_grad(p, pkind)
             if grad is None:
                 table.c_flags[i] = F_CLEARED
                 n_cleared += 1
@@ -653,7 +755,8 @@ def scan(list params, StepTable table, object indices=None):
         lr = PyFloat_AS_DOUBLE(<PyObject*>lr_o)
         m = PyFloat_AS_DOUBLE(<PyObject*>m_o)
         # The loss scale of the backward pass that produced the gradient.
-        ls_obj = _read_loss_scale(p, pkind)
+        if not got_ls:
+            ls_obj = _read_loss_scale(p, pkind)
         has_ls = 0
         ls = 0.0
         if ls_obj is not None:
@@ -722,6 +825,7 @@ def cleared(list params, object out):
     cdef Py_ssize_t i, n = len(params), found = 0
     cdef PyTypeObject* last_ptype = NULL
     cdef int pkind = 0
+    cdef ChainerRead cr
     if not _configured:
         raise RuntimeError("cynag._step.configure() was not called")
     for i in range(n):
@@ -730,6 +834,14 @@ def cleared(list params, object out):
         if ptype is not last_ptype:
             pkind = _param_kind(ptype) & 7
             last_ptype = ptype
+        if pkind == K_CHAINER:
+            pd = PyObject_GenericGetDict(p, NULL)
+            _chainer_read(pd, &cr, True)
+            if cr.plain:
+                if cr.array is not <PyObject*>None and cr.grad is <PyObject*>None:
+                    out.append(i)
+                    found += 1
+                continue
         if _read_array(p, pkind) is not None and _read_grad(p, pkind) is None:
             out.append(i)
             found += 1
