@@ -105,6 +105,8 @@ def _create_venv(d, python):
          "installing setuptools<70, wheel, numpy<2"),
         (["install", "--no-build-isolation", "chainer==%s" % CHAINER_VERSION],
          "installing chainer==%s" % CHAINER_VERSION),
+        # The stateful tests (test_step_machine.py) run there too.
+        (["install", "hypothesis"], "installing hypothesis"),
     ]
     for args, what in steps:
         _progress("  %s ..." % what)

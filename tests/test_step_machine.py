@@ -303,6 +303,7 @@ def step_machine(kind):
                         g.reshape(-1)[0] = np.inf
                     p.grad = g
             self.each(fn)
+            self.update(seed)
 
         @rule()
         def same_grads(self):
@@ -311,6 +312,7 @@ def step_machine(kind):
                     if p.array is not None and p.grad is not None:
                         p.grad = p.grad
             self.each(fn)
+            self.update(0)
 
         @rule(i=st.integers(0, MAX_PARAMS), j=st.integers(0, MAX_PARAMS))
         def share_grad(self, i, j):
@@ -319,6 +321,7 @@ def step_machine(kind):
                 if a.array is not None and b.array is not None:
                     b.grad = a.grad
             self.each(fn)
+            self.update(i)
 
         @rule(i=st.integers(0, MAX_PARAMS), factor=st.sampled_from([0.5, -2.0]),
               which=st.sampled_from(["grad", "array"]))
@@ -329,6 +332,7 @@ def step_machine(kind):
                 if a is not None:
                     a *= a.dtype.type(factor)
             self.each(fn)
+            self.update(i)
 
         # -- arrays ------------------------------------------------------------
         @rule(i=st.integers(0, MAX_PARAMS),
@@ -358,6 +362,9 @@ def step_machine(kind):
                 else:
                     new = np.asfortranarray(a)
                 p.array = new
+                if how in ("dtype", "shape") and p.update_rule is not None:
+                    p.update_rule._state = None  # its v no longer fits: start again
+                    p.update_rule._fp32_param = None
             self.each(fn)
 
         # -- hyperparameters ---------------------------------------------------
@@ -491,6 +498,9 @@ def step_machine(kind):
 
         # -- the step ----------------------------------------------------------
         @rule(seed=st.integers(0, 2 ** 16))
+        def step(self, seed):
+            self.update(seed)
+
         def update(self, seed):
             before = [_snapshot(*m) for m in self.models]
             outcomes = []
@@ -568,7 +578,8 @@ def _ensure_hypothesis(python):
 
     if not chainer_env._python_ok(python, "import hypothesis, pytest"):
         chainer_env._run([python, "-m", "pip", "install", "hypothesis", "pytest"],
-                         "installing hypothesis and pytest into the Chainer environment")
+                         "installing hypothesis and pytest into the Chainer environment",
+                         timeout=600)
 
 
 if __name__ == "__main__":  # python tests/test_step_machine.py KIND [EXAMPLES]
