@@ -16,6 +16,10 @@ microseconds, more than a small update.  The threshold defaults to
 ``CYNAG_PARALLEL_THRESHOLD`` (read at import) or ``set_parallel_threshold``.
 
 A build without OpenMP always uses one thread.
+
+How idle threads wait between parallel regions (a bounded spin by default,
+so that they leave the CPUs to the rest of the training step) is set up
+before the extensions load: see :mod:`cynag_kernels._wait_policy`.
 """
 import math
 import operator
@@ -23,7 +27,7 @@ import os
 
 import numpy
 
-from cynag_kernels import _openmp_helpers
+from cynag_kernels import _openmp_helpers, _wait_policy
 
 #: Elements below which an update stays on one thread (see module docstring).
 DEFAULT_PARALLEL_THRESHOLD = 1 << 16
@@ -178,4 +182,5 @@ def thread_config():
         "omp_get_max_threads": _openmp_helpers.omp_max_threads(),
         "cpu_count": _CPU_COUNT,
         "parallel_threshold": _parallel_threshold,
+        "wait_policy": _wait_policy.wait_policy(),
     }

@@ -1,0 +1,179 @@
+"""How idle OpenMP threads wait: briefly, so that they leave the CPUs to the rest of the step.
+
+After a parallel region libgomp's worker threads spin before they sleep:
+``GOMP_SPINCOUNT`` polls (300000 by default, a few milliseconds; 30 billion
+with ``OMP_WAIT_POLICY=active``; none with ``OMP_WAIT_POLICY=passive``).  In a
+training step the optimizer update is followed by the forward and backward
+passes, whose BLAS threads then compete with spinning cynag threads for the
+same cores.  cynag therefore bounds the spin to :data:`DEFAULT_SPIN_COUNT`
+polls (a fraction of a millisecond): enough to keep the team awake between
+the parallel regions of one update, short enough to free the cores before the
+next forward pass.
+
+libgomp reads these variables once, when it is loaded, and has no call to
+change them later.  :func:`before_load` runs before cynag's extensions are
+imported and, unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``
+(theirs always win), puts ``GOMP_SPINCOUNT`` in the environment;
+:func:`after_load` takes it out again, so that OpenMP runtimes loaded later
+by other libraries (PyTorch's own libgomp copy, Intel's or LLVM's runtime)
+and child processes see the environment the user gave.
+
+If ``libgomp.so.1`` was already loaded by another library, cynag's extensions
+share that runtime, initialized with its default spin: then cynag releases
+its worker threads after each of its parallel regions
+(``omp_pause_resource_all``), so that none is left spinning; the next region
+starts fresh threads (tens of microseconds, against milliseconds of work for
+the arrays that use more than one thread).
+
+This module is pure Python and imports no extension: it must run first.
+"""
+import os
+import re
+
+#: ``GOMP_SPINCOUNT`` cynag sets when the user set neither variable.
+DEFAULT_SPIN_COUNT = 10000
+
+ENV_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+# The soname the extensions link (``ldd cynag_kernels/_openmp_helpers*.so``);
+# the dynamic loader reuses any object already loaded under it.  PyTorch's
+# copy is renamed (``libgomp-<hash>.so.1``): a separate runtime.
+_LIBGOMP = re.compile(r"libgomp\.so\.1(\.\d+)*")
+
+_state = {
+    "source": None,          # "cynag default" / "user environment" / "preloaded" / "no libgomp"
+    "user_env": {},          # OMP_WAIT_POLICY / GOMP_SPINCOUNT as the user set them
+    "set_by_cynag": None,    # the value cynag put in GOMP_SPINCOUNT, while it is there
+    "preloaded": [],         # libgomp.so.1 paths mapped before cynag's extensions
+    "libgomp": [],           # libgomp.so.1 paths mapped after them
+    "release_threads": False,
+}
+
+#: True when cynag must release its worker threads after each parallel
+#: region (libgomp loaded before cynag with its default spin).
+release_after_region = False
+
+
+def mapped_libgomp():
+    """Paths of the ``libgomp.so.1`` objects mapped in this process (``/proc/self/maps``).
+
+    ``None`` where the maps cannot be read (not Linux).
+    """
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    paths = []
+    for line in lines:
+        fields = line.split(None, 5)
+        if len(fields) == 6:
+            path = fields[5].strip()
+            if _LIBGOMP.fullmatch(os.path.basename(path)) and path not in paths:
+                paths.append(path)
+    return paths
+
+
+def before_load():
+    """Set the default wait before cynag's extensions load libgomp (see module docstring)."""
+    user = {k: os.environ[k] for k in ENV_VARS if k in os.environ}
+    preloaded = mapped_libgomp() or []
+    _state["user_env"] = user
+    _state["preloaded"] = preloaded
+    if user:
+        _state["source"] = "user environment"
+    elif preloaded:
+        _state["source"] = "preloaded"
+    else:
+        value = str(DEFAULT_SPIN_COUNT)
+        os.environ["GOMP_SPINCOUNT"] = value
+        _state["set_by_cynag"] = value
+        _state["source"] = "cynag default"
+
+
+def after_load():
+    """Take cynag's default out of the environment again; decide on the fallback."""
+    value = _state["set_by_cynag"]
+    if value is not None and os.environ.get("GOMP_SPINCOUNT") == value:
+        del os.environ["GOMP_SPINCOUNT"]
+    _state["set_by_cynag"] = None
+    global release_after_region
+    loaded = mapped_libgomp()
+    _state["libgomp"] = loaded or []
+    if loaded is not None and not loaded:
+        # Built without OpenMP, or against another runtime (LLVM's libomp):
+        # GOMP_SPINCOUNT means nothing to it.  A user's OMP_WAIT_POLICY still
+        # applies to any runtime: keep reporting it.
+        if _state["source"] != "user environment":
+            _state["source"] = "no libgomp"
+    elif _state["source"] == "preloaded":
+        _state["release_threads"] = _pause_function() is not None
+        release_after_region = _state["release_threads"]
+
+
+_pause = []
+
+
+def _pause_function():
+    """``omp_pause_resource_all`` of the shared libgomp, through ctypes (None if unavailable)."""
+    if _pause:
+        return _pause[0]
+    func = None
+    try:
+        import ctypes
+
+        lib = ctypes.CDLL(_state["preloaded"][0])
+        func = lib.omp_pause_resource_all
+        func.argtypes = [ctypes.c_int]
+        func.restype = ctypes.c_int
+    except (OSError, AttributeError, IndexError):
+        func = None
+    _pause.append(func)
+    return func
+
+
+OMP_PAUSE_SOFT = 1
+
+
+def release_threads():
+    """End the idle worker threads of the calling thread's OpenMP pool (fallback only).
+
+    Called after a parallel region when libgomp was loaded before cynag with
+    a spin cynag could not bound; a no-op otherwise.
+    """
+    if release_after_region:
+        _pause[0](OMP_PAUSE_SOFT)
+
+
+def wait_policy():
+    """A dict describing the wait of idle OpenMP threads and where it came from."""
+    source = _state["source"]
+    user = dict(_state["user_env"])
+    if source == "user environment":
+        policy = " ".join("%s=%s" % kv for kv in sorted(user.items()))
+        origin = "your environment (cynag leaves it as set)"
+    elif source == "cynag default":
+        policy = "GOMP_SPINCOUNT=%d" % DEFAULT_SPIN_COUNT
+        origin = "cynag default (set only while cynag loaded libgomp)"
+    elif source == "preloaded":
+        policy = "libgomp default (GOMP_SPINCOUNT=300000)"
+        if _state["release_threads"]:
+            policy += "; cynag releases its threads after each parallel region"
+        else:
+            policy += "; cynag's idle threads spin (no omp_pause_resource_all)"
+        origin = "another library loaded %s before cynag" % _state["preloaded"][0]
+    elif source == "no libgomp":
+        policy = "OpenMP runtime default"
+        origin = "the extensions do not use libgomp (GOMP_SPINCOUNT does not apply)"
+    else:
+        policy, origin = "unknown", "not set up"
+    return {
+        "policy": policy,
+        "source": source,
+        "origin": origin,
+        "default_spin_count": DEFAULT_SPIN_COUNT,
+        "OMP_WAIT_POLICY": user.get("OMP_WAIT_POLICY"),
+        "GOMP_SPINCOUNT": user.get("GOMP_SPINCOUNT"),
+        "release_threads": _state["release_threads"],
+        "libgomp": list(_state["libgomp"]),
+    }
