@@ -47,6 +47,7 @@ _state = {
     "preloaded": [],         # libgomp.so.1 paths mapped before cynag's extensions
     "libgomp": [],           # libgomp.so.1 paths mapped after them
     "release_threads": False,
+    "maps_readable": True,   # False: no /proc/self/maps, the runtime is not known
 }
 
 #: True when cynag must release its worker threads after each parallel
@@ -100,6 +101,7 @@ def after_load():
     global release_after_region
     loaded = mapped_libgomp()
     _state["libgomp"] = loaded or []
+    _state["maps_readable"] = loaded is not None
     if loaded is not None and not loaded:
         # Built without OpenMP, or against another runtime (LLVM's libomp):
         # GOMP_SPINCOUNT means nothing to it.  A user's OMP_WAIT_POLICY still
@@ -155,6 +157,8 @@ def wait_policy():
     elif source == "cynag default":
         policy = "GOMP_SPINCOUNT=%d" % DEFAULT_SPIN_COUNT
         origin = "cynag default (set only while cynag loaded libgomp)"
+        if not _state["maps_readable"]:
+            origin = "cynag default; applies only if the OpenMP runtime is libgomp"
     elif source == "preloaded":
         policy = "libgomp default (GOMP_SPINCOUNT=300000)"
         if _state["release_threads"]:
