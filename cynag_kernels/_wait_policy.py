@@ -19,11 +19,13 @@ by other libraries (PyTorch's own libgomp copy, Intel's or LLVM's runtime)
 and child processes see the environment the user gave.
 
 If ``libgomp.so.1`` was already loaded by another library, cynag's extensions
-share that runtime, initialized with its default spin: then cynag releases
-its worker threads after each of its parallel regions
-(``omp_pause_resource_all``), so that none is left spinning; the next region
-starts fresh threads (tens of microseconds, against milliseconds of work for
-the arrays that use more than one thread).
+share that runtime, initialized with its default spin, which cynag cannot
+change.  Then, unless the user asked for threads (``set_num_threads``,
+``CYNAG_NUM_THREADS``, ``OMP_NUM_THREADS``), the kernels run on one thread:
+no worker thread of cynag's is left spinning.  (Ending the team after each
+region with ``omp_pause_resource_all`` was measured and rejected: a new
+thread waits for a CPU far longer than a sleeping one woken, 1 to 28 ms per
+region on a loaded 2-CPU machine.)
 
 This module is pure Python and imports no extension: it must run first.
 """
@@ -46,13 +48,13 @@ _state = {
     "set_by_cynag": None,    # the value cynag put in GOMP_SPINCOUNT, while it is there
     "preloaded": [],         # libgomp.so.1 paths mapped before cynag's extensions
     "libgomp": [],           # libgomp.so.1 paths mapped after them
-    "release_threads": False,
+    "spin_unbounded": False,  # libgomp loaded first with its default spin
     "maps_readable": True,   # False: no /proc/self/maps, the runtime is not known
 }
 
-#: True when cynag must release its worker threads after each parallel
-#: region (libgomp loaded before cynag with its default spin).
-release_after_region = False
+#: True when libgomp was loaded before cynag with a spin cynag could not
+#: bound: the default thread count is then 1 (see cynag_kernels.threads).
+spin_unbounded = False
 
 
 def mapped_libgomp():
@@ -98,7 +100,7 @@ def after_load():
     if value is not None and os.environ.get("GOMP_SPINCOUNT") == value:
         del os.environ["GOMP_SPINCOUNT"]
     _state["set_by_cynag"] = None
-    global release_after_region
+    global spin_unbounded
     loaded = mapped_libgomp()
     _state["libgomp"] = loaded or []
     _state["maps_readable"] = loaded is not None
@@ -109,42 +111,7 @@ def after_load():
         if _state["source"] != "user environment":
             _state["source"] = "no libgomp"
     elif _state["source"] == "preloaded":
-        _state["release_threads"] = _pause_function() is not None
-        release_after_region = _state["release_threads"]
-
-
-_pause = []
-
-
-def _pause_function():
-    """``omp_pause_resource_all`` of the shared libgomp, through ctypes (None if unavailable)."""
-    if _pause:
-        return _pause[0]
-    func = None
-    try:
-        import ctypes
-
-        lib = ctypes.CDLL(_state["preloaded"][0])
-        func = lib.omp_pause_resource_all
-        func.argtypes = [ctypes.c_int]
-        func.restype = ctypes.c_int
-    except (OSError, AttributeError, IndexError):
-        func = None
-    _pause.append(func)
-    return func
-
-
-OMP_PAUSE_SOFT = 1
-
-
-def release_threads():
-    """End the idle worker threads of the calling thread's OpenMP pool (fallback only).
-
-    Called after a parallel region when libgomp was loaded before cynag with
-    a spin cynag could not bound; a no-op otherwise.
-    """
-    if release_after_region:
-        _pause[0](OMP_PAUSE_SOFT)
+        spin_unbounded = _state["spin_unbounded"] = True
 
 
 def wait_policy():
@@ -160,11 +127,8 @@ def wait_policy():
         if not _state["maps_readable"]:
             origin = "cynag default; applies only if the OpenMP runtime is libgomp"
     elif source == "preloaded":
-        policy = "libgomp default (GOMP_SPINCOUNT=300000)"
-        if _state["release_threads"]:
-            policy += "; cynag releases its threads after each parallel region"
-        else:
-            policy += "; cynag's idle threads spin (no omp_pause_resource_all)"
+        policy = ("libgomp default (GOMP_SPINCOUNT=300000), so cynag's default "
+                  "is one thread")
         origin = "another library loaded %s before cynag" % _state["preloaded"][0]
     elif source == "no libgomp":
         policy = "OpenMP runtime default"
@@ -178,6 +142,6 @@ def wait_policy():
         "default_spin_count": DEFAULT_SPIN_COUNT,
         "OMP_WAIT_POLICY": user.get("OMP_WAIT_POLICY"),
         "GOMP_SPINCOUNT": user.get("GOMP_SPINCOUNT"),
-        "release_threads": _state["release_threads"],
+        "spin_unbounded": _state["spin_unbounded"],
         "libgomp": list(_state["libgomp"]),
     }

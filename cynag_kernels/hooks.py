@@ -20,7 +20,7 @@ arrays, accumulated in float64.
 """
 import numpy
 
-from cynag_kernels import _nesterov_cpu, _wait_policy
+from cynag_kernels import _nesterov_cpu
 from cynag_kernels.nesterov import _strong_scalar, np1_result_dtype
 from cynag_kernels.threads import threads_for
 
@@ -255,8 +255,6 @@ def sum_squares_each(arrays, num_threads=None):
     first = numpy.searchsorted(cum, bounds[:-1], side="right") - 1
     _nesterov_cpu.sum_squares_multi(ptrs, cum, bounds, numpy.ascontiguousarray(first),
                                     type_num, k, out)
-    if k > 1 and _wait_policy.release_after_region:
-        _wait_policy.release_threads()
     del flat  # kept alive until here
     return out
 

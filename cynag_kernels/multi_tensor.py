@@ -16,7 +16,7 @@ it when an array is replaced.
 """
 import numpy
 
-from cynag_kernels import _nesterov_cpu, _wait_policy
+from cynag_kernels import _nesterov_cpu
 from cynag_kernels.threads import threads_for
 
 # Columns of the coefficient table (see _nesterov_cpu.nesterov_ag_multi).
@@ -269,8 +269,6 @@ class CPUTable:
         bounds, first = self.work_items(k)
         _nesterov_cpu.nesterov_ag_multi(self._ptrs, self._cum, self._coef, bounds, first,
                                         self._type_num, k, ops)
-        if k > 1 and _wait_policy.release_after_region:
-            _wait_policy.release_threads()
 
     def verify(self):
         """True if every array is still as the table found it.

@@ -5,7 +5,7 @@ update rules or hooks.
 """
 import numpy
 
-from cynag_kernels import _nesterov_cpu, _wait_policy
+from cynag_kernels import _nesterov_cpu
 from cynag_kernels.threads import threads_for
 
 #: Array dtypes the kernels update.
@@ -281,14 +281,8 @@ def nesterov_ag_cpu(param, grad, v, lr, momentum, num_threads=None, check=True):
     """
     if num_threads is None:
         num_threads = threads_for(getattr(param, "size", 0))
-    if not _nesterov_cpu.try_nesterov_ag_dense(param, grad, v, lr, momentum, num_threads):
-        _nesterov_ag_general(param, grad, v, lr, momentum, num_threads, check)
-    if num_threads > 1 and _wait_policy.release_after_region:
-        _wait_policy.release_threads()
-
-
-def _nesterov_ag_general(param, grad, v, lr, momentum, num_threads, check):
-    """:func:`nesterov_ag_cpu` for the arrays the dense fast path declined."""
+    if _nesterov_cpu.try_nesterov_ag_dense(param, grad, v, lr, momentum, num_threads):
+        return
     if check:
         check_nesterov_ag_arrays(param, grad, v)
     n = param.size

@@ -19,7 +19,9 @@ A build without OpenMP always uses one thread.
 
 How idle threads wait between parallel regions (a bounded spin by default,
 so that they leave the CPUs to the rest of the training step) is set up
-before the extensions load: see :mod:`cynag_kernels._wait_policy`.
+before the extensions load: see :mod:`cynag_kernels._wait_policy`.  Where
+that could not apply (libgomp loaded first by another library) step 3 gives
+one thread unless ``OMP_NUM_THREADS`` is set.
 """
 import math
 import operator
@@ -118,7 +120,19 @@ def get_num_threads():
         return _fixed_threads
     if _env_threads is not None:
         return _env_threads
+    if _spin_limits_default():
+        return 1
     return openmp_default_threads()
+
+
+def _spin_limits_default():
+    """True when the OpenMP default gives way to one thread (see _wait_policy).
+
+    libgomp loaded by another library before cynag keeps its default spin;
+    unless ``OMP_NUM_THREADS`` asks for threads, cynag then opens no team
+    whose idle threads would spin through the rest of the step.
+    """
+    return _OPENMP and _wait_policy.spin_unbounded and not _OMP_NUM_THREADS_SET
 
 
 def set_num_threads(n):
@@ -175,6 +189,8 @@ def thread_config():
         "source": (
             "set_num_threads" if _fixed_threads is not None
             else "CYNAG_NUM_THREADS" if _env_threads is not None
+            else "one thread: libgomp was loaded before cynag, its idle threads would spin"
+            if _spin_limits_default()
             else "OpenMP default"
         ),
         "CYNAG_NUM_THREADS": os.environ.get("CYNAG_NUM_THREADS"),

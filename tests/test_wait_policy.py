@@ -44,12 +44,14 @@ REPORT = """
     from cynag_kernels import threads
     buf = io.StringIO()
     cynag.show_config(file=buf)
-    w = threads.thread_config()["wait_policy"]
+    t = threads.thread_config()
+    w = t["wait_policy"]
     assert w == cynag.config()["threads"]["wait_policy"]
     sys.stderr.flush()
     if w["libgomp"]:
         ctypes.CDLL(w["libgomp"][0]).omp_display_env(1)
-    print(json.dumps({"wait": w, "show": buf.getvalue(),
+    print(json.dumps({"wait": w, "show": buf.getvalue(), "threads": t["num_threads"],
+                      "threads_source": t["source"],
                       "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}}))
 """
 
@@ -70,7 +72,7 @@ def test_default_bounds_the_spin():
     w = out["wait"]
     assert w["source"] == "cynag default"
     assert w["policy"] == "GOMP_SPINCOUNT=%d" % _wait_policy.DEFAULT_SPIN_COUNT
-    assert not w["release_threads"]
+    assert not w["spin_unbounded"]
     # libgomp took the value; the environment is given back as it was
     assert "GOMP_SPINCOUNT = '%d'" % _wait_policy.DEFAULT_SPIN_COUNT in out["libgomp_env"]
     assert out["env"] == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}
@@ -100,21 +102,32 @@ def test_user_environment_wins(var, value, shown):
 def test_libgomp_loaded_before_cynag():
     out = report(preload=True)
     w = out["wait"]
-    assert w["source"] == "preloaded"
+    assert w["source"] == "preloaded" and w["spin_unbounded"]
     # cynag's default came too late: libgomp keeps its own
     assert "GOMP_SPINCOUNT = '300000'" in out["libgomp_env"]
     assert out["env"] == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}
-    assert w["release_threads"]
+    # so no team of cynag's by default
+    assert out["threads"] == 1 and "loaded before cynag" in out["threads_source"]
     line = show_line(out)
-    assert "another library loaded" in line and "releases its threads" in line
+    assert "another library loaded" in line and "one thread" in line
+
+
+@needs_libgomp
+@pytest.mark.skipif(not cynag_kernels.openmp_enabled(), reason="no OpenMP")
+def test_libgomp_loaded_before_cynag_explicit_threads():
+    # OMP_NUM_THREADS / CYNAG_NUM_THREADS are requests for threads: kept
+    assert report(preload=True, OMP_NUM_THREADS="2")["threads"] == 2
+    out = report(preload=True, CYNAG_NUM_THREADS="2")
+    assert out["threads"] == 2 and out["threads_source"] == "CYNAG_NUM_THREADS"
 
 
 @needs_libgomp
 def test_libgomp_loaded_before_cynag_with_user_env():
     out = report(preload=True, GOMP_SPINCOUNT="2000")
     w = out["wait"]
-    assert w["source"] == "user environment" and not w["release_threads"]
+    assert w["source"] == "user environment" and not w["spin_unbounded"]
     assert "GOMP_SPINCOUNT = '2000'" in out["libgomp_env"]
+    assert out["threads"] == report()["threads"]
 
 
 # ---------------------------------------------------------------------------
@@ -126,7 +139,8 @@ IDLE_CPU = """
     if %r:
         ctypes.CDLL("libgomp.so.1")
     import cynag, cynag_kernels
-    cynag.set_num_threads(2)
+    if %r:
+        cynag.set_num_threads(2)
     n = 1 << 22
     assert n >= cynag.get_parallel_threshold()
     p = np.ones(n, np.float32); g = np.full(n, 1e-3, np.float32); v = np.zeros(n, np.float32)
@@ -137,7 +151,7 @@ IDLE_CPU = """
         c0 = time.process_time()
         time.sleep(0.08)
         cpu.append((time.process_time() - c0) * 1e3)
-    # a released team comes back for the next region: same numbers as one thread
+    # the kernel's numbers do not depend on the thread count
     p1 = np.ones(n, np.float32); v1 = np.zeros(n, np.float32)
     for _ in range(3):
         cynag_kernels.nesterov_ag_cpu(p1, g, v1, 0.01, 0.9, num_threads=1)
@@ -146,8 +160,8 @@ IDLE_CPU = """
 """
 
 
-def idle_cpu_ms(preload=False, **env_vars):
-    out, _ = run_python(IDLE_CPU % preload, **env_vars)
+def idle_cpu_ms(preload=False, set_threads=True, **env_vars):
+    out, _ = run_python(IDLE_CPU % (preload, set_threads), **env_vars)
     assert out["same"]
     return out["cpu_ms"]
 
@@ -159,12 +173,18 @@ needs_two_cpus = pytest.mark.skipif(
 
 @needs_libgomp
 @needs_two_cpus
-@pytest.mark.parametrize("preload", [False, True], ids=["default", "libgomp-loaded-first"])
-def test_idle_threads_do_not_spin(preload):
-    # 80 ms of sleep after the update: the bounded spin costs well under a
-    # millisecond of CPU (libgomp's own default, several); a spinning
-    # worker would take most of the 80 ms
-    assert idle_cpu_ms(preload) < 3.0
+def test_idle_threads_do_not_spin():
+    # 80 ms of sleep after a 2-thread update: the bounded spin costs well
+    # under a millisecond of CPU (libgomp's own default, several); a
+    # spinning worker would take most of the 80 ms
+    assert idle_cpu_ms() < 3.0
+
+
+@needs_libgomp
+@needs_two_cpus
+def test_idle_threads_do_not_spin_libgomp_loaded_first():
+    # the default thread count (one thread) leaves no team to spin
+    assert idle_cpu_ms(preload=True, set_threads=False) < 3.0
 
 
 @needs_libgomp
