@@ -67,14 +67,14 @@ def show_line(out):
 
 
 @needs_libgomp
-def test_default_bounds_the_spin():
+def test_default_is_passive():
     out = report()
     w = out["wait"]
     assert w["source"] == "cynag default"
-    assert w["policy"] == "GOMP_SPINCOUNT=%d" % _wait_policy.DEFAULT_SPIN_COUNT
+    assert w["policy"] == "OMP_WAIT_POLICY=passive" == "%s=%s" % _wait_policy.DEFAULT_ENV
     assert not w["spin_unbounded"]
     # libgomp took the value; the environment is given back as it was
-    assert "GOMP_SPINCOUNT = '%d'" % _wait_policy.DEFAULT_SPIN_COUNT in out["libgomp_env"]
+    assert "GOMP_SPINCOUNT = '0'" in out["libgomp_env"]
     assert out["env"] == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}
     assert "cynag default" in show_line(out)
 
@@ -174,9 +174,9 @@ needs_two_cpus = pytest.mark.skipif(
 @needs_libgomp
 @needs_two_cpus
 def test_idle_threads_do_not_spin():
-    # 80 ms of sleep after a 2-thread update: the bounded spin costs well
-    # under a millisecond of CPU (libgomp's own default, several); a
-    # spinning worker would take most of the 80 ms
+    # 80 ms of sleep after a 2-thread update: the sleeping worker costs
+    # nothing (libgomp's own default spin, several ms of CPU); a spinning
+    # worker would take most of the 80 ms
     assert idle_cpu_ms() < 3.0
 
 
