@@ -18,6 +18,9 @@ try:
     from cynag_kernels import _nesterov_cpu
     from cynag_kernels._openmp_helpers import build_info as _build_info
     from cynag_kernels._openmp_helpers import openmp_enabled
+    from cynag_kernels._openmp_helpers import omp_max_threads as _omp_max_threads
+
+    _omp_max_threads()  # initializes a runtime that reads its settings lazily (LLVM's)
 finally:
     _wait_policy.after_load()
 from cynag_kernels.nesterov import (

@@ -101,19 +101,19 @@ def before_load():
 
 def after_load():
     """Take cynag's default out of the environment again; decide on the fallback."""
+    global spin_unbounded
     value = _state["set_by_cynag"]
     if value is not None and os.environ.get(DEFAULT_ENV[0]) == value:
         del os.environ[DEFAULT_ENV[0]]
     _state["set_by_cynag"] = None
-    global spin_unbounded
     loaded = mapped_libgomp()
     _state["libgomp"] = loaded or []
     _state["maps_readable"] = loaded is not None
     if loaded is not None and not loaded:
-        # Built without OpenMP, or against another runtime (LLVM's libomp):
-        # cynag's setting was not read by it.  A user's OMP_WAIT_POLICY
-        # still applies to any runtime: keep reporting it.
-        if _state["source"] != "user environment":
+        # Built without OpenMP, or against another runtime (LLVM's libomp,
+        # which reads OMP_WAIT_POLICY too, when first called: cynag's
+        # __init__ calls it while the setting is there).
+        if _state["source"] == "cynag default":
             _state["source"] = "no libgomp"
     elif _state["source"] == "preloaded":
         spin_unbounded = _state["spin_unbounded"] = True
@@ -130,14 +130,15 @@ def wait_policy():
         policy = "%s=%s" % DEFAULT_ENV
         origin = "cynag default (set only while cynag loaded libgomp)"
         if not _state["maps_readable"]:
-            origin = "cynag default; applies only if the OpenMP runtime is libgomp"
+            origin = "cynag default, set while cynag initialized its OpenMP runtime"
     elif source == "preloaded":
         policy = ("libgomp default (GOMP_SPINCOUNT=300000), so cynag's default "
                   "is one thread")
         origin = "another library loaded %s before cynag" % _state["preloaded"][0]
     elif source == "no libgomp":
-        policy = "OpenMP runtime default"
-        origin = "the extensions do not use libgomp (cynag's default does not apply)"
+        policy = "%s=%s" % DEFAULT_ENV
+        origin = ("cynag default, set while cynag initialized its OpenMP runtime, "
+                  "which is not libgomp (or none: no OpenMP build)")
     else:
         policy, origin = "unknown", "not set up"
     return {

@@ -17,9 +17,9 @@ microseconds, more than a small update.  The threshold defaults to
 
 A build without OpenMP always uses one thread.
 
-How idle threads wait between parallel regions (a bounded spin by default,
+How idle threads wait between parallel regions (asleep at once by default,
 so that they leave the CPUs to the rest of the training step) is set up
-before the extensions load: see :mod:`cynag_kernels._wait_policy`.  Where
+while the extensions load: see :mod:`cynag_kernels._wait_policy`.  Where
 that could not apply (libgomp loaded first by another library) step 3 gives
 one thread unless ``OMP_NUM_THREADS`` is set.
 """
