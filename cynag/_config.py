@@ -49,9 +49,15 @@ def config():
 
 
 def show_config(file=None):
-    """Print version, build (OpenMP on/off, compiler), thread settings and CuPy status."""
+    """Print version, build (OpenMP on/off, compiler), thread settings and CuPy status.
+
+    The thread settings include how idle OpenMP threads wait and where that
+    came from: cynag's default, the user's ``OMP_WAIT_POLICY`` /
+    ``GOMP_SPINCOUNT``, or a libgomp another library loaded first.
+    """
     c = config()
     b, t = c["build"], c["threads"]
+    w = t["wait_policy"]
     lines = [
         "cynag %s" % c["cynag"],
         "  python:    %s on %s" % (c["python"], c["platform"]),
@@ -67,6 +73,7 @@ def show_config(file=None):
                             t["omp_get_max_threads"], t["cpu_count"]),
         "  parallel threshold: %d elements (CYNAG_PARALLEL_THRESHOLD, "
         "cynag.set_parallel_threshold)" % t["parallel_threshold"],
+        "  idle threads wait: %s (from %s)" % (w["policy"], w["origin"]),
         "  multi-tensor update: %s" % (
             "on (one native call per device/dtype group; CYNAG_MULTI_TENSOR=0 turns it off)"
             if c["multi_tensor"] is True else "off (CYNAG_MULTI_TENSOR=0)"

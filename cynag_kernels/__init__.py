@@ -9,9 +9,20 @@ benchmarked on its own.
   Chainer rounds them; shared by the kernels and the tests.
 * :mod:`cynag_kernels.threads` -- thread count and parallel threshold.
 """
-from cynag_kernels import _nesterov_cpu
-from cynag_kernels._openmp_helpers import build_info as _build_info
-from cynag_kernels._openmp_helpers import openmp_enabled
+# Before any extension loads libgomp: the wait of idle OpenMP threads is read
+# once, at load (see cynag_kernels/_wait_policy.py).
+from cynag_kernels import _wait_policy
+
+_wait_policy.before_load()
+try:
+    from cynag_kernels import _nesterov_cpu
+    from cynag_kernels._openmp_helpers import build_info as _build_info
+    from cynag_kernels._openmp_helpers import openmp_enabled
+    from cynag_kernels._openmp_helpers import omp_max_threads as _omp_max_threads
+
+    _omp_max_threads()  # initializes a runtime that reads its settings lazily (LLVM's)
+finally:
+    _wait_policy.after_load()
 from cynag_kernels.nesterov import (
     SUPPORTED_DTYPES,
     check_nesterov_ag_arrays,

@@ -16,6 +16,12 @@ microseconds, more than a small update.  The threshold defaults to
 ``CYNAG_PARALLEL_THRESHOLD`` (read at import) or ``set_parallel_threshold``.
 
 A build without OpenMP always uses one thread.
+
+How idle threads wait between parallel regions (asleep at once by default,
+so that they leave the CPUs to the rest of the training step) is set up
+while the extensions load: see :mod:`cynag_kernels._wait_policy`.  Where
+that could not apply (libgomp loaded first by another library) step 3 gives
+one thread unless ``OMP_NUM_THREADS`` is set.
 """
 import math
 import operator
@@ -23,7 +29,7 @@ import os
 
 import numpy
 
-from cynag_kernels import _openmp_helpers
+from cynag_kernels import _openmp_helpers, _wait_policy
 
 #: Elements below which an update stays on one thread (see module docstring).
 DEFAULT_PARALLEL_THRESHOLD = 1 << 16
@@ -114,7 +120,19 @@ def get_num_threads():
         return _fixed_threads
     if _env_threads is not None:
         return _env_threads
+    if _spin_limits_default():
+        return 1
     return openmp_default_threads()
+
+
+def _spin_limits_default():
+    """True when the OpenMP default gives way to one thread (see _wait_policy).
+
+    libgomp loaded by another library before cynag keeps its default spin;
+    unless ``OMP_NUM_THREADS`` asks for threads, cynag then opens no team
+    whose idle threads would spin through the rest of the step.
+    """
+    return _OPENMP and _wait_policy.spin_unbounded and not _OMP_NUM_THREADS_SET
 
 
 def set_num_threads(n):
@@ -171,6 +189,8 @@ def thread_config():
         "source": (
             "set_num_threads" if _fixed_threads is not None
             else "CYNAG_NUM_THREADS" if _env_threads is not None
+            else "one thread: libgomp was loaded before cynag, its idle threads would spin"
+            if _spin_limits_default()
             else "OpenMP default"
         ),
         "CYNAG_NUM_THREADS": os.environ.get("CYNAG_NUM_THREADS"),
@@ -178,4 +198,5 @@ def thread_config():
         "omp_get_max_threads": _openmp_helpers.omp_max_threads(),
         "cpu_count": _CPU_COUNT,
         "parallel_threshold": _parallel_threshold,
+        "wait_policy": _wait_policy.wait_policy(),
     }
