@@ -59,6 +59,7 @@ import numpy
 
 import cynag
 import cynag_kernels
+from cynag import bench_e2e
 from cynag_kernels import threads as _threads
 
 LR = 0.01
@@ -1540,14 +1541,15 @@ def _positive_int_list(text):
     return tuple(sorted(set(values)))
 
 
-def _case_list(text):
+def _case_list(text, cases=None):
+    cases = CASES if cases is None else cases
     names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [n for n in names if n not in CASES]
+    bad = [n for n in names if n not in cases]
     if not names or bad:
         raise argparse.ArgumentTypeError("unknown case %s; choose from %s"
                                          % (", ".join(map(repr, bad)) or "(none)",
-                                            ",".join(CASES)))
-    return [n for n in CASES if n in names]
+                                            ",".join(cases)))
+    return [n for n in cases if n in names]
 
 
 def _positive_float(text):
@@ -1566,10 +1568,17 @@ def parse_args(argv):
         prog="python -m cynag.bench",
         description="Benchmark one NesterovAG step (cynag, its native call, numpy, a C loop, "
                     "a bandwidth probe, and Chainer/PyTorch when importable).",
-        epilog="Cases: " + "; ".join("%s = %s" % (k, v[0]) for k, v in CASES.items()))
-    ap.add_argument("--cases", type=_case_list, default=list(DEFAULT_CASES),
-                    help="comma-separated cases to run (default: %s; also: %s)"
-                         % (",".join(DEFAULT_CASES), ",".join(HOOK_CASES)))
+        epilog="Cases: " + "; ".join("%s = %s" % (k, v[0]) for k, v in CASES.items())
+        + ".  Cases with --e2e: " + "; ".join("%s = %s, batch %d" % (k, v[0], v[1])
+                                              for k, v in bench_e2e.MODELS.items()) + ".")
+    ap.add_argument("--cases", default=None,
+                    help="comma-separated cases to run (default: %s; also: %s; with --e2e: "
+                         "%s)" % (",".join(DEFAULT_CASES), ",".join(HOOK_CASES),
+                                  ",".join(bench_e2e.MODELS)))
+    ap.add_argument("--e2e", action="store_true",
+                    help="time Chainer's training loop (StandardUpdater: forward, backward, "
+                         "update) with Chainer's NesterovAG and with cynag's, each run in "
+                         "its own process, instead of the optimizer step alone")
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                     help="array dtype (default float32)")
     ap.add_argument("--threads", type=_positive_int_list, default=default_threads,
@@ -1592,7 +1601,21 @@ def parse_args(argv):
                     help="draw GB/s per case and variant into FILE.png (needs matplotlib)")
     # Shrinks every tensor (tests; not a measurement setting).
     ap.add_argument("--scale", type=_positive_float, default=1.0, help=argparse.SUPPRESS)
+    # Timed iterations per --e2e process (tests; default 50, --quick 20).
+    ap.add_argument("--e2e-iterations", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    models = bench_e2e.MODELS if args.e2e else CASES
+    if args.cases is None:
+        args.cases = list(models if args.e2e else DEFAULT_CASES)
+    else:
+        try:
+            args.cases = _case_list(args.cases, models)
+        except argparse.ArgumentTypeError as e:
+            ap.error("argument --cases: %s" % e)
+    if args.e2e and (args.mpi or args.plot):
+        ap.error("--e2e does not combine with %s" % ("--mpi" if args.mpi else "--plot"))
+    if args.e2e_iterations is not None and args.e2e_iterations < 1:
+        ap.error("--e2e-iterations must be >= 1")
     if args.rounds is not None and args.rounds < 1:
         ap.error("--rounds must be >= 1")
     if args.profile < 0:
@@ -1637,6 +1660,15 @@ def main(argv=None):
     env.torch, env.torch_note = import_torch()
 
     info = machine_info(env)
+    if args.e2e:
+        if env.chainer is None:
+            print("\n".join(header_lines(env, info)))
+            print("--e2e: nothing to run, chainer %s" % env.chainer_note)
+            return 0
+        # The machine and the software; the settings are the e2e run's own.
+        return bench_e2e.main(args, {"header": header_lines(env, info)[:4], "machine": info,
+                                     "started": env.started},
+                              fmt_time, sig, progress, _json_default)
     # Variants the header already says are missing, not repeated under every table.
     header_skips = ({"chainer_update", "cynag_on_chainer", "floor_chainer"}
                     if env.chainer is None else set()) | (
