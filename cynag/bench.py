@@ -1,7 +1,16 @@
 """Benchmark of one NesterovAG step on the CPU: ``python -m cynag.bench``.
 
 Times, in one process, with the variants interleaved inside each round and
-medians over rounds, one optimizer step on several parameter sets:
+medians over rounds, one optimizer step on several parameter sets.
+
+Every case first runs as training does (``run_user_case``): before each step
+the parameters get new gradient arrays (``cleargrads()`` and a copy of each
+gradient, outside the timed region), and only ``update()`` is timed:
+``cynag update() on chainer.Link`` (when Chainer imports), ``chainer update()
+on chainer.Link``, ``cynag update() on cynag.Link``, ``torch fused SGD`` (new
+gradient tensors every step), and the Python floor of each kind of link
+(``list(link.params())`` and every ``.grad`` read).  Then the same step with
+the same gradient arrays every step (idealized), per case:
 
 * ``big``      -- one tensor of 2**24 elements;
 * ``small``    -- 2000 tensors of 64 elements;
@@ -39,6 +48,10 @@ call, per tensor) and measures one tensor of 2**12 .. 2**22 elements with one
 and with several threads to recommend ``CYNAG_NUM_THREADS`` and
 ``CYNAG_PARALLEL_THRESHOLD`` for this machine.  A benchmark, not a test: it
 exits 0 whatever it measures.
+
+``--e2e`` times Chainer's training loop (``StandardUpdater``) with Chainer's
+and cynag's optimizer instead, each run in its own process: see
+``cynag/bench_e2e.py``.
 """
 import argparse
 import cProfile
@@ -1245,6 +1258,15 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+#: Environment variables that change how the kernels' threads run.
+THREAD_ENV = ("OMP_NUM_THREADS", "CYNAG_NUM_THREADS", "CYNAG_PARALLEL_THRESHOLD",
+              "OMP_WAIT_POLICY", "OMP_PROC_BIND")
+
+
+def thread_env():
+    return {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
+
+
 def machine_info(env):
     K = env.K
     build = K.build_info()
@@ -1264,9 +1286,7 @@ def machine_info(env):
         "thread_config": _threads.thread_config(),
         "chainer": None if env.chainer is None else env.chainer.__version__,
         "torch": None if env.torch is None else env.torch.__version__,
-        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "CYNAG_NUM_THREADS",
-                                           "CYNAG_PARALLEL_THRESHOLD", "OMP_WAIT_POLICY",
-                                           "OMP_PROC_BIND") if k in os.environ},
+        "env": thread_env(),
     }
     return info
 

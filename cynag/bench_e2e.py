@@ -140,6 +140,7 @@ def worker(spec):
         import chainer.links as L
 
     import cynag
+    from cynag.bench import thread_env
 
     name, which = spec["model"], spec["optimizer"]
     numpy.random.seed(spec.get("seed", 0))
@@ -183,7 +184,7 @@ def worker(spec):
         "iter_s": iters, "forward_s": fwd, "backward_s": bwd, "optimizer_s": own,
         "final_loss": float(model.loss.array),
         "cynag_path": os.path.dirname(os.path.abspath(cynag.__file__)),
-        "pid": os.getpid(),
+        "pid": os.getpid(), "env": thread_env(),
     }
 
 
