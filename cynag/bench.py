@@ -1,7 +1,12 @@
 """Benchmark of one NesterovAG step on the CPU: ``python -m cynag.bench``.
 
 Times, in one process, with the variants interleaved inside each round and
-medians over rounds, one optimizer step on several parameter sets.
+medians over rounds, one optimizer step on several parameter sets:
+
+* ``big``      -- one tensor of 2**24 elements;
+* ``small``    -- 2000 tensors of 64 elements;
+* ``medium``   -- 1000 tensors of 1000 elements;
+* ``resnet50`` -- the 161 parameter shapes of ResNet-50 (25,557,032 elements);
 
 Every case first runs as training does (``run_user_case``): before each step
 the parameters get new gradient arrays (``cleargrads()`` and a copy of each
@@ -9,15 +14,10 @@ gradient, outside the timed region), and only ``update()`` is timed:
 ``cynag update() on chainer.Link`` (when Chainer imports), ``chainer update()
 on chainer.Link``, ``cynag update() on cynag.Link``, ``torch fused SGD`` (new
 gradient tensors every step), and the Python floor of each kind of link
-(``list(link.params())`` and every ``.grad`` read).  Then the same step with
-the same gradient arrays every step (idealized), per case:
+(``list(link.params())`` and every ``.grad`` read).
 
-* ``big``      -- one tensor of 2**24 elements;
-* ``small``    -- 2000 tensors of 64 elements;
-* ``medium``   -- 1000 tensors of 1000 elements;
-* ``resnet50`` -- the 161 parameter shapes of ResNet-50 (25,557,032 elements);
-
-with these variants, each at every requested thread count where it has one:
+Then the same step with the same gradient arrays every step (idealized), with
+these variants, each at every requested thread count where it has one:
 
 * ``probe 3R+2W``      -- a C memory-bandwidth probe with NesterovAG's traffic
   (read three arrays, write two) over the same tensors: the reference;
