@@ -8,7 +8,16 @@ medians over rounds, one optimizer step on several parameter sets:
 * ``medium``   -- 1000 tensors of 1000 elements;
 * ``resnet50`` -- the 161 parameter shapes of ResNet-50 (25,557,032 elements);
 
-with these variants, each at every requested thread count where it has one:
+Every case first runs as training does (``run_user_case``): before each step
+the parameters get new gradient arrays (``cleargrads()`` and a copy of each
+gradient, outside the timed region), and only ``update()`` is timed:
+``cynag update() on chainer.Link`` (when Chainer imports), ``chainer update()
+on chainer.Link``, ``cynag update() on cynag.Link``, ``torch fused SGD`` (new
+gradient tensors every step), and the Python floor of each kind of link
+(``list(link.params())`` and every ``.grad`` read).
+
+Then the same step with the same gradient arrays every step (idealized), with
+these variants, each at every requested thread count where it has one:
 
 * ``probe 3R+2W``      -- a C memory-bandwidth probe with NesterovAG's traffic
   (read three arrays, write two) over the same tensors: the reference;
@@ -39,6 +48,10 @@ call, per tensor) and measures one tensor of 2**12 .. 2**22 elements with one
 and with several threads to recommend ``CYNAG_NUM_THREADS`` and
 ``CYNAG_PARALLEL_THRESHOLD`` for this machine.  A benchmark, not a test: it
 exits 0 whatever it measures.
+
+``--e2e`` times Chainer's training loop (``StandardUpdater``) with Chainer's
+and cynag's optimizer instead, each run in its own process: see
+``cynag/bench_e2e.py``.
 """
 import argparse
 import cProfile
@@ -59,6 +72,7 @@ import numpy
 
 import cynag
 import cynag_kernels
+from cynag import bench_e2e
 from cynag_kernels import threads as _threads
 
 LR = 0.01
@@ -439,40 +453,171 @@ BUILDERS = {
 
 
 # ---------------------------------------------------------------------------
+# What users run: new gradient arrays at every step.  A training step's
+# backward pass allocates new gradients, and a Chainer user keeps the model a
+# chainer.Link.  Each builder returns ({threads: (prepare, step)}, what to keep
+# alive, a note, fresh): fresh() gives the parameters new gradient arrays (a
+# copy of the shared read-only ones) before every step, outside the timed
+# region.  The floors time what any optimizer must do on that link: list its
+# parameters and read every gradient.
+# ---------------------------------------------------------------------------
+#: Variant keys of the user-path table, in its order.
+USER_VARIANTS = [
+    ("cynag_on_chainer", "cynag update() on chainer.Link"),
+    ("chainer_update", "chainer update() on chainer.Link"),
+    ("cynag_on_cynag", "cynag update() on cynag.Link"),
+    ("torch_fused", "torch fused SGD"),
+    ("floor_chainer", "Python floor, chainer.Link"),
+    ("floor_cynag", "Python floor, cynag.Link"),
+]
+USER_LABELS = dict(USER_VARIANTS)
+#: The floor each optimizer row is measured against.
+FLOOR_OF = {"cynag_on_chainer": "floor_chainer", "chainer_update": "floor_chainer",
+            "cynag_on_cynag": "floor_cynag"}
+
+
+def _fill_link(link, parameter, shapes, dtype):
+    with link.init_scope():
+        for i, p in enumerate(make_params(shapes, dtype, seed=1)):
+            setattr(link, "p%04d" % i, parameter(p))
+    return [getattr(link, "p%04d" % i) for i in range(len(shapes))]
+
+
+def _fresh_grads(link, params, grads):
+    """fresh(): cleargrads(), then a new copy of every gradient (as backward allocates them)."""
+    def fresh():
+        link.cleargrads()
+        for p, g in zip(params, grads):
+            p.grad = g.copy()
+    return fresh
+
+
+def _floor(link):
+    def step():
+        return [p.grad for p in list(link.params())]
+    return step
+
+
+def _user_link(env, kind, shapes, dtype, grads):
+    if kind == "chainer":
+        if env.chainer is None:
+            raise Skip("chainer " + env.chainer_note)
+        link = env.chainer.Link()
+        params = _fill_link(link, env.chainer.Parameter, shapes, dtype)
+    else:
+        link = cynag.Link()
+        params = _fill_link(link, cynag.Parameter, shapes, dtype)
+    fresh = _fresh_grads(link, params, grads)
+    fresh()
+    return link, fresh
+
+
+def _build_user_cynag(env, kind, shapes, dtype, grads, thread_counts):
+    link, fresh = _user_link(env, kind, shapes, dtype, grads)
+    opt = cynag.optimizers.NesterovAG(lr=LR, momentum=MOMENTUM).setup(link)
+    opt.update()
+    return ({t: (_set_threads(env.K, t), opt.update) for t in thread_counts}, (link, opt), "",
+            fresh)
+
+
+def build_user_cynag_on_chainer(env, shapes, dtype, grads, thread_counts):
+    return _build_user_cynag(env, "chainer", shapes, dtype, grads, thread_counts)
+
+
+def build_user_cynag_on_cynag(env, shapes, dtype, grads, thread_counts):
+    return _build_user_cynag(env, "cynag", shapes, dtype, grads, thread_counts)
+
+
+def build_user_chainer_update(env, shapes, dtype, grads, thread_counts):
+    link, fresh = _user_link(env, "chainer", shapes, dtype, grads)
+    opt = env.chainer.optimizers.NesterovAG(lr=LR, momentum=MOMENTUM)
+    opt.setup(link)
+    opt.update()
+    return {1: (_noop, opt.update)}, (link, opt), "", fresh
+
+
+def build_user_torch_fused(env, shapes, dtype, grads, thread_counts):
+    steps, (params, opt), note = build_torch_fused(env, shapes, dtype, grads, thread_counts)
+    sources = [p.grad for p in params]
+
+    def fresh():
+        opt.zero_grad(set_to_none=True)
+        for p, g in zip(params, sources):
+            p.grad = g.clone()
+    return steps, (params, opt, sources), note, fresh
+
+
+def build_user_floor_chainer(env, shapes, dtype, grads, thread_counts):
+    link, _ = _user_link(env, "chainer", shapes, dtype, grads)
+    return {1: (_noop, _floor(link))}, link, "list(link.params()) + every .grad", None
+
+
+def build_user_floor_cynag(env, shapes, dtype, grads, thread_counts):
+    link, _ = _user_link(env, "cynag", shapes, dtype, grads)
+    return {1: (_noop, _floor(link))}, link, "list(link.params()) + every .grad", None
+
+
+USER_BUILDERS = {
+    "cynag_on_chainer": build_user_cynag_on_chainer,
+    "chainer_update": build_user_chainer_update,
+    "cynag_on_cynag": build_user_cynag_on_cynag,
+    "torch_fused": build_user_torch_fused,
+    "floor_chainer": build_user_floor_chainer,
+    "floor_cynag": build_user_floor_cynag,
+}
+
+
+# ---------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------
 class Series:
-    """Samples of one (variant, threads)."""
+    """Samples of one (variant, threads).
 
-    def __init__(self, key, threads, prepare, step, note=""):
+    ``fresh``, when given, runs before every call of ``step`` outside the
+    timed region (it gives the parameters new gradient arrays)."""
+
+    def __init__(self, key, threads, prepare, step, note="", fresh=None, labels=None):
         self.key, self.threads = key, threads
         self.prepare, self.step = prepare, step
         self.note = note
+        self.fresh = fresh
+        self.labels = LABELS if labels is None else labels
         self.reps = 1
         self.samples = []
 
     @property
     def label(self):
-        return LABELS.get(self.key, self.key)
+        return self.labels.get(self.key, self.key)
 
     @property
     def median(self):
         return statistics.median(self.samples)
 
 
-def timed(step, reps):
-    t0 = time.perf_counter()
+def timed(step, reps, fresh=None):
+    """Mean seconds of one call of ``step``; ``fresh()`` before each call, not timed."""
+    if fresh is None:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step()
+        return (time.perf_counter() - t0) / reps
+    total = 0.0
     for _ in range(reps):
+        fresh()
+        t0 = time.perf_counter()
         step()
-    return (time.perf_counter() - t0) / reps
+        total += time.perf_counter() - t0
+    return total / reps
 
 
 def calibrate(series, warmup, min_sample_s):
     """Warm up, then choose calls per sample so that a sample lasts min_sample_s."""
     series.prepare()
     for _ in range(warmup):
+        if series.fresh is not None:
+            series.fresh()
         series.step()
-    t1 = min(timed(series.step, 1) for _ in range(3))
+    t1 = min(timed(series.step, 1, series.fresh) for _ in range(3))
     series.reps = int(max(1, min(1_000_000, math.ceil(min_sample_s / max(t1, 1e-9)))))
 
 
@@ -491,7 +636,7 @@ def run_rounds(series_list, rounds, tag):
                     progress("%s round %d/%d: %s, %d thr" % (tag, r + 1, rounds, s.label,
                                                              s.threads))
                 s.prepare()
-                s.samples.append(timed(s.step, s.reps))
+                s.samples.append(timed(s.step, s.reps, s.fresh))
             if not _TTY:
                 progress("%s round %d/%d done" % (tag, r + 1, rounds))
     finally:
@@ -588,6 +733,91 @@ def run_case(env, index, name):
     del series, keep
     gc.collect()
     return res
+
+
+# ---------------------------------------------------------------------------
+# One case as users run it (new gradient arrays every step)
+# ---------------------------------------------------------------------------
+def run_user_case(env, index, name):
+    """Time the USER_VARIANTS of one case, interleaved in rounds."""
+    desc, _ = CASES[name]
+    shapes = case_shapes(name, env.scale)
+    dtype = env.dtype
+    elements = sum(math.prod(s) for s in shapes)
+    tag = "[%d/%d %s, new grads]" % (index + 1, len(env.user_cases), name)
+    progress("%s building %d tensors, %d elements" % (tag, len(shapes), elements))
+    grads = make_grads(shapes, dtype, seed=0)
+
+    series, keep, skipped = [], [], {}
+    for key, label in USER_VARIANTS:
+        progress("%s setting up %s" % (tag, label))
+        try:
+            steps, owner, note, fresh = USER_BUILDERS[key](env, shapes, dtype, grads,
+                                                           env.threads)
+        except Skip as e:
+            skipped[key] = str(e)
+            continue
+        except Exception as e:  # a peer or a half-finished feature: report, go on
+            skipped[key] = "failed to set up (%s: %s)" % (type(e).__name__, e)
+            continue
+        keep.append(owner)
+        for t, (prepare, step) in sorted(steps.items()):
+            series.append(Series(key, t, prepare, step, note, fresh, USER_LABELS))
+
+    for i, s in enumerate(series):
+        progress("%s warm-up %d/%d: %s, %d thr" % (tag, i + 1, len(series), s.label, s.threads))
+        try:
+            calibrate(s, env.warmup, env.min_sample_s)
+        except Exception as e:
+            skipped[s.key] = "failed when run (%s: %s)" % (type(e).__name__, e)
+    series = [s for s in series if s.key not in skipped]
+
+    load = OtherLoad()
+    try:
+        run_rounds(series, env.rounds, tag)
+    finally:
+        env.K.set_num_threads(None)
+    other_load = load.result()
+    progress("%s done" % tag, final=_TTY)
+
+    res = analyse_user(name, desc, dtype, shapes, series, skipped, env)
+    res["other_load_cpus"] = other_load
+    del series, keep
+    gc.collect()
+    return res
+
+
+def analyse_user(name, desc, dtype, shapes, series, skipped, env):
+    by = {(s.key, s.threads): s for s in series}
+    elements = sum(math.prod(s) for s in shapes)
+    nbytes = ACCESSES * dtype.itemsize * elements
+    chainer_s = by.get(("chainer_update", 1))
+    rows = []
+    for s in series:
+        is_floor = s.key.startswith("floor_")
+        floor = by.get((FLOOR_OF.get(s.key), 1))
+        torch_s = by.get(("torch_fused", s.threads))
+        q1, q3 = numpy.percentile(s.samples, [25, 75])
+        med = s.median
+        rows.append({
+            "key": s.key, "variant": s.label, "threads": s.threads,
+            "median_s": med, "iqr_pct": 100.0 * (q3 - q1) / med,
+            "gbps": None if is_floor else nbytes / med / 1e9,
+            "floor_s": None if floor is None else floor.median,
+            "over_floor_s": None if floor is None else med - floor.median,
+            "speedup_chainer": paired_ratio(chainer_s, s)
+            if chainer_s is not None and not is_floor else None,
+            "speedup_torch": paired_ratio(torch_s, s)
+            if torch_s is not None and not is_floor else None,
+            "reps_per_sample": s.reps, "samples_s": list(s.samples), "note": s.note,
+        })
+    return {"name": name, "kind": "new_grads",
+            "description": desc if env.scale == 1 else
+            "%s, every tensor scaled by %g" % (desc, env.scale),
+            "dtype": dtype.name, "n_tensors": len(shapes), "elements": elements,
+            "elements_per_tensor": elements / len(shapes),
+            "bytes_per_step": nbytes, "rounds": env.rounds,
+            "rows": rows, "skipped": skipped}
 
 
 # ---------------------------------------------------------------------------
@@ -911,7 +1141,7 @@ def analyse(name, desc, dtype, shapes, nbytes, series, skipped, env):
                 1e6 * (con.median - ref.median) / n_tensors)
         overhead.append(entry)
 
-    return {"name": name, "description": desc if env.scale == 1 else
+    return {"name": name, "kind": "same_grads", "description": desc if env.scale == 1 else
             "%s, every tensor scaled by %g" % (desc, env.scale),
             "dtype": dtype.name, "n_tensors": n_tensors, "elements": elements,
             "elements_per_tensor": elements / n_tensors,
@@ -1028,6 +1258,15 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+#: Environment variables that change how the kernels' threads run.
+THREAD_ENV = ("OMP_NUM_THREADS", "CYNAG_NUM_THREADS", "CYNAG_PARALLEL_THRESHOLD",
+              "OMP_WAIT_POLICY", "OMP_PROC_BIND")
+
+
+def thread_env():
+    return {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
+
+
 def machine_info(env):
     K = env.K
     build = K.build_info()
@@ -1047,9 +1286,7 @@ def machine_info(env):
         "thread_config": _threads.thread_config(),
         "chainer": None if env.chainer is None else env.chainer.__version__,
         "torch": None if env.torch is None else env.torch.__version__,
-        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "CYNAG_NUM_THREADS",
-                                           "CYNAG_PARALLEL_THRESHOLD", "OMP_WAIT_POLICY",
-                                           "OMP_PROC_BIND") if k in os.environ},
+        "env": thread_env(),
     }
     return info
 
@@ -1088,6 +1325,12 @@ def header_lines(env, info):
 
 
 LEGEND = """\
+First, per case, a step as training runs it: the parameters get new gradient arrays
+before every step (not timed), then only update() is timed, on a chainer.Link and on a
+cynag.Link.  Python floor = list(link.params()) and reading every .grad, which any
+optimizer does; over floor = time/step minus the floor of the same kind of link.
+Then, per case, the same step with the same gradient arrays every step (idealized),
+against a bandwidth probe, a C loop and the native call.
 time/step = median over rounds of one step; GB/s = 5 accesses x itemsize x elements /
 time (the least traffic of a step); %probe = share of the bandwidth probe's speed at
 the same thread count; vs numpy / vs chainer = speedup over their single-threaded step;
@@ -1105,10 +1348,44 @@ def fmt_bytes(n):
     return "%d B" % n
 
 
+#: What each kind of table times, after its case's description.
+GRADS_TITLE = {"new_grads": "new gradient arrays every step, as in training",
+               "same_grads": "same gradient arrays every step (idealized)"}
+
+
 def case_title(res):
-    return ("== %s: %s (%s %s elements, %s moved per step, %d rounds) =="
-            % (res["name"], res["description"], format(res["elements"], ","), res["dtype"],
-               fmt_bytes(res["bytes_per_step"]), res["rounds"]))
+    what = GRADS_TITLE.get(res.get("kind", "same_grads"))
+    return ("== %s: %s%s (%s %s elements, %s moved per step, %d rounds) =="
+            % (res["name"], res["description"], "" if what is None else " -- " + what,
+               format(res["elements"], ","), res["dtype"], fmt_bytes(res["bytes_per_step"]),
+               res["rounds"]))
+
+
+def print_user_case(res, quiet=(), out=None):
+    """One case's table of the user path (new gradient arrays every step)."""
+    out = out or sys.stdout
+    w = out.write
+    w("\n" + case_title(res) + "\n")
+    cols = "%-32s %3s %10s %6s %8s %11s %10s %9s  %s"
+    hdr = cols % ("variant", "thr", "time/step", "IQR%", "GB/s", "over floor", "vs chainer",
+                  "vs torch", "note")
+    w(hdr + "\n" + "-" * len(hdr) + "\n")
+    for r in res["rows"]:
+        notes = [r["note"]] if r["note"] else []
+        if r["iqr_pct"] > NOISY_IQR_PCT:
+            notes.append("noisy")
+        w(cols % (r["variant"], r["threads"], fmt_time(r["median_s"]), "%.1f" % r["iqr_pct"],
+                  sig(r["gbps"]), fmt_time(r["over_floor_s"]), sig(r["speedup_chainer"], "x"),
+                  sig(r["speedup_torch"], "x"), "; ".join(notes)) + "\n")
+    for key, why in res["skipped"].items():
+        if key in quiet:
+            continue
+        w("  (%s skipped: %s)\n" % (USER_LABELS.get(key, key), why))
+    load = res.get("other_load_cpus")
+    if load is not None and load > OTHER_LOAD_WARN:
+        w("  other processes kept %.2f CPUs busy during the rounds: the times are "
+          "unreliable\n" % load)
+    out.flush()
 
 
 def _noise(overhead_s):
@@ -1284,14 +1561,15 @@ def _positive_int_list(text):
     return tuple(sorted(set(values)))
 
 
-def _case_list(text):
+def _case_list(text, cases=None):
+    cases = CASES if cases is None else cases
     names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [n for n in names if n not in CASES]
+    bad = [n for n in names if n not in cases]
     if not names or bad:
         raise argparse.ArgumentTypeError("unknown case %s; choose from %s"
                                          % (", ".join(map(repr, bad)) or "(none)",
-                                            ",".join(CASES)))
-    return [n for n in CASES if n in names]
+                                            ",".join(cases)))
+    return [n for n in cases if n in names]
 
 
 def _positive_float(text):
@@ -1310,10 +1588,17 @@ def parse_args(argv):
         prog="python -m cynag.bench",
         description="Benchmark one NesterovAG step (cynag, its native call, numpy, a C loop, "
                     "a bandwidth probe, and Chainer/PyTorch when importable).",
-        epilog="Cases: " + "; ".join("%s = %s" % (k, v[0]) for k, v in CASES.items()))
-    ap.add_argument("--cases", type=_case_list, default=list(DEFAULT_CASES),
-                    help="comma-separated cases to run (default: %s; also: %s)"
-                         % (",".join(DEFAULT_CASES), ",".join(HOOK_CASES)))
+        epilog="Cases: " + "; ".join("%s = %s" % (k, v[0]) for k, v in CASES.items())
+        + ".  Cases with --e2e: " + "; ".join("%s = %s, batch %d" % (k, v[0], v[1])
+                                              for k, v in bench_e2e.MODELS.items()) + ".")
+    ap.add_argument("--cases", default=None,
+                    help="comma-separated cases to run (default: %s; also: %s; with --e2e: "
+                         "%s)" % (",".join(DEFAULT_CASES), ",".join(HOOK_CASES),
+                                  ",".join(bench_e2e.MODELS)))
+    ap.add_argument("--e2e", action="store_true",
+                    help="time Chainer's training loop (StandardUpdater: forward, backward, "
+                         "update) with Chainer's NesterovAG and with cynag's, each run in "
+                         "its own process, instead of the optimizer step alone")
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                     help="array dtype (default float32)")
     ap.add_argument("--threads", type=_positive_int_list, default=default_threads,
@@ -1336,7 +1621,21 @@ def parse_args(argv):
                     help="draw GB/s per case and variant into FILE.png (needs matplotlib)")
     # Shrinks every tensor (tests; not a measurement setting).
     ap.add_argument("--scale", type=_positive_float, default=1.0, help=argparse.SUPPRESS)
+    # Timed iterations per --e2e process (tests; default 50, --quick 20).
+    ap.add_argument("--e2e-iterations", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    models = bench_e2e.MODELS if args.e2e else CASES
+    if args.cases is None:
+        args.cases = list(models if args.e2e else DEFAULT_CASES)
+    else:
+        try:
+            args.cases = _case_list(args.cases, models)
+        except argparse.ArgumentTypeError as e:
+            ap.error("argument --cases: %s" % e)
+    if args.e2e and (args.mpi or args.plot):
+        ap.error("--e2e does not combine with %s" % ("--mpi" if args.mpi else "--plot"))
+    if args.e2e_iterations is not None and args.e2e_iterations < 1:
+        ap.error("--e2e-iterations must be >= 1")
     if args.rounds is not None and args.rounds < 1:
         ap.error("--rounds must be >= 1")
     if args.profile < 0:
@@ -1367,6 +1666,7 @@ def main(argv=None):
     env.K = cynag_kernels
     env.started = datetime.datetime.now().isoformat(timespec="seconds")
     env.cases = args.cases
+    env.user_cases = [name for name in args.cases if name not in HOOK_CASES]
     env.dtype = numpy.dtype(args.dtype)
     env.threads = args.threads
     env.rounds = args.rounds or (5 if args.quick else 11)
@@ -1380,15 +1680,36 @@ def main(argv=None):
     env.torch, env.torch_note = import_torch()
 
     info = machine_info(env)
+    if args.e2e:
+        if env.chainer is None:
+            print("\n".join(header_lines(env, info)))
+            print("--e2e: nothing to run, chainer %s" % env.chainer_note)
+            return 0
+        # The machine and the software; the settings are the e2e run's own.
+        return bench_e2e.main(args, {"header": header_lines(env, info)[:4], "machine": info,
+                                     "started": env.started},
+                              fmt_time, sig, progress, _json_default)
     # Variants the header already says are missing, not repeated under every table.
-    header_skips = ({"chainer_update"} if env.chainer is None else set()) | (
+    header_skips = ({"chainer_update", "cynag_on_chainer", "floor_chainer"}
+                    if env.chainer is None else set()) | (
         {"torch_fused"} if env.torch is None else set()) | (
         {"probe", "c_loop"} if env.probe is None else set())
     print("\n".join(header_lines(env, info)))
     print(LEGEND)
     sys.stdout.flush()
 
-    cases, failures = [], {}
+    user_path, failures = [], {}
+    for i, name in enumerate(env.user_cases):
+        try:
+            res = run_user_case(env, i, name)
+        except Exception as e:   # report and go on: a benchmark never fails the caller
+            failures[name + " (new grads)"] = "%s: %s" % (type(e).__name__, e)
+            print("\n== %s, new grads: failed (%s: %s) ==" % (name, type(e).__name__, e))
+            continue
+        user_path.append(res)
+        print_user_case(res, quiet=header_skips)
+
+    cases = []
     for i, name in enumerate(env.cases):
         try:
             res = (run_hook_case if name in HOOK_CASES else run_case)(env, i, name)
@@ -1420,13 +1741,14 @@ def main(argv=None):
     sys.stdout.flush()
 
     results = {
-        "tool": "cynag.bench", "format": 1, "started": env.started, "argv": sys.argv[1:],
+        "tool": "cynag.bench", "format": 2, "started": env.started, "argv": sys.argv[1:],
         "machine": info,
         "settings": {"dtype": env.dtype.name, "threads": list(env.threads),
                      "rounds": env.rounds, "warmup_calls": env.warmup,
                      "min_sample_s": env.min_sample_s, "lr": LR, "momentum": MOMENTUM,
                      "scale": env.scale, "cases": env.cases,
                      "accesses_per_element": ACCESSES},
+        "user_path": user_path,
         "cases": cases,
         "failures": failures,
         "recommendation": rec,

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy
 import pytest
@@ -75,6 +76,29 @@ def test_cli_json_structure(small_run):
         assert o["threads"] == 1 and o["reference"] in ("cynag_kernel", "c_loop")
         assert math.isclose(o["overhead_s"], o["update_s"] - o["reference_s"])
     assert res["recommendation"]["num_threads"] is None   # one thread count only
+    assert res["format"] == 2 and case["kind"] == "same_grads"
+
+
+def test_cli_user_path_json(small_run):
+    """The new-gradients table: every variant ran or says why not; floors and ratios."""
+    _, res = small_run
+    (case,) = res["user_path"]
+    assert case["name"] == "small" and case["kind"] == "new_grads"
+    assert case["n_tensors"] == 2000 and case["elements"] == 2000
+    rows = {r["key"]: r for r in case["rows"]}
+    assert {"cynag_on_cynag", "floor_cynag"} <= set(rows)
+    assert set(rows) | set(case["skipped"]) == {k for k, _ in bench.USER_VARIANTS}
+    for key in ("cynag_on_chainer", "chainer_update", "floor_chainer"):   # chainer or why not
+        assert (key in rows) == (bench.import_chainer()[0] is not None)
+    for r in case["rows"]:
+        assert r["threads"] == 1 and len(r["samples_s"]) == 2 and r["median_s"] > 0
+        floor = rows.get(bench.FLOOR_OF.get(r["key"]))
+        if floor is None:
+            assert r["over_floor_s"] is None
+        else:
+            assert math.isclose(r["over_floor_s"], r["median_s"] - floor["median_s"])
+        if "chainer_update" in rows and not r["key"].startswith("floor_"):
+            assert r["speedup_chainer"] > 0
 
 
 def test_cli_output(small_run):
@@ -87,6 +111,14 @@ def test_cli_output(small_run):
     assert "probe 3R+2W" in out and "C loop" in out and "cynag update()" in out
     assert "where the time goes" in out
     assert "round 1/2" in proc.stderr            # progress goes to stderr
+    # The step as training runs it comes first, the idealized one after.
+    titles = [line for line in out.splitlines() if line.startswith("== small: ")]
+    assert len(titles) == 2
+    assert "-- new gradient arrays every step, as in training" in titles[0]
+    assert "-- same gradient arrays every step (idealized)" in titles[1]
+    same = out.index(titles[1])
+    for text in ("cynag update() on cynag.Link", "Python floor, cynag.Link", "over floor"):
+        assert out.index(text) < same
 
 
 def test_cli_threads_sweep_and_recommendation(tmp_path):
@@ -105,7 +137,9 @@ def test_cli_threads_sweep_and_recommendation(tmp_path):
 
 @pytest.mark.parametrize("argv", [["--cases", "nope"], ["--threads", "0"],
                                   ["--threads", "x"], ["--rounds", "0"], ["--dtype", "int8"],
-                                  ["--scale", "-1"]])
+                                  ["--scale", "-1"], ["--e2e", "--cases", "small"],
+                                  ["--cases", "mlp-wide"], ["--e2e", "--mpi"],
+                                  ["--e2e", "--e2e-iterations", "0"]])
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         bench.parse_args(argv)
@@ -127,6 +161,53 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch, capsys):
         bench.parse_args(["--plot", "x.png"])
     assert e.value.code == 2
     assert 'pip install "cynag[bench]"' in capsys.readouterr().err
+
+
+def test_e2e_cases():
+    assert bench.parse_args(["--e2e"]).cases == list(bench.bench_e2e.MODELS)
+    assert bench.parse_args(["--e2e", "--cases", "convnet,mlp-wide"]).cases == [
+        "mlp-wide", "convnet"]
+
+
+def test_timed_leaves_the_fresh_gradients_out():
+    calls = []
+
+    def fresh():
+        calls.append(None)
+        time.sleep(0.01)
+    assert bench.timed(lambda: None, 3, fresh) < 0.005
+    assert len(calls) == 3
+
+
+class _CynagOnly:
+    K = cynag_kernels
+    chainer, chainer_note = None, "not used"
+
+
+def test_user_path_gives_new_gradient_arrays_every_step():
+    """fresh() gives every parameter a new array with the same values, and
+    update() on them computes what update() on the same arrays does."""
+    shapes = bench.case_shapes("small", 0.05)[:50]
+    dtype = numpy.dtype(numpy.float32)
+    grads = bench.make_grads(shapes, dtype, seed=0)
+    steps, (link, opt), _, fresh = bench.build_user_cynag_on_cynag(
+        _CynagOnly, shapes, dtype, grads, (1,))
+    ref_steps, (ref_link, _), _ = bench.build_cynag_update(_CynagOnly, shapes, dtype, grads,
+                                                           (1,))
+    seen = []   # kept alive, so that no new array can reuse an old one's address
+    for _ in range(3):
+        fresh()
+        params = list(link.params())
+        assert all(p.grad is not g and numpy.array_equal(p.grad, g)
+                   for p, g in zip(params, grads))
+        assert not {id(p.grad) for p in params} & {id(g) for g in seen}
+        seen += [p.grad for p in params]
+        steps[1][1]()
+        ref_steps[1][1]()
+    for a, b in zip(link.params(), ref_link.params()):
+        assert numpy.array_equal(_bits(a.array), _bits(b.array))
+    with pytest.raises(bench.Skip):
+        bench.build_user_chainer_update(_CynagOnly, shapes, dtype, grads, (1,))
 
 
 def test_resnet50_shapes():
@@ -295,3 +376,60 @@ def test_hook_case_variants_compute_the_same_step():
             runs.append([p.array.copy() for p in link.params()])
         for a, b in zip(*runs):
             assert numpy.array_equal(_bits(a), _bits(b))
+
+
+# ---------------------------------------------------------------------------
+# With Chainer, in its own environment (tests/chainer_env.py)
+# ---------------------------------------------------------------------------
+def _run_chainer_cli(chainer_python, cwd, *args, env=None):
+    from chainer_env import clean_env
+
+    return subprocess.run([chainer_python, "-m", "cynag.bench", *args], capture_output=True,
+                          text=True, timeout=600, env=clean_env(env), cwd=str(cwd))
+
+
+@pytest.mark.chainer
+def test_user_path_on_a_chainer_link(chainer_python, tmp_path):
+    path = tmp_path / "out.json"
+    proc = _run_chainer_cli(chainer_python, tmp_path, "--quick", "--cases", "small",
+                            "--rounds", "2", "--threads", "1", "--scale", "0.01", "--no-sweep",
+                            "--json", str(path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (case,) = json.loads(path.read_text())["user_path"]
+    rows = {r["key"]: r for r in case["rows"]}
+    assert {"cynag_on_chainer", "chainer_update", "cynag_on_cynag", "floor_chainer",
+            "floor_cynag"} <= set(rows)
+    assert rows["chainer_update"]["speedup_chainer"] == 1.0
+    for key in ("cynag_on_chainer", "cynag_on_cynag"):
+        assert rows[key]["speedup_chainer"] > 0
+    assert rows["cynag_on_chainer"]["floor_s"] == rows["floor_chainer"]["median_s"]
+    assert "cynag update() on chainer.Link" in proc.stdout
+    assert "chainer update() on chainer.Link" in proc.stdout
+
+
+@pytest.mark.chainer
+def test_e2e_runs_each_optimizer_in_its_own_process(chainer_python, tmp_path):
+    path = tmp_path / "e2e.json"
+    proc = _run_chainer_cli(chainer_python, tmp_path, "--e2e", "--quick", "--rounds", "1",
+                            "--e2e-iterations", "2", "--cases", "mlp-wide,convnet",
+                            "--json", str(path), env={"OMP_WAIT_POLICY": "passive"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(path.read_text())
+    assert res["mode"] == "e2e" and not res["failures"]
+    models = {m["name"]: m for m in res["e2e"]}
+    assert set(models) == {"mlp-wide", "convnet"}
+    assert models["mlp-wide"]["n_params"] == 42 and models["convnet"]["n_params"] == 10
+    pids = set()
+    for m in models.values():
+        assert m["ratio_iter"] > 0 and m["ratio_optimizer"] > 0
+        for which in ("chainer", "cynag"):
+            (run,) = m["runs"][which]
+            assert len(run["iter_s"]) == 2 and all(t > 0 for t in run["iter_s"])
+            assert math.isfinite(run["final_loss"])
+            assert run["env"] == {"OMP_WAIT_POLICY": "passive"}   # passed on as is
+            assert run["cynag_path"] == res["machine"]["cynag_path"]
+            pids.add(run["pid"])
+            s = m["optimizers"][which]
+            assert 0 < s["optimizer_s"] < s["iter_s"] and 0 < s["optimizer_share"] < 1
+    assert len(pids) == 4
+    assert "chainer / cynag: time per iteration x" in proc.stdout
