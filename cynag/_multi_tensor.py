@@ -134,6 +134,7 @@ class Plan:
         self.params = None
         self.gpu_tables = []
         self._paths = None
+        self._scratch = None
 
     # -- collecting ----------------------------------------------------------
     def paths(self):
@@ -399,27 +400,29 @@ class Plan:
         if hi <= lo:
             return
         table = self.table
-        codes = table.codes[lo:hi]
-        rows = numpy.flatnonzero(codes == FAST)
-        if not len(rows):
-            return
-        tnums = table.type_nums[lo:hi][rows]
-        whole = len(rows) == hi - lo
-        kinds = numpy.unique(tnums).tolist() if tnums[0] != tnums[-1] or \
-            not (tnums == tnums[0]).all() else [int(tnums[0])]
-        for type_num in kinds:
-            if whole and len(kinds) == 1:
-                sl = slice(lo, hi)
-                ptrs, sizes, coef = table.ptrs[sl], table.sizes[sl], table.coef[sl]
-            else:
-                sub = rows[tnums == type_num] + lo
-                ptrs, sizes, coef = table.ptrs[sub], table.sizes[sub], table.coef[sub]
-            from cynag_kernels.multi_tensor import CPUTable
-
-            cpu = CPUTable.from_rows(ptrs, sizes, coef, _DTYPES[type_num], table.keep)
-            functional.nesterov_ag_table(
-                cpu, ops=None if programs is None else programs.get(type_num))
+        n = table.n
+        scratch = self._scratch
+        if scratch is None or len(scratch[1]) < n + 1:
+            cap = max(n, 16)
+            scratch = self._scratch = (numpy.empty((cap, 3), numpy.int64),
+                                       numpy.empty(cap + 1, numpy.int64),
+                                       numpy.empty((cap, 6), numpy.float64))
+        for type_num in self._type_nums(lo, hi):
+            functional.nesterov_ag_rows(
+                table, lo, hi, type_num, scratch,
+                ops=None if programs is None else programs.get(type_num))
         _step.bump_t(table, lo, hi, FAST)
+
+    def _type_nums(self, lo, hi):
+        """The dtypes (NumPy type numbers) of the ``FAST`` rows in ``[lo, hi)``."""
+        table = self.table
+        tn = table.type_nums[lo:hi]
+        first = int(tn[0]) if hi > lo else -1
+        if first >= 0 and lo == 0 and hi == table.n and table.n_fast == table.n \
+                and (tn == first).all():
+            return (first,)
+        fast = table.codes[lo:hi] == FAST
+        return sorted(set(numpy.unique(tn[fast]).tolist()))
 
     def release(self):
         """Drop the step's references to arrays and rules."""

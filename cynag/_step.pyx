@@ -148,7 +148,7 @@ cdef object S_GRAD_PRIV = "_grad"
 cdef Py_ssize_t OFF_P_ARRAY = -1, OFF_P_GRAD = -1, OFF_P_RULE = -1, OFF_P_LS = -1
 cdef Py_ssize_t OFF_R_ENABLED = -1, OFF_R_T = -1, OFF_R_STATE = -1, OFF_R_HP = -1
 cdef Py_ssize_t OFF_R_HOOKABLE = -1, OFF_R_FP32 = -1
-cdef Py_ssize_t OFF_H_PRE = -1, OFF_H_POST = -1
+cdef Py_ssize_t OFF_H_PRE = -1, OFF_H_POST = -1, OFF_H_COUNT = -1
 cdef bint _configured = False
 # chainer.Variable (the class of a gradient variable), when Chainer 7 is in use.
 cdef PyTypeObject* _chainer_variable_type = NULL
@@ -173,7 +173,7 @@ def configure(param_cls, rule_cls, hookable_cls, classify_param, classify_rule):
     """Record the slot layout of cynag's classes and the class classifiers."""
     global OFF_P_ARRAY, OFF_P_GRAD, OFF_P_RULE, OFF_P_LS
     global OFF_R_ENABLED, OFF_R_T, OFF_R_STATE, OFF_R_HP, OFF_R_HOOKABLE, OFF_R_FP32
-    global OFF_H_PRE, OFF_H_POST, _configured, _classify_param, _classify_rule
+    global OFF_H_PRE, OFF_H_POST, OFF_H_COUNT, _configured, _classify_param, _classify_rule
     OFF_P_ARRAY = _member_offset(param_cls, "_array")
     OFF_P_GRAD = _member_offset(param_cls, "_grad")
     OFF_P_RULE = _member_offset(param_cls, "_update_rule")
@@ -186,6 +186,7 @@ def configure(param_cls, rule_cls, hookable_cls, classify_param, classify_rule):
     OFF_R_FP32 = _member_offset(rule_cls, "_use_fp32_update")
     OFF_H_PRE = _member_offset(hookable_cls, "_pre_update_hooks")
     OFF_H_POST = _member_offset(hookable_cls, "_post_update_hooks")
+    OFF_H_COUNT = _member_offset(hookable_cls, "_count")
     _classify_param = classify_param
     _classify_rule = classify_rule
     _param_kinds.clear()
@@ -382,8 +383,49 @@ cdef object _read_loss_scale(object p, int kind):
     return getattr(p, S_LOSS_SCALE, None)
 
 
+# -- step counters ----------------------------------------------------------------
+cdef class Counter:
+    """The step count ``t`` of an update rule (incremented natively by the step).
+
+    ``value`` gives back what was assigned, counted on: a Python int is held
+    as a C integer (no object per increment); anything else (e.g. a NumPy
+    integer loaded from a checkpoint, as Chainer keeps it) is incremented
+    with ``+ 1``.
+    """
+    cdef long long n
+    cdef object other
+
+    def __init__(self, value=0):
+        self.value = value
+
+    @property
+    def value(self):
+        return self.n if self.other is None else self.other
+
+    @value.setter
+    def value(self, v):
+        if type(v) is int and -(1 << 62) < v < (1 << 62):
+            self.n = v
+            self.other = None
+        else:
+            self.other = v
+
+    cdef inline void bump(self) except *:
+        if self.other is None and self.n < (1LL << 62):
+            self.n += 1
+        else:
+            self.other = self.value + 1
+
+    def __reduce__(self):
+        return (Counter, (self.value,))
+
+    def __repr__(self):
+        return "Counter(%r)" % (self.value,)
+
+
 # -- hyperparameters ---------------------------------------------------------------
 cdef object _MISSING = object()
+cdef object _ZERO_OBJ = 0  # the small int 0 (one object in CPython)
 
 
 cdef object _hp_lookup(object hp, object name):
@@ -718,11 +760,9 @@ def scan(list params, StepTable table, object indices=None):
         hookable = _slot(rp, OFF_R_HOOKABLE)
         if hookable is NULL:
             continue
-        hook_pre = _slot(hookable, OFF_H_PRE)
-        hook_post = _slot(hookable, OFF_H_POST)
-        if hook_pre is NULL or hook_post is NULL or not PyDict_Check(hook_pre) \
-                or not PyDict_Check(hook_post) or PyDict_Size(hook_pre) \
-                or PyDict_Size(hook_post):
+        # The count add_hook/remove_hook keep; 0 means both dictionaries are empty.
+        vp = _slot(hookable, OFF_H_COUNT)
+        if vp is not <PyObject*>_ZERO_OBJ:
             continue
         state = _slot(rp, OFF_R_STATE)
         if state is NULL or not PyDict_Check(state) or PyDict_Size(state) != 1:
@@ -852,30 +892,22 @@ def bump_t(StepTable table, Py_ssize_t lo, Py_ssize_t hi, int code):
     """``rule.t += 1`` for the rules of the rows ``[lo, hi)`` whose code is ``code``."""
     cdef Py_ssize_t i
     cdef PyObject* rp
-    cdef PyObject* t
-    cdef PyObject* nt
-    cdef int ovf
-    cdef long long tv
-    rules = table.rules
+    cdef PyObject* c
+    cdef Counter counter
+    cdef list rules = table.rules
     if hi > table.n:
         hi = table.n
     for i in range(max(lo, 0), hi):
         if table.c_codes[i] != code:
             continue
-        rule = rules[i]
-        rp = <PyObject*>rule
-        t = _slot(rp, OFF_R_T)
-        if t is not NULL and PyLong_CheckExact(t):
-            ovf = 0
-            tv = PyLong_AsLongLongAndOverflow(t, &ovf)
-            if not ovf and tv < 0x7fffffffffffffffLL:
-                nt = PyLong_FromLongLong(tv + 1)
-                if nt is NULL:
-                    raise MemoryError()
-                (<PyObject**>((<char*>rp) + OFF_R_T))[0] = nt
-                Py_DECREF(t)
-                continue
-        rule.t = rule.t + 1
+        rp = PyList_GET_ITEM(<PyObject*>rules, i)
+        c = _slot(rp, OFF_R_T)
+        if c is not NULL and Py_TYPE(c) is <PyTypeObject*>Counter:
+            counter = <Counter>c
+            counter.bump()
+        else:
+            rule = <object>rp
+            rule.t = rule.t + 1
 
 
 # -- overlaps ----------------------------------------------------------------------

@@ -154,6 +154,21 @@ def nesterov_ag_table(table, ops=None, num_threads=None):
         table.run(num_threads=num_threads, ops=ops)
 
 
+def nesterov_ag_rows(table, lo, hi, type_num, scratch, ops=None, num_threads=None):
+    """One step over the ``FAST`` rows ``[lo, hi)`` of dtype ``type_num`` of a step table.
+
+    ``table``: the rows the optimizer's native scan filled and checked
+    (:class:`cynag._step.StepTable`); nothing is copied.  Returns the number
+    of elements updated.
+    """
+    from cynag._step import FAST
+    from cynag_kernels.multi_tensor import run_selected_rows
+
+    return run_selected_rows(table.ptrs, table.sizes, table.coef, table.codes, FAST,
+                             table.type_nums, type_num, lo, hi, scratch,
+                             num_threads=num_threads, ops=ops)
+
+
 def _one_buffer(x, name):
     if isinstance(x, (list, tuple)):
         if len(x) != 1:

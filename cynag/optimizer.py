@@ -49,9 +49,10 @@ class _Hookable:
 
     # Slots: the optimizer's step reads the hook dictionaries natively.
     __slots__ = ("_pre_update_hooks", "_post_update_hooks", "_invalid_timing_fallback",
-                 "__dict__")
+                 "_count", "__dict__")
 
     def __init__(self, invalid_timing_fallback=False):
+        self._count = 0  # hooks registered (read natively by the step)
         self._pre_update_hooks = collections.OrderedDict()
         self._post_update_hooks = collections.OrderedDict()
         self._invalid_timing_fallback = invalid_timing_fallback
@@ -83,12 +84,14 @@ class _Hookable:
             self._pre_update_hooks[name] = hook
         else:
             self._post_update_hooks[name] = hook
+        self._count = len(self._pre_update_hooks) + len(self._post_update_hooks)
 
     def remove_hook(self, name):
         if name in self._pre_update_hooks:
             del self._pre_update_hooks[name]
         else:
             del self._post_update_hooks[name]
+        self._count = len(self._pre_update_hooks) + len(self._post_update_hooks)
 
     def hooks(self, timing):
         if timing == "pre":
@@ -190,6 +193,12 @@ def _param_label(param, path=None):
     return "parameter %r" % (name,) if name is not None else "parameter (unnamed)"
 
 
+def _step_counter(value):
+    from cynag._step import Counter
+
+    return Counter(value)
+
+
 class UpdateRule:
     """Base class of update rules: how one parameter is updated.
 
@@ -262,11 +271,25 @@ class UpdateRule:
     @property
     def t(self):
         """Number of updates made by this rule."""
-        return self._t
+        return self._t.value
 
     @t.setter
     def t(self, value):
-        self._t = value
+        self._t = _step_counter(value)
+
+    def __copy__(self):
+        # A shallow copy counts its own steps (the counter is not shared).
+        new = object.__new__(type(self))
+        for name in UpdateRule.__slots__:
+            if name in ("__dict__", "__weakref__"):
+                continue
+            try:
+                object.__setattr__(new, name, object.__getattribute__(self, name))
+            except AttributeError:
+                pass
+        new.__dict__.update(self.__dict__)
+        new._t = _step_counter(self._t.value)
+        return new
 
     def add_hook(self, hook, name=None, timing="auto"):
         """Add a hook called as ``hook(rule, param)``.
@@ -940,8 +963,9 @@ class GradientMethod(Optimizer):
             return
         try:
             self._update_multi(plan)
-        finally:
+        except BaseException:
             plan.release()
+            raise
 
     def _update_per_param(self):
         """Chainer's loop: every parameter updated by its rule."""
@@ -995,7 +1019,7 @@ class GradientMethod(Optimizer):
         if self.is_safe_to_update():
             if plan.run(programs):
                 self.reallocate_cleared_grads()  # a rule's own code may have cleared some
-        plan.release()
+        plan.release()  # (before the 'post' hooks: they may replace anything)
         self.call_hooks("post")
         self.update_loss_scale()
 

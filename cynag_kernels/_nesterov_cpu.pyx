@@ -22,6 +22,7 @@ cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport isinf
 from libc.stdint cimport int64_t, uint16_t
+from libc.stdlib cimport malloc, free
 
 cnp.import_array()
 
@@ -508,6 +509,126 @@ def nesterov_ag_multi(const int64_t[:, ::1] ptrs,     # (n, 3) addresses of p, g
         else:
             with gil:
                 raise TypeError("nesterov_ag_multi: unsupported type number %d" % type_num)
+
+
+def compact_selected_rows(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
+                          const double[:, ::1] coef, const cnp.uint8_t[::1] mask, int select,
+                          const cnp.int32_t[::1] type_nums, int type_num, Py_ssize_t lo,
+                          Py_ssize_t hi, int64_t[:, ::1] out_ptrs, int64_t[::1] out_cum,
+                          double[:, ::1] out_coef):
+    """:func:`compact_rows` over the rows ``i`` in ``[lo, hi)`` with ``mask[i] == select``
+    and ``type_nums[i] == type_num``; returns the number of rows written.
+
+    The caller's selection of a table (e.g. the rows its scan found fit for
+    the kernel) without a copy per step.
+    """
+    cdef Py_ssize_t n = ptrs.shape[0], i, j, m = 0
+    cdef int64_t nb
+    cdef bint merge
+    cdef Py_ssize_t itemsize = 4 if type_num == cnp.NPY_FLOAT else (
+        8 if type_num == cnp.NPY_DOUBLE else 2)
+    if sizes.shape[0] < n or coef.shape[0] < n or mask.shape[0] < n \
+            or type_nums.shape[0] < n or out_ptrs.shape[0] < n or out_cum.shape[0] < n + 1 \
+            or out_coef.shape[0] < n or lo < 0 or hi > n:
+        raise ValueError("compact_selected_rows: inconsistent shapes")
+    out_cum[0] = 0
+    with nogil:
+        for i in range(lo, hi):
+            if mask[i] != select or type_nums[i] != type_num or sizes[i] <= 0:
+                continue
+            merge = m > 0
+            if merge:
+                nb = (out_cum[m] - out_cum[m - 1]) * itemsize
+                for j in range(3):
+                    if ptrs[i, j] != out_ptrs[m - 1, j] + nb:
+                        merge = False
+                        break
+            if merge:
+                for j in range(6):
+                    if coef[i, j] != out_coef[m - 1, j]:
+                        merge = False
+                        break
+            if merge:
+                out_cum[m] += sizes[i]
+                continue
+            for j in range(3):
+                out_ptrs[m, j] = ptrs[i, j]
+            for j in range(6):
+                out_coef[m, j] = coef[i, j]
+            out_cum[m + 1] = out_cum[m] + sizes[i]
+            m += 1
+    return m
+
+
+def nesterov_ag_compacted(const int64_t[:, ::1] ptrs, const int64_t[::1] cum,
+                          const double[:, ::1] coef, Py_ssize_t m, int type_num,
+                          int n_threads, int items_per_thread, int item_align,
+                          const double[:, ::1] ops=None):
+    """:func:`nesterov_ag_multi` over the first ``m`` rows, with the work items made here.
+
+    The elements are split as ``CPUTable.work_items`` splits them
+    (``n_threads * items_per_thread`` items whose inner boundaries are
+    multiples of ``item_align``); every element's arithmetic is the same
+    whatever the split.
+    """
+    cdef int64_t total, k, j, b, prev
+    cdef int64_t* bounds
+    cdef int64_t* first
+    cdef Py_ssize_t n_items = 0, t = 0
+    cdef int n_ops = 0
+    cdef const double* op_ptr = NULL
+    if m <= 0:
+        return
+    if ptrs.shape[0] < m or cum.shape[0] < m + 1 or coef.shape[0] < m or coef.shape[1] != 6:
+        raise ValueError("nesterov_ag_compacted: inconsistent shapes")
+    if ops is not None and ops.shape[0] > 0:
+        if ops.shape[1] != CYNAG_OP_WORDS:
+            raise ValueError("nesterov_ag_compacted: ops must have %d columns" % CYNAG_OP_WORDS)
+        n_ops = <int>ops.shape[0]
+        op_ptr = &ops[0, 0]
+    total = cum[m]
+    if total <= 0:
+        return
+    k = 1 if n_threads <= 1 else <int64_t>n_threads * items_per_thread
+    if k > (total + item_align - 1) // item_align:
+        k = (total + item_align - 1) // item_align
+    if k < 1:
+        k = 1
+    bounds = <int64_t*>malloc(sizeof(int64_t) * (k + 1))
+    first = <int64_t*>malloc(sizeof(int64_t) * (k + 1))
+    if bounds is NULL or first is NULL:
+        free(bounds)
+        free(first)
+        raise MemoryError()
+    try:
+        prev = -1
+        for j in range(k + 1):
+            b = (j * total) // k
+            if 0 < j < k:
+                b -= b % item_align
+            if b == prev:
+                continue
+            bounds[n_items] = b
+            n_items += 1
+            prev = b
+        n_items -= 1  # items between consecutive bounds
+        for j in range(n_items):
+            while t + 1 < m and cum[t + 1] <= bounds[j]:
+                t += 1
+            first[j] = t
+        with nogil:
+            if type_num == cnp.NPY_FLOAT:
+                _multi_run(<float*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], m, bounds, first,
+                           n_items, n_threads, op_ptr, n_ops, type_num, True)
+            elif type_num == cnp.NPY_DOUBLE:
+                _multi_run(<double*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], m, bounds, first,
+                           n_items, n_threads, op_ptr, n_ops, type_num, True)
+            elif type_num == NPY_HALF:
+                _multi_run(<uint16_t*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], m, bounds,
+                           first, n_items, n_threads, op_ptr, n_ops, type_num, True)
+    finally:
+        free(bounds)
+        free(first)
 
 
 def hook_ops(object g, object p, const double[:, ::1] ops, int type_num):

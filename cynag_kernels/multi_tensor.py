@@ -77,6 +77,29 @@ def coefficient_table(dtype, lr, momentum, loss_scale=None):
     return coef, ok.view(bool)
 
 
+def run_selected_rows(ptrs, sizes, coef, mask, select, type_nums, type_num, lo, hi, scratch,
+                      num_threads=None, ops=None):
+    """One step over the rows of a prepared table, without copying the table.
+
+    Updates the rows ``i`` in ``[lo, hi)`` with ``mask[i] == select`` and
+    ``type_nums[i] == type_num`` (arrays as :meth:`CPUTable.from_rows` takes
+    them, already checked by the caller), adjacent runs merged, in one
+    native call.  ``scratch``: ``(ptrs, cum, coef)`` arrays with room for
+    every row (kept by the caller from step to step).  Returns the number of
+    elements updated.
+    """
+    out_ptrs, out_cum, out_coef = scratch
+    m = _nesterov_cpu.compact_selected_rows(ptrs, sizes, coef, mask, select, type_nums,
+                                            type_num, lo, hi, out_ptrs, out_cum, out_coef)
+    if not m:
+        return 0
+    total = int(out_cum[m])
+    k = threads_for(total) if num_threads is None else max(1, int(num_threads))
+    _nesterov_cpu.nesterov_ag_compacted(out_ptrs, out_cum, out_coef, m, type_num, k,
+                                        ITEMS_PER_THREAD, ITEM_ALIGN, ops)
+    return total
+
+
 class CPUTable:
     """One NesterovAG step over many NumPy arrays of one dtype, in one native call.
 

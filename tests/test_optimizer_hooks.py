@@ -799,12 +799,19 @@ class _Spy:
     def __init__(self, monkeypatch):
         self.calls = []
         original = functional.nesterov_ag_table
+        original_rows = functional.nesterov_ag_rows
 
         def run(table, ops=None, num_threads=None):
             self.calls.append(None if ops is None else np.array(ops))
             return original(table, ops=ops, num_threads=num_threads)
 
+        def run_rows(table, lo, hi, type_num, scratch, ops=None, num_threads=None):
+            self.calls.append(None if ops is None else np.array(ops))
+            return original_rows(table, lo, hi, type_num, scratch, ops=ops,
+                                 num_threads=num_threads)
+
         monkeypatch.setattr(functional, "nesterov_ag_table", run)
+        monkeypatch.setattr(functional, "nesterov_ag_rows", run_rows)
 
     def folded(self):
         return [c for c in self.calls if c is not None]
