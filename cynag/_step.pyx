@@ -128,6 +128,9 @@ cdef enum:
     R_OTHER = 0
     R_NAG = 1
 
+cdef object _TRUE_OBJ = True   # (a bare True/False cast to a pointer would be 1/0)
+cdef object _FALSE_OBJ = False
+
 # Interned attribute names.
 cdef object S_ARRAY = "array"
 cdef object S_GRAD = "grad"
@@ -328,7 +331,7 @@ cdef inline void _chainer_read(object d, ChainerRead* r, bint want_grad) noexcep
     if x is NULL or x is not <PyObject*>None:
         return
     x = PyDict_GetItem(dp, <PyObject*>S_CHAINERX)
-    if x is not NULL and x is not <PyObject*>False:
+    if x is not NULL and x is not <PyObject*>_FALSE_OBJ:
         return
     data = PyDict_GetItem(dp, <PyObject*>S_DATA)
     if data is NULL or not PyList_CheckExact(data) or PyList_GET_SIZE(data) != 1:
@@ -336,7 +339,7 @@ cdef inline void _chainer_read(object d, ChainerRead* r, bint want_grad) noexcep
     r.array = PyList_GET_ITEM(data, 0)
     if want_grad:
         x = PyDict_GetItem(dp, <PyObject*>S_GRAD_VALID)
-        if x is not <PyObject*>True:
+        if x is not <PyObject*>_TRUE_OBJ:
             return
         x = PyDict_GetItem(dp, <PyObject*>S_GRAD_VAR)
         if x is NULL:
@@ -363,7 +366,7 @@ cdef inline PyObject* _variable_data(PyObject* var) noexcept:
     if x is not <PyObject*>None:
         return NULL
     x = PyDict_GetItem(<PyObject*>d, <PyObject*>S_CHAINERX)
-    if x is not NULL and x is not <PyObject*>False:
+    if x is not NULL and x is not <PyObject*>_FALSE_OBJ:
         return NULL
     data = PyDict_GetItem(<PyObject*>d, <PyObject*>S_DATA)
     if data is NULL or not PyList_CheckExact(data) or PyList_GET_SIZE(data) != 1:

@@ -953,10 +953,13 @@ class GradientMethod(Optimizer):
             loss.backward(loss_scale=self._loss_scale)
             del loss
             # A Chainer backward pass records its loss scale on every
-            # parameter it reaches; for cynag's parameters cynag does.
-            for param in self.target.params():
-                if isinstance(param, Parameter):
-                    param._loss_scale = self._loss_scale
+            # parameter it reaches; for cynag's parameters cynag does (not
+            # needed while no scale was ever set: every record is None).
+            if self._loss_scale is not None or self.__dict__.get("_scale_recorded"):
+                self._scale_recorded = True
+                for param in self.target.params():
+                    if isinstance(param, Parameter):
+                        param._loss_scale = self._loss_scale
         plan = self._current_plan()
         if plan is None:
             self._update_per_param()
