@@ -891,6 +891,36 @@ def cleared(list params, object out):
     return found
 
 
+def read_attribute(list params, str attr, list out):
+    """``out[i] = params[i].array`` (``attr='array'``) or ``.grad`` (``attr='grad'``),
+    read as :func:`scan` reads them (natively for cynag's and Chainer 7's
+    parameters); ``out`` has at least ``len(params)`` entries."""
+    cdef Py_ssize_t i, n = len(params)
+    cdef PyTypeObject* last_ptype = NULL
+    cdef int pkind = 0
+    cdef ChainerRead cr
+    cdef bint want_grad = attr == "grad"
+    if attr != "grad" and attr != "array":
+        raise ValueError("read_attribute: attr must be 'array' or 'grad', got %r" % (attr,))
+    if not _configured:
+        raise RuntimeError("cynag._step.configure() was not called")
+    if len(out) < n:
+        raise ValueError("read_attribute: out has %d entries for %d parameters" % (len(out), n))
+    for i in range(n):
+        p = params[i]
+        ptype = Py_TYPE(<PyObject*>p)
+        if ptype is not last_ptype:
+            pkind = _param_kind(ptype) & 7
+            last_ptype = ptype
+        if pkind == K_CHAINER:
+            pd = PyObject_GenericGetDict(p, NULL)
+            _chainer_read(pd, &cr, want_grad)
+            if cr.plain:
+                _list_set(out, i, <object>(cr.grad if want_grad else cr.array))
+                continue
+        _list_set(out, i, _read_grad(p, pkind) if want_grad else _read_array(p, pkind))
+
+
 def bump_t(StepTable table, Py_ssize_t lo, Py_ssize_t hi, int code):
     """``rule.t += 1`` for the rules of the rows ``[lo, hi)`` whose code is ``code``."""
     cdef Py_ssize_t i

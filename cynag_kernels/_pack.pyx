@@ -135,7 +135,7 @@ KIND_SET = -3        # anything but None
 
 
 def same_entries(list items, list keys, list objs, str attr, const int32_t[::1] kinds,
-                 const int64_t[::1] shape_at, const int64_t[::1] dims):
+                 const int64_t[::1] shape_at, const int64_t[::1] dims, list values=None):
     """True if ``items`` still holds ``zip(keys, objs)`` and every ``getattr(obj, attr)``
     still has the recorded kind, type number and shape.
 
@@ -144,7 +144,8 @@ def same_entries(list items, list keys, list objs, str attr, const int32_t[::1] 
     :data:`KIND_NONE`, :data:`KIND_OTHER`, :data:`KIND_SET` or a NumPy
     type number: then the attribute must be a NumPy array of that type
     number whose shape is ``dims[shape_at[i]:shape_at[i + 1]]``.  One pass,
-    stopping at the first difference.
+    stopping at the first difference.  ``values``: the attributes already
+    read (``values[i]`` stands for ``getattr(objs[i], attr)``).
     """
     cdef Py_ssize_t i, d, nd, n = len(keys)
     cdef object item, key, a
@@ -153,7 +154,8 @@ def same_entries(list items, list keys, list objs, str attr, const int32_t[::1] 
     cdef cnp.npy_intp* shape
     if len(items) != n:
         return False
-    if len(objs) != n or kinds.shape[0] < n or shape_at.shape[0] < n + 1:
+    if len(objs) != n or kinds.shape[0] < n or shape_at.shape[0] < n + 1 \
+            or (values is not None and len(values) < n):
         raise ValueError("same_entries: keys, objs, kinds and shape_at disagree")
     for i in range(n):
         item = items[i]
@@ -164,7 +166,7 @@ def same_entries(list items, list keys, list objs, str attr, const int32_t[::1] 
         key = (<tuple>item)[0]
         if key is not keys[i] and not (key == keys[i]):
             return False
-        a = getattr(objs[i], attr)
+        a = getattr(objs[i], attr) if values is None else values[i]
         kind = kinds[i]
         if kind == KIND_NONE:
             if a is not None:

@@ -985,3 +985,20 @@ def test_cached_layout_matches_naive_averaging(fake_comm, kind):
     run_state_machine_as_test(machine, settings=settings(
         max_examples=60, stateful_step_count=40, deadline=None,
         suppress_health_check=list(HealthCheck)))
+
+
+@pytest.mark.chainer
+def test_cached_layout_machine_on_chainer_links(chainer_python):
+    """The layout state machine on ``chainer.Link`` models, in the Chainer 7.8.1
+    environment (the interpreter running this suite cannot import Chainer)."""
+    from test_step_machine import _ensure_hypothesis
+
+    _ensure_hypothesis(chainer_python)
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run(
+        [chainer_python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "test_multinode.py::test_cached_layout_matches_naive_averaging[chainer]"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+        timeout=1500, cwd=here)
+    assert proc.returncode == 0, proc.stdout[-8000:]
+    assert "1 passed" in proc.stdout, proc.stdout[-8000:]

@@ -112,8 +112,14 @@ class Snapshot:
 
     def matches(self, items):
         """True if ``items`` (``list(model.namedparams())`` now) is what was recorded."""
+        from cynag import _multi_tensor  # noqa: F401 - configures cynag._step
+        from cynag._step import read_attribute
+
+        values = [None] * len(self.objs)
+        if len(items) == len(self.objs):
+            read_attribute(self.objs, "array", values)
         if not _kernels().same_entries(items, self.keys, self.objs, "array", self.kinds,
-                                       self.shape_at, self.dims):
+                                       self.shape_at, self.dims, values):
             return False
         for i, key in self.others:
             if _other_key(self.objs[i].array) != key:

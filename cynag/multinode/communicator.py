@@ -76,6 +76,13 @@ class MultiNodeError(RuntimeError):
     """Another rank failed before a collective operation; raised on the ranks that did not."""
 
 
+def _read_attribute(params, attr, out):
+    from cynag import _multi_tensor  # noqa: F401 - configures cynag._step
+    from cynag._step import read_attribute
+
+    read_attribute(params, attr, out)
+
+
 def _kernels():
     from cynag_kernels import _pack
 
@@ -465,8 +472,10 @@ class MpiCommunicator:
         typenum = _TYPE_NUMS[group.dtype]
         writeable = mean or self.rank != 0
         arrays = [None] * group.n
-        nbad = K.gather(params, "grad" if mean else "array", typenum, group.sizes, group.ptrs,
-                        group.codes, arrays, writeable)
+        # One native pass reads the attributes (cynag's and Chainer's parameters
+        # without their properties), one checks the arrays' headers.
+        _read_attribute(params, "grad" if mean else "array", arrays)
+        nbad = K.scan(arrays, typenum, group.sizes, group.ptrs, group.codes, writeable)
         if not nbad:
             return arrays, None, []
         active = numpy.ones(group.n, bool)
