@@ -154,7 +154,8 @@ def _extensions():
         include_dirs=["cynag_kernels", numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION"),
                        ("NPY_TARGET_VERSION", "NPY_1_23_API_VERSION")],
-        depends=["cynag_kernels/_half.h", "cynag_kernels/_nag_coef.h"],
+        depends=["cynag_kernels/_half.h", "cynag_kernels/_nag_coef.h",
+                 "cynag_kernels/_nesterov_cpu.pxd"],
     ))
     return cythonize(
         exts,

@@ -279,9 +279,12 @@ class Plan:
             if codes[i] == FAST:
                 g = table.keep[3 * i + 1]
             else:
-                if params[i].array is None:
-                    continue
-                g = params[i].grad
+                try:
+                    g = params[i].grad
+                except Exception:
+                    # (Chainer: the gradient of a parameter never given one.)
+                    # The hooks then run as usual and raise where Chainer's do.
+                    return False
             if isinstance(g, numpy.ndarray):
                 if not g.flags.writeable:
                     return False

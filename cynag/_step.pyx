@@ -46,6 +46,8 @@ from libc.string cimport memset
 
 import numpy
 
+from cynag_kernels._nesterov_cpu cimport dense_type
+
 cnp.import_array()
 
 cdef extern from "numpy/arrayobject.h":
@@ -239,67 +241,23 @@ cdef inline int _rule_kind(PyTypeObject* tp) except -1:
 
 
 # -- reading a parameter ---------------------------------------------------------
-cdef inline object _chainer_dict_item(object d, object key, bint* found):
-    cdef PyObject* v = PyDict_GetItem(<PyObject*>d, <PyObject*>key)
-    if v is NULL:
-        found[0] = False
-        return None
-    found[0] = True
-    return <object>v
-
-
+# cynag's Parameter: its slots; Chainer 7's Parameter: _chainer_read below, with
+# the properties where it cannot vouch for the value; anything else: getattr.
 cdef object _read_rule(object p, int kind):
-    cdef bint found
     if kind == K_CYNAG:
         return _slot_or_raise(p, OFF_P_RULE, "_update_rule")
-    if kind == K_CHAINER:
-        d = PyObject_GenericGetDict(p, NULL)
-        v = _chainer_dict_item(d, S_RULE, &found)
-        if found:
-            return v
     return getattr(p, S_RULE, None)
 
 
-cdef bint _chainer_plain(object d):
-    """True if a chainer.Variable's dictionary says: standard layout, no ChainerX."""
-    cdef bint found
-    layout = _chainer_dict_item(d, S_LAYOUT, &found)
-    if not found or layout is not None:
-        return False
-    chx = _chainer_dict_item(d, S_CHAINERX, &found)
-    if found and chx is not False:
-        return False
-    return True
-
-
 cdef object _read_array(object p, int kind):
-    cdef bint found
     if kind == K_CYNAG:
         return _slot_or_raise(p, OFF_P_ARRAY, "_array")
-    if kind == K_CHAINER:
-        d = PyObject_GenericGetDict(p, NULL)
-        if _chainer_plain(d):
-            data = _chainer_dict_item(d, S_DATA, &found)
-            if found and PyList_CheckExact(<PyObject*>data) \
-                    and PyList_GET_SIZE(<PyObject*>data) == 1:
-                return <object>PyList_GET_ITEM(<PyObject*>data, 0)
     return getattr(p, S_ARRAY)
 
 
 cdef object _read_grad(object p, int kind):
-    cdef bint found
     if kind == K_CYNAG:
         return _slot_or_raise(p, OFF_P_GRAD, "_grad")
-    if kind == K_CHAINER:
-        d = PyObject_GenericGetDict(p, NULL)
-        if _chainer_plain(d):
-            valid = _chainer_dict_item(d, S_GRAD_VALID, &found)
-            if found and valid is True:
-                gv = _chainer_dict_item(d, S_GRAD_VAR, &found)
-                if found and gv is None:
-                    g = _chainer_dict_item(d, S_GRAD_PRIV, &found)
-                    if found:
-                        return g
     return getattr(p, S_GRAD)
 
 
@@ -375,14 +333,8 @@ cdef inline PyObject* _variable_data(PyObject* var) noexcept:
 
 
 cdef object _read_loss_scale(object p, int kind):
-    cdef bint found
     if kind == K_CYNAG:
         return _slot_or_raise(p, OFF_P_LS, "_loss_scale_value")
-    if kind == K_CHAINER:
-        d = PyObject_GenericGetDict(p, NULL)
-        v = _chainer_dict_item(d, S_LOSS_SCALE, &found)
-        if found:
-            return v
     return getattr(p, S_LOSS_SCALE, None)
 
 
@@ -596,60 +548,6 @@ cdef inline uintptr_t _owner(cnp.ndarray a) noexcept:
     return 0
 
 
-cdef inline bint _same_layout(cnp.ndarray a, cnp.ndarray b, int type_num) noexcept:
-    cdef int i
-    if cnp.PyArray_TYPE(b) != type_num or cnp.PyArray_NDIM(b) != cnp.PyArray_NDIM(a):
-        return False
-    for i in range(cnp.PyArray_NDIM(a)):
-        if cnp.PyArray_DIMS(a)[i] != cnp.PyArray_DIMS(b)[i]:
-            return False
-    return True
-
-
-cdef inline bint _disjoint(char* pa, char* pb, Py_ssize_t nbytes) noexcept:
-    return pa + nbytes <= pb or pb + nbytes <= pa
-
-
-cdef int _dense_row(object param, object grad, object v, bint grad_written) noexcept:
-    """NumPy type number if the three arrays take the kernel's dense path, else -1."""
-    cdef cnp.ndarray p, g, vv
-    cdef int type_num, flag
-    cdef Py_ssize_t nbytes
-    if not (cnp.PyArray_CheckExact(param) and cnp.PyArray_CheckExact(grad)
-            and cnp.PyArray_CheckExact(v)):
-        return -1
-    p, g, vv = param, grad, v
-    if cnp.PyArray_NDIM(p) == 0:
-        return -1  # 0-d arrays follow NumPy's scalar promotion: the rule's path
-    type_num = cnp.PyArray_TYPE(p)
-    if type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE and type_num != NPY_HALF:
-        return -1
-    if not (_same_layout(p, g, type_num) and _same_layout(p, vv, type_num)):
-        return -1
-    flag = cnp.NPY_ARRAY_C_CONTIGUOUS
-    if not (cnp.PyArray_CHKFLAGS(p, flag) and cnp.PyArray_CHKFLAGS(g, flag)
-            and cnp.PyArray_CHKFLAGS(vv, flag)):
-        flag = cnp.NPY_ARRAY_F_CONTIGUOUS
-        if not (cnp.PyArray_CHKFLAGS(p, flag) and cnp.PyArray_CHKFLAGS(g, flag)
-                and cnp.PyArray_CHKFLAGS(vv, flag)):
-            return -1
-    if not (cnp.PyArray_ISWRITEABLE(p) and cnp.PyArray_ISWRITEABLE(vv)
-            and cnp.PyArray_ISALIGNED(p) and cnp.PyArray_ISALIGNED(g)
-            and cnp.PyArray_ISALIGNED(vv) and cnp.PyArray_ISNOTSWAPPED(p)
-            and cnp.PyArray_ISNOTSWAPPED(g) and cnp.PyArray_ISNOTSWAPPED(vv)):
-        return -1
-    if grad_written and not cnp.PyArray_ISWRITEABLE(g):
-        return -1
-    nbytes = cnp.PyArray_SIZE(p) * cnp.PyArray_ITEMSIZE(p)
-    if nbytes and not (_disjoint(<char*>cnp.PyArray_DATA(p), <char*>cnp.PyArray_DATA(g), nbytes)
-                       and _disjoint(<char*>cnp.PyArray_DATA(p), <char*>cnp.PyArray_DATA(vv),
-                                     nbytes)
-                       and _disjoint(<char*>cnp.PyArray_DATA(g), <char*>cnp.PyArray_DATA(vv),
-                                     nbytes)):
-        return -1
-    return type_num
-
-
 def scan(list params, StepTable table, object indices=None):
     """Fill the rows of ``params`` (all, or the rows listed in ``indices``).
 
@@ -829,7 +727,7 @@ def scan(list params, StepTable table, object indices=None):
             row[5] = has_ls
             _list_set(rules, i, rule)
             continue
-        type_num = _dense_row(array, grad, v, has_ls != 0)
+        type_num = dense_type(array, grad, v, has_ls != 0)
         if type_num < 0:
             continue
         if type_num == NPY_HALF:

@@ -31,6 +31,7 @@ import numpy
 
 import cynag_kernels
 from cynag import _backend
+from cynag_kernels.multi_tensor import _per_tensor
 
 #: Hyperparameters of NesterovAG, with Chainer's defaults.
 DEFAULTS = {"lr": 0.01, "momentum": 0.9}
@@ -61,14 +62,6 @@ def state_like(shape, dtype):
 def coefficients(dtype, lr, momentum, device="cpu"):
     """The scalar coefficients of one step (see :func:`cynag_kernels.nesterov_ag_coefficients`)."""
     return cynag_kernels.nesterov_ag_coefficients(lr, momentum, dtype, device=device)
-
-
-def _per_tensor(value, n, name):
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError("%s has %d entries for %d tensors" % (name, len(value), n))
-        return list(value)
-    return [value] * n
 
 
 def nesterov_ag(params, grads, vs, *, lr=DEFAULTS["lr"], momentum=DEFAULTS["momentum"],

@@ -209,12 +209,14 @@ def coefficient_rows(int type_num, lr, momentum, loss_scale, double[:, ::1] out,
         ok[i] = cynag_nag_coefficients(type_num, a, m, has_ls, ls, &out[i, 0])
 
 
-cdef int _dense_type(object param, object grad, object v) noexcept:
+cdef int dense_type(object param, object grad, object v, bint grad_written) noexcept:
     """NumPy type number if the arrays qualify for the dense path, else -1.
 
     Qualify: NumPy arrays (at least 1-d) of one native float dtype and one
     shape, all C-contiguous or all F-contiguous, aligned, pairwise disjoint,
-    ``param`` and ``v`` writeable.  Reads the array headers only.
+    ``param`` and ``v`` writeable (and ``grad`` if ``grad_written``: it is
+    divided by a loss scale in place).  Reads the array headers only.
+    Shared with ``cynag._step`` (declared in ``_nesterov_cpu.pxd``).
     """
     cdef cnp.ndarray p, g, vv
     cdef int type_num, flag
@@ -242,11 +244,17 @@ cdef int _dense_type(object param, object grad, object v) noexcept:
             and cnp.PyArray_ISALIGNED(vv) and cnp.PyArray_ISNOTSWAPPED(p)
             and cnp.PyArray_ISNOTSWAPPED(g) and cnp.PyArray_ISNOTSWAPPED(vv)):
         return -1
+    if grad_written and not cnp.PyArray_ISWRITEABLE(g):
+        return -1
     nbytes = cnp.PyArray_SIZE(p) * cnp.PyArray_ITEMSIZE(p)
     if nbytes and not (_disjoint(p, g, nbytes) and _disjoint(p, vv, nbytes)
                        and _disjoint(g, vv, nbytes)):
         return -1
     return type_num
+
+
+cdef inline int _dense_type(object param, object grad, object v) noexcept:
+    return dense_type(param, grad, v, False)
 
 
 def dense_arrays_ok(object param, object grad, object v):
@@ -557,6 +565,319 @@ def compact_selected_rows(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
                 out_coef[m, j] = coef[i, j]
             out_cum[m + 1] = out_cum[m] + sizes[i]
             m += 1
+    return m
+
+
+def nesterov_ag_compacted(const int64_t[:, ::1] ptrs, const int64_t[::1] cum,
+                          const double[:, ::1] coef, Py_ssize_t m, int type_num,
+                          int n_threads, int items_per_thread, int item_align,
+                          const double[:, ::1] ops=None):
+    """:func:`nesterov_ag_multi` over the first ``m`` rows, with the work items made here.
+
+    The elements are split as ``CPUTable.work_items`` splits them
+    (``n_threads * items_per_thread`` items whose inner boundaries are
+    multiples of ``item_align``); every element's arithmetic is the same
+    whatever the split.
+    """
+    cdef int64_t total, k, j, b, prev
+    cdef int64_t* bounds
+    cdef int64_t* first
+    cdef Py_ssize_t n_items = 0, t = 0
+    cdef int n_ops = 0
+    cdef const double* op_ptr = NULL
+    if m <= 0:
+        return
+    if ptrs.shape[0] < m or cum.shape[0] < m + 1 or coef.shape[0] < m or coef.shape[1] != 6:
+        raise ValueError("nesterov_ag_compacted: inconsistent shapes")
+    if ops is not None and ops.shape[0] > 0:
+        if ops.shape[1] != CYNAG_OP_WORDS:
+            raise ValueError("nesterov_ag_compacted: ops must have %d columns" % CYNAG_OP_WORDS)
+        n_ops = <int>ops.shape[0]
+        op_ptr = &ops[0, 0]
+    total = cum[m]
+    if total <= 0:
+        return
+    k = 1 if n_threads <= 1 else <int64_t>n_threads * items_per_thread
+    if k > (total + item_align - 1) // item_align:
+        k = (total + item_align - 1) // item_align
+    if k < 1:
+        k = 1
+    bounds = <int64_t*>malloc(sizeof(int64_t) * (k + 1))
+    first = <int64_t*>malloc(sizeof(int64_t) * (k + 1))
+    if bounds is NULL or first is NULL:
+        free(bounds)
+        free(first)
+        raise MemoryError()
+    try:
+        prev = -1
+        for j in range(k + 1):
+            b = (j * total) // k
+            if 0 < j < k:
+                b -= b % item_align
+            if b == prev:
+                continue
+            bounds[n_items] = b
+            n_items += 1
+            prev = b
+        n_items -= 1  # items between consecutive bounds
+        for j in range(n_items):
+            while t + 1 < m and cum[t + 1] <= bounds[j]:
+                t += 1
+            first[j] = t
+        with nogil:
+            if type_num == cnp.NPY_FLOAT:
+                _multi_run(<float*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], m, bounds, first,
+                           n_items, n_threads, op_ptr, n_ops, type_num, True)
+            elif type_num == cnp.NPY_DOUBLE:
+                _multi_run(<double*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], m, bounds, first,
+                           n_items, n_threads, op_ptr, n_ops, type_num, True)
+            elif type_num == NPY_HALF:
+                _multi_run(<uint16_t*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], m, bounds,
+                           first, n_items, n_threads, op_ptr, n_ops, type_num, True)
+    finally:
+        free(bounds)
+        free(first)
+
+
+def hook_ops(object g, object p, const double[:, ::1] ops, int type_num):
+    """Run a hook operation program on one contiguous gradient (``p`` may be None).
+
+    ``g`` and ``p``: 1-d contiguous NumPy arrays of the dtype ``type_num``
+    (float16 as uint16 views are accepted too); ``ops``: ``(n_ops, 4)``.
+    Serial: the caller splits large arrays (see ``cynag_kernels.hooks``).
+    """
+    cdef cnp.ndarray ga = g
+    cdef cnp.ndarray pa
+    cdef void* pp = NULL
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(ga)
+    if not cnp.PyArray_CHKFLAGS(ga, cnp.NPY_ARRAY_C_CONTIGUOUS) or not cnp.PyArray_ISWRITEABLE(ga):
+        raise ValueError("hook_ops: g must be a writeable contiguous array")
+    if ops.shape[1] != CYNAG_OP_WORDS:
+        raise ValueError("hook_ops: ops must have %d columns" % CYNAG_OP_WORDS)
+    if p is not None:
+        pa = p
+        if cnp.PyArray_SIZE(pa) != n or not cnp.PyArray_CHKFLAGS(pa, cnp.NPY_ARRAY_C_CONTIGUOUS) \
+                or cnp.PyArray_ITEMSIZE(pa) != cnp.PyArray_ITEMSIZE(ga):
+            raise ValueError("hook_ops: p must be contiguous, as long as g and of its dtype")
+        pp = cnp.PyArray_DATA(pa)
+    if n == 0 or ops.shape[0] == 0:
+        return
+    with nogil:
+        cynag_ops_run(type_num, cnp.PyArray_DATA(ga), pp, n, &ops[0, 0], <int>ops.shape[0])
+
+
+cdef double _sumsq_f32(const float* x, Py_ssize_t n) noexcept nogil:
+    # Four float64 accumulators (a blocked sum): each square is exact in
+    # float64 for float32 and float16 inputs.
+    cdef double s0 = 0, s1 = 0, s2 = 0, s3 = 0
+    cdef double a
+    cdef Py_ssize_t i = 0
+    while i + 4 <= n:
+        a = x[i]
+        s0 = s0 + a * a
+        a = x[i + 1]
+        s1 = s1 + a * a
+        a = x[i + 2]
+        s2 = s2 + a * a
+        a = x[i + 3]
+        s3 = s3 + a * a
+        i += 4
+    while i < n:
+        a = x[i]
+        s0 = s0 + a * a
+        i += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+cdef double _sumsq_f64(const double* x, Py_ssize_t n) noexcept nogil:
+    cdef double s0 = 0, s1 = 0, s2 = 0, s3 = 0
+    cdef Py_ssize_t i = 0
+    while i + 4 <= n:
+        s0 = s0 + x[i] * x[i]
+        s1 = s1 + x[i + 1] * x[i + 1]
+        s2 = s2 + x[i + 2] * x[i + 2]
+        s3 = s3 + x[i + 3] * x[i + 3]
+        i += 4
+    while i < n:
+        s0 = s0 + x[i] * x[i]
+        i += 1
+    return (s0 + s1) + (s2 + s3)
+
+
+cdef double _sumsq_f16(const uint16_t* x, Py_ssize_t n) noexcept nogil:
+    cdef double s = 0
+    cdef double a
+    cdef Py_ssize_t i
+    for i in range(n):
+        a = cynag_half_to_float(x[i])
+        s = s + a * a
+    return s
+
+
+cdef double _sumsq_any(int type_num, const void* x, Py_ssize_t n) noexcept nogil:
+    if type_num == cnp.NPY_FLOAT:
+        return _sumsq_f32(<const float*>x, n)
+    if type_num == cnp.NPY_DOUBLE:
+        return _sumsq_f64(<const double*>x, n)
+    return _sumsq_f16(<const uint16_t*>x, n)
+
+
+def sum_squares_multi(const int64_t[::1] ptrs, const int64_t[::1] cum,
+                      const int64_t[::1] bounds, const int64_t[::1] first,
+                      int type_num, int n_threads, double[::1] per_tensor):
+    """Sum of squares of many contiguous arrays of one dtype, in float64, in one call.
+
+    Array ``t`` has ``cum[t + 1] - cum[t]`` elements at ``ptrs[t]``.  Work
+    items are as for ``nesterov_ag_multi``; each item accumulates its
+    elements in float64 (four interleaved partial sums), and the partial
+    sums are added per tensor in a fixed order, so the result depends only
+    on the split into items.  Fills ``per_tensor`` (one sum per array) and
+    returns the total.
+    """
+    cdef Py_ssize_t n = ptrs.shape[0]
+    cdef Py_ssize_t n_items = bounds.shape[0] - 1
+    cdef Py_ssize_t k, t, item_t
+    cdef int64_t b0, b1, base, start, stop
+    cdef double total = 0
+    if cum.shape[0] != n + 1 or first.shape[0] != n_items or per_tensor.shape[0] != n:
+        raise ValueError("sum_squares_multi: inconsistent table shapes")
+    if type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE and type_num != NPY_HALF:
+        raise TypeError("sum_squares_multi: unsupported type number %d" % type_num)
+    per_tensor[:] = 0
+    if n == 0 or n_items <= 0:
+        return 0.0
+    # partial[k, j]: item k's sum over its j-th tensor (items span few tensors
+    # each; store per (item, tensor) pairs through a flat buffer).
+    import numpy as _np
+    cdef int64_t[::1] pair_start = _np.zeros(n_items + 1, _np.int64)
+    for k in range(n_items):
+        t = first[k]
+        item_t = 0
+        while t < n and cum[t] < bounds[k + 1]:
+            item_t += 1
+            t += 1
+        pair_start[k + 1] = pair_start[k] + item_t
+    cdef double[::1] partial = _np.zeros(max(1, pair_start[n_items]), _np.float64)
+    with nogil:
+        for k in prange(n_items, schedule="static", num_threads=max(1, min(n_threads, n_items)),
+                        use_threads_if=n_threads > 1 and n_items > 1):
+            b0 = bounds[k]
+            b1 = bounds[k + 1]
+            t = first[k]
+            item_t = pair_start[k]
+            while t < n and cum[t] < b1:
+                base = cum[t]
+                start = b0 - base if b0 > base else 0
+                stop = cum[t + 1] - base
+                if b1 - base < stop:
+                    stop = b1 - base
+                if stop > start:
+                    partial[item_t] = _sumsq_any(
+                        type_num, (<const char*>ptrs[t]) + start * (4 if type_num == cnp.NPY_FLOAT
+                                                                   else 8 if type_num == cnp.NPY_DOUBLE
+                                                                   else 2),
+                        stop - start)
+                item_t = item_t + 1
+                t = t + 1
+    # Fixed-order combination: per tensor, items in order.
+    for k in range(n_items):
+        t = first[k]
+        item_t = pair_start[k]
+        while t < n and cum[t] < bounds[k + 1]:
+            per_tensor[t] += partial[item_t]
+            item_t += 1
+            t += 1
+    for t in range(n):
+        total += per_tensor[t]
+    return total
+
+
+cdef Py_ssize_t _compact(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
+                        const double[:, ::1] coef, const cnp.uint8_t* mask, int select,
+                        const cnp.int32_t* type_nums, int type_num, Py_ssize_t lo,
+                        Py_ssize_t hi, Py_ssize_t itemsize, int64_t[:, ::1] out_ptrs,
+                        int64_t[::1] out_cum, double[:, ::1] out_coef) noexcept nogil:
+    """The rows ``[lo, hi)`` (those with ``mask[i] == select`` and ``type_nums[i] ==
+    type_num`` when given) without the empty ones, adjacent runs merged."""
+    cdef Py_ssize_t i, j, m = 0
+    cdef int64_t nb
+    cdef bint merge
+    out_cum[0] = 0
+    for i in range(lo, hi):
+        if sizes[i] <= 0:
+            continue
+        if mask is not NULL and (mask[i] != select or type_nums[i] != type_num):
+            continue
+        merge = m > 0
+        if merge:
+            nb = (out_cum[m] - out_cum[m - 1]) * itemsize
+            for j in range(3):
+                if ptrs[i, j] != out_ptrs[m - 1, j] + nb:
+                    merge = False
+                    break
+        if merge:
+            for j in range(6):
+                if coef[i, j] != out_coef[m - 1, j]:
+                    merge = False
+                    break
+        if merge:
+            out_cum[m] += sizes[i]
+            continue
+        for j in range(3):
+            out_ptrs[m, j] = ptrs[i, j]
+        for j in range(6):
+            out_coef[m, j] = coef[i, j]
+        out_cum[m + 1] = out_cum[m] + sizes[i]
+        m += 1
+    return m
+
+
+def compact_rows(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
+                 const double[:, ::1] coef, Py_ssize_t itemsize, int64_t[:, ::1] out_ptrs,
+                 int64_t[::1] out_cum, double[:, ::1] out_coef):
+    """Rows of a multi-tensor table, without the empty ones, adjacent runs merged.
+
+    Row ``t`` continues row ``t - 1`` when its three arrays start where the
+    previous row's end and its coefficients are the same (as in contiguous
+    mode): the two become one row.  Fills ``out_ptrs``, ``out_coef`` and the
+    cumulative element counts ``out_cum`` (``out_cum[0] = 0``); returns the
+    number of rows.  One pass, no Python objects.
+    """
+    cdef Py_ssize_t n = ptrs.shape[0], m
+    if sizes.shape[0] != n or coef.shape[0] != n or ptrs.shape[1] != 3 \
+            or coef.shape[1] != 6 or out_ptrs.shape[0] < n or out_cum.shape[0] < n + 1 \
+            or out_coef.shape[0] < n:
+        raise ValueError("compact_rows: inconsistent shapes")
+    with nogil:
+        m = _compact(ptrs, sizes, coef, NULL, 0, NULL, 0, 0, n, itemsize, out_ptrs, out_cum,
+                     out_coef)
+    return m
+
+
+def compact_selected_rows(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
+                          const double[:, ::1] coef, const cnp.uint8_t[::1] mask, int select,
+                          const cnp.int32_t[::1] type_nums, int type_num, Py_ssize_t lo,
+                          Py_ssize_t hi, int64_t[:, ::1] out_ptrs, int64_t[::1] out_cum,
+                          double[:, ::1] out_coef):
+    """:func:`compact_rows` over the rows ``i`` in ``[lo, hi)`` with ``mask[i] == select``
+    and ``type_nums[i] == type_num``; returns the number of rows written.
+
+    The caller's selection of a table (e.g. the rows its scan found fit for
+    the kernel) without a copy per step.
+    """
+    cdef Py_ssize_t n = ptrs.shape[0], m
+    cdef Py_ssize_t itemsize = 4 if type_num == cnp.NPY_FLOAT else (
+        8 if type_num == cnp.NPY_DOUBLE else 2)
+    if sizes.shape[0] < n or coef.shape[0] < n or mask.shape[0] < n \
+            or type_nums.shape[0] < n or out_ptrs.shape[0] < n or out_cum.shape[0] < n + 1 \
+            or out_coef.shape[0] < n or lo < 0 or hi > n:
+        raise ValueError("compact_selected_rows: inconsistent shapes")
+    if hi <= lo:
+        out_cum[0] = 0
+        return 0
+    with nogil:
+        m = _compact(ptrs, sizes, coef, &mask[0], select, &type_nums[0], type_num, lo, hi,
+                     itemsize, out_ptrs, out_cum, out_coef)
     return m
 
 
