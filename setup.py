@@ -141,7 +141,7 @@ def _extensions():
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION"),
                            ("NPY_TARGET_VERSION", "NPY_1_23_API_VERSION")],
             depends=["cynag_kernels/_half.h", "cynag_kernels/_hook_ops.h",
-                     "cynag_kernels/_nag_coef.h",
+                     "cynag_kernels/_nag_coef.h", "cynag_kernels/_dense.h",
                      "cynag_kernels/_openmp.pxd",
                      "cynag_kernels/_probe.h"],
         )
@@ -155,7 +155,7 @@ def _extensions():
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION"),
                        ("NPY_TARGET_VERSION", "NPY_1_23_API_VERSION")],
         depends=["cynag_kernels/_half.h", "cynag_kernels/_nag_coef.h",
-                 "cynag_kernels/_nesterov_cpu.pxd"],
+                 "cynag_kernels/_dense.h"],
     ))
     return cythonize(
         exts,

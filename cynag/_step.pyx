@@ -46,7 +46,8 @@ from libc.string cimport memset
 
 import numpy
 
-from cynag_kernels._nesterov_cpu cimport dense_type
+cdef extern from "_dense.h":
+    int cynag_dense_type(object param, object grad, object v, bint grad_written)
 
 cnp.import_array()
 
@@ -727,7 +728,7 @@ def scan(list params, StepTable table, object indices=None):
             row[5] = has_ls
             _list_set(rules, i, rule)
             continue
-        type_num = dense_type(array, grad, v, has_ls != 0)
+        type_num = cynag_dense_type(array, grad, v, has_ls != 0)
         if type_num < 0:
             continue
         if type_num == NPY_HALF:
