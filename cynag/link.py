@@ -113,9 +113,14 @@ class Link:
     def namedparams(self, include_uninit=True):
         """All ``(path, parameter)`` pairs under this link."""
         d = self.__dict__
-        for name in sorted(self._params):
-            if include_uninit or d[name].array is not None:
-                yield "/" + name, d[name]
+        names = self._params
+        if type(names) is _Names:
+            pairs = zip(names.paths(), [d[name] for name in names.sorted()])
+        else:
+            pairs = (("/" + name, d[name]) for name in sorted(names))
+        if include_uninit:
+            return iter(list(pairs))
+        return iter([pair for pair in pairs if pair[1].array is not None])
 
     def links(self, skipself=False):
         """This link (unless ``skipself``) and all links under it."""
@@ -208,7 +213,7 @@ class _NaN:
 class _Names(set):
     """The names of a link's parameters, with their sorted order kept until a change."""
 
-    __slots__ = ("_sorted",)
+    __slots__ = ("_sorted", "_paths")
 
     def sorted(self):
         try:
@@ -217,12 +222,21 @@ class _Names(set):
             self._sorted = tuple(sorted(self))
             return self._sorted
 
+    def paths(self):
+        """``'/' + name`` for the sorted names."""
+        try:
+            return self._paths
+        except AttributeError:
+            self._paths = tuple("/" + name for name in self.sorted())
+            return self._paths
+
     def _changed(method):
         def wrapper(self, *args):
-            try:
-                del self._sorted
-            except AttributeError:
-                pass
+            for attr in ("_sorted", "_paths"):
+                try:
+                    delattr(self, attr)
+                except AttributeError:
+                    pass
             return method(self, *args)
         wrapper.__name__ = method.__name__
         return wrapper
