@@ -758,6 +758,25 @@ def scan(list params, StepTable table, object indices=None):
     return n_fast
 
 
+cdef object _read_one(object p, int pkind, bint want_grad):
+    """``p.grad`` (``want_grad``) or ``p.array``, read as :func:`scan` reads them."""
+    cdef ChainerRead cr
+    if pkind == K_CHAINER:
+        pd = PyObject_GenericGetDict(p, NULL)
+        _chainer_read(pd, &cr, want_grad)
+        if cr.plain:
+            return <object>(cr.grad if want_grad else cr.array)
+    return _read_grad(p, pkind) if want_grad else _read_array(p, pkind)
+
+
+cdef inline int _kind_of(object p, PyTypeObject** last_ptype, int* last_kind) except -1:
+    cdef PyTypeObject* ptype = Py_TYPE(<PyObject*>p)
+    if ptype is not last_ptype[0]:
+        last_kind[0] = _param_kind(ptype) & 7
+        last_ptype[0] = ptype
+    return last_kind[0]
+
+
 def cleared(list params, object out):
     """Indices of the initialized parameters whose gradient is ``None``, into ``out`` (a list).
 
@@ -766,25 +785,13 @@ def cleared(list params, object out):
     """
     cdef Py_ssize_t i, n = len(params), found = 0
     cdef PyTypeObject* last_ptype = NULL
-    cdef int pkind = 0
-    cdef ChainerRead cr
+    cdef int pkind, last_kind = 0
     if not _configured:
         raise RuntimeError("cynag._step.configure() was not called")
     for i in range(n):
         p = params[i]
-        ptype = Py_TYPE(<PyObject*>p)
-        if ptype is not last_ptype:
-            pkind = _param_kind(ptype) & 7
-            last_ptype = ptype
-        if pkind == K_CHAINER:
-            pd = PyObject_GenericGetDict(p, NULL)
-            _chainer_read(pd, &cr, True)
-            if cr.plain:
-                if cr.array is not <PyObject*>None and cr.grad is <PyObject*>None:
-                    out.append(i)
-                    found += 1
-                continue
-        if _read_array(p, pkind) is not None and _read_grad(p, pkind) is None:
+        pkind = _kind_of(p, &last_ptype, &last_kind)
+        if _read_one(p, pkind, False) is not None and _read_one(p, pkind, True) is None:
             out.append(i)
             found += 1
     return found
@@ -796,8 +803,7 @@ def read_attribute(list params, str attr, list out):
     parameters); ``out`` has at least ``len(params)`` entries."""
     cdef Py_ssize_t i, n = len(params)
     cdef PyTypeObject* last_ptype = NULL
-    cdef int pkind = 0
-    cdef ChainerRead cr
+    cdef int pkind, last_kind = 0
     cdef bint want_grad = attr == "grad"
     if attr != "grad" and attr != "array":
         raise ValueError("read_attribute: attr must be 'array' or 'grad', got %r" % (attr,))
@@ -807,17 +813,8 @@ def read_attribute(list params, str attr, list out):
         raise ValueError("read_attribute: out has %d entries for %d parameters" % (len(out), n))
     for i in range(n):
         p = params[i]
-        ptype = Py_TYPE(<PyObject*>p)
-        if ptype is not last_ptype:
-            pkind = _param_kind(ptype) & 7
-            last_ptype = ptype
-        if pkind == K_CHAINER:
-            pd = PyObject_GenericGetDict(p, NULL)
-            _chainer_read(pd, &cr, want_grad)
-            if cr.plain:
-                _list_set(out, i, <object>(cr.grad if want_grad else cr.array))
-                continue
-        _list_set(out, i, _read_grad(p, pkind) if want_grad else _read_array(p, pkind))
+        pkind = _kind_of(p, &last_ptype, &last_kind)
+        _list_set(out, i, _read_one(p, pkind, want_grad))
 
 
 def bump_t(StepTable table, Py_ssize_t lo, Py_ssize_t hi, int code):
