@@ -21,7 +21,8 @@ without any visible difference:
 
 The other parameters are updated by their rules (``param.update()``) at
 their place in the target's order: the kernel runs over the rows between two
-of them, so the order of effects is Chainer's whatever the rules' hooks do.
+of them, so the order of effects is Chainer's whatever the rules' hooks do
+(the GPU tables, one launch per device and dtype, run first).
 Nothing is cached from one step to the next: a step reads the objects as
 they are.  Results are bit-identical to the per-parameter path on the CPU
 (the kernels share their arithmetic).
