@@ -31,7 +31,7 @@ import numpy
 
 from cynag import _backend, _step, functional
 from cynag.optimizer import UpdateRule, _Hookable, _with_label, _param_label
-from cynag.parameter import Parameter
+from cynag.parameter import Parameter, _zero_grad
 
 _DTYPES = {11: numpy.dtype(numpy.float32), 12: numpy.dtype(numpy.float64),
            23: numpy.dtype(numpy.float16)}
@@ -120,9 +120,6 @@ def _runs_python(param, rule):
         if not all(map(_own_hook, list(hookable._pre_update_hooks.values())
                        + list(hookable._post_update_hooks.values()))):
             return True
-    kind = type(rule).__dict__.get("_multi_tensor_kind")
-    if kind is None and type(rule).update_core is not UpdateRule.update_core:
-        pass  # a rule of another method: its own arithmetic on its own arrays
     return type(param) is not Parameter and not _standard_update(type(param))
 
 
@@ -474,16 +471,6 @@ class Plan:
 
 def _loss_scale_of(param):
     return getattr(param, "_loss_scale", None)
-
-
-def _zero_grad(param):
-    """Zeros as ``param``'s gradient on its device (the buffer's view in contiguous mode)."""
-    view = param._fitting_grad_view() if isinstance(param, Parameter) else None
-    if view is not None:
-        view.fill(0)
-        param.grad = view
-    else:
-        param.grad = _backend.zeros_like(param.array)
 
 
 def _apply_hooks(entries, hooks, rate):

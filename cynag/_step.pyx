@@ -154,7 +154,7 @@ cdef object S_GRAD_PRIV = "_grad"
 cdef Py_ssize_t OFF_P_ARRAY = -1, OFF_P_GRAD = -1, OFF_P_RULE = -1, OFF_P_LS = -1
 cdef Py_ssize_t OFF_R_ENABLED = -1, OFF_R_T = -1, OFF_R_STATE = -1, OFF_R_HP = -1
 cdef Py_ssize_t OFF_R_HOOKABLE = -1, OFF_R_FP32 = -1
-cdef Py_ssize_t OFF_H_PRE = -1, OFF_H_POST = -1, OFF_H_COUNT = -1
+cdef Py_ssize_t OFF_H_COUNT = -1
 cdef bint _configured = False
 # chainer.Variable (the class of a gradient variable), when Chainer 7 is in use.
 cdef PyTypeObject* _chainer_variable_type = NULL
@@ -179,7 +179,7 @@ def configure(param_cls, rule_cls, hookable_cls, classify_param, classify_rule):
     """Record the slot layout of cynag's classes and the class classifiers."""
     global OFF_P_ARRAY, OFF_P_GRAD, OFF_P_RULE, OFF_P_LS
     global OFF_R_ENABLED, OFF_R_T, OFF_R_STATE, OFF_R_HP, OFF_R_HOOKABLE, OFF_R_FP32
-    global OFF_H_PRE, OFF_H_POST, OFF_H_COUNT, _configured, _classify_param, _classify_rule
+    global OFF_H_COUNT, _configured, _classify_param, _classify_rule
     OFF_P_ARRAY = _member_offset(param_cls, "_array")
     OFF_P_GRAD = _member_offset(param_cls, "_grad")
     OFF_P_RULE = _member_offset(param_cls, "_update_rule")
@@ -190,8 +190,6 @@ def configure(param_cls, rule_cls, hookable_cls, classify_param, classify_rule):
     OFF_R_HP = _member_offset(rule_cls, "_hyperparam")
     OFF_R_HOOKABLE = _member_offset(rule_cls, "_hookable")
     OFF_R_FP32 = _member_offset(rule_cls, "_use_fp32_update")
-    OFF_H_PRE = _member_offset(hookable_cls, "_pre_update_hooks")
-    OFF_H_POST = _member_offset(hookable_cls, "_post_update_hooks")
     OFF_H_COUNT = _member_offset(hookable_cls, "_count")
     _classify_param = classify_param
     _classify_rule = classify_rule
@@ -205,11 +203,6 @@ def set_chainer_variable(cls):
     global _chainer_variable_type, _chainer_variable_ref
     _chainer_variable_ref = cls
     _chainer_variable_type = <PyTypeObject*>cls if cls is not None else NULL
-
-
-def kinds():
-    """The class classifications made so far (for tests): ``(param_kinds, rule_kinds)``."""
-    return dict(_param_kinds), dict(_rule_kinds)
 
 
 cdef inline PyObject* _slot(PyObject* o, Py_ssize_t off) noexcept:
@@ -566,8 +559,6 @@ def scan(list params, StepTable table, object indices=None):
     cdef PyTypeObject* last_rtype = NULL
     cdef int last_pkind = 0, last_rkind = 0
     cdef PyObject* rp
-    cdef PyObject* hook_pre
-    cdef PyObject* hook_post
     cdef PyObject* hookable
     cdef PyObject* state
     cdef PyObject* vp

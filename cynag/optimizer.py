@@ -897,13 +897,14 @@ class GradientMethod(Optimizer):
         Called before and after the hooks of every step.  Uninitialized
         parameters are skipped.
         """
-        from cynag import _multi_tensor, _step
+        from cynag import _multi_tensor, _step  # noqa: F401 (configures _step)
+        from cynag.parameter import _zero_grad
 
         params = list(self.target.params())
         cleared = []
         _step.cleared(params, cleared)
         for i in cleared:
-            _multi_tensor._zero_grad(params[i])
+            _zero_grad(params[i])
 
     def call_hook(self, hook):
         super().call_hook(hook)

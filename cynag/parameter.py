@@ -195,12 +195,7 @@ class Parameter:
             self._grad_fill = 0
             return
         if self._grad is None:
-            view = self._fitting_grad_view()
-            if view is not None:
-                view.fill(0)
-                self._grad = view
-            else:
-                self._grad = _backend.zeros_like(self._array)
+            _zero_grad(self)
         else:
             self._grad.fill(0)
 
@@ -230,3 +225,19 @@ class Parameter:
             return "Parameter(name=%r, uninitialized)" % (self.name,)
         return "Parameter(name=%r, shape=%s, dtype=%s)" % (self.name, self._array.shape,
                                                           self._array.dtype)
+
+
+def _zero_grad(param):
+    """Zeros as ``param``'s gradient, on its device; returns the gradient.
+
+    For any parameter (cynag's, Chainer's, duck-typed); in contiguous mode a
+    cynag parameter gets its slice of the gradient buffer back.  What
+    ``reallocate_cleared_grads`` and ``zero_fill`` allocate.
+    """
+    view = param._fitting_grad_view() if isinstance(param, Parameter) else None
+    if view is not None:
+        view.fill(0)
+        param.grad = view
+        return view
+    param.grad = _backend.zeros_like(param.array)
+    return param.grad

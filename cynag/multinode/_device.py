@@ -68,7 +68,7 @@ class DeviceOps:
     # -- checks ---------------------------------------------------------------
     def prepare(self, group, arrays, zero_fill, mean):
         """As ``MpiCommunicator._prepare`` for a GPU group."""
-        from cynag.multinode.communicator import _zero_grad
+        from cynag.parameter import _zero_grad
         from cynag.optimizer import _param_label
 
         active = None

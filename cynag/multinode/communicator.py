@@ -34,7 +34,7 @@ from cynag import _backend
 from cynag.multinode import _layout
 from cynag.multinode._mpi import import_mpi
 from cynag.optimizer import _param_label
-from cynag.parameter import Parameter
+from cynag.parameter import Parameter, _zero_grad
 
 #: Default size of one message of gradients.  Measured on a 2-core machine
 #: with MPICH's shared-memory transport: buckets of 1 to 16 MB reduce as fast
@@ -732,15 +732,3 @@ def _all_true(n):
         a = _TRUE[n] = numpy.ones(n, bool)
         a.flags.writeable = False
     return a
-
-
-def _zero_grad(param):
-    """Zeros as ``param``'s gradient (the buffer's view in contiguous mode); returns it."""
-    view = param._fitting_grad_view() if isinstance(param, Parameter) else None
-    if view is not None:
-        view.fill(0)
-        param.grad = view
-        return view
-    g = _backend.zeros_like(param.array)
-    param.grad = g
-    return param.grad
