@@ -283,6 +283,10 @@ class Plan:
                     # (Chainer: the gradient of a parameter never given one.)
                     # The hooks then run as usual and raise where Chainer's do.
                     return False
+                a = params[i].array
+                if g is not None and a is not None and \
+                        getattr(g, "shape", None) != getattr(a, "shape", None):
+                    return False  # (a frozen parameter's array replaced: same)
             if isinstance(g, numpy.ndarray):
                 if not g.flags.writeable:
                     return False
