@@ -40,7 +40,7 @@ arrays of one allocation are compared by address).
 """
 cimport numpy as cnp
 from cpython.object cimport PyObject, PyTypeObject
-from libc.stdint cimport int64_t, uint8_t, int32_t, uintptr_t
+from libc.stdint cimport int64_t, uint8_t, int32_t, uint32_t, uintptr_t
 from libc.stdlib cimport malloc, calloc, free, qsort
 from libc.string cimport memset
 
@@ -430,56 +430,54 @@ cdef class StepTable:
     # Scratch of mark_overlaps, kept from step to step (no allocation per step).
     cdef Rec* recs
     cdef Rec* tmp
-    cdef uintptr_t* keys
-    cdef Py_ssize_t* heads
-    cdef Py_ssize_t* counts
+    cdef uint32_t* slots
     cdef Py_ssize_t* nexts
-    cdef Py_ssize_t* used
+    cdef Py_ssize_t* counts
+    cdef Py_ssize_t* lasts
     cdef Py_ssize_t scratch_recs
     cdef Py_ssize_t scratch_cap
 
     def __cinit__(self):
         self.recs = self.tmp = NULL
-        self.keys = NULL
-        self.heads = self.counts = self.nexts = self.used = NULL
+        self.slots = NULL
+        self.nexts = self.counts = self.lasts = NULL
         self.scratch_recs = self.scratch_cap = 0
 
     def __dealloc__(self):
         free(self.recs)
         free(self.tmp)
-        free(self.keys)
-        free(self.heads)
-        free(self.counts)
+        free(self.slots)
         free(self.nexts)
-        free(self.used)
+        free(self.counts)
+        free(self.lasts)
 
     cdef int _scratch(self, Py_ssize_t nrec) except -1:
         cdef Py_ssize_t cap = 16
+        if nrec >= 0x7fffffff:
+            raise MemoryError("mark_overlaps: too many arrays (%d)" % nrec)
         while cap < 2 * nrec:
             cap *= 2
         if nrec > self.scratch_recs:
             free(self.recs)
             free(self.tmp)
             free(self.nexts)
-            free(self.used)
-            self.used = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * (nrec + 1))
+            free(self.counts)
+            free(self.lasts)
+            self.counts = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * (nrec + 1))
+            self.lasts = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * (nrec + 1))
             self.recs = <Rec*>malloc(sizeof(Rec) * (nrec + 1))
             self.tmp = <Rec*>malloc(sizeof(Rec) * (nrec + 1))
             self.nexts = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * (nrec + 1))
             self.scratch_recs = nrec
             if self.recs is NULL or self.tmp is NULL or self.nexts is NULL \
-                    or self.used is NULL:
+                    or self.counts is NULL or self.lasts is NULL:
                 self.scratch_recs = 0
                 raise MemoryError()
         if cap > self.scratch_cap:
-            free(self.keys)
-            free(self.heads)
-            free(self.counts)
-            self.keys = <uintptr_t*>malloc(sizeof(uintptr_t) * cap)
-            self.heads = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * cap)
-            self.counts = <Py_ssize_t*>calloc(cap, sizeof(Py_ssize_t))
+            free(self.slots)
+            self.slots = <uint32_t*>calloc(cap, sizeof(uint32_t))
             self.scratch_cap = cap
-            if self.keys is NULL or self.heads is NULL or self.counts is NULL:
+            if self.slots is NULL:
                 self.scratch_cap = 0
                 raise MemoryError()
         return 0
@@ -960,37 +958,44 @@ cdef void _mark(StepTable t, Rec* recs, Py_ssize_t nrec) noexcept nogil:
 
     Records are grouped by owner with a hash table (arrays of different
     owners cannot overlap); each group of two or more is checked by address.
+    The table holds 4-byte record numbers (a small footprint: it is probed
+    at random), and is all zeros between calls.
     """
-    cdef Py_ssize_t mask = t.scratch_cap - 1, k, slot, m, j, u
-    cdef uintptr_t* keys = t.keys
-    cdef Py_ssize_t* heads = t.heads
-    cdef Py_ssize_t* counts = t.counts
+    cdef Py_ssize_t mask = t.scratch_cap - 1, k, slot, m, j, h
+    cdef uint32_t* table = t.slots
+    cdef uint32_t e
     cdef Py_ssize_t* nexts = t.nexts
-    cdef Py_ssize_t* used = t.used
+    cdef Py_ssize_t* counts = t.counts
+    cdef Py_ssize_t* lasts = t.lasts
     cdef Rec* tmp = t.tmp
-    cdef Py_ssize_t n_used = 0
-    # counts[] is all zeros between calls: the used slots are cleared at the end.
+    cdef uintptr_t owner
     for k in range(nrec):
-        slot = _mix(recs[k].owner) & mask
-        while counts[slot] and keys[slot] != recs[k].owner:
+        owner = recs[k].owner
+        slot = _mix(owner) & mask
+        while True:
+            e = table[slot]
+            if e == 0:  # the first record of this owner
+                table[slot] = <uint32_t>(k + 1)
+                counts[k] = 1
+                lasts[k] = k
+                nexts[k] = -1
+                break
+            h = e - 1
+            if recs[h].owner == owner:
+                counts[k] = 0
+                nexts[k] = lasts[h]
+                lasts[h] = k
+                counts[h] += 1
+                break
             slot = (slot + 1) & mask
-        if counts[slot] == 0:
-            keys[slot] = recs[k].owner
-            heads[slot] = -1
-            used[n_used] = slot
-            n_used += 1
-        nexts[k] = heads[slot]
-        heads[slot] = k
-        counts[slot] += 1
-    for u in range(n_used):
-        slot = used[u]
-        m = counts[slot]
+    for h in range(nrec):
+        m = counts[h]
         if m >= 2:
-            j = heads[slot]
+            j = lasts[h]
             k = m
             while j >= 0:
                 k -= 1
                 tmp[k] = recs[j]  # back in insertion order
                 j = nexts[j]
             _mark_group(tmp, m, t.c_flags)
-        counts[slot] = 0
+    memset(table, 0, sizeof(uint32_t) * t.scratch_cap)
