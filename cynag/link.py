@@ -8,6 +8,7 @@ named ``l1`` of a :class:`Chain`, ``/0/W`` for the first child of a
 """
 import collections.abc
 import contextlib
+import operator
 import warnings
 
 import numpy
@@ -105,10 +106,13 @@ class Link:
         """All parameters under this link, in Chainer's order."""
         d = self.__dict__
         names = self._params
-        names = names.sorted() if type(names) is _Names else sorted(names)
+        if type(names) is _Names:
+            params = names.values(d)
+        else:
+            params = [d[name] for name in sorted(names)]
         if include_uninit:
-            return iter([d[name] for name in names])
-        return iter([d[name] for name in names if d[name].array is not None])
+            return iter(params)
+        return iter([param for param in params if param.array is not None])
 
     def namedparams(self, include_uninit=True):
         """All ``(path, parameter)`` pairs under this link."""
@@ -213,7 +217,7 @@ class _NaN:
 class _Names(set):
     """The names of a link's parameters, with their sorted order kept until a change."""
 
-    __slots__ = ("_sorted", "_paths")
+    __slots__ = ("_sorted", "_paths", "_getter")
 
     def sorted(self):
         try:
@@ -221,6 +225,19 @@ class _Names(set):
         except AttributeError:
             self._sorted = tuple(sorted(self))
             return self._sorted
+
+    def values(self, d):
+        """``[d[name] for name in self.sorted()]``, in one native call."""
+        try:
+            getter = self._getter
+        except AttributeError:
+            names = self.sorted()
+            if len(names) > 1:
+                getter = operator.itemgetter(*names)
+            else:
+                getter = (lambda d, names=names: tuple(d[name] for name in names))
+            self._getter = getter
+        return list(getter(d))
 
     def paths(self):
         """``'/' + name`` for the sorted names."""
@@ -232,7 +249,7 @@ class _Names(set):
 
     def _changed(method):
         def wrapper(self, *args):
-            for attr in ("_sorted", "_paths"):
+            for attr in ("_sorted", "_paths", "_getter"):
                 try:
                     delattr(self, attr)
                 except AttributeError:
