@@ -162,6 +162,52 @@ def nesterov_ag_rows(table, lo, hi, type_num, scratch, ops=None, num_threads=Non
                              num_threads=num_threads, ops=ops)
 
 
+def nesterov_ag_addresses(ptrs, sizes, dtype, *, lr, momentum, ops=None, num_threads=None):
+    """One step over arrays given by their addresses (CPU): the front ends' entry.
+
+    For arrays that are not NumPy arrays (e.g. PyTorch tensors) the caller
+    reads the addresses itself and keeps the arrays alive during the call.
+
+    Args:
+        ptrs: ``(n, 3)`` int64 array: the addresses of each tensor's param,
+            grad and ``v`` -- dense, of ``dtype``, each tensor's three
+            pairwise disjoint and disjoint from every other tensor's, param
+            and ``v`` writeable (and grad, if ``ops`` write it).
+        sizes: ``(n,)`` int64 array: elements of each tensor.
+        dtype: float16, float32 or float64.
+        lr, momentum: Python floats (one step's hyperparameters, shared by
+            the tensors).
+        ops: a hook operation program applied to every gradient first, as
+            for :func:`nesterov_ag` (it writes the gradients).
+
+    Returns:
+        True if the step ran; False (nothing changed) if a coefficient does
+        not fit ``dtype`` (NumPy 1.x would then compute in float64; the
+        caller uses :func:`nesterov_ag` with ``impl="single"``).
+    """
+    from cynag_kernels.multi_tensor import coefficient_table, run_selected_rows
+
+    dtype = numpy.dtype(dtype)
+    ptrs = numpy.ascontiguousarray(ptrs, numpy.int64).reshape(-1, 3)
+    sizes = numpy.ascontiguousarray(sizes, numpy.int64)
+    n = len(sizes)
+    if ptrs.shape[0] != n:
+        raise ValueError("ptrs and sizes must have the same length")
+    if n == 0:
+        return True
+    coef, ok = coefficient_table(dtype, [lr], [momentum])
+    if not ok[0]:
+        return False
+    coef = numpy.ascontiguousarray(numpy.broadcast_to(coef, (n, coef.shape[1])))
+    select = numpy.ones(n, numpy.uint8)
+    type_num = numpy.full(n, dtype.num, numpy.int32)
+    scratch = (numpy.empty((n, 3), numpy.int64), numpy.empty(n + 1, numpy.int64),
+               numpy.empty((n, coef.shape[1]), numpy.float64))
+    run_selected_rows(ptrs, sizes, coef, select, 1, type_num, dtype.num, 0, n, scratch,
+                      num_threads=num_threads, ops=ops)
+    return True
+
+
 def _one_buffer(x, name):
     if isinstance(x, (list, tuple)):
         if len(x) != 1:

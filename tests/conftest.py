@@ -14,3 +14,5 @@ if _TESTS_DIR not in sys.path:
 # Session fixture ``chainer_python``: an interpreter with Chainer 7.8.1 and the
 # current cynag (see chainer_env.py), for test_chainer_parity.py.
 from chainer_env import chainer_python  # noqa: E402,F401
+# ``torch_python``: the same environment with PyTorch added (see torch_env.py).
+from torch_env import torch_python  # noqa: E402,F401

@@ -1,0 +1,585 @@
+"""Chainer's NesterovAG as a PyTorch optimizer: ``cynag.torch.NesterovAG``.
+
+PyTorch has no Chainer NesterovAG: ``SGD(nesterov=True)`` is another
+method.  For a gradient ``g``, Chainer's step is (``v`` starts at zero)::
+
+    v = momentum * v - lr * g
+    p = p + momentum**2 * v - (1 + momentum) * lr * g
+
+so the gradient of step ``t`` enters with weight ``1 + m + m**2`` and the one
+of step ``t - k`` with ``m**(k + 2)``, where PyTorch's Nesterov SGD gives
+``1 + m`` and ``m**(k + 1)``; and ``v`` carries ``lr``, so under a schedule an
+old learning rate fades out over about ``1 / (1 - m)`` steps.
+
+:class:`NesterovAG` is a ``torch.optim.Optimizer``: param groups with their
+own ``lr``, ``momentum`` and ``weight_decay`` (read at every step, so every
+``torch.optim.lr_scheduler`` works), ``state_dict()`` in PyTorch's format
+(loadable with ``torch.load(..., weights_only=True)``), ``zero_grad()``,
+step hooks, ``torch.amp.GradScaler`` (a step with inf/nan gradients is
+skipped by the scaler).  CPU float32/float64 tensors are updated in place by
+cynag's native multi-tensor kernel (one call per dtype and group, through
+:func:`cynag.functional.nesterov_ag_addresses`; no copies), bit for bit as
+Chainer's NumPy sequence computes.  float16 and bfloat16 are computed in
+float32 and stored rounded.  CUDA tensors go to the same CUDA kernel as
+cynag's GPU path, through CuPy (zero copy by DLPack, on PyTorch's current
+stream).
+
+:func:`load_chainer_state` and :func:`save_chainer_state` move an optimizer's
+state between a Chainer (or cynag) optimizer NPZ and this optimizer.
+"""
+import numbers
+
+import numpy
+import torch
+
+from cynag import functional
+
+__all__ = ["NesterovAG", "load_chainer_state", "save_chainer_state", "chainer_to_torch_name",
+           "torch_to_chainer_name"]
+
+_KERNEL_DTYPES = {torch.float32: numpy.dtype(numpy.float32),
+                  torch.float64: numpy.dtype(numpy.float64)}
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = tuple(_KERNEL_DTYPES) + _HALF_DTYPES
+
+
+def _hyper(group, name, gi):
+    value = group[name]
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError("param_groups[%d][%r] must be a scalar, got a tensor of shape %s"
+                             % (gi, name, tuple(value.shape)))
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError("param_groups[%d][%r] must be a real number, got %r" % (gi, name, value))
+    return float(value)
+
+
+def _label(gi, pi, p):
+    return "param_groups[%d]['params'][%d] (shape %s, %s, %s)" % (
+        gi, pi, tuple(p.shape), str(p.dtype).replace("torch.", ""), p.device)
+
+
+def _nbytes(t):
+    return t.numel() * t.element_size()
+
+
+def _disjoint(a, b, nbytes):
+    return a + nbytes <= b or b + nbytes <= a
+
+
+class _Entry:
+    """One parameter of one step: what the checks found and how it is updated."""
+
+    __slots__ = ("p", "g", "v", "label", "fast")
+
+    def __init__(self, p, g, v, label):
+        self.p, self.g, self.v, self.label = p, g, v, label
+        self.fast = False
+
+
+class NesterovAG(torch.optim.Optimizer):
+    """Chainer's Nesterov accelerated gradient as a PyTorch optimizer.
+
+    Args:
+        params: the parameters (an iterable of tensors or of param group
+            dicts), as for any ``torch.optim.Optimizer``.
+        lr (float): learning rate (Chainer's default 0.01).
+        momentum (float): momentum (Chainer's default 0.9).
+        weight_decay (float): Chainer's ``WeightDecay``: the step uses
+            ``g + weight_decay * p`` (each product and sum rounded to the
+            dtype, as NumPy computes it); ``p.grad`` is left as it is.
+
+    State of each parameter (created at its first update): ``v``, a tensor
+    like the parameter, and ``step``, the number of its updates (Chainer's
+    rule ``t``).  Parameters whose ``.grad`` is None are skipped: no state,
+    and their ``step`` does not move.  The optimizer counts its steps in
+    :attr:`t` and epochs in :attr:`epoch` (as Chainer's optimizer does;
+    both are part of :meth:`state_dict`).
+
+    A step checks every parameter before it changes anything: a sparse
+    gradient, a gradient of another shape, dtype or device than its
+    parameter, a parameter that is not floating point, or a state that does
+    not fit raises an exception naming the parameter
+    (``param_groups[g]['params'][i]``) and leaves every parameter and state
+    as it was.
+    """
+
+    def __init__(self, params, lr=0.01, momentum=0.9, weight_decay=0.0):
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+                raise TypeError("%s must be a real number, got %r" % (name, value))
+        if not 0.0 <= float(lr):
+            raise ValueError("Invalid learning rate: {}".format(lr))
+        if not 0.0 <= float(momentum):
+            raise ValueError("Invalid momentum value: {}".format(momentum))
+        if not 0.0 <= float(weight_decay):
+            raise ValueError("Invalid weight_decay value: {}".format(weight_decay))
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.t = 0
+        self.epoch = 0
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("t", 0)
+        self.__dict__.setdefault("epoch", 0)
+
+    def new_epoch(self):
+        """Count one more epoch (Chainer's ``Optimizer.new_epoch``)."""
+        self.epoch += 1
+
+    # -- state_dict ----------------------------------------------------------
+    def state_dict(self):
+        """PyTorch's format, with the optimizer's ``t`` and ``epoch`` under ``'cynag'``."""
+        sd = super().state_dict()
+        sd["cynag"] = {"t": int(self.t), "epoch": int(self.epoch)}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """Load a :meth:`state_dict`; a state that does not fit raises, changing nothing.
+
+        Checked first: the number of groups and of parameters in each (as
+        PyTorch checks), and for every saved parameter state, that ``v`` is
+        a tensor of the parameter's shape and dtype and ``step`` a
+        non-negative integer.
+        """
+        if not isinstance(state_dict, dict) or "state" not in state_dict \
+                or "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state_dict (needs 'state' and 'param_groups')")
+        groups = self.param_groups
+        saved_groups = state_dict["param_groups"]
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        index = {}
+        for gi, (g, sg) in enumerate(zip(groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't "
+                                 "match the size of optimizer's group (group %d)" % gi)
+            for pi, (key, p) in enumerate(zip(sg["params"], g["params"])):
+                index[key] = (gi, pi, p)
+        for key, st in state_dict["state"].items():
+            if key not in index:
+                raise ValueError("loaded state has an entry for parameter %r, which is in no "
+                                 "group" % (key,))
+            gi, pi, p = index[key]
+            label = _label(gi, pi, p)
+            if not isinstance(st, dict):
+                raise ValueError("%s: the saved state is not a dict" % label)
+            unknown = set(st) - {"v", "step"}
+            if unknown:
+                raise ValueError("%s: unknown state entries %s" % (label, sorted(unknown)))
+            v = st.get("v")
+            if not isinstance(v, torch.Tensor):
+                raise ValueError("%s: the saved state has no tensor 'v'" % label)
+            if v.shape != p.shape:
+                raise ValueError("%s: the saved 'v' has shape %s" % (label, tuple(v.shape)))
+            if v.dtype != p.dtype:
+                raise ValueError("%s: the saved 'v' has dtype %s" % (label, v.dtype))
+            step = st.get("step", 0)
+            if isinstance(step, torch.Tensor):
+                step = step.item() if step.numel() == 1 else None
+            if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+                raise ValueError("%s: the saved 'step' is not a non-negative integer: %r"
+                                 % (label, st.get("step")))
+        extra = state_dict.get("cynag", {})
+        t = int(extra.get("t", 0))
+        epoch = int(extra.get("epoch", 0))
+        sd = {k: v for k, v in state_dict.items() if k != "cynag"}
+        super().load_state_dict(sd)
+        for st in self.state.values():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = int(st["step"].item())
+        self.t = t
+        self.epoch = epoch
+
+    # -- the step ------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter with a gradient; returns ``closure()``'s value.
+
+        ``closure`` (optional) is called with grad enabled first, as for any
+        PyTorch optimizer.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plans = [self._collect(gi, group) for gi, group in enumerate(self.param_groups)]
+        for group, plan in zip(self.param_groups, plans):
+            self._apply(group, plan)
+        self.t += 1
+        return loss
+
+    def _collect(self, gi, group):
+        """Check the group; raise before anything changes.  Returns the plan of the group."""
+        lr = _hyper(group, "lr", gi)
+        momentum = _hyper(group, "momentum", gi)
+        wd = _hyper(group, "weight_decay", gi)
+        entries = []
+        state = self.state
+        for pi, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            if g.layout != torch.strided:
+                raise RuntimeError("%s: cynag.torch.NesterovAG does not support sparse "
+                                   "gradients" % _label(gi, pi, p))
+            if p.dtype not in _FLOAT_DTYPES:
+                raise TypeError("%s: the parameter is not float16, bfloat16, float32 or "
+                                "float64" % _label(gi, pi, p))
+            if g.device != p.device:
+                raise RuntimeError("%s: the gradient is on %s" % (_label(gi, pi, p), g.device))
+            if g.dtype != p.dtype:
+                raise TypeError("%s: the gradient has dtype %s" % (_label(gi, pi, p), g.dtype))
+            if g.shape != p.shape:
+                raise ValueError("%s: the gradient has shape %s" % (_label(gi, pi, p),
+                                                                   tuple(g.shape)))
+            st = state.get(p)
+            v = None
+            if st:
+                v = st.get("v")
+                if not isinstance(v, torch.Tensor) or v.shape != p.shape \
+                        or v.dtype != p.dtype or v.device != p.device:
+                    raise ValueError("%s: its state 'v' does not fit the parameter"
+                                     % _label(gi, pi, p))
+            entries.append(_Entry(p, g, v, (gi, pi)))
+        return lr, momentum, wd, entries
+
+    def _apply(self, group, plan):
+        lr, momentum, wd, entries = plan
+        if not entries:
+            return
+        state = self.state
+        for e in entries:
+            if e.v is None:
+                e.v = torch.zeros_like(e.p, memory_format=torch.preserve_format)
+                state[e.p] = {"v": e.v, "step": 0}
+        fast = {}
+        rest = []
+        for e in entries:
+            p, g, v = e.p, e.g, e.v
+            dtype = _KERNEL_DTYPES.get(p.dtype)
+            if dtype is not None and p.device.type == "cpu" and p.dim() and p.is_contiguous() \
+                    and g.is_contiguous() and v.is_contiguous():
+                fast.setdefault(dtype, []).append(e)
+            else:
+                rest.append(e)
+        for dtype, es in fast.items():
+            self._run_cpu(es, dtype, lr, momentum, wd)
+        by_device = {}
+        for e in rest:
+            if e.p.device.type == "cpu":
+                self._run_copies([e], lr, momentum, wd)
+            else:
+                by_device.setdefault((e.p.device, e.p.dtype), []).append(e)
+        for es in by_device.values():
+            self._run_gpu(es, lr, momentum, wd)
+        for e in entries:
+            state[e.p]["step"] = state[e.p]["step"] + 1
+
+    def _run_cpu(self, es, dtype, lr, momentum, wd):
+        """Dense CPU tensors of a kernel dtype: one native call over their addresses."""
+        n = len(es)
+        ptrs = numpy.empty((n, 3), numpy.int64)
+        sizes = numpy.empty(n, numpy.int64)
+        keep = []
+        for k, e in enumerate(es):
+            g = e.g
+            if wd:
+                g = g.clone()  # the decayed gradient; p.grad is left as it is
+                keep.append(g)
+            ptrs[k, 0] = e.p.data_ptr()
+            ptrs[k, 1] = g.data_ptr()
+            ptrs[k, 2] = e.v.data_ptr()
+            sizes[k] = e.p.numel()
+        itemsize = dtype.itemsize
+        nbytes = sizes * itemsize
+        # Each tensor's three arrays disjoint (a gradient aliasing its
+        # parameter goes through copies), and no tensor overlapping another
+        # (those run one by one, in order, as Chainer's loop would).
+        from cynag_kernels.multi_tensor import _overlapping
+
+        p_, g_, v_ = ptrs[:, 0], ptrs[:, 1], ptrs[:, 2]
+        own = ((p_ + nbytes <= g_) | (g_ + nbytes <= p_)) & \
+            ((p_ + nbytes <= v_) | (v_ + nbytes <= p_)) & \
+            ((g_ + nbytes <= v_) | (v_ + nbytes <= g_))
+        own |= nbytes == 0
+        shared = _overlapping(ptrs, nbytes, own.copy()) | ~own
+        ops = None
+        if wd:
+            from cynag_kernels.hooks import op_row
+
+            row = op_row(dtype, ("weight_decay", wd))
+            if row is None:  # (NumPy 1.x would compute in float64)
+                self._run_copies(es, lr, momentum, wd)
+                return
+            ops = numpy.array([row], numpy.float64)
+        sel = ~shared
+        if sel.any():
+            ok = functional.nesterov_ag_addresses(ptrs[sel], sizes[sel], dtype, lr=lr,
+                                                  momentum=momentum, ops=ops)
+            if not ok:
+                self._run_copies([e for e, s in zip(es, sel) if s], lr, momentum, wd)
+        for k in numpy.flatnonzero(shared).tolist():
+            self._run_copies([es[k]], lr, momentum, wd)
+        del keep
+
+    def _run_copies(self, es, lr, momentum, wd):
+        """Through contiguous copies in the compute type (float32 for half types),
+        then stored back: non-contiguous or aliased tensors, float16/bfloat16,
+        and coefficients the kernel does not take (NumPy's promotion)."""
+        for e in es:
+            p, g, v = e.p, e.g, e.v
+            compute = torch.float32 if p.dtype in _HALF_DTYPES else p.dtype
+            pc = p.detach().to("cpu", compute, copy=True).contiguous()
+            gc = g.detach().to("cpu", compute, copy=True).contiguous()
+            vc = v.detach().to("cpu", compute, copy=True).contiguous()
+            pn, gn, vn = pc.numpy(), gc.numpy(), vc.numpy()
+            ops = _decay_ops(pn.dtype, wd) if wd else None
+            if pn.ndim and _fits(pn.dtype, lr, momentum) and (ops is not None or not wd):
+                functional.nesterov_ag([pn], [gn], [vn], lr=lr, momentum=momentum, ops=ops,
+                                       impl="multi")
+            else:  # NumPy 1.x's promotion (0-d arrays, huge coefficients), as Chainer's
+                if wd:
+                    gn += wd * pn
+                functional.nesterov_ag([pn], [gn], [vn], lr=lr, momentum=momentum,
+                                       impl="single")
+            p.copy_(pc)
+            v.copy_(vc)
+
+    def _run_gpu(self, es, lr, momentum, wd):
+        """CUDA tensors: cynag's CUDA kernel through CuPy, on PyTorch's current stream."""
+        try:
+            import cupy
+        except ImportError as e:
+            raise RuntimeError(
+                "%s: updating CUDA tensors needs CuPy (pip install \"cynag[cuda12]\" or "
+                "\"cynag[cuda13]\")" % _label(*es[0].label, es[0].p)) from e
+        device = es[0].p.device
+        stream = torch.cuda.current_stream(device)
+        with torch.cuda.device(device), cupy.cuda.Device(device.index), \
+                cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
+            ps, gs, vs, back = [], [], [], []
+            for e in es:
+                p, g, v = e.p, e.g, e.v
+                direct = p.dtype in _KERNEL_DTYPES and p.is_contiguous() and g.is_contiguous() and v.is_contiguous()
+                if direct:
+                    pt, vt = p, v
+                else:
+                    compute = torch.float32 if p.dtype in _HALF_DTYPES else p.dtype
+                    pt = p.detach().to(compute, copy=True).contiguous()
+                    vt = v.detach().to(compute, copy=True).contiguous()
+                    g = g.detach().to(compute, copy=True).contiguous()
+                    back.append((p, pt, v, vt))
+                if wd:
+                    g = g + pt * wd  # a new tensor (p.grad is left as it is)
+                ps.append(cupy.from_dlpack(pt.detach()))
+                gs.append(cupy.from_dlpack(g.detach()))
+                vs.append(cupy.from_dlpack(vt.detach()))
+            functional.nesterov_ag(ps, gs, vs, lr=lr, momentum=momentum, impl="multi")
+            for p, pt, v, vt in back:
+                p.copy_(pt)
+                v.copy_(vt)
+
+
+def _fits(dtype, lr, momentum):
+    from cynag_kernels.multi_tensor import coefficient_table
+
+    return bool(coefficient_table(dtype, [lr], [momentum])[1][0])
+
+
+def _decay_ops(dtype, wd):
+    from cynag_kernels.hooks import op_row
+
+    row = op_row(dtype, ("weight_decay", wd))
+    return None if row is None else numpy.array([row], numpy.float64)
+
+
+# -- migration from and to Chainer ------------------------------------------------
+_NORM_MODULES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LayerNorm",
+                 "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d")
+
+
+def chainer_to_torch_name(path):
+    """Chainer's parameter path to PyTorch's name: ``/l1/W`` -> ``l1.weight``.
+
+    ``/`` becomes ``.``; then a last component ``W`` or ``gamma`` becomes
+    ``weight`` and ``b`` or ``beta`` becomes ``bias``.
+    """
+    parts = path.strip("/").split("/")
+    parts[-1] = {"W": "weight", "gamma": "weight", "b": "bias", "beta": "bias"}.get(
+        parts[-1], parts[-1])
+    return ".".join(parts)
+
+
+def torch_to_chainer_name(name, model=None):
+    """PyTorch's parameter name to Chainer's path (no leading ``/``): ``l1.weight`` -> ``l1/W``.
+
+    ``weight``/``bias`` become ``W``/``b``, or ``gamma``/``beta`` when the
+    owning module of ``model`` is a normalization layer (BatchNorm,
+    LayerNorm, GroupNorm, InstanceNorm), as Chainer names them.
+    """
+    parts = name.split(".")
+    norm = False
+    if model is not None and len(parts) >= 1:
+        try:
+            owner = model.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else model
+        except AttributeError:
+            owner = None
+        norm = owner is not None and type(owner).__name__ in _NORM_MODULES
+    last = parts[-1]
+    if last == "weight":
+        parts[-1] = "gamma" if norm else "W"
+    elif last == "bias":
+        parts[-1] = "beta" if norm else "b"
+    return "/".join(parts)
+
+
+def _param_index(optimizer):
+    index = {}
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            index.setdefault(id(p), (gi, pi, p))
+    return index
+
+
+def _open_npz(source):
+    if hasattr(source, "files") and hasattr(source, "__getitem__"):
+        return source, False  # an NpzFile already open
+    if isinstance(source, dict):
+        return source, False
+    return numpy.load(source, allow_pickle=False), True
+
+
+def load_chainer_state(optimizer, model, source, name_map=None, path="", strict=True):
+    """Load a Chainer (or cynag) optimizer NPZ into a :class:`NesterovAG`.
+
+    Args:
+        optimizer (NesterovAG): the PyTorch optimizer (set up on ``model``'s
+            parameters).
+        model (torch.nn.Module): gives the parameters their names.
+        source: the NPZ file (path or file object) that Chainer's
+            ``serializers.save_npz(file, optimizer)`` wrote, an open NpzFile,
+            or a dict of arrays.
+        name_map: Chainer path (as in the NPZ, no leading ``/``) to PyTorch
+            name, a dict or a callable; default
+            :func:`chainer_to_torch_name`.
+        path (str): key prefix, as for a ``Trainer`` snapshot
+            (``'updater/optimizer:main/'``).
+        strict (bool): every parameter of ``model`` the optimizer holds must
+            have its entry in the file and every entry of the file a
+            parameter (as Chainer's ``load_npz``).
+
+    Loads each rule's ``v`` as the parameter's ``v`` and its ``t`` as
+    ``step``, and the optimizer's ``t`` and ``epoch``.  All or nothing: every
+    entry is read and checked (names, shapes, dtypes) before the optimizer
+    changes.
+    """
+    npz, close = _open_npz(source)
+    try:
+        keys = list(npz.files if hasattr(npz, "files") else npz.keys())
+        if path and not path.endswith("/"):
+            path = path + "/"
+        if path + "t" not in keys or path + "epoch" not in keys:
+            raise KeyError("%r has no %r / %r: not a Chainer optimizer file (or another "
+                           "path prefix)" % (getattr(source, "name", source), path + "t",
+                                             path + "epoch"))
+        named = dict(model.named_parameters())
+        index = _param_index(optimizer)
+        mapper = (name_map.get if isinstance(name_map, dict) else name_map) \
+            if name_map is not None else chainer_to_torch_name
+        found = {}
+        for key in keys:
+            if not key.startswith(path) or not key.endswith("/t") or key == path + "t":
+                continue
+            cpath = key[len(path):-2]
+            tname = mapper(cpath)
+            if tname is None or tname not in named:
+                if strict:
+                    raise KeyError("%r (Chainer parameter %r) has no parameter %r in the "
+                                   "model" % (key, cpath, tname))
+                continue
+            p = named[tname]
+            if id(p) not in index:
+                raise KeyError("parameter %r is not in the optimizer's param groups" % tname)
+            t = npz[key]
+            t = int(numpy.asarray(t))
+            vkey = path + cpath + "/v"
+            v = None
+            if vkey in keys:
+                v = numpy.asarray(npz[vkey])
+                if tuple(v.shape) != tuple(p.shape):
+                    raise ValueError("%r has shape %s, the parameter %r %s"
+                                     % (vkey, v.shape, tname, tuple(p.shape)))
+                want = torch.empty((), dtype=p.dtype).numpy().dtype \
+                    if p.dtype != torch.bfloat16 else None
+                if want is None or v.dtype != want:
+                    raise ValueError("%r has dtype %s, the parameter %r %s"
+                                     % (vkey, v.dtype, tname, p.dtype))
+            if t < 0:
+                raise ValueError("%r: t = %d" % (key, t))
+            found[id(p)] = (p, v, t)
+        if strict:
+            missing = [name for name, p in named.items()
+                       if id(p) in index and id(p) not in found]
+            if missing:
+                raise KeyError("the file has no state for the parameters %s" % missing)
+        opt_t = int(numpy.asarray(npz[path + "t"]))
+        opt_epoch = int(numpy.asarray(npz[path + "epoch"]))
+        new_state = {}
+        for p, v, t in found.values():
+            if v is None:
+                continue  # a rule that never updated: no state yet
+            new_state[p] = {"v": torch.from_numpy(v.copy()).to(p.device), "step": t}
+    finally:
+        if close:
+            npz.close()
+    for p, st in new_state.items():
+        optimizer.state[p] = st
+    optimizer.t = opt_t
+    optimizer.epoch = opt_epoch
+
+
+def save_chainer_state(optimizer, model, target, name_map=None, path=""):
+    """Write the optimizer's state as an NPZ that Chainer's ``load_npz`` reads.
+
+    Args:
+        optimizer (NesterovAG): the PyTorch optimizer.
+        model (torch.nn.Module): gives the parameters their names.
+        target: a path or a file object.
+        name_map: PyTorch name to Chainer path (no leading ``/``), a dict or
+            a callable; default :func:`torch_to_chainer_name` (with
+            ``model``, for the names of normalization layers).
+        path (str): key prefix (e.g. ``'updater/optimizer:main/'``).
+
+    Writes ``t`` and ``epoch`` and, for every parameter the optimizer holds,
+    ``<path>/t`` and ``<path>/v`` (zeros and 0 for a parameter not updated
+    yet, which Chainer's first update treats the same as no state).
+    """
+    if path and not path.endswith("/"):
+        path = path + "/"
+    index = _param_index(optimizer)
+    if name_map is None:
+        mapper = lambda name: torch_to_chainer_name(name, model)  # noqa: E731
+    else:
+        mapper = name_map.get if isinstance(name_map, dict) else name_map
+    arrays = {path + "t": numpy.asarray(int(optimizer.t)),
+              path + "epoch": numpy.asarray(int(optimizer.epoch))}
+    for name, p in model.named_parameters():
+        if id(p) not in index:
+            continue
+        cpath = mapper(name)
+        if cpath is None:
+            continue
+        st = optimizer.state.get(p) or {}
+        v = st.get("v")
+        if v is None:
+            v_np = numpy.zeros(tuple(p.shape), torch.empty((), dtype=p.dtype).numpy().dtype)
+            t = 0
+        else:
+            v_np = v.detach().to("cpu").numpy().copy()
+            t = int(st.get("step", 0))
+        arrays[path + cpath + "/t"] = numpy.asarray(t)
+        arrays[path + cpath + "/v"] = v_np
+    numpy.savez(target, **arrays)

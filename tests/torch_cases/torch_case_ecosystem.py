@@ -1,0 +1,186 @@
+"""cynag.torch.NesterovAG with the rest of PyTorch: GradScaler, torch.compile,
+DistributedDataParallel (gloo), and OpenMP runtimes sharing the process."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import cynag.torch as ct
+from torch_refs import chainer_step
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_grad_scaler_skips_a_step_with_inf_gradients():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = ct.NesterovAG(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    x = torch.randn(3, 4)
+    scaler.scale(model(x).sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert opt.t == 1
+    state = {id(p): (p.detach().clone(), opt.state[p]["v"].clone(), opt.state[p]["step"])
+             for p in model.parameters()}
+    opt.zero_grad()
+    scaler.scale(model(x).sum()).backward()
+    next(model.parameters()).grad[0, 0] = float("inf")
+    scaler.step(opt)  # found inf: skipped
+    scaler.update()
+    assert opt.t == 1 and scaler.get_scale() < 2.0 ** 8
+    for p in model.parameters():
+        w, v, step = state[id(p)]
+        assert torch.equal(p, w) and torch.equal(opt.state[p]["v"], v)
+        assert opt.state[p]["step"] == step
+
+
+def test_grad_scaler_step_equals_the_unscaled_step():
+    torch.manual_seed(1)
+    model = torch.nn.Linear(4, 2)
+    ref = [p.detach().numpy().copy() for p in model.parameters()]
+    vs = [np.zeros_like(r) for r in ref]
+    opt = ct.NesterovAG(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    x = torch.randn(3, 4)
+    scaler.scale(model(x).sum()).backward()
+    scaler.unscale_(opt)
+    grads = [p.grad.numpy().copy() for p in model.parameters()]
+    scaler.step(opt)
+    for r, g, v in zip(ref, grads, vs):
+        chainer_step(r, g, v, 0.1, 0.9)
+    for p, r in zip(model.parameters(), ref):
+        assert np.array_equal(p.detach().numpy(), r)
+
+
+def test_compiled_model_trains():
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    eager = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    eager.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = ct.NesterovAG(model.parameters(), lr=0.05, momentum=0.9)
+    opt_e = ct.NesterovAG(eager.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    losses = []
+    for _ in range(20):
+        for m, o in ((compiled, opt), (eager, opt_e)):
+            o.zero_grad()
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            o.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    for p, q in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch, torch.distributed as dist
+    import cynag.torch as ct
+
+    def main(rank, world, port, out):
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = ct.NesterovAG(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+        g = torch.Generator().manual_seed(100 + rank)
+        for _ in range(5):
+            x = torch.randn(4, 6, generator=g)
+            opt.zero_grad()
+            ddp(x).square().sum().backward()
+            opt.step()
+        torch.save([p.detach() for p in model.parameters()], out % rank)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+        torch.multiprocessing.spawn(main, args=(world, port, out), nprocs=world, join=True)
+""")
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_data_parallel_gloo(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = str(tmp_path / "params_%d.pt")
+    proc = subprocess.run([sys.executable, str(script), "2", str(_free_port()), out],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    p0 = torch.load(out % 0, weights_only=True)
+    p1 = torch.load(out % 1, weights_only=True)
+    for a, b in zip(p0, p1):
+        assert torch.equal(a, b)  # every rank applies the same averaged gradients
+    # The same run in one process, with the gradients averaged by hand.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    opt = ct.NesterovAG(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    gens = [torch.Generator().manual_seed(100 + r) for r in range(2)]
+    for _ in range(5):
+        grads = []
+        for gen in gens:
+            x = torch.randn(4, 6, generator=gen)
+            model.zero_grad()
+            model(x).square().sum().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for p, g0, g1 in zip(model.parameters(), *grads):
+            p.grad = (g0 + g1) / 2
+        opt.step()
+    for a, p in zip(p0, model.parameters()):
+        torch.testing.assert_close(a, p.detach(), rtol=1e-6, atol=1e-7)
+
+
+OMP_SCRIPT = textwrap.dedent("""
+    import os, sys, json
+    first = sys.argv[1]
+    if first == "torch":
+        import torch
+        import cynag, cynag.torch as ct
+    else:
+        import cynag, cynag.torch as ct
+        import torch
+    torch.set_num_threads(2)
+    x = torch.randn(256, 256)
+    p = torch.nn.Parameter(torch.randn(200000))
+    opt = ct.NesterovAG([p], lr=0.01)
+    for _ in range(5):
+        y = x @ x                      # PyTorch's threads
+        p.grad = torch.randn(200000)
+        opt.step()                      # cynag's threads
+    print(json.dumps({"torch_threads": torch.get_num_threads(),
+                      "cynag_threads": cynag.get_num_threads(),
+                      "finite": bool(torch.isfinite(p).all())}))
+""")
+
+
+@pytest.mark.parametrize("first", ["torch", "cynag"])
+def test_openmp_runtimes_share_the_process(tmp_path, first):
+    script = tmp_path / "omp.py"
+    script.write_text(OMP_SCRIPT)
+    env = dict(os.environ, CYNAG_NUM_THREADS="1")
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.run([sys.executable, str(script), first], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, universal_newlines=True, timeout=240,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    import json
+
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Each library keeps its own setting, whichever was imported first.
+    assert result == {"torch_threads": 2, "cynag_threads": 1, "finite": True}

@@ -1,0 +1,215 @@
+"""Chainer optimizer state into and out of cynag.torch.NesterovAG, against real Chainer."""
+import io
+
+import numpy as np
+import pytest
+import torch
+
+import cynag.torch as ct
+
+import chainer  # noqa: E402 (the torch environment has Chainer 7.8.1)
+import chainer.links as L  # noqa: E402
+
+LR, M = 0.05, 0.8
+
+
+class CNet(chainer.Chain):
+    def __init__(self):
+        super().__init__()
+        with self.init_scope():
+            self.l1 = L.Linear(4, 3)
+            self.bn = L.BatchNormalization(3)
+            self.l2 = L.Linear(3, 2)
+
+    def forward(self, x):
+        return self.l2(self.bn(self.l1(x)))
+
+
+class TNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = torch.nn.Linear(4, 3)
+        self.bn = torch.nn.BatchNorm1d(3)
+        self.l2 = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.l2(self.bn(self.l1(x)))
+
+
+def _chainer_model(seed=0):
+    rng = np.random.RandomState(seed)
+    model = CNet()
+    model(np.zeros((2, 4), np.float32))  # initialize
+    for _, p in sorted(model.namedparams()):
+        p.array[...] = rng.standard_normal(p.shape).astype(np.float32)
+    return model
+
+
+def _torch_model(cmodel):
+    model = TNet()
+    params = dict(cmodel.namedparams())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.from_numpy(params["/" + ct.torch_to_chainer_name(name, model)].array))
+    return model
+
+
+def _grads(cmodel, seed):
+    rng = np.random.RandomState(seed)
+    return {path: rng.standard_normal(p.shape).astype(np.float32)
+            for path, p in sorted(cmodel.namedparams())}
+
+
+def _chainer_step(cmodel, copt, grads):
+    for path, p in cmodel.namedparams():
+        p.grad = grads[path].copy()
+    copt.update()
+
+
+def _torch_step(model, opt, grads):
+    for name, p in model.named_parameters():
+        p.grad = torch.from_numpy(grads["/" + ct.torch_to_chainer_name(name, model)].copy())
+    opt.step()
+
+
+def _assert_same_params(cmodel, model):
+    params = dict(cmodel.namedparams())
+    for name, p in model.named_parameters():
+        path = "/" + ct.torch_to_chainer_name(name, model)
+        assert np.array_equal(p.detach().numpy(), params[path].array), path
+
+
+def _trained_chainer(steps=3):
+    cmodel = _chainer_model()
+    copt = chainer.optimizers.NesterovAG(lr=LR, momentum=M)
+    copt.setup(cmodel)
+    for k in range(steps):
+        _chainer_step(cmodel, copt, _grads(cmodel, 100 + k))
+    copt.new_epoch()
+    return cmodel, copt
+
+
+def test_names_map_both_ways():
+    assert ct.chainer_to_torch_name("/predictor/l1/W") == "predictor.l1.weight"
+    assert ct.chainer_to_torch_name("bn/gamma") == "bn.weight"
+    assert ct.chainer_to_torch_name("0/beta") == "0.bias"
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    assert ct.torch_to_chainer_name("0.weight", model) == "0/W"
+    assert ct.torch_to_chainer_name("1.weight", model) == "1/gamma"
+    assert ct.torch_to_chainer_name("1.bias", model) == "1/beta"
+
+
+def test_continue_training_from_a_chainer_snapshot_bit_for_bit(tmp_path):
+    cmodel, copt = _trained_chainer()
+    f = str(tmp_path / "opt.npz")
+    chainer.serializers.save_npz(f, copt)
+    model = _torch_model(cmodel)
+    opt = ct.NesterovAG(model.parameters(), lr=LR, momentum=M)
+    ct.load_chainer_state(opt, model, f)
+    assert (opt.t, opt.epoch) == (3, 1)
+    for p in model.parameters():
+        assert opt.state[p]["step"] == 3
+    for k in range(4):
+        grads = _grads(cmodel, 200 + k)
+        _chainer_step(cmodel, copt, grads)
+        _torch_step(model, opt, grads)
+    _assert_same_params(cmodel, model)
+    assert opt.t == copt.t
+
+
+def test_trainer_snapshot_prefix_and_name_map(tmp_path):
+    cmodel, copt = _trained_chainer()
+    buf = io.BytesIO()
+    chainer.serializers.save_npz(buf, copt)
+    buf.seek(0)
+    with np.load(buf) as npz:
+        prefixed = {"updater/optimizer:main/" + k: npz[k] for k in npz.files}
+    prefixed["updater/iteration"] = np.asarray(3)
+    f = str(tmp_path / "snapshot.npz")
+    np.savez(f, **prefixed)
+    model = _torch_model(cmodel)
+    opt = ct.NesterovAG(model.parameters(), lr=LR, momentum=M)
+    mapping = {ct.torch_to_chainer_name(n, model): n for n, _ in model.named_parameters()}
+    ct.load_chainer_state(opt, model, f, name_map=mapping, path="updater/optimizer:main/")
+    opt2 = ct.NesterovAG(model.parameters(), lr=LR, momentum=M)
+    ct.load_chainer_state(opt2, model, f, name_map=ct.chainer_to_torch_name,
+                          path="updater/optimizer:main")
+    for p in model.parameters():
+        assert torch.equal(opt.state[p]["v"], opt2.state[p]["v"])
+    params = dict(cmodel.namedparams())
+    for name, p in model.named_parameters():
+        path = ct.torch_to_chainer_name(name, model)
+        assert np.array_equal(opt.state[p]["v"].numpy(),
+                              params["/" + path].update_rule.state["v"])
+
+
+def test_save_for_chainer_and_continue_there(tmp_path):
+    cmodel, copt = _trained_chainer()
+    model = _torch_model(cmodel)
+    opt = ct.NesterovAG(model.parameters(), lr=LR, momentum=M)
+    buf = io.BytesIO()
+    chainer.serializers.save_npz(buf, copt)
+    buf.seek(0)
+    ct.load_chainer_state(opt, model, buf)
+    grads = _grads(cmodel, 300)
+    _torch_step(model, opt, grads)
+    _chainer_step(cmodel, copt, grads)
+    f = str(tmp_path / "from_torch.npz")
+    ct.save_chainer_state(opt, model, f)
+    # A fresh Chainer optimizer on a copy of the model reads it with load_npz.
+    cmodel2 = _chainer_model()
+    for (_, a), (_, b) in zip(sorted(cmodel2.namedparams()), sorted(cmodel.namedparams())):
+        a.array[...] = b.array
+    copt2 = chainer.optimizers.NesterovAG(lr=LR, momentum=M)
+    copt2.setup(cmodel2)
+    chainer.serializers.load_npz(f, copt2)
+    assert copt2.t == copt.t and copt2.epoch == copt.epoch
+    for k in range(3):
+        grads = _grads(cmodel, 400 + k)
+        _chainer_step(cmodel2, copt2, grads)
+        _torch_step(model, opt, grads)
+    _assert_same_params(cmodel2, model)
+
+
+def test_save_before_any_step_loads_in_chainer(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = ct.NesterovAG(model.parameters())
+    f = str(tmp_path / "fresh.npz")
+    ct.save_chainer_state(opt, model, f, path="updater/optimizer:main/")
+    lin = L.Linear(3, 2)
+    copt = chainer.optimizers.NesterovAG()
+    copt.setup(lin)
+    chainer.serializers.load_npz(f, copt, path="updater/optimizer:main/")
+    assert copt.t == 0
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype", "missing", "extra", "no_t"])
+def test_loading_is_all_or_nothing(tmp_path, bad):
+    cmodel, copt = _trained_chainer()
+    buf = io.BytesIO()
+    chainer.serializers.save_npz(buf, copt)
+    buf.seek(0)
+    with np.load(buf) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    if bad == "shape":
+        arrays["l2/W/v"] = np.zeros((3, 3), np.float32)
+    elif bad == "dtype":
+        arrays["l2/b/v"] = arrays["l2/b/v"].astype(np.float64)
+    elif bad == "missing":
+        del arrays["l2/b/t"], arrays["l2/b/v"]
+    elif bad == "extra":
+        arrays["l3/W/t"] = np.asarray(1)
+        arrays["l3/W/v"] = np.zeros(2, np.float32)
+    else:
+        del arrays["t"]
+    model = _torch_model(cmodel)
+    opt = ct.NesterovAG(model.parameters(), lr=LR, momentum=M)
+    x = torch.randn(2, 4)
+    model(x).sum().backward()
+    opt.step()
+    before = {id(p): opt.state[p]["v"].clone() for p in model.parameters()}
+    with pytest.raises((KeyError, ValueError)):
+        ct.load_chainer_state(opt, model, arrays)
+    assert opt.t == 1 and opt.epoch == 0
+    for p in model.parameters():
+        assert torch.equal(opt.state[p]["v"], before[id(p)]) and opt.state[p]["step"] == 1

@@ -1,0 +1,372 @@
+"""cynag.torch.NesterovAG: Chainer's numbers, PyTorch's optimizer conventions."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cynag
+import cynag.torch as ct
+from torch_refs import chainer_step, half_step
+
+F32, F64 = torch.float32, torch.float64
+
+
+def _params(shapes, dtype, seed, make=None):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        t = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+        out.append(torch.nn.Parameter(make(t) if make else t))
+    return out
+
+
+def _grads(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) for p in params]
+
+
+def _bits(t):
+    a = t.detach().cpu().contiguous()
+    if a.dtype == torch.bfloat16:
+        return a.view(torch.int16).numpy().copy()
+    return a.numpy().view(np.uint8).copy()
+
+
+def _same(a, b):
+    return np.array_equal(_bits(a), _bits(b))
+
+
+shapes_st = st.lists(st.lists(st.integers(0, 6), min_size=0, max_size=3).map(tuple),
+                     min_size=1, max_size=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes=shapes_st, dtype=st.sampled_from([F32, F64]), seed=st.integers(0, 2**16),
+       lr=st.sampled_from([0.01, 0.1, 0.37, 1e-5]), m=st.sampled_from([0.9, 0.0, 0.5, 0.99]),
+       wd=st.sampled_from([0.0, 0.0, 5e-4, 0.1]), steps=st.integers(1, 4))
+def test_bit_identical_to_chainer_sequence(shapes, dtype, seed, lr, m, wd, steps):
+    params = _params(shapes, dtype, seed)
+    ref = [p.detach().numpy().copy() for p in params]
+    vs = [np.zeros_like(r) for r in ref]
+    opt = ct.NesterovAG(params, lr=lr, momentum=m, weight_decay=wd)
+    for k in range(steps):
+        grads = _grads(params, seed + 1 + k)
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        opt.step()
+        for r, gr, v in zip(ref, grads, vs):
+            chainer_step(r, gr.numpy(), v, lr, m, wd)
+        for p, gr in zip(params, grads):
+            assert torch.equal(p.grad, gr)  # p.grad is left as it is (weight decay too)
+    for p, r, v in zip(params, ref, vs):
+        assert p.detach().numpy().tobytes() == r.tobytes()
+        assert opt.state[p]["v"].numpy().tobytes() == v.tobytes()
+        assert opt.state[p]["step"] == steps
+    assert opt.t == steps
+
+
+def test_matches_real_chainer_with_weight_decay():
+    import chainer
+    import chainer.links as L
+
+    rng = np.random.RandomState(0)
+    model = chainer.Sequential(L.Linear(5, 4), L.Linear(4, 3))
+    model(np.zeros((1, 5), np.float32))
+    copt = chainer.optimizers.NesterovAG(lr=0.05, momentum=0.8)
+    copt.setup(model)
+    copt.add_hook(chainer.optimizer_hooks.WeightDecay(1e-3))
+    names = [n for n, _ in sorted(model.namedparams())]
+    tparams = [torch.nn.Parameter(torch.from_numpy(dict(model.namedparams())[n].array.copy()))
+               for n in names]
+    topt = ct.NesterovAG(tparams, lr=0.05, momentum=0.8, weight_decay=1e-3)
+    for _ in range(5):
+        grads = {n: rng.standard_normal(dict(model.namedparams())[n].shape).astype(np.float32)
+                 for n in names}
+        for n, p in model.namedparams():
+            p.grad = grads[n].copy()
+        copt.update()
+        for n, p in zip(names, tparams):
+            p.grad = torch.from_numpy(grads[n].copy())
+        topt.step()
+    for n, p in zip(names, tparams):
+        assert np.array_equal(p.detach().numpy(), dict(model.namedparams())[n].array), n
+
+
+@pytest.mark.parametrize("threads", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_any_thread_count_same_bits(threads):
+    cy, th = threads
+    old_cy, old_th = cynag.get_num_threads(), torch.get_num_threads()
+    try:
+        cynag.set_num_threads(cy)
+        torch.set_num_threads(th)
+        params = _params([(300000,), (7, 9)], F32, 3)
+        ref = [p.detach().numpy().copy() for p in params]
+        vs = [np.zeros_like(r) for r in ref]
+        opt = ct.NesterovAG(params, lr=0.1, momentum=0.9)
+        for k in range(3):
+            grads = _grads(params, 10 + k)
+            for p, gr in zip(params, grads):
+                p.grad = gr
+            opt.step()
+            for r, gr, v in zip(ref, grads, vs):
+                chainer_step(r, gr.numpy(), v, 0.1, 0.9)
+        for p, r in zip(params, ref):
+            assert np.array_equal(p.detach().numpy(), r)
+    finally:
+        cynag.set_num_threads(old_cy)
+        torch.set_num_threads(old_th)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_computed_in_float32(dtype):
+    params = _params([(33,), (4, 5)], dtype, 7)
+    ref = [p.detach().clone() for p in params]
+    vref = [torch.zeros_like(r) for r in ref]
+    opt = ct.NesterovAG(params, lr=0.1, momentum=0.9, weight_decay=0.01)
+    for k in range(3):
+        grads = _grads(params, 20 + k)
+        for p, gr in zip(params, grads):
+            p.grad = gr
+        opt.step()
+        for i, gr in enumerate(grads):
+            p32, v32 = half_step(ref[i].float().numpy(), gr.float().numpy(),
+                                 vref[i].float().numpy(), 0.1, 0.9, 0.01)
+            ref[i] = torch.from_numpy(p32).to(dtype)
+            vref[i] = torch.from_numpy(v32).to(dtype)
+    for p, r, v in zip(params, ref, vref):
+        assert p.dtype == dtype and _same(p, r)
+        assert opt.state[p]["v"].dtype == dtype and _same(opt.state[p]["v"], v)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last"])
+def test_non_contiguous_parameters(layout):
+    base = torch.randn(6, 8, dtype=F32)
+    if layout == "transposed":
+        p = torch.nn.Parameter(base.t())
+    elif layout == "sliced":
+        p = torch.nn.Parameter(torch.randn(6, 16)[:, ::2])
+    else:
+        p = torch.nn.Parameter(torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last))
+    ref = p.detach().numpy().copy()
+    v = np.zeros_like(ref)
+    opt = ct.NesterovAG([p], lr=0.2, momentum=0.7)
+    for k in range(3):
+        g = torch.randn(p.shape)
+        p.grad = g
+        opt.step()
+        chainer_step(ref, g.numpy(), v, 0.2, 0.7)
+    assert np.array_equal(p.detach().numpy(), ref)
+    assert np.array_equal(opt.state[p]["v"].numpy(), v)
+
+
+def test_parameters_sharing_memory_update_in_order():
+    base = torch.zeros(10)
+    a = torch.nn.Parameter(base[:6])
+    b = torch.nn.Parameter(base[4:])
+    with torch.no_grad():
+        base.copy_(torch.arange(10.0))
+    opt = ct.NesterovAG([a, b], lr=0.5, momentum=0.9)
+    ga, gb = torch.ones(6), torch.full((6,), 2.0)
+    a.grad, b.grad = ga, gb
+    ref = np.arange(10.0, dtype=np.float32)
+    va, vb = np.zeros(6, np.float32), np.zeros(6, np.float32)
+    chainer_step(ref[:6], ga.numpy(), va, 0.5, 0.9)
+    chainer_step(ref[4:], gb.numpy(), vb, 0.5, 0.9)
+    opt.step()
+    assert np.array_equal(base.numpy(), ref)
+
+
+def test_grad_none_is_skipped_and_closure_returns_loss():
+    w = torch.nn.Parameter(torch.ones(3))
+    u = torch.nn.Parameter(torch.ones(2))
+    opt = ct.NesterovAG([w, u], lr=0.1)
+    calls = []
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        opt.zero_grad()
+        loss = (w * w).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert calls == [True] and float(loss) == 3.0
+    assert u not in opt.state or not opt.state[u]
+    assert opt.state[w]["step"] == 1 and torch.equal(u, torch.ones(2))
+    opt.step(closure)
+    assert opt.state[w]["step"] == 2 and opt.t == 2
+
+
+def _train_groups(opt, refs, steps, sched=None, on_step=None):
+    for k in range(steps):
+        if on_step is not None:
+            on_step(k)
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = torch.randn(p.shape, dtype=p.dtype)
+                if id(p) not in refs:
+                    refs[id(p)] = (p.detach().numpy().copy(), np.zeros(p.shape, p.detach().numpy().dtype))
+                r, v = refs[id(p)]
+                chainer_step(r, p.grad.numpy(), v, group["lr"], group["momentum"])
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def test_param_groups_and_schedulers():
+    a = torch.nn.Parameter(torch.randn(4))
+    b = torch.nn.Parameter(torch.randn(3, dtype=F64))
+    opt = ct.NesterovAG([{"params": [a]}, {"params": [b], "lr": 0.5, "momentum": 0.3}],
+                        lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 ** e)
+    refs = {}
+    _train_groups(opt, refs, 4, sched)
+    assert opt.param_groups[0]["lr"] == 0.1 * 0.5 ** 4
+    for p in (a, b):
+        assert np.array_equal(p.detach().numpy(), refs[id(p)][0])
+    step = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    _train_groups(opt, refs, 2, step)
+    for p in (a, b):
+        assert np.array_equal(p.detach().numpy(), refs[id(p)][0])
+
+
+def test_add_param_group():
+    a = torch.nn.Parameter(torch.randn(4))
+    c = torch.nn.Parameter(torch.randn(2))
+    opt = ct.NesterovAG([a], lr=0.1, momentum=0.9)
+    refs = {}
+
+    def add(k):
+        if k == 2:
+            opt.add_param_group({"params": [c], "lr": 0.05, "momentum": 0.6})
+
+    _train_groups(opt, refs, 4, on_step=add)
+    assert opt.param_groups[1]["weight_decay"] == 0.0  # the default filled in
+    assert opt.state[a]["step"] == 4 and opt.state[c]["step"] == 2
+    for p in (a, c):
+        assert np.array_equal(p.detach().numpy(), refs[id(p)][0])
+
+
+def test_state_dict_roundtrip_weights_only_and_hooks():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    opt = ct.NesterovAG(model.parameters(), lr=0.05, momentum=0.8)
+    events = []
+    opt.register_step_pre_hook(lambda o, a, k: events.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: events.append("post"))
+    x = torch.randn(5, 4)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+    opt.new_epoch()
+    assert events == ["pre", "post"] * 3
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    model2 = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model2.load_state_dict(ck["model"])
+    opt2 = ct.NesterovAG(model2.parameters())
+    opt2.load_state_dict(ck["opt"])
+    assert (opt2.t, opt2.epoch) == (3, 1)
+    assert opt2.param_groups[0]["lr"] == 0.05
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        m(x).square().sum().backward()
+        o.step()
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["v"], opt2.state[q]["v"])
+        assert opt.state[p]["step"] == opt2.state[q]["step"] == 4
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype", "count", "groups", "step", "missing_v"])
+def test_load_state_dict_that_does_not_fit_changes_nothing(bad):
+    model = torch.nn.Linear(3, 2)
+    opt = ct.NesterovAG(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    before = {k: (v["v"].clone(), v["step"]) for k, v in sd["state"].items()}
+    bad_sd = {"state": {k: dict(v) for k, v in sd["state"].items()},
+              "param_groups": [dict(g) for g in sd["param_groups"]], "cynag": {"t": 9}}
+    if bad == "shape":
+        bad_sd["state"][0]["v"] = torch.zeros(5)
+    elif bad == "dtype":
+        bad_sd["state"][0]["v"] = bad_sd["state"][0]["v"].double()
+    elif bad == "count":
+        bad_sd["param_groups"][0]["params"] = bad_sd["param_groups"][0]["params"][:1]
+    elif bad == "groups":
+        bad_sd["param_groups"] = bad_sd["param_groups"] * 2
+    elif bad == "step":
+        bad_sd["state"][1]["step"] = -1
+    else:
+        del bad_sd["state"][1]["v"]
+    with pytest.raises(ValueError):
+        opt.load_state_dict(bad_sd)
+    assert opt.t == 1
+    for k, p in enumerate(model.parameters()):
+        assert torch.equal(opt.state[p]["v"], before[k][0]) and opt.state[p]["step"] == 1
+
+
+def test_bad_input_raises_naming_the_parameter_and_changes_nothing():
+    a = torch.nn.Parameter(torch.ones(3))
+    e = torch.nn.Parameter(torch.ones(4, 2))
+    opt = ct.NesterovAG([a, e], lr=0.1)
+    a.grad = torch.ones(3)
+    e.grad = torch.sparse_coo_tensor([[0, 1]], torch.ones(2, 2), (4, 2))
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[1\].*sparse"):
+        opt.step()
+    assert torch.equal(a, torch.ones(3)) and not opt.state.get(a) and opt.t == 0
+    e.grad = None
+    opt.param_groups[0]["lr"] = "fast"
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['lr'\]"):
+        opt.step()
+    assert torch.equal(a, torch.ones(3))
+    with pytest.raises(ValueError, match="learning rate"):
+        ct.NesterovAG([a], lr=-1.0)
+    i = torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))
+    i.grad = torch.ones(2, dtype=torch.complex64)
+    with pytest.raises(TypeError, match=r"\['params'\]\[0\].*float"):
+        ct.NesterovAG([i]).step()
+
+
+def test_huge_learning_rate_follows_numpy_promotion():
+    # lr * m products that float32 cannot hold: NumPy 1.x computes in float64
+    # (Chainer's sequence); the kernel is bypassed, the result is the same.
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    ref = p.detach().numpy().copy()
+    v = np.zeros(2, np.float32)
+    opt = ct.NesterovAG([p], lr=1e39, momentum=0.5)
+    p.grad = torch.tensor([1e-30, 2e-30])
+    with np.errstate(over="ignore", invalid="ignore"):
+        opt.step()
+        import cynag_kernels
+
+        cynag_kernels.nesterov_ag_cpu(ref, np.array([1e-30, 2e-30], np.float32), v, 1e39, 0.5)
+    assert np.array_equal(p.detach().numpy(), ref, equal_nan=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_match_the_cpu_update():
+    pytest.importorskip("cupy")
+    params = _params([(1000,), (3, 7)], F32, 5)
+    cuda_params = [torch.nn.Parameter(p.detach().cuda()) for p in params]
+    opt = ct.NesterovAG(params, lr=0.1, momentum=0.9)
+    copt = ct.NesterovAG(cuda_params, lr=0.1, momentum=0.9)
+    for k in range(3):
+        grads = _grads(params, 40 + k)
+        for p, q, gr in zip(params, cuda_params, grads):
+            p.grad = gr
+            q.grad = gr.cuda()
+        opt.step()
+        copt.step()
+    torch.cuda.synchronize()
+    for p, q in zip(params, cuda_params):
+        np.testing.assert_allclose(q.detach().cpu().numpy(), p.detach().numpy(), rtol=1e-6,
+                                   atol=1e-7)
