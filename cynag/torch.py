@@ -41,6 +41,7 @@ _KERNEL_DTYPES = {torch.float32: numpy.dtype(numpy.float32),
                   torch.float64: numpy.dtype(numpy.float64)}
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = tuple(_KERNEL_DTYPES) + _HALF_DTYPES
+_FLOAT_SET = frozenset(_FLOAT_DTYPES)
 
 
 def _hyper(group, name, gi):
@@ -60,12 +61,22 @@ def _label(gi, pi, p):
         gi, pi, tuple(p.shape), str(p.dtype).replace("torch.", ""), p.device)
 
 
-def _nbytes(t):
-    return t.numel() * t.element_size()
-
-
-def _disjoint(a, b, nbytes):
-    return a + nbytes <= b or b + nbytes <= a
+def _explain(gi, pi, p, g):
+    """Raise the error of a gradient that does not fit its parameter."""
+    label = _label(gi, pi, p)
+    if g.layout != torch.strided:
+        raise RuntimeError("%s: cynag.torch.NesterovAG does not support sparse gradients"
+                           % label)
+    if p.dtype not in _FLOAT_DTYPES:
+        raise TypeError("%s: the parameter is not float16, bfloat16, float32 or float64"
+                        % label)
+    if g.device != p.device:
+        raise RuntimeError("%s: the gradient is on %s" % (label, g.device))
+    if g.dtype != p.dtype:
+        raise TypeError("%s: the gradient has dtype %s" % (label, g.dtype))
+    if g.shape != p.shape:
+        raise ValueError("%s: the gradient has shape %s" % (label, tuple(g.shape)))
+    raise AssertionError("%s: no mismatch found" % label)  # pragma: no cover
 
 
 class _Entry:
@@ -217,30 +228,25 @@ class NesterovAG(torch.optim.Optimizer):
         momentum = _hyper(group, "momentum", gi)
         wd = _hyper(group, "weight_decay", gi)
         entries = []
-        state = self.state
+        state_get = self.state.get
+        strided = torch.strided
         for pi, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
-            if g.layout != torch.strided:
-                raise RuntimeError("%s: cynag.torch.NesterovAG does not support sparse "
-                                   "gradients" % _label(gi, pi, p))
-            if p.dtype not in _FLOAT_DTYPES:
-                raise TypeError("%s: the parameter is not float16, bfloat16, float32 or "
-                                "float64" % _label(gi, pi, p))
-            if g.device != p.device:
-                raise RuntimeError("%s: the gradient is on %s" % (_label(gi, pi, p), g.device))
-            if g.dtype != p.dtype:
-                raise TypeError("%s: the gradient has dtype %s" % (_label(gi, pi, p), g.dtype))
-            if g.shape != p.shape:
-                raise ValueError("%s: the gradient has shape %s" % (_label(gi, pi, p),
-                                                                   tuple(g.shape)))
-            st = state.get(p)
+            pd = p.dtype
+            if g.layout is not strided or g.dtype is not pd or pd not in _FLOAT_SET \
+                    or g.is_cuda is not p.is_cuda or g.shape != p.shape:
+                _explain(gi, pi, p, g)
+            if p.is_cuda and g.device != p.device:
+                _explain(gi, pi, p, g)
+            st = state_get(p)
             v = None
             if st:
                 v = st.get("v")
-                if not isinstance(v, torch.Tensor) or v.shape != p.shape \
-                        or v.dtype != p.dtype or v.device != p.device:
+                if v is None or not isinstance(v, torch.Tensor) or v.dtype is not pd \
+                        or v.shape != p.shape or v.is_cuda is not p.is_cuda \
+                        or (p.is_cuda and v.device != p.device):
                     raise ValueError("%s: its state 'v' does not fit the parameter"
                                      % _label(gi, pi, p))
             entries.append(_Entry(p, g, v, (gi, pi)))
@@ -251,17 +257,21 @@ class NesterovAG(torch.optim.Optimizer):
         if not entries:
             return
         state = self.state
+        states = []
         for e in entries:
             if e.v is None:
                 e.v = torch.zeros_like(e.p, memory_format=torch.preserve_format)
-                state[e.p] = {"v": e.v, "step": 0}
+                st = state[e.p] = {"v": e.v, "step": 0}
+            else:
+                st = state[e.p]
+            states.append(st)
         fast = {}
         rest = []
         for e in entries:
-            p, g, v = e.p, e.g, e.v
+            p = e.p
             dtype = _KERNEL_DTYPES.get(p.dtype)
-            if dtype is not None and p.device.type == "cpu" and p.dim() and p.is_contiguous() \
-                    and g.is_contiguous() and v.is_contiguous():
+            if dtype is not None and not p.is_cuda and p.dim() and p.is_contiguous() \
+                    and e.g.is_contiguous() and e.v.is_contiguous():
                 fast.setdefault(dtype, []).append(e)
             else:
                 rest.append(e)
@@ -269,32 +279,26 @@ class NesterovAG(torch.optim.Optimizer):
             self._run_cpu(es, dtype, lr, momentum, wd)
         by_device = {}
         for e in rest:
-            if e.p.device.type == "cpu":
+            if not e.p.is_cuda:
                 self._run_copies([e], lr, momentum, wd)
             else:
                 by_device.setdefault((e.p.device, e.p.dtype), []).append(e)
         for es in by_device.values():
             self._run_gpu(es, lr, momentum, wd)
-        for e in entries:
-            state[e.p]["step"] = state[e.p]["step"] + 1
+        for st in states:
+            st["step"] += 1
 
     def _run_cpu(self, es, dtype, lr, momentum, wd):
         """Dense CPU tensors of a kernel dtype: one native call over their addresses."""
         n = len(es)
-        ptrs = numpy.empty((n, 3), numpy.int64)
-        sizes = numpy.empty(n, numpy.int64)
-        keep = []
-        for k, e in enumerate(es):
-            g = e.g
-            if wd:
-                g = g.clone()  # the decayed gradient; p.grad is left as it is
-                keep.append(g)
-            ptrs[k, 0] = e.p.data_ptr()
-            ptrs[k, 1] = g.data_ptr()
-            ptrs[k, 2] = e.v.data_ptr()
-            sizes[k] = e.p.numel()
-        itemsize = dtype.itemsize
-        nbytes = sizes * itemsize
+        if wd:
+            gs = [e.g.clone() for e in es]  # the decayed gradients (p.grad is left as it is)
+        else:
+            gs = [e.g for e in es]
+        ptrs = numpy.array([[e.p.data_ptr() for e in es], [g.data_ptr() for g in gs],
+                            [e.v.data_ptr() for e in es]], numpy.int64).T.copy()
+        sizes = numpy.array([e.p.numel() for e in es], numpy.int64)
+        nbytes = sizes * dtype.itemsize
         # Each tensor's three arrays disjoint (a gradient aliasing its
         # parameter goes through copies), and no tensor overlapping another
         # (those run one by one, in order, as Chainer's loop would).
@@ -308,22 +312,22 @@ class NesterovAG(torch.optim.Optimizer):
         shared = _overlapping(ptrs, nbytes, own.copy()) | ~own
         ops = None
         if wd:
-            from cynag_kernels.hooks import op_row
-
-            row = op_row(dtype, ("weight_decay", wd))
-            if row is None:  # (NumPy 1.x would compute in float64)
+            ops = _decay_ops(dtype, wd)
+            if ops is None:  # (NumPy 1.x would compute in float64)
                 self._run_copies(es, lr, momentum, wd)
                 return
-            ops = numpy.array([row], numpy.float64)
+        if not shared.any():
+            if not functional.nesterov_ag_addresses(ptrs, sizes, dtype, lr=lr,
+                                                    momentum=momentum, ops=ops):
+                self._run_copies(es, lr, momentum, wd)
+            return
         sel = ~shared
         if sel.any():
-            ok = functional.nesterov_ag_addresses(ptrs[sel], sizes[sel], dtype, lr=lr,
-                                                  momentum=momentum, ops=ops)
-            if not ok:
+            if not functional.nesterov_ag_addresses(ptrs[sel], sizes[sel], dtype, lr=lr,
+                                                    momentum=momentum, ops=ops):
                 self._run_copies([e for e, s in zip(es, sel) if s], lr, momentum, wd)
         for k in numpy.flatnonzero(shared).tolist():
             self._run_copies([es[k]], lr, momentum, wd)
-        del keep
 
     def _run_copies(self, es, lr, momentum, wd):
         """Through contiguous copies in the compute type (float32 for half types),
