@@ -467,13 +467,18 @@ USER_VARIANTS = [
     ("chainer_update", "chainer update() on chainer.Link"),
     ("cynag_on_cynag", "cynag update() on cynag.Link"),
     ("torch_fused", "torch fused SGD"),
+    ("cynag_torch", "cynag.torch NesterovAG"),
     ("floor_chainer", "Python floor, chainer.Link"),
     ("floor_cynag", "Python floor, cynag.Link"),
+    ("floor_torch", "Python floor, torch"),
 ]
+#: The rows of ``--torch``.
+TORCH_VARIANTS = ("torch_fused", "cynag_torch", "floor_torch")
 USER_LABELS = dict(USER_VARIANTS)
 #: The floor each optimizer row is measured against.
 FLOOR_OF = {"cynag_on_chainer": "floor_chainer", "chainer_update": "floor_chainer",
-            "cynag_on_cynag": "floor_cynag"}
+            "cynag_on_cynag": "floor_cynag", "cynag_torch": "floor_torch",
+            "torch_fused": "floor_torch"}
 
 
 def _fill_link(link, parameter, shapes, dtype):
@@ -547,6 +552,48 @@ def build_user_torch_fused(env, shapes, dtype, grads, thread_counts):
     return steps, (params, opt, sources), note, fresh
 
 
+def build_user_cynag_torch(env, shapes, dtype, grads, thread_counts):
+    """cynag.torch.NesterovAG on the same tensors as torch fused, new gradients every step."""
+    torch = env.torch
+    if torch is None:
+        raise Skip("torch " + env.torch_note)
+    import cynag.torch as cynag_torch
+
+    params = [torch.nn.Parameter(torch.from_numpy(p)) for p in make_params(shapes, dtype,
+                                                                            seed=1)]
+    sources = [torch.from_numpy(numpy.array(g)) for g in grads]
+    opt = cynag_torch.NesterovAG(params, lr=LR, momentum=MOMENTUM)
+
+    def fresh():
+        opt.zero_grad(set_to_none=True)
+        for p, g in zip(params, sources):
+            p.grad = g.clone()
+    fresh()
+    opt.step()
+
+    def prepare_for(t):
+        def prepare():
+            env.K.set_num_threads(t)
+            torch.set_num_threads(t)
+        return prepare
+    return ({t: (prepare_for(t), opt.step) for t in thread_counts}, (params, opt, sources),
+            "", fresh)
+
+
+def build_user_floor_torch(env, shapes, dtype, grads, thread_counts):
+    torch = env.torch
+    if torch is None:
+        raise Skip("torch " + env.torch_note)
+    params = [torch.nn.Parameter(torch.from_numpy(p)) for p in make_params(shapes, dtype,
+                                                                            seed=1)]
+    for p, g in zip(params, grads):
+        p.grad = torch.from_numpy(numpy.array(g))
+
+    def step():
+        return [p.grad for p in params]
+    return {1: (_noop, step)}, params, "every p.grad of the parameter list", None
+
+
 def build_user_floor_chainer(env, shapes, dtype, grads, thread_counts):
     link, _ = _user_link(env, "chainer", shapes, dtype, grads)
     return {1: (_noop, _floor(link))}, link, "list(link.params()) + every .grad", None
@@ -562,8 +609,10 @@ USER_BUILDERS = {
     "chainer_update": build_user_chainer_update,
     "cynag_on_cynag": build_user_cynag_on_cynag,
     "torch_fused": build_user_torch_fused,
+    "cynag_torch": build_user_cynag_torch,
     "floor_chainer": build_user_floor_chainer,
     "floor_cynag": build_user_floor_cynag,
+    "floor_torch": build_user_floor_torch,
 }
 
 
@@ -750,6 +799,8 @@ def run_user_case(env, index, name):
 
     series, keep, skipped = [], [], {}
     for key, label in USER_VARIANTS:
+        if env.torch_only and key not in TORCH_VARIANTS:
+            continue
         progress("%s setting up %s" % (tag, label))
         try:
             steps, owner, note, fresh = USER_BUILDERS[key](env, shapes, dtype, grads,
@@ -1614,6 +1665,10 @@ def parse_args(argv):
     ap.add_argument("--no-sweep", action="store_true",
                     help="skip the one-tensor thread sweep and the recommendation")
     ap.add_argument("--json", metavar="FILE", help="write every result and sample to FILE")
+    ap.add_argument("--torch", action="store_true",
+                    help="time cynag.torch.NesterovAG against PyTorch's fused SGD only "
+                         "(new gradient tensors every step, as zero_grad() + backward() "
+                         "make them; cases small, medium, resnet50 by default)")
     ap.add_argument("--mpi", action="store_true",
                     help="time the gradient averaging of cynag.multinode instead (run under "
                          "mpiexec -n 2 or more; cases small, big, resnet50)")
@@ -1626,7 +1681,8 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     models = bench_e2e.MODELS if args.e2e else CASES
     if args.cases is None:
-        args.cases = list(models if args.e2e else DEFAULT_CASES)
+        args.cases = list(models if args.e2e else (["small", "medium", "resnet50"]
+                                                   if args.torch else DEFAULT_CASES))
     else:
         try:
             args.cases = _case_list(args.cases, models)
@@ -1667,6 +1723,7 @@ def main(argv=None):
     env.started = datetime.datetime.now().isoformat(timespec="seconds")
     env.cases = args.cases
     env.user_cases = [name for name in args.cases if name not in HOOK_CASES]
+    env.torch_only = args.torch
     env.dtype = numpy.dtype(args.dtype)
     env.threads = args.threads
     env.rounds = args.rounds or (5 if args.quick else 11)
@@ -1710,7 +1767,7 @@ def main(argv=None):
         print_user_case(res, quiet=header_skips)
 
     cases = []
-    for i, name in enumerate(env.cases):
+    for i, name in enumerate([] if env.torch_only else env.cases):
         try:
             res = (run_hook_case if name in HOOK_CASES else run_case)(env, i, name)
         except Exception as e:   # report and go on: a benchmark never fails the caller
@@ -1725,7 +1782,7 @@ def main(argv=None):
 
     sweep = None
     # The sweep recommends thread settings for the plain step: not with hook cases alone.
-    if max(env.threads) > 1 and not args.no_sweep and any(
+    if max(env.threads) > 1 and not args.no_sweep and not env.torch_only and any(
             name not in HOOK_CASES for name in env.cases):
         try:
             sweep = thread_sweep(env)

@@ -44,6 +44,11 @@ _FLOAT_DTYPES = tuple(_KERNEL_DTYPES) + _HALF_DTYPES
 _FLOAT_SET = frozenset(_FLOAT_DTYPES)
 
 
+def kernel_dtype(dtype):
+    """The NumPy dtype of a torch dtype the CPU kernel takes."""
+    return _KERNEL_DTYPES[dtype]
+
+
 def _hyper(group, name, gi):
     value = group[name]
     if isinstance(value, torch.Tensor):
@@ -77,6 +82,28 @@ def _explain(gi, pi, p, g):
     if g.shape != p.shape:
         raise ValueError("%s: the gradient has shape %s" % (label, tuple(g.shape)))
     raise AssertionError("%s: no mismatch found" % label)  # pragma: no cover
+
+
+class _LazyEntries:
+    """``[_Entry(p, g, v)]`` of aligned lists, made when first indexed or iterated."""
+
+    def __init__(self, ps, gs, vs):
+        self._args = (ps, gs, vs)
+        self._list = None
+
+    def _entries(self):
+        if self._list is None:
+            self._list = [_Entry(p, g, v, None) for p, g, v in zip(*self._args)]
+        return self._list
+
+    def __getitem__(self, k):
+        return self._entries()[k]
+
+    def __iter__(self):
+        return iter(self._entries())
+
+    def __len__(self):
+        return len(self._args[0])
 
 
 class _Entry:
@@ -223,81 +250,91 @@ class NesterovAG(torch.optim.Optimizer):
         return loss
 
     def _collect(self, gi, group):
-        """Check the group; raise before anything changes.  Returns the plan of the group."""
+        """Check the group; raise before anything changes.  Returns the plan of the group:
+        ``(lr, momentum, weight_decay, fast, rest)``, ``fast`` the dense CPU tensors
+        with a state, by dtype (lists of params, grads, vs, states), ``rest`` the others."""
         lr = _hyper(group, "lr", gi)
         momentum = _hyper(group, "momentum", gi)
         wd = _hyper(group, "weight_decay", gi)
-        entries = []
+        fast = {}
+        rest = []
         state_get = self.state.get
         strided = torch.strided
+        kernel_dtypes = _KERNEL_DTYPES
         for pi, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
             pd = p.dtype
-            if g.layout is not strided or g.dtype is not pd or pd not in _FLOAT_SET \
-                    or g.is_cuda is not p.is_cuda or g.shape != p.shape:
-                _explain(gi, pi, p, g)
-            if p.is_cuda and g.device != p.device:
+            cuda = p.is_cuda
+            shape = p.shape
+            if g.dtype is not pd or g.is_cuda is not cuda or g.layout is not strided \
+                    or pd not in _FLOAT_SET or g.shape != shape \
+                    or (cuda and g.device != p.device):
                 _explain(gi, pi, p, g)
             st = state_get(p)
             v = None
             if st:
                 v = st.get("v")
-                if v is None or not isinstance(v, torch.Tensor) or v.dtype is not pd \
-                        or v.shape != p.shape or v.is_cuda is not p.is_cuda \
-                        or (p.is_cuda and v.device != p.device):
+                if not isinstance(v, torch.Tensor) or v.dtype is not pd or v.shape != shape \
+                        or v.is_cuda is not cuda or (cuda and v.device != p.device):
                     raise ValueError("%s: its state 'v' does not fit the parameter"
                                      % _label(gi, pi, p))
-            entries.append(_Entry(p, g, v, (gi, pi)))
-        return lr, momentum, wd, entries
+                if not cuda and pd in kernel_dtypes and p.is_contiguous() \
+                        and g.is_contiguous() and v.is_contiguous() and p.dim():
+                    lists = fast.get(pd)
+                    if lists is None:
+                        lists = fast[pd] = ([], [], [], [])
+                    lists[0].append(p)
+                    lists[1].append(g)
+                    lists[2].append(v)
+                    lists[3].append(st)
+                    continue
+            rest.append(_Entry(p, g, v, (gi, pi)))
+        return lr, momentum, wd, fast, rest
 
     def _apply(self, group, plan):
-        lr, momentum, wd, entries = plan
-        if not entries:
+        lr, momentum, wd, fast, rest = plan
+        for pd, (ps, gs, vs, sts) in fast.items():
+            self._run_cpu(ps, gs, vs, kernel_dtype(pd), lr, momentum, wd)
+            for st in sts:
+                st["step"] += 1
+        if not rest:
             return
         state = self.state
-        states = []
-        for e in entries:
+        for e in rest:
             if e.v is None:
                 e.v = torch.zeros_like(e.p, memory_format=torch.preserve_format)
-                st = state[e.p] = {"v": e.v, "step": 0}
-            else:
-                st = state[e.p]
-            states.append(st)
-        fast = {}
-        rest = []
-        for e in entries:
-            p = e.p
-            dtype = _KERNEL_DTYPES.get(p.dtype)
-            if dtype is not None and not p.is_cuda and p.dim() and p.is_contiguous() \
-                    and e.g.is_contiguous() and e.v.is_contiguous():
-                fast.setdefault(dtype, []).append(e)
-            else:
-                rest.append(e)
-        for dtype, es in fast.items():
-            self._run_cpu(es, dtype, lr, momentum, wd)
+                state[e.p] = {"v": e.v, "step": 0}
+        dense = {}
         by_device = {}
         for e in rest:
-            if not e.p.is_cuda:
-                self._run_copies([e], lr, momentum, wd)
+            p = e.p
+            dtype = _KERNEL_DTYPES.get(p.dtype)
+            if p.is_cuda:
+                by_device.setdefault((p.device, p.dtype), []).append(e)
+            elif dtype is not None and p.dim() and p.is_contiguous() \
+                    and e.g.is_contiguous() and e.v.is_contiguous():
+                dense.setdefault(dtype, []).append(e)
             else:
-                by_device.setdefault((e.p.device, e.p.dtype), []).append(e)
+                self._run_copies([e], lr, momentum, wd)
+        for dtype, es in dense.items():
+            self._run_cpu([e.p for e in es], [e.g for e in es], [e.v for e in es], dtype, lr,
+                          momentum, wd, es)
         for es in by_device.values():
             self._run_gpu(es, lr, momentum, wd)
-        for st in states:
-            st["step"] += 1
+        for e in rest:
+            state[e.p]["step"] += 1
 
-    def _run_cpu(self, es, dtype, lr, momentum, wd):
+    def _run_cpu(self, ps, gs, vs, dtype, lr, momentum, wd, es=None):
         """Dense CPU tensors of a kernel dtype: one native call over their addresses."""
-        n = len(es)
+        if es is None:  # (built only where some tensor needs the copies)
+            es = _LazyEntries(ps, gs, vs)
         if wd:
-            gs = [e.g.clone() for e in es]  # the decayed gradients (p.grad is left as it is)
-        else:
-            gs = [e.g for e in es]
-        ptrs = numpy.array([[e.p.data_ptr() for e in es], [g.data_ptr() for g in gs],
-                            [e.v.data_ptr() for e in es]], numpy.int64).T.copy()
-        sizes = numpy.array([e.p.numel() for e in es], numpy.int64)
+            gs = [g.clone() for g in gs]  # the decayed gradients (p.grad is left as it is)
+        ptrs = numpy.array([[p.data_ptr() for p in ps], [g.data_ptr() for g in gs],
+                            [v.data_ptr() for v in vs]], numpy.int64).T.copy()
+        sizes = numpy.array([p.numel() for p in ps], numpy.int64)
         nbytes = sizes * dtype.itemsize
         # Each tensor's three arrays disjoint (a gradient aliasing its
         # parameter goes through copies), and no tensor overlapping another
