@@ -22,6 +22,18 @@ def _cupy_status():
         return "cupy installed but no usable GPU (%s: %s)" % (type(e).__name__, e)
 
 
+def _torch_status():
+    """PyTorch for cynag.torch, from the package metadata (torch is not imported)."""
+    if importlib.util.find_spec("torch") is None:
+        return "not installed (cynag.torch needs it: pip install \"cynag[torch]\")"
+    try:
+        from importlib.metadata import version
+
+        return "torch %s (cynag.torch.NesterovAG available)" % version("torch")
+    except Exception:  # a torch without metadata (e.g. a source tree on sys.path)
+        return "torch found (cynag.torch.NesterovAG available)"
+
+
 def _multi_tensor_status():
     from cynag.optimizer import multi_tensor_default
 
@@ -44,12 +56,13 @@ def config():
         "build": build,
         "threads": threads.thread_config(),
         "cupy": _cupy_status(),
+        "torch": _torch_status(),
         "multi_tensor": _multi_tensor_status(),
     }
 
 
 def show_config(file=None):
-    """Print version, build (OpenMP on/off, compiler), thread settings and CuPy status.
+    """Print version, build (OpenMP on/off, compiler), thread settings, CuPy and PyTorch.
 
     The thread settings include how idle OpenMP threads wait and where that
     came from: cynag's default, the user's ``OMP_WAIT_POLICY`` /
@@ -79,5 +92,6 @@ def show_config(file=None):
             if c["multi_tensor"] is True else "off (CYNAG_MULTI_TENSOR=0)"
             if c["multi_tensor"] is False else c["multi_tensor"]),
         "  GPU:       %s" % c["cupy"],
+        "  PyTorch:   %s" % c["torch"],
     ]
     print("\n".join(lines), file=file or sys.stdout)

@@ -184,3 +184,15 @@ def test_openmp_runtimes_share_the_process(tmp_path, first):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     # Each library keeps its own setting, whichever was imported first.
     assert result == {"torch_threads": 2, "cynag_threads": 1, "finite": True}
+
+
+def test_bench_torch_rows():
+    proc = subprocess.run([sys.executable, "-m", "cynag.bench", "--torch", "--cases", "small",
+                           "--scale", "0.02", "--quick", "--threads", "1", "--rounds", "2"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    rows = [line for line in proc.stdout.splitlines()
+            if line.startswith(("cynag.torch NesterovAG", "torch fused SGD", "Python floor, torch"))]
+    assert len(rows) == 3, proc.stdout[-4000:]
+    assert "failed" not in proc.stdout
