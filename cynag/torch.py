@@ -32,9 +32,11 @@ import numbers
 import numpy
 import torch
 
+from cynag import _torch_native as _native
 from cynag import functional
 
-__all__ = ["NesterovAG", "load_chainer_state", "save_chainer_state", "chainer_to_torch_name",
+__all__ = ["NesterovAG", "load_chainer_state", "save_chainer_state", "native_status",
+           "chainer_to_torch_name",
            "torch_to_chainer_name"]
 
 _KERNEL_DTYPES = {torch.float32: numpy.dtype(numpy.float32),
@@ -104,6 +106,23 @@ class _LazyEntries:
 
     def __len__(self):
         return len(self._args[0])
+
+
+class _LazyRows(_LazyEntries):
+    """The entries of some rows of a group, made when first needed."""
+
+    def __init__(self, params, sts, rows):
+        self._args = (params, sts, rows)
+        self._list = None
+
+    def _entries(self):
+        if self._list is None:
+            params, sts, rows = self._args
+            self._list = [_Entry(params[i], params[i].grad, sts[i]["v"], None) for i in rows]
+        return self._list
+
+    def __len__(self):
+        return len(self._args[2])
 
 
 class _Entry:
@@ -243,19 +262,23 @@ class NesterovAG(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = [self._collect(gi, group) for gi, group in enumerate(self.param_groups)]
+        native = _native.get()
+        plans = [self._collect(gi, group, native)
+                 for gi, group in enumerate(self.param_groups)]
         for group, plan in zip(self.param_groups, plans):
-            self._apply(group, plan)
+            self._apply(group, plan, native)
         self.t += 1
         return loss
 
-    def _collect(self, gi, group):
+    def _collect(self, gi, group, native=None):
         """Check the group; raise before anything changes.  Returns the plan of the group:
         ``(lr, momentum, weight_decay, fast, rest)``, ``fast`` the dense CPU tensors
         with a state, by dtype (lists of params, grads, vs, states), ``rest`` the others."""
         lr = _hyper(group, "lr", gi)
         momentum = _hyper(group, "momentum", gi)
         wd = _hyper(group, "weight_decay", gi)
+        if native is not None:
+            return self._collect_native(native, gi, group, lr, momentum, wd)
         fast = {}
         rest = []
         state_get = self.state.get
@@ -293,9 +316,56 @@ class NesterovAG(torch.optim.Optimizer):
             rest.append(_Entry(p, g, v, (gi, pi)))
         return lr, momentum, wd, fast, rest
 
-    def _apply(self, group, plan):
+    def _collect_native(self, native, gi, group, lr, momentum, wd):
+        """:meth:`_collect` through the native reader (the same decisions)."""
+        params = group["params"]
+        if type(params) is not list:
+            params = list(params)
+        codes, ptrs, sizes, kinds, sts = native.collect(params, self.state)
+        codes, ptrs, sizes, kinds = codes.numpy(), ptrs.numpy(), sizes.numpy(), kinds.numpy()
+        bad = numpy.flatnonzero(codes == 3)
+        for pi in bad.tolist():
+            self._check_one(gi, pi, params[pi], self.state.get(params[pi]))
+        if len(bad):
+            raise RuntimeError("%s: the native reader found it does not fit, the Python "
+                               "checks did not" % _label(gi, int(bad[0]), params[bad[0]]))
+        fast = {}
+        for kind, dtype in ((0, torch.float32), (1, torch.float64)):
+            rows = numpy.flatnonzero((codes == 1) & (kinds == kind))
+            if len(rows):
+                fast[dtype] = ("table", rows, params, sts, ptrs[rows], sizes[rows])
+        rest = []
+        for pi in numpy.flatnonzero(codes == 2).tolist():
+            p = params[pi]
+            st = sts[pi]
+            rest.append(_Entry(p, p.grad, st.get("v") if st else None, (gi, pi)))
+        return lr, momentum, wd, fast, rest
+
+    def _check_one(self, gi, pi, p, st):
+        """The Python checks of one parameter (raise the error that names it)."""
+        if not isinstance(p, torch.Tensor):
+            raise TypeError("%s is not a tensor" % ("param_groups[%d]['params'][%d]" % (gi, pi)))
+        g = p.grad
+        if g is None:
+            return
+        if g.dtype is not p.dtype or g.is_cuda is not p.is_cuda \
+                or g.layout is not torch.strided or p.layout is not torch.strided \
+                or p.dtype not in _FLOAT_SET or g.shape != p.shape or g.device != p.device:
+            _explain(gi, pi, p, g)
+        if st:
+            v = st.get("v")
+            if not isinstance(v, torch.Tensor) or v.layout is not torch.strided \
+                    or v.dtype is not p.dtype or v.shape != p.shape or v.device != p.device:
+                raise ValueError("%s: its state 'v' does not fit the parameter"
+                                 % _label(gi, pi, p))
+
+    def _apply(self, group, plan, native=None):
         lr, momentum, wd, fast, rest = plan
-        for pd, (ps, gs, vs, sts) in fast.items():
+        for pd, item in fast.items():
+            if item[0] == "table":
+                self._run_table(native, kernel_dtype(pd), lr, momentum, wd, *item[1:])
+                continue
+            ps, gs, vs, sts = item
             self._run_cpu(ps, gs, vs, kernel_dtype(pd), lr, momentum, wd)
             for st in sts:
                 st["step"] += 1
@@ -326,15 +396,30 @@ class NesterovAG(torch.optim.Optimizer):
         for e in rest:
             state[e.p]["step"] += 1
 
-    def _run_cpu(self, ps, gs, vs, dtype, lr, momentum, wd, es=None):
+    def _run_table(self, native, dtype, lr, momentum, wd, rows, params, sts, ptrs, sizes):
+        """Rows the native reader found dense: its address table, straight to the kernel."""
+        rows = rows.tolist()
+        es = _LazyRows(params, sts, rows)
+        gs = [params[i].grad for i in rows] if wd else None
+        self._run_cpu(None, gs, None, dtype, lr, momentum, wd, es=es, table=(ptrs, sizes))
+        native.bump_steps([sts[i] for i in rows])
+
+    def _run_cpu(self, ps, gs, vs, dtype, lr, momentum, wd, es=None, table=None):
         """Dense CPU tensors of a kernel dtype: one native call over their addresses."""
         if es is None:  # (built only where some tensor needs the copies)
             es = _LazyEntries(ps, gs, vs)
-        if wd:
-            gs = [g.clone() for g in gs]  # the decayed gradients (p.grad is left as it is)
-        ptrs = numpy.array([[p.data_ptr() for p in ps], [g.data_ptr() for g in gs],
-                            [v.data_ptr() for v in vs]], numpy.int64).T.copy()
-        sizes = numpy.array([p.numel() for p in ps], numpy.int64)
+        if table is not None:
+            ptrs, sizes = table
+            ptrs = numpy.array(ptrs, numpy.int64)
+            if wd:
+                gs = [g.clone() for g in gs]  # the decayed gradients (p.grad is left as is)
+                ptrs[:, 1] = [g.data_ptr() for g in gs]
+        else:
+            if wd:
+                gs = [g.clone() for g in gs]  # the decayed gradients (p.grad is left as is)
+            ptrs = numpy.array([[p.data_ptr() for p in ps], [g.data_ptr() for g in gs],
+                                [v.data_ptr() for v in vs]], numpy.int64).T.copy()
+            sizes = numpy.array([p.numel() for p in ps], numpy.int64)
         nbytes = sizes * dtype.itemsize
         # Each tensor's three arrays disjoint (a gradient aliasing its
         # parameter goes through copies), and no tensor overlapping another
@@ -624,3 +709,8 @@ def save_chainer_state(optimizer, model, target, name_map=None, path=""):
         arrays[path + cpath + "/t"] = numpy.asarray(t)
         arrays[path + cpath + "/v"] = v_np
     numpy.savez(target, **arrays)
+
+
+def native_status():
+    """Which reader :class:`NesterovAG` steps use (see ``CYNAG_TORCH_NATIVE``), in words."""
+    return _native.status()

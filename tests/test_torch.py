@@ -30,8 +30,10 @@ def test_import_cynag_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+@pytest.mark.parametrize("reader", ["native", "python"])
 @pytest.mark.parametrize("case", CASES)
-def test_torch_cases(torch_python, case):
+def test_torch_cases(torch_python, case, reader):
+    """Every case with the native reader (built once, at the start) and without it."""
     from chainer_env import clean_env
 
     cases_dir = os.path.join(HERE, "torch_cases")
@@ -40,7 +42,8 @@ def test_torch_cases(torch_python, case):
            "-o", "python_files=torch_case_*.py", os.path.join(cases_dir, case)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           universal_newlines=True, timeout=TIMEOUT_S, cwd=cases_dir,
-                          env=clean_env())
+                          env=clean_env({"CYNAG_TORCH_NATIVE": "1" if reader == "native"
+                                         else "0"}))
     print(proc.stdout[-3000:])
     assert proc.returncode == 0, proc.stdout[-12000:]
     assert " passed" in proc.stdout

@@ -108,9 +108,10 @@ def ensure_torch_python():
     python = chainer_env.ensure_chainer_python()
     d = chainer_env.venv_dir()
     with chainer_env._locked(d):
-        if not chainer_env._python_ok(python, "import hypothesis, pytest"):
-            chainer_env._run([python, "-m", "pip", "install", "hypothesis", "pytest"],
-                             "installing hypothesis and pytest", timeout=600)
+        if not chainer_env._python_ok(python, "import hypothesis, pytest, ninja"):
+            # (ninja: torch.utils.cpp_extension builds cynag.torch's native reader)
+            chainer_env._run([python, "-m", "pip", "install", "hypothesis", "pytest", "ninja"],
+                             "installing hypothesis, pytest and ninja", timeout=600)
         if _has_torch(python):
             chainer_env._progress("torch is installed in %s" % d)
         else:

@@ -370,3 +370,48 @@ def test_cuda_tensors_match_the_cpu_update():
     for p, q in zip(params, cuda_params):
         np.testing.assert_allclose(q.detach().cpu().numpy(), p.detach().numpy(), rtol=1e-6,
                                    atol=1e-7)
+
+
+READER_SCRIPT = """
+import json, sys, torch
+import cynag.torch as ct
+from cynag import _torch_native
+torch.manual_seed(0)
+params = [torch.nn.Parameter(torch.randn(s)) for s in [(50,), (3, 4), (7,), ()]]
+params.append(torch.nn.Parameter(torch.randn(4, 6).t()))
+opt = ct.NesterovAG(params, lr=0.1, momentum=0.9, weight_decay=1e-3)
+statuses = []
+for k in range(40):
+    g = torch.Generator().manual_seed(k)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    if k == 20:
+        _torch_native.wait()  # the background build: steps after it use the native reader
+    statuses.append(ct.native_status())
+    opt.step()
+print(json.dumps({"status": [statuses[0], statuses[-1]],
+                  "bits": [p.detach().numpy().tobytes().hex() for p in params],
+                  "v": [opt.state[p]["v"].numpy().tobytes().hex() for p in params]}))
+"""
+
+
+def test_background_build_and_python_reader_give_the_same_bits(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "readers.py"
+    script.write_text(READER_SCRIPT)
+    out = {}
+    for mode in ("background", "0"):
+        env = dict(os.environ, CYNAG_TORCH_NATIVE=mode)
+        proc = subprocess.run([sys.executable, str(script)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, universal_newlines=True, timeout=600,
+                              env=env)
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["background"]["status"][-1].startswith("native reader"), out["background"]
+    assert out["0"]["status"] == ["Python reader (CYNAG_TORCH_NATIVE=0)"] * 2
+    assert out["background"]["bits"] == out["0"]["bits"]
+    assert out["background"]["v"] == out["0"]["v"]
