@@ -9,19 +9,24 @@
 //
 // collect(params, state) -> (codes, ptrs, sizes, kinds, states), one row per parameter:
 //   codes: 0 no gradient (skipped); 1 the kernel takes it (CPU, float32 or
-//   float64, at least 1-d, parameter, gradient and state v contiguous); 2 the
-//   Python path updates it (no state yet, float16/bfloat16, CUDA,
-//   non-contiguous, 0-d); 3 something does not fit (the Python path names
-//   it and raises).
+//   float64, at least 1-d, parameter, gradient and state v contiguous, its
+//   arrays overlapping no other array of the table); 2 the Python path
+//   updates it (no state yet, float16/bfloat16, CUDA, non-contiguous, 0-d,
+//   overlapping); 3 something does not fit (the Python path names it and
+//   raises).
 //   ptrs (n, 3) int64: param, grad, v addresses of code-1 rows; sizes (n,)
 //   int64 their elements; kinds (n,) int8: 0 float32, 1 float64.
 //   state: the optimizer's state (a dict keyed by parameter); states[i]: the
 //   parameter's entry in it, or None.
 #include <torch/extension.h>
+
+#include <climits>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <tuple>
 #include <unordered_map>
+#include <vector>
 
 namespace {
 
@@ -112,6 +117,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, py::list> collect(py:
         kd[i] = t == at::kFloat ? 0 : 1;
     }
     Py_DECREF(v_key);
+    // Rows whose arrays overlap (another row's, or one another's) go to the
+    // Python path, which updates them one by one in order, as Chainer's loop.
+    struct Span {
+        int64_t lo, hi, row;
+    };
+    std::vector<Span> spans;
+    spans.reserve(static_cast<size_t>(3 * n));
+    for (int64_t i = 0; i < n; i++) {
+        if (c[i] != 1)
+            continue;
+        const int64_t nb = sz[i] * (kd[i] == 0 ? 4 : 8);
+        if (nb == 0)
+            continue;
+        for (int j = 0; j < 3; j++)
+            spans.push_back({pt[3 * i + j], pt[3 * i + j] + nb, i});
+    }
+    std::sort(spans.begin(), spans.end(),
+              [](const Span& a, const Span& b) { return a.lo < b.lo; });
+    // Sorted by start: a span overlaps another iff it starts before an earlier
+    // one ends, or the next one starts before it ends.
+    int64_t runmax = INT64_MIN;
+    const size_t m = spans.size();
+    for (size_t k = 0; k < m; k++) {
+        if (spans[k].lo < runmax || (k + 1 < m && spans[k + 1].lo < spans[k].hi))
+            c[spans[k].row] = 2;
+        runmax = std::max(runmax, spans[k].hi);
+    }
     return std::make_tuple(codes, ptrs, sizes, kinds, states);
 }
 

@@ -420,6 +420,12 @@ class NesterovAG(torch.optim.Optimizer):
             ptrs = numpy.array([[p.data_ptr() for p in ps], [g.data_ptr() for g in gs],
                                 [v.data_ptr() for v in vs]], numpy.int64).T.copy()
             sizes = numpy.array([p.numel() for p in ps], numpy.int64)
+        if table is not None and not wd:
+            # The native reader checked the overlaps (overlapping rows are not in it).
+            if not functional.nesterov_ag_addresses(ptrs, sizes, dtype, lr=lr,
+                                                    momentum=momentum):
+                self._run_copies(es, lr, momentum, wd)
+            return
         nbytes = sizes * dtype.itemsize
         # Each tensor's three arrays disjoint (a gradient aliasing its
         # parameter goes through copies), and no tensor overlapping another
