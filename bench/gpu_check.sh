@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks, for a machine with an NVIDIA GPU: the GPU tests, then the
-# GPU benchmark (single tensors, 2000x64, 1000x1000, ResNet-50's shapes).
+# The GPU checks, for a machine with an NVIDIA GPU: the GPU tests (and the
+# cynag.torch CUDA case where PyTorch with CUDA is installed), then the GPU
+# benchmark (single tensors, 2000x64, 1000x1000, ResNet-50's shapes).
 #   bash bench/gpu_check.sh [bench_gpu.py options]     (from anywhere)
 # When the running interpreter already has CuPy and sees a device (a machine
 # without network access, say), cynag's extensions are built in place and
@@ -24,5 +25,13 @@ fi
 python -c "import cynag; cynag.show_config()"
 status=0
 python -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py || status=$?
+# cynag.torch on CUDA tensors, where this interpreter has a CUDA PyTorch.
+if python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    python -m pytest -q -p no:cacheprovider -rs --confcutdir tests/torch_cases \
+        -o python_files="torch_case_*.py" -m gpu tests/torch_cases/torch_case_optimizer.py \
+        || status=$?
+else
+    echo "gpu_check: no CUDA PyTorch here; the cynag.torch CUDA case not run"
+fi
 python bench/bench_gpu.py --json "${OUT:-.}/bench_gpu.json" "$@"
 exit "$status"
