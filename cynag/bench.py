@@ -544,30 +544,34 @@ def build_user_chainer_update(env, shapes, dtype, grads, thread_counts):
 def build_user_torch_fused(env, shapes, dtype, grads, thread_counts):
     steps, (params, opt), note = build_torch_fused(env, shapes, dtype, grads, thread_counts)
     sources = [p.grad for p in params]
+    return steps, (params, opt, sources), note, _torch_fresh(opt, params, sources)
 
+
+def _torch_fresh(opt, params, sources):
+    """fresh(): zero_grad(), then a new copy of every gradient (as backward allocates them)."""
     def fresh():
         opt.zero_grad(set_to_none=True)
         for p, g in zip(params, sources):
             p.grad = g.clone()
-    return steps, (params, opt, sources), note, fresh
+    return fresh
+
+
+def _torch_params(env, shapes, dtype):
+    if env.torch is None:
+        raise Skip("torch " + env.torch_note)
+    return [env.torch.nn.Parameter(env.torch.from_numpy(p))
+            for p in make_params(shapes, dtype, seed=1)]
 
 
 def build_user_cynag_torch(env, shapes, dtype, grads, thread_counts):
     """cynag.torch.NesterovAG on the same tensors as torch fused, new gradients every step."""
+    params = _torch_params(env, shapes, dtype)
     torch = env.torch
-    if torch is None:
-        raise Skip("torch " + env.torch_note)
     import cynag.torch as cynag_torch
 
-    params = [torch.nn.Parameter(torch.from_numpy(p)) for p in make_params(shapes, dtype,
-                                                                            seed=1)]
     sources = [torch.from_numpy(numpy.array(g)) for g in grads]
     opt = cynag_torch.NesterovAG(params, lr=LR, momentum=MOMENTUM)
-
-    def fresh():
-        opt.zero_grad(set_to_none=True)
-        for p, g in zip(params, sources):
-            p.grad = g.clone()
+    fresh = _torch_fresh(opt, params, sources)
     fresh()
     opt.step()
 
@@ -581,13 +585,9 @@ def build_user_cynag_torch(env, shapes, dtype, grads, thread_counts):
 
 
 def build_user_floor_torch(env, shapes, dtype, grads, thread_counts):
-    torch = env.torch
-    if torch is None:
-        raise Skip("torch " + env.torch_note)
-    params = [torch.nn.Parameter(torch.from_numpy(p)) for p in make_params(shapes, dtype,
-                                                                            seed=1)]
+    params = _torch_params(env, shapes, dtype)
     for p, g in zip(params, grads):
-        p.grad = torch.from_numpy(numpy.array(g))
+        p.grad = env.torch.from_numpy(numpy.array(g))
 
     def step():
         return [p.grad for p in params]
