@@ -1668,7 +1668,8 @@ def parse_args(argv):
     ap.add_argument("--torch", action="store_true",
                     help="time cynag.torch.NesterovAG against PyTorch's fused SGD only "
                          "(new gradient tensors every step, as zero_grad() + backward() "
-                         "make them; cases small, medium, resnet50 by default)")
+                         "make them; cases small, medium, resnet50 by default); with "
+                         "--e2e, PyTorch's training loop on the e2e models")
     ap.add_argument("--mpi", action="store_true",
                     help="time the gradient averaging of cynag.multinode instead (run under "
                          "mpiexec -n 2 or more; cases small, big, resnet50)")
@@ -1688,6 +1689,8 @@ def parse_args(argv):
             args.cases = _case_list(args.cases, models)
         except argparse.ArgumentTypeError as e:
             ap.error("argument --cases: %s" % e)
+    if args.torch and args.mpi:
+        ap.error("--torch does not combine with --mpi")
     if args.e2e and (args.mpi or args.plot):
         ap.error("--e2e does not combine with %s" % ("--mpi" if args.mpi else "--plot"))
     if args.e2e_iterations is not None and args.e2e_iterations < 1:
@@ -1738,9 +1741,12 @@ def main(argv=None):
 
     info = machine_info(env)
     if args.e2e:
-        if env.chainer is None:
+        missing = (("torch", env.torch_note) if args.torch and env.torch is None else
+                   ("chainer", env.chainer_note) if not args.torch and env.chainer is None
+                   else None)
+        if missing is not None:
             print("\n".join(header_lines(env, info)))
-            print("--e2e: nothing to run, chainer %s" % env.chainer_note)
+            print("--e2e: nothing to run, %s %s" % missing)
             return 0
         # The machine and the software; the settings are the e2e run's own.
         return bench_e2e.main(args, {"header": header_lines(env, info)[:4], "machine": info,

@@ -1,4 +1,4 @@
-"""End-to-end training steps: ``python -m cynag.bench --e2e``.
+"""End-to-end training steps: ``python -m cynag.bench --e2e`` (and ``--e2e --torch``).
 
 Times Chainer's own training loop -- ``StandardUpdater.update()`` on an
 ``L.Classifier`` (iterator, forward, backward, optimizer update) over
@@ -20,6 +20,11 @@ interleaved (Chainer, cynag, cynag, Chainer, ...); each process warms up, then
 times every iteration, up to a number or (from a few iterations on) a time
 budget; a run's figure is its median iteration.
 
+``--e2e --torch`` runs PyTorch's loop instead (``zero_grad``, forward,
+``CrossEntropyLoss``, backward, ``step``) on the same three models built with
+``torch.nn``, with ``torch.optim.SGD(nesterov=True, fused=True)`` and with
+``cynag.torch.NesterovAG`` (whose native reader is built before timing).
+
 The optimizer's share of an iteration: the loss function handed to the
 updater times the forward pass and the backward pass of the loss it returns;
 ``optimizer.update`` (which runs both, clears the gradients between them and
@@ -40,7 +45,10 @@ MODELS = {
                 "Linear(128, 10); 1x28x28 inputs", 32),
 }
 OPTIMIZERS = ("chainer", "cynag")
-LABELS = {"chainer": "chainer NesterovAG", "cynag": "cynag NesterovAG"}
+LABELS = {"chainer": "chainer NesterovAG", "cynag": "cynag NesterovAG",
+          "torch": "torch SGD fused", "cynag_torch": "cynag.torch NesterovAG"}
+#: ``--e2e --torch``: PyTorch's training loop, its fused Nesterov SGD against cynag.torch.
+TORCH_OPTIMIZERS = ("torch", "cynag_torch")
 LR = 0.01
 MOMENTUM = 0.9
 #: Samples in the synthetic data set, in batches (the iterator repeats it).
@@ -188,6 +196,97 @@ def worker(spec):
     }
 
 
+def _build_torch_model(torch, name):
+    nn = torch.nn
+
+    def mlp(width, depth, n_in):
+        layers = []
+        for i in range(depth):
+            layers += [nn.Linear(n_in if i == 0 else width, width), nn.ReLU()]
+        layers.append(nn.Linear(width, 10))
+        for m in layers:
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight)
+        return nn.Sequential(*layers)
+
+    if name == "mlp-wide":
+        return mlp(256, 20, 256), (256,)
+    if name == "mlp-deep":
+        return mlp(16, 1000, 16), (16,)
+    layers = []
+    for c_in, c_out in ((1, 16), (16, 32), (32, 64)):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+    layers += [nn.Flatten(), nn.Linear(64 * 3 * 3, 128), nn.ReLU(), nn.Linear(128, 10)]
+    return nn.Sequential(*layers), (1, 28, 28)
+
+
+def torch_worker(spec):
+    """PyTorch's loop (zero_grad, forward, backward, step) on one model; results as a dict."""
+    import numpy
+    import torch
+
+    import cynag
+    from cynag.bench import thread_env
+
+    name, which = spec["model"], spec["optimizer"]
+    torch.manual_seed(spec.get("seed", 0))
+    model, in_shape = _build_torch_model(torch, name)
+    batch = MODELS[name][1]
+    rng = numpy.random.default_rng(spec.get("seed", 0))
+    n = batch * DATA_BATCHES
+    x = torch.from_numpy(rng.standard_normal((n,) + in_shape).astype(numpy.float32))
+    t = torch.from_numpy(rng.integers(0, 10, n).astype(numpy.int64))
+    if which == "torch":
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
+                              fused=True)
+    else:
+        import cynag.torch as cynag_torch
+
+        opt = cynag_torch.NesterovAG(model.parameters(), lr=LR, momentum=MOMENTUM)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def iteration(k, times=None):
+        i = (k % DATA_BATCHES) * batch
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x[i:i + batch]), t[i:i + batch])
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        if times is not None:
+            times.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
+        return loss
+
+    for k in range(spec["warmup"]):
+        iteration(k)
+    if which == "cynag_torch":
+        from cynag import _torch_native
+
+        _torch_native.wait()  # the native reader, as after the first steps of a run
+    times = []
+    stop = time.perf_counter() + spec["max_s"]
+    k = spec["warmup"]
+    while len(times) < spec["iterations"] and (
+            len(times) < min(spec["iterations"], MIN_ITERATIONS) or time.perf_counter() < stop):
+        loss = iteration(k, times)
+        k += 1
+    params = list(model.parameters())
+    reader = None
+    if which == "cynag_torch":
+        reader = cynag_torch.native_status()
+    return {
+        "model": name, "optimizer": which, "batch": batch,
+        "n_params": len(params), "elements": int(sum(p.numel() for p in params)),
+        "iter_s": [a for a, _, _, _ in times], "forward_s": [b for _, b, _, _ in times],
+        "backward_s": [c for _, _, c, _ in times], "optimizer_s": [d for _, _, _, d in times],
+        "final_loss": float(loss.detach()), "reader": reader,
+        "cynag_path": os.path.dirname(os.path.abspath(cynag.__file__)),
+        "pid": os.getpid(), "env": thread_env(),
+    }
+
+
 # ---------------------------------------------------------------------------
 # Parent: pairs of processes, interleaved
 # ---------------------------------------------------------------------------
@@ -226,25 +325,25 @@ def _summary(runs):
     return out
 
 
-def run_model(name, pairs, iterations, max_s, warmup, env, progress):
+def run_model(name, pairs, iterations, max_s, warmup, env, progress, optimizers=OPTIMIZERS):
     """``pairs`` interleaved pairs of runs of one model; the model's results."""
-    runs = {which: [] for which in OPTIMIZERS}
+    runs = {which: [] for which in optimizers}
     for r in range(pairs):
-        order = OPTIMIZERS if r % 2 == 0 else OPTIMIZERS[::-1]
+        order = optimizers if r % 2 == 0 else optimizers[::-1]
         for which in order:
             progress("[e2e %s] pair %d/%d: %s (own process)"
                      % (name, r + 1, pairs, LABELS[which]))
             runs[which].append(run_worker({"model": name, "optimizer": which,
                                            "iterations": iterations, "max_s": max_s,
                                            "warmup": warmup}, env))
-    first = runs["cynag"][0]
+    first = runs[optimizers[1]][0]
     res = {"name": name, "description": MODELS[name][0], "batch": first["batch"],
            "n_params": first["n_params"], "elements": first["elements"], "pairs": pairs,
-           "iterations": min(len(r["iter_s"]) for w in OPTIMIZERS for r in runs[w]),
-           "warmup": warmup,
-           "optimizers": {w: _summary(runs[w]) for w in OPTIMIZERS},
+           "iterations": min(len(r["iter_s"]) for w in optimizers for r in runs[w]),
+           "warmup": warmup, "compared": list(optimizers),
+           "optimizers": {w: _summary(runs[w]) for w in optimizers},
            "runs": runs}
-    a, b = runs["chainer"], runs["cynag"]
+    a, b = runs[optimizers[0]], runs[optimizers[1]]
     med = statistics.median
     res["ratio_iter"] = med(med(x["iter_s"]) / med(y["iter_s"]) for x, y in zip(a, b))
     res["ratio_optimizer"] = med(med(x["optimizer_s"]) / med(y["optimizer_s"])
@@ -258,18 +357,20 @@ def fmt_model(res, fmt_time, sig, out):
       ">= %d iterations each ==\n" % (res["name"], res["description"], res["batch"],
                                    res["n_params"], format(res["elements"], ","),
                                    res["pairs"], res["iterations"]))
-    cols = "%-19s %10s %10s %10s %11s %7s  %s"
+    cols = "%-22s %10s %10s %10s %11s %7s  %s"
     hdr = cols % ("optimizer", "time/iter", "forward", "backward", "optimizer", "share",
                   "final loss (last run)")
     w(hdr + "\n" + "-" * len(hdr) + "\n")
-    for which in OPTIMIZERS:
+    compared = res.get("compared", OPTIMIZERS)
+    for which in compared:
         s = res["optimizers"][which]
         w(cols % (LABELS[which], fmt_time(s["iter_s"]), fmt_time(s["forward_s"]),
                   fmt_time(s["backward_s"]), fmt_time(s["optimizer_s"]),
                   "%.1f%%" % (100 * s["optimizer_share"]),
                   sig(res["runs"][which][-1]["final_loss"])) + "\n")
-    w("chainer / cynag: time per iteration x%s, optimizer's own part x%s "
-      "(> 1: cynag faster)\n" % (sig(res["ratio_iter"]), sig(res["ratio_optimizer"])))
+    w("%s / %s: time per iteration x%s, optimizer's own part x%s "
+      "(> 1: cynag faster)\n" % (compared[0], compared[1], sig(res["ratio_iter"]),
+                                 sig(res["ratio_optimizer"])))
     out.flush()
 
 
@@ -286,24 +387,36 @@ def main(args, env_info, fmt_time, sig, progress, json_default):
           % (rounds, warmup, iterations, MIN_ITERATIONS, max_s,
              ", with " + " ".join("%s=%s" % kv for kv in sorted(env_info["machine"]["env"].items()))
              if env_info["machine"]["env"] else ""))
-    print("End to end: chainer.training.updaters.StandardUpdater(SerialIterator, optimizer)"
-          ".update() on L.Classifier(model), synthetic data; lr=%g momentum=%g.\n"
-          "Each run is its own process (%s); pairs interleaved; figures are medians over "
-          "runs of each run's median iteration.  optimizer = optimizer.update() minus the "
-          "forward and backward passes it runs; share = its part of an iteration."
-          % (LR, MOMENTUM, sys.executable))
+    use_torch = getattr(args, "torch", False)
+    optimizers = TORCH_OPTIMIZERS if use_torch else OPTIMIZERS
+    if use_torch:
+        print("End to end: PyTorch's loop (zero_grad, forward, CrossEntropyLoss, backward, "
+              "step) on the same models in torch.nn, synthetic data; lr=%g momentum=%g; "
+              "torch.optim.SGD(nesterov=True, fused=True) against cynag.torch.NesterovAG "
+              "(its native reader built before timing).\n"
+              "Each run is its own process (%s); pairs interleaved; figures are medians over "
+              "runs of each run's median iteration.  forward includes zero_grad and the "
+              "loss; optimizer = step(); share = its part of an iteration."
+              % (LR, MOMENTUM, sys.executable))
+    else:
+        print("End to end: chainer.training.updaters.StandardUpdater(SerialIterator, optimizer)"
+              ".update() on L.Classifier(model), synthetic data; lr=%g momentum=%g.\n"
+              "Each run is its own process (%s); pairs interleaved; figures are medians over "
+              "runs of each run's median iteration.  optimizer = optimizer.update() minus the "
+              "forward and backward passes it runs; share = its part of an iteration."
+              % (LR, MOMENTUM, sys.executable))
     sys.stdout.flush()
     models, failures = [], {}
     for name in args.cases:
         try:
-            res = run_model(name, rounds, iterations, max_s, warmup, env, progress)
+            res = run_model(name, rounds, iterations, max_s, warmup, env, progress, optimizers)
         except Exception as e:   # report and go on: a benchmark never fails the caller
             failures[name] = "%s: %s" % (type(e).__name__, e)
             print("\n== e2e %s: failed (%s) ==" % (name, failures[name]))
             continue
         models.append(res)
         fmt_model(res, fmt_time, sig, sys.stdout)
-    paths = {r["cynag_path"] for m in models for w in OPTIMIZERS for r in m["runs"][w]}
+    paths = {r["cynag_path"] for m in models for w in m["compared"] for r in m["runs"][w]}
     if paths and paths != {env_info["machine"]["cynag_path"]}:
         print("WARNING: the workers imported cynag from %s, not %s"
               % (", ".join(sorted(paths)), env_info["machine"]["cynag_path"]))
@@ -323,7 +436,9 @@ def main(args, env_info, fmt_time, sig, progress, json_default):
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(json.loads(sys.argv[2]))))
+        job = json.loads(sys.argv[2])
+        print(json.dumps((torch_worker if job["optimizer"] in TORCH_OPTIMIZERS
+                          else worker)(job)))
         sys.exit(0)
     sys.stderr.write("usage: python -m cynag.bench --e2e  (this module is its worker)\n")
     sys.exit(2)

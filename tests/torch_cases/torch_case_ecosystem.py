@@ -196,3 +196,14 @@ def test_bench_torch_rows():
             if line.startswith(("cynag.torch NesterovAG", "torch fused SGD", "Python floor, torch"))]
     assert len(rows) == 3, proc.stdout[-4000:]
     assert "failed" not in proc.stdout
+
+
+def test_bench_e2e_torch():
+    proc = subprocess.run([sys.executable, "-m", "cynag.bench", "--e2e", "--torch",
+                           "--cases", "mlp-wide", "--quick", "--rounds", "1",
+                           "--e2e-iterations", "2"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "torch / cynag_torch: time per iteration" in proc.stdout, proc.stdout[-4000:]
+    assert "failed" not in proc.stdout
