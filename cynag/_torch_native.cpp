@@ -7,7 +7,8 @@
 // decides and reads; it never changes a tensor or a state except in
 // bump_steps.
 //
-// collect(params, state) -> (codes, ptrs, sizes, kinds, states), one row per parameter:
+// collect(params, state) -> (codes, ptrs, sizes, kinds, states, uniform), one row per
+// parameter (uniform: the kind of every row if all are code 1 of one kind, else -1):
 //   codes: 0 no gradient (skipped); 1 the kernel takes it (CPU, float32 or
 //   float64, at least 1-d, parameter, gradient and state v contiguous, its
 //   arrays overlapping no other array of the table); 2 the Python path
@@ -37,8 +38,8 @@ bool is_float(c10::ScalarType t)
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, py::list> collect(py::list params,
-                                                                              py::dict state)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, py::list, int> collect(
+    py::list params, py::dict state)
 {
     const int64_t n = static_cast<int64_t>(py::len(params));
     // The optimizer's state by parameter object (identity, as the dictionary's
@@ -144,7 +145,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, py::list> collect(py:
             c[spans[k].row] = 2;
         runmax = std::max(runmax, spans[k].hi);
     }
-    return std::make_tuple(codes, ptrs, sizes, kinds, states);
+    // uniform: the kind of every row when all are code 1 of one kind, else -1.
+    int uniform = n > 0 ? kd[0] : -1;
+    for (int64_t i = 0; i < n && uniform >= 0; i++)
+        if (c[i] != 1 || kd[i] != uniform)
+            uniform = -1;
+    return std::make_tuple(codes, ptrs, sizes, kinds, states, uniform);
 }
 
 // state["step"] += 1 for every state dict of the list (Python ints).

@@ -185,7 +185,7 @@ def nesterov_ag_addresses(ptrs, sizes, dtype, *, lr, momentum, ops=None, num_thr
         not fit ``dtype`` (NumPy 1.x would then compute in float64; the
         caller uses :func:`nesterov_ag` with ``impl="single"``).
     """
-    from cynag_kernels.multi_tensor import coefficient_table, run_selected_rows
+    from cynag_kernels.multi_tensor import coefficient_table, run_addresses
 
     dtype = numpy.dtype(dtype)
     ptrs = numpy.ascontiguousarray(ptrs, numpy.int64).reshape(-1, 3)
@@ -198,13 +198,7 @@ def nesterov_ag_addresses(ptrs, sizes, dtype, *, lr, momentum, ops=None, num_thr
     coef, ok = coefficient_table(dtype, [lr], [momentum])
     if not ok[0]:
         return False
-    coef = numpy.ascontiguousarray(numpy.broadcast_to(coef, (n, coef.shape[1])))
-    select = numpy.ones(n, numpy.uint8)
-    type_num = numpy.full(n, dtype.num, numpy.int32)
-    scratch = (numpy.empty((n, 3), numpy.int64), numpy.empty(n + 1, numpy.int64),
-               numpy.empty((n, coef.shape[1]), numpy.float64))
-    run_selected_rows(ptrs, sizes, coef, select, 1, type_num, dtype.num, 0, n, scratch,
-                      num_threads=num_threads, ops=ops)
+    run_addresses(ptrs, sizes, coef[0], dtype.num, num_threads=num_threads, ops=ops)
     return True
 
 

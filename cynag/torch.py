@@ -321,7 +321,12 @@ class NesterovAG(torch.optim.Optimizer):
         params = group["params"]
         if type(params) is not list:
             params = list(params)
-        codes, ptrs, sizes, kinds, sts = native.collect(params, self.state)
+        codes, ptrs, sizes, kinds, sts, uniform = native.collect(params, self.state)
+        if uniform >= 0:
+            # (the usual case: every parameter dense, of one dtype, with a state)
+            dtype = torch.float32 if uniform == 0 else torch.float64
+            return lr, momentum, wd, {dtype: ("table", range(len(params)), params, sts,
+                                              ptrs.numpy(), sizes.numpy())}, []
         codes, ptrs, sizes, kinds = codes.numpy(), ptrs.numpy(), sizes.numpy(), kinds.numpy()
         bad = numpy.flatnonzero(codes == 3)
         for pi in bad.tolist():
@@ -333,7 +338,7 @@ class NesterovAG(torch.optim.Optimizer):
         for kind, dtype in ((0, torch.float32), (1, torch.float64)):
             rows = numpy.flatnonzero((codes == 1) & (kinds == kind))
             if len(rows):
-                fast[dtype] = ("table", rows, params, sts, ptrs[rows], sizes[rows])
+                fast[dtype] = ("table", rows.tolist(), params, sts, ptrs[rows], sizes[rows])
         rest = []
         for pi in numpy.flatnonzero(codes == 2).tolist():
             p = params[pi]
@@ -398,11 +403,11 @@ class NesterovAG(torch.optim.Optimizer):
 
     def _run_table(self, native, dtype, lr, momentum, wd, rows, params, sts, ptrs, sizes):
         """Rows the native reader found dense: its address table, straight to the kernel."""
-        rows = rows.tolist()
         es = _LazyRows(params, sts, rows)
         gs = [params[i].grad for i in rows] if wd else None
         self._run_cpu(None, gs, None, dtype, lr, momentum, wd, es=es, table=(ptrs, sizes))
-        native.bump_steps([sts[i] for i in rows])
+        native.bump_steps(sts if isinstance(rows, range) and len(rows) == len(sts)
+                          else [sts[i] for i in rows])
 
     def _run_cpu(self, ps, gs, vs, dtype, lr, momentum, wd, es=None, table=None):
         """Dense CPU tensors of a kernel dtype: one native call over their addresses."""
@@ -410,8 +415,8 @@ class NesterovAG(torch.optim.Optimizer):
             es = _LazyEntries(ps, gs, vs)
         if table is not None:
             ptrs, sizes = table
-            ptrs = numpy.array(ptrs, numpy.int64)
             if wd:
+                ptrs = numpy.array(ptrs, numpy.int64)
                 gs = [g.clone() for g in gs]  # the decayed gradients (p.grad is left as is)
                 ptrs[:, 1] = [g.data_ptr() for g in gs]
         else:

@@ -1651,3 +1651,46 @@ def test_bad_hyperparameter_after_the_plan_was_built():
     bad.assert_unchanged(model, opt, snap)
     opt.lr = 0.1
     opt.update()
+
+
+# ---------------------------------------------------------------------------
+# cynag.functional.nesterov_ag_addresses: the entry of front ends holding no
+# NumPy arrays (cynag.torch)
+# ---------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 12), dtype=st.sampled_from([F16, F32, F64]), seed=st.integers(0, 999),
+       with_ops=st.booleans(), num_threads=st.sampled_from([None, 1, 2]))
+def test_nesterov_ag_addresses_matches_per_tensor_kernel(n, dtype, seed, with_ops,
+                                                         num_threads):
+    from cynag import functional
+    from cynag_kernels.hooks import op_row
+
+    rng = np.random.default_rng(seed)
+    shapes = [tuple(int(d) for d in rng.integers(0, 5, rng.integers(1, 3))) for _ in range(n)]
+    ps = [random_values(rng, s, dtype) for s in shapes]
+    gs = [random_values(rng, s, dtype) for s in shapes]
+    vs = [random_values(rng, s, dtype) for s in shapes]
+    ref = [(p.copy(), g.copy(), v.copy()) for p, g, v in zip(ps, gs, vs)]
+    ops = np.array([op_row(dtype, ("weight_decay", 0.01))]) if with_ops else None
+    ptrs = np.array([[p.ctypes.data, g.ctypes.data, v.ctypes.data]
+                     for p, g, v in zip(ps, gs, vs)], np.int64).reshape(-1, 3)
+    sizes = np.array([p.size for p in ps], np.int64)
+    assert functional.nesterov_ag_addresses(ptrs, sizes, dtype, lr=0.1, momentum=0.9, ops=ops,
+                                            num_threads=num_threads)
+    for (p, g, v), a, b, c in zip(ref, ps, gs, vs):
+        functional.nesterov_ag([p], [g], [v], lr=0.1, momentum=0.9, ops=ops, impl="multi")
+        assert_same_bits(a, p)
+        assert_same_bits(b, g)
+        assert_same_bits(c, v)
+
+
+def test_nesterov_ag_addresses_refuses_coefficients_the_dtype_cannot_hold():
+    from cynag import functional
+
+    p, g, v = np.ones(4, F32), np.ones(4, F32), np.zeros(4, F32)
+    ptrs = np.array([[p.ctypes.data, g.ctypes.data, v.ctypes.data]], np.int64)
+    assert not functional.nesterov_ag_addresses(ptrs, np.array([4]), F32, lr=1e39,
+                                                momentum=0.5)
+    assert (p == 1).all() and (v == 0).all()  # nothing changed
+    with pytest.raises(ValueError, match="same length"):
+        functional.nesterov_ag_addresses(ptrs, np.array([4, 4]), F32, lr=0.1, momentum=0.9)
