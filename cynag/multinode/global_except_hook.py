@@ -12,9 +12,12 @@ installs it when :mod:`cynag.multinode` is imported.
 """
 import os
 import sys
+import time
 import warnings
 
 _orig_except_hook = None
+#: Seconds between printing the exception and calling ``MPI_Abort``.
+ABORT_DELAY_S = 0.5
 
 
 def _global_except_hook(exctype, value, traceback):
@@ -39,6 +42,11 @@ def _global_except_hook(exctype, value, traceback):
         sys.stderr.write("******************************************\n")
         sys.stderr.write("\n\n")
         sys.stderr.flush()
+        # The launcher forwards this process's output asynchronously, and
+        # MPI_Abort ends its forwarding too: give it a moment to pass the
+        # traceback and the banner on (MPICH's mpiexec lost the banner
+        # without it, now and then).
+        time.sleep(ABORT_DELAY_S)
         try:
             import mpi4py.MPI
 
