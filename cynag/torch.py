@@ -34,6 +34,7 @@ import torch
 
 from cynag import _torch_native as _native
 from cynag import functional
+from cynag_kernels.multi_tensor import shared_rows
 
 __all__ = ["NesterovAG", "load_chainer_state", "save_chainer_state", "native_status",
            "chainer_to_torch_name",
@@ -44,11 +45,6 @@ _KERNEL_DTYPES = {torch.float32: numpy.dtype(numpy.float32),
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = tuple(_KERNEL_DTYPES) + _HALF_DTYPES
 _FLOAT_SET = frozenset(_FLOAT_DTYPES)
-
-
-def kernel_dtype(dtype):
-    """The NumPy dtype of a torch dtype the CPU kernel takes."""
-    return _KERNEL_DTYPES[dtype]
 
 
 def _hyper(group, name, gi):
@@ -74,6 +70,9 @@ def _explain(gi, pi, p, g):
     if g.layout != torch.strided:
         raise RuntimeError("%s: cynag.torch.NesterovAG does not support sparse gradients"
                            % label)
+    if p.layout != torch.strided:
+        raise RuntimeError("%s: cynag.torch.NesterovAG does not support sparse parameters"
+                           % label)
     if p.dtype not in _FLOAT_DTYPES:
         raise TypeError("%s: the parameter is not float16, bfloat16, float32 or float64"
                         % label)
@@ -86,53 +85,30 @@ def _explain(gi, pi, p, g):
     raise AssertionError("%s: no mismatch found" % label)  # pragma: no cover
 
 
-class _LazyEntries:
-    """``[_Entry(p, g, v)]`` of aligned lists, made when first indexed or iterated."""
+class _Rows:
+    """Some parameters of a group as the native reader listed them, with their states."""
 
-    def __init__(self, ps, gs, vs):
-        self._args = (ps, gs, vs)
-        self._list = None
+    __slots__ = ("params", "rows", "sts")
 
-    def _entries(self):
-        if self._list is None:
-            self._list = [_Entry(p, g, v, None) for p, g, v in zip(*self._args)]
-        return self._list
+    def __init__(self, params, rows, sts):
+        self.params, self.rows, self.sts = params, rows, sts
 
-    def __getitem__(self, k):
-        return self._entries()[k]
+    def grads(self):
+        return [self.params[i].grad for i in self.rows]
 
-    def __iter__(self):
-        return iter(self._entries())
-
-    def __len__(self):
-        return len(self._args[0])
-
-
-class _LazyRows(_LazyEntries):
-    """The entries of some rows of a group, made when first needed."""
-
-    def __init__(self, params, sts, rows):
-        self._args = (params, sts, rows)
-        self._list = None
-
-    def _entries(self):
-        if self._list is None:
-            params, sts, rows = self._args
-            self._list = [_Entry(params[i], params[i].grad, sts[i]["v"], None) for i in rows]
-        return self._list
-
-    def __len__(self):
-        return len(self._args[2])
+    def entries(self):
+        """Their entries (made only for tensors that go through copies)."""
+        return [_Entry(self.params[i], self.params[i].grad, st["v"], st, None)
+                for i, st in zip(self.rows, self.sts)]
 
 
 class _Entry:
-    """One parameter of one step: what the checks found and how it is updated."""
+    """One parameter of one step: its tensors, its state dict and its place."""
 
-    __slots__ = ("p", "g", "v", "label", "fast")
+    __slots__ = ("p", "g", "v", "st", "label")
 
-    def __init__(self, p, g, v, label):
-        self.p, self.g, self.v, self.label = p, g, v, label
-        self.fast = False
+    def __init__(self, p, g, v, st, label):
+        self.p, self.g, self.v, self.st, self.label = p, g, v, st, label
 
 
 class NesterovAG(torch.optim.Optimizer):
@@ -272,8 +248,9 @@ class NesterovAG(torch.optim.Optimizer):
 
     def _collect(self, gi, group, native=None):
         """Check the group; raise before anything changes.  Returns the plan of the group:
-        ``(lr, momentum, weight_decay, fast, rest)``, ``fast`` the dense CPU tensors
-        with a state, by dtype (lists of params, grads, vs, states), ``rest`` the others."""
+        ``(lr, momentum, weight_decay, fast, rest)``: ``fast``, by torch dtype, the dense
+        CPU tensors with a state, as ``(ps, gs, vs, states, table)`` (``table``: the
+        native reader's addresses and sizes, or None); ``rest``, the other entries."""
         lr = _hyper(group, "lr", gi)
         momentum = _hyper(group, "momentum", gi)
         wd = _hyper(group, "weight_decay", gi)
@@ -282,38 +259,24 @@ class NesterovAG(torch.optim.Optimizer):
         fast = {}
         rest = []
         state_get = self.state.get
-        strided = torch.strided
-        kernel_dtypes = _KERNEL_DTYPES
         for pi, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
-            pd = p.dtype
-            cuda = p.is_cuda
-            shape = p.shape
-            if g.dtype is not pd or g.is_cuda is not cuda or g.layout is not strided \
-                    or pd not in _FLOAT_SET or g.shape != shape \
-                    or (cuda and g.device != p.device):
-                _explain(gi, pi, p, g)
             st = state_get(p)
-            v = None
-            if st:
-                v = st.get("v")
-                if not isinstance(v, torch.Tensor) or v.dtype is not pd or v.shape != shape \
-                        or v.is_cuda is not cuda or (cuda and v.device != p.device):
-                    raise ValueError("%s: its state 'v' does not fit the parameter"
-                                     % _label(gi, pi, p))
-                if not cuda and pd in kernel_dtypes and p.is_contiguous() \
-                        and g.is_contiguous() and v.is_contiguous() and p.dim():
-                    lists = fast.get(pd)
-                    if lists is None:
-                        lists = fast[pd] = ([], [], [], [])
-                    lists[0].append(p)
-                    lists[1].append(g)
-                    lists[2].append(v)
-                    lists[3].append(st)
-                    continue
-            rest.append(_Entry(p, g, v, (gi, pi)))
+            v = self._check_one(gi, pi, p, g, st)
+            if v is not None and not p.is_cuda and p.dtype in _KERNEL_DTYPES \
+                    and p.is_contiguous() and g.is_contiguous() and v.is_contiguous() \
+                    and p.dim():
+                lists = fast.get(p.dtype)
+                if lists is None:
+                    lists = fast[p.dtype] = ([], [], [], [], None)
+                lists[0].append(p)
+                lists[1].append(g)
+                lists[2].append(v)
+                lists[3].append(st)
+                continue
+            rest.append(_Entry(p, g, v, st, (gi, pi)))
         return lr, momentum, wd, fast, rest
 
     def _collect_native(self, native, gi, group, lr, momentum, wd):
@@ -324,54 +287,70 @@ class NesterovAG(torch.optim.Optimizer):
         codes, ptrs, sizes, kinds, sts, uniform = native.collect(params, self.state)
         if uniform >= 0:
             # (the usual case: every parameter dense, of one dtype, with a state)
-            dtype = torch.float32 if uniform == 0 else torch.float64
-            return lr, momentum, wd, {dtype: ("table", range(len(params)), params, sts,
-                                              ptrs.numpy(), sizes.numpy())}, []
-        codes, ptrs, sizes, kinds = codes.numpy(), ptrs.numpy(), sizes.numpy(), kinds.numpy()
-        bad = numpy.flatnonzero(codes == 3)
-        for pi in bad.tolist():
-            self._check_one(gi, pi, params[pi], self.state.get(params[pi]))
-        if len(bad):
-            raise RuntimeError("%s: the native reader found it does not fit, the Python "
-                               "checks did not" % _label(gi, int(bad[0]), params[bad[0]]))
+            rows = [range(len(params))]
+            kinds_rows = [(torch.float32 if uniform == 0 else torch.float64, rows[0])]
+            ptrs, sizes = ptrs.numpy(), sizes.numpy()
+            rest = []
+        else:
+            codes, ptrs, sizes, kinds = (codes.numpy(), ptrs.numpy(), sizes.numpy(),
+                                         kinds.numpy())
+            bad = numpy.flatnonzero(codes == 3)
+            for pi in bad.tolist():
+                p = params[pi]
+                self._check_one(gi, pi, p, getattr(p, "grad", None), self.state.get(p))
+            if len(bad):
+                raise RuntimeError("%s: the native reader found it does not fit, the Python "
+                                   "checks did not" % _label(gi, int(bad[0]), params[bad[0]]))
+            kinds_rows = [(dtype, numpy.flatnonzero((codes == 1) & (kinds == kind)).tolist())
+                          for kind, dtype in ((0, torch.float32), (1, torch.float64))]
+            rest = []
+            for pi in numpy.flatnonzero(codes == 2).tolist():
+                p, st = params[pi], sts[pi]
+                rest.append(_Entry(p, p.grad, st.get("v") if st else None, st, (gi, pi)))
         fast = {}
-        for kind, dtype in ((0, torch.float32), (1, torch.float64)):
-            rows = numpy.flatnonzero((codes == 1) & (kinds == kind))
+        for dtype, rows in kinds_rows:
             if len(rows):
-                fast[dtype] = ("table", rows.tolist(), params, sts, ptrs[rows], sizes[rows])
-        rest = []
-        for pi in numpy.flatnonzero(codes == 2).tolist():
-            p = params[pi]
-            st = sts[pi]
-            rest.append(_Entry(p, p.grad, st.get("v") if st else None, (gi, pi)))
+                all_rows = isinstance(rows, range)
+                row_sts = sts if all_rows else [sts[i] for i in rows]
+                table = (ptrs, sizes) if all_rows else (ptrs[rows], sizes[rows])
+                fast[dtype] = (_Rows(params, rows, row_sts), None, None, row_sts, table)
         return lr, momentum, wd, fast, rest
 
-    def _check_one(self, gi, pi, p, st):
-        """The Python checks of one parameter (raise the error that names it)."""
+    def _check_one(self, gi, pi, p, g, st):
+        """The checks of one parameter with a gradient: raise the error that names it.
+
+        Returns its state's ``v`` (None if it has no state yet).
+        """
         if not isinstance(p, torch.Tensor):
-            raise TypeError("%s is not a tensor" % ("param_groups[%d]['params'][%d]" % (gi, pi)))
-        g = p.grad
-        if g is None:
-            return
-        if g.dtype is not p.dtype or g.is_cuda is not p.is_cuda \
-                or g.layout is not torch.strided or p.layout is not torch.strided \
-                or p.dtype not in _FLOAT_SET or g.shape != p.shape or g.device != p.device:
+            raise TypeError("param_groups[%d]['params'][%d] is not a tensor" % (gi, pi))
+        pd = p.dtype
+        cuda = p.is_cuda
+        if g.dtype is not pd or g.is_cuda is not cuda or g.layout is not torch.strided \
+                or p.layout is not torch.strided or pd not in _FLOAT_SET \
+                or g.shape != p.shape or (cuda and g.device != p.device):
             _explain(gi, pi, p, g)
-        if st:
-            v = st.get("v")
-            if not isinstance(v, torch.Tensor) or v.layout is not torch.strided \
-                    or v.dtype is not p.dtype or v.shape != p.shape or v.device != p.device:
-                raise ValueError("%s: its state 'v' does not fit the parameter"
-                                 % _label(gi, pi, p))
+        if not st:
+            return None
+        v = st.get("v")
+        if not isinstance(v, torch.Tensor) or v.layout is not torch.strided \
+                or v.dtype is not pd or v.shape != p.shape or v.is_cuda is not cuda \
+                or (cuda and v.device != p.device):
+            raise ValueError("%s: its state 'v' does not fit the parameter" % _label(gi, pi, p))
+        return v
 
     def _apply(self, group, plan, native=None):
         lr, momentum, wd, fast, rest = plan
-        for pd, item in fast.items():
-            if item[0] == "table":
-                self._run_table(native, kernel_dtype(pd), lr, momentum, wd, *item[1:])
+        for pd, (ps, gs, vs, sts, table) in fast.items():
+            if table is not None:  # the native reader's rows
+                rows = ps
+                gs = rows.grads() if wd else None
+                self._run_cpu(None, gs, None, _KERNEL_DTYPES[pd], lr, momentum, wd,
+                              rows.entries, table)
+                native.bump_steps(sts)
                 continue
-            ps, gs, vs, sts = item
-            self._run_cpu(ps, gs, vs, kernel_dtype(pd), lr, momentum, wd)
+            self._run_cpu(ps, gs, vs, _KERNEL_DTYPES[pd], lr, momentum, wd,
+                          lambda ps=ps, gs=gs, vs=vs: [_Entry(p, g, v, None, None)
+                                                       for p, g, v in zip(ps, gs, vs)])
             for st in sts:
                 st["step"] += 1
         if not rest:
@@ -380,7 +359,7 @@ class NesterovAG(torch.optim.Optimizer):
         for e in rest:
             if e.v is None:
                 e.v = torch.zeros_like(e.p, memory_format=torch.preserve_format)
-                state[e.p] = {"v": e.v, "step": 0}
+                e.st = state[e.p] = {"v": e.v, "step": 0}
         dense = {}
         by_device = {}
         for e in rest:
@@ -395,65 +374,47 @@ class NesterovAG(torch.optim.Optimizer):
                 self._run_copies([e], lr, momentum, wd)
         for dtype, es in dense.items():
             self._run_cpu([e.p for e in es], [e.g for e in es], [e.v for e in es], dtype, lr,
-                          momentum, wd, es)
+                          momentum, wd, lambda es=es: es)
         for es in by_device.values():
             self._run_gpu(es, lr, momentum, wd)
         for e in rest:
-            state[e.p]["step"] += 1
+            e.st["step"] += 1
 
-    def _run_table(self, native, dtype, lr, momentum, wd, rows, params, sts, ptrs, sizes):
-        """Rows the native reader found dense: its address table, straight to the kernel."""
-        es = _LazyRows(params, sts, rows)
-        gs = [params[i].grad for i in rows] if wd else None
-        self._run_cpu(None, gs, None, dtype, lr, momentum, wd, es=es, table=(ptrs, sizes))
-        native.bump_steps(sts if isinstance(rows, range) and len(rows) == len(sts)
-                          else [sts[i] for i in rows])
+    def _run_cpu(self, ps, gs, vs, dtype, lr, momentum, wd, entries, table=None):
+        """Dense CPU tensors of a kernel dtype: one native call over their addresses.
 
-    def _run_cpu(self, ps, gs, vs, dtype, lr, momentum, wd, es=None, table=None):
-        """Dense CPU tensors of a kernel dtype: one native call over their addresses."""
-        if es is None:  # (built only where some tensor needs the copies)
-            es = _LazyEntries(ps, gs, vs)
-        if table is not None:
-            ptrs, sizes = table
-            if wd:
-                ptrs = numpy.array(ptrs, numpy.int64)
-                gs = [g.clone() for g in gs]  # the decayed gradients (p.grad is left as is)
-                ptrs[:, 1] = [g.data_ptr() for g in gs]
-        else:
-            if wd:
-                gs = [g.clone() for g in gs]  # the decayed gradients (p.grad is left as is)
-            ptrs = numpy.array([[p.data_ptr() for p in ps], [g.data_ptr() for g in gs],
-                                [v.data_ptr() for v in vs]], numpy.int64).T.copy()
-            sizes = numpy.array([p.numel() for p in ps], numpy.int64)
-        if table is not None and not wd:
-            # The native reader checked the overlaps (overlapping rows are not in it).
-            if not functional.nesterov_ag_addresses(ptrs, sizes, dtype, lr=lr,
-                                                    momentum=momentum):
-                self._run_copies(es, lr, momentum, wd)
-            return
-        nbytes = sizes * dtype.itemsize
-        # Each tensor's three arrays disjoint (a gradient aliasing its
-        # parameter goes through copies), and no tensor overlapping another
-        # (those run one by one, in order, as Chainer's loop would).
-        from cynag_kernels.multi_tensor import _overlapping
-
-        p_, g_, v_ = ptrs[:, 0], ptrs[:, 1], ptrs[:, 2]
-        own = ((p_ + nbytes <= g_) | (g_ + nbytes <= p_)) & \
-            ((p_ + nbytes <= v_) | (v_ + nbytes <= p_)) & \
-            ((g_ + nbytes <= v_) | (v_ + nbytes <= g_))
-        own |= nbytes == 0
-        shared = _overlapping(ptrs, nbytes, own.copy()) | ~own
+        ``entries()`` gives their entries, for the tensors that go through
+        copies instead; ``table``: the native reader's addresses and sizes
+        (overlaps already checked), or None (``ps``, ``gs``, ``vs`` given).
+        """
         ops = None
         if wd:
             ops = _decay_ops(dtype, wd)
             if ops is None:  # (NumPy 1.x would compute in float64)
-                self._run_copies(es, lr, momentum, wd)
+                self._run_copies(entries(), lr, momentum, wd)
                 return
-        if not shared.any():
+            gs = [g.clone() for g in gs]  # the decayed gradients (p.grad is left as is)
+        if table is not None:
+            ptrs, sizes = table
+            if wd:
+                ptrs = numpy.array(ptrs, numpy.int64)
+                ptrs[:, 1] = [g.data_ptr() for g in gs]
+            shared = None  # (the reader left overlapping rows to the copies)
+        else:
+            ptrs = numpy.array([[p.data_ptr() for p in ps], [g.data_ptr() for g in gs],
+                                [v.data_ptr() for v in vs]], numpy.int64).T.copy()
+            sizes = numpy.array([p.numel() for p in ps], numpy.int64)
+            # Tensors whose arrays overlap (one another's, or another tensor's)
+            # run one by one through copies, in order, as Chainer's loop would.
+            shared = shared_rows(ptrs, sizes * dtype.itemsize)
+            if not shared.any():
+                shared = None
+        if shared is None:
             if not functional.nesterov_ag_addresses(ptrs, sizes, dtype, lr=lr,
                                                     momentum=momentum, ops=ops):
-                self._run_copies(es, lr, momentum, wd)
+                self._run_copies(entries(), lr, momentum, wd)
             return
+        es = entries()
         sel = ~shared
         if sel.any():
             if not functional.nesterov_ag_addresses(ptrs[sel], sizes[sel], dtype, lr=lr,
@@ -500,7 +461,8 @@ class NesterovAG(torch.optim.Optimizer):
             ps, gs, vs, back = [], [], [], []
             for e in es:
                 p, g, v = e.p, e.g, e.v
-                direct = p.dtype in _KERNEL_DTYPES and p.is_contiguous() and g.is_contiguous() and v.is_contiguous()
+                direct = p.dtype in _KERNEL_DTYPES and p.is_contiguous() \
+                    and g.is_contiguous() and v.is_contiguous()
                 if direct:
                     pt, vt = p, v
                 else:

@@ -350,6 +350,19 @@ class CPUTable:
                         "pickled; build a new one")
 
 
+def shared_rows(ptrs, nbytes):
+    """Mask of the rows of an address table whose arrays are not all disjoint.
+
+    ``ptrs``: ``(n, 3)`` int64 addresses (param, grad, v), ``nbytes``: the
+    bytes of each row's arrays.  A row is marked if two of its own arrays
+    overlap, or one of them overlaps an array of another row.
+    """
+    p, g, v = ptrs[:, 0], ptrs[:, 1], ptrs[:, 2]
+    own = (((p + nbytes <= g) | (g + nbytes <= p)) & ((p + nbytes <= v) | (v + nbytes <= p))
+           & ((g + nbytes <= v) | (v + nbytes <= g))) | (nbytes == 0)
+    return _overlapping(ptrs, nbytes, own.copy()) | ~own
+
+
 def _overlapping(ptrs, nbytes, ok):
     """Mask of the entries whose arrays overlap an array of another entry.
 
