@@ -148,7 +148,6 @@ def worker(spec):
         import chainer.links as L
 
     import cynag
-    from cynag.bench import thread_env
 
     name, which = spec["model"], spec["optimizer"]
     numpy.random.seed(spec.get("seed", 0))
@@ -173,27 +172,47 @@ def worker(spec):
 
     for _ in range(spec["warmup"]):
         updater.update()
-    iters, fwd, bwd, own = [], [], [], []
-    stop = time.perf_counter() + spec["max_s"]
-    while len(iters) < spec["iterations"] and (
-            len(iters) < min(spec["iterations"], MIN_ITERATIONS) or time.perf_counter() < stop):
+
+    def timed():
         f0, b0, u0 = clock.forward, clock.backward, clock.update
         t0 = time.perf_counter()
         updater.update()
-        iters.append(time.perf_counter() - t0)
+        it_s = time.perf_counter() - t0
         f, b = clock.forward - f0, clock.backward - b0
-        fwd.append(f)
-        bwd.append(b)
-        own.append(clock.update - u0 - f - b)
-    params = list(model.params())
-    return {
-        "model": name, "optimizer": which, "batch": batch,
-        "n_params": len(params), "elements": int(sum(p.size for p in params)),
-        "iter_s": iters, "forward_s": fwd, "backward_s": bwd, "optimizer_s": own,
-        "final_loss": float(model.loss.array),
+        return it_s, f, b, clock.update - u0 - f - b
+
+    times = _timed_iterations(timed, spec)
+    return _result(spec, MODELS[name][1], [p.size for p in model.params()], times,
+                   float(model.loss.array))
+
+
+def _timed_iterations(timed, spec):
+    """``timed()`` (-> iteration, forward, backward, optimizer seconds) up to
+    ``spec['iterations']`` times or, from ``MIN_ITERATIONS`` on, the time budget."""
+    times = []
+    stop = time.perf_counter() + spec["max_s"]
+    while len(times) < spec["iterations"] and (
+            len(times) < min(spec["iterations"], MIN_ITERATIONS) or time.perf_counter() < stop):
+        times.append(timed())
+    return times
+
+
+def _result(spec, batch, sizes, times, final_loss, **extra):
+    """A worker's results as a dict."""
+    import cynag
+    from cynag.bench import thread_env
+
+    res = {
+        "model": spec["model"], "optimizer": spec["optimizer"], "batch": batch,
+        "n_params": len(sizes), "elements": int(sum(sizes)),
+        "iter_s": [x[0] for x in times], "forward_s": [x[1] for x in times],
+        "backward_s": [x[2] for x in times], "optimizer_s": [x[3] for x in times],
+        "final_loss": final_loss,
         "cynag_path": os.path.dirname(os.path.abspath(cynag.__file__)),
         "pid": os.getpid(), "env": thread_env(),
     }
+    res.update(extra)
+    return res
 
 
 def _build_torch_model(torch, name):
@@ -222,11 +241,10 @@ def _build_torch_model(torch, name):
 
 def torch_worker(spec):
     """PyTorch's loop (zero_grad, forward, backward, step) on one model; results as a dict."""
+    import itertools
+
     import numpy
     import torch
-
-    import cynag
-    from cynag.bench import thread_env
 
     name, which = spec["model"], spec["optimizer"]
     torch.manual_seed(spec.get("seed", 0))
@@ -245,7 +263,7 @@ def torch_worker(spec):
         opt = cynag_torch.NesterovAG(model.parameters(), lr=LR, momentum=MOMENTUM)
     loss_fn = torch.nn.CrossEntropyLoss()
 
-    def iteration(k, times=None):
+    def iteration(k):
         i = (k % DATA_BATCHES) * batch
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -255,36 +273,22 @@ def torch_worker(spec):
         t2 = time.perf_counter()
         opt.step()
         t3 = time.perf_counter()
-        if times is not None:
-            times.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
-        return loss
+        last[0] = loss
+        return t3 - t0, t1 - t0, t2 - t1, t3 - t2
 
+    last = [None]
     for k in range(spec["warmup"]):
         iteration(k)
+    reader = None
     if which == "cynag_torch":
         from cynag import _torch_native
 
         _torch_native.wait()  # the native reader, as after the first steps of a run
-    times = []
-    stop = time.perf_counter() + spec["max_s"]
-    k = spec["warmup"]
-    while len(times) < spec["iterations"] and (
-            len(times) < min(spec["iterations"], MIN_ITERATIONS) or time.perf_counter() < stop):
-        loss = iteration(k, times)
-        k += 1
-    params = list(model.parameters())
-    reader = None
-    if which == "cynag_torch":
         reader = cynag_torch.native_status()
-    return {
-        "model": name, "optimizer": which, "batch": batch,
-        "n_params": len(params), "elements": int(sum(p.numel() for p in params)),
-        "iter_s": [a for a, _, _, _ in times], "forward_s": [b for _, b, _, _ in times],
-        "backward_s": [c for _, _, c, _ in times], "optimizer_s": [d for _, _, _, d in times],
-        "final_loss": float(loss.detach()), "reader": reader,
-        "cynag_path": os.path.dirname(os.path.abspath(cynag.__file__)),
-        "pid": os.getpid(), "env": thread_env(),
-    }
+    counter = itertools.count(spec["warmup"])
+    times = _timed_iterations(lambda: iteration(next(counter)), spec)
+    return _result(spec, batch, [p.numel() for p in model.parameters()], times,
+                   float(last[0].detach()), reader=reader)
 
 
 # ---------------------------------------------------------------------------
