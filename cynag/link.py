@@ -119,7 +119,7 @@ class Link:
         d = self.__dict__
         names = self._params
         if type(names) is _Names:
-            pairs = zip(names.paths(), [d[name] for name in names.sorted()])
+            pairs = zip(names.paths(), names.values(d))
         else:
             pairs = (("/" + name, d[name]) for name in sorted(names))
         if include_uninit:
