@@ -5,9 +5,9 @@ fifteen of them per parameter; the reader takes the same decisions from the
 tensors in C++ (see the source).  It is compiled with
 ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja are
 needed; ``pip install "cynag[torch]"`` brings ninja) the first time it is
-wanted, and cached by PyTorch (``TORCH_EXTENSIONS_DIR``, by default under
-``~/.cache/torch_extensions``), under a name derived from the source and
-PyTorch's version.
+wanted, and cached in ``cynag/`` under PyTorch's extension folder
+(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), under
+a name derived from the source, PyTorch's version and Python's ABI.
 
 ``CYNAG_TORCH_NATIVE`` chooses when:
 
@@ -21,13 +21,19 @@ PyTorch's version.
 :func:`status` says which reader steps use and why.
 """
 import hashlib
+import importlib.util
 import os
+import shutil
+import sysconfig
+import tempfile
 import threading
+import time
 
 _lock = threading.Lock()
 _module = None
 _error = None
 _thread = None
+_SUFFIX = ".pyd" if os.name == "nt" else ".so"
 
 
 def mode():
@@ -45,15 +51,71 @@ def _source():
         return f.read()
 
 
+def _cache_root():
+    """``cynag/`` in PyTorch's extension folder (``TORCH_EXTENSIONS_DIR`` if set)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = get_default_build_root()
+    return os.path.join(root, "cynag")
+
+
+def _load_file(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _remove_old_builds(root, age_s=24 * 3600):
+    """Remove build folders that processes which ended while building left a day ago or more."""
+    now = time.time()
+    for entry in os.listdir(root):
+        path = os.path.join(root, entry)
+        try:
+            if ".build-" in entry and now - os.path.getmtime(path) > age_s:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _build():
+    """The reader module: loaded from the cache, or built and then cached.
+
+    No lock is taken: a build runs in a folder of its own and its library is
+    moved into the cache in one rename, so a process that dies while
+    building (a short script that ends during the background build) leaves
+    nothing that makes another wait.  (``load_inline``'s own folder lock,
+    left behind by such a process, makes every later build wait forever.)
+    """
     import torch
     from torch.utils.cpp_extension import load_inline
 
     src = _source()
-    digest = hashlib.sha1((src + torch.__version__).encode()).hexdigest()[:12]
-    return load_inline("cynag_torch_native_%s" % digest, cpp_sources=src,
-                       functions=["collect", "bump_steps"], extra_cflags=["-O2"],
-                       verbose=False)
+    key = "%s\n%s\n%s" % (src, torch.__version__, sysconfig.get_config_var("EXT_SUFFIX"))
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    name = "cynag_torch_native_%s" % digest
+    root = _cache_root()
+    cached = os.path.join(root, name + _SUFFIX)
+    if os.path.exists(cached):
+        try:
+            return _load_file(name, cached)
+        except ImportError:  # (a damaged file: built again below)
+            pass
+    os.makedirs(root, exist_ok=True)
+    _remove_old_builds(root)
+    work = tempfile.mkdtemp(prefix=name + ".build-", dir=root)
+    try:
+        module = load_inline(name, cpp_sources=src, functions=["collect", "bump_steps"],
+                             extra_cflags=["-O2"], build_directory=work, verbose=False)
+        built = os.path.join(work, name + _SUFFIX)
+        staged = os.path.join(work, "staged" + _SUFFIX)
+        shutil.copyfile(built, staged)
+        os.replace(staged, cached)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return module
 
 
 def _build_into_globals():

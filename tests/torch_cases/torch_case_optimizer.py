@@ -415,3 +415,53 @@ def test_background_build_and_python_reader_give_the_same_bits(tmp_path):
     assert out["0"]["status"] == ["Python reader (CYNAG_TORCH_NATIVE=0)"] * 2
     assert out["background"]["bits"] == out["0"]["bits"]
     assert out["background"]["v"] == out["0"]["v"]
+
+
+KILLED_BUILD_SCRIPT = """
+import os, sys, time, torch
+import cynag.torch as ct
+from cynag import _torch_native
+p = torch.nn.Parameter(torch.ones(3))
+p.grad = torch.ones(3)
+ct.NesterovAG([p]).step()  # starts the background build
+time.sleep(float(sys.argv[1]))
+assert _torch_native._module is None, "the build ended too soon for this test"
+os._exit(0)  # the process ends in the middle of the build
+"""
+
+SYNC_SCRIPT = """
+import time, torch
+import cynag.torch as ct
+t0 = time.time()
+p = torch.nn.Parameter(torch.ones(3))
+p.grad = torch.ones(3)
+ct.NesterovAG([p]).step()
+print(ct.native_status(), time.time() - t0)
+"""
+
+
+def test_a_process_ending_during_the_build_does_not_block_the_next(tmp_path):
+    """A short script that ends while the background build runs leaves no lock behind."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
+    (tmp_path / "killed.py").write_text(KILLED_BUILD_SCRIPT)
+    (tmp_path / "sync.py").write_text(SYNC_SCRIPT)
+    env["CYNAG_TORCH_NATIVE"] = "background"
+    proc = subprocess.run([sys.executable, str(tmp_path / "killed.py"), "4"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    env["CYNAG_TORCH_NATIVE"] = "1"
+    for _ in range(2):  # built, then loaded from the cache
+        proc = subprocess.run([sys.executable, str(tmp_path / "sync.py")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              universal_newlines=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        assert proc.stdout.strip().splitlines()[-1].startswith("native reader"), proc.stdout
+    cache = tmp_path / "ext" / "cynag"
+    assert len(list(cache.glob("*.so")) + list(cache.glob("*.pyd"))) == 1
+    # (what the ended process left: its build folder, no lock)
+    assert all(".build-" in f.name for f in cache.iterdir() if f.is_dir())
