@@ -6,6 +6,8 @@ docstrings.  The optional dependencies (PyTorch, CuPy, mpi4py, Chainer) are
 mocked, so the build needs none of them; cynag itself (with its compiled
 extensions) must be importable.
 """
+import sys
+
 import cynag
 
 project = "cynag"
@@ -48,3 +50,36 @@ html_title = "cynag %s" % release
 html_static_path = ["_static"]
 html_css_files = ["cynag.css"]
 html_show_sourcelink = False
+
+
+def _constant_doc(app, what, name, obj, options, lines):
+    """A re-exported constant gets the ``#:`` comment of the module defining it.
+
+    autodoc reads ``#:`` comments only in the module a name is documented
+    under; for ``cynag.multinode.DEFAULT_BUCKET_BYTES`` (defined in
+    ``cynag.multinode.communicator``) it would show ``int``'s docstring.
+    """
+    if what != "data" or not isinstance(obj, (int, float, str, tuple, frozenset, dict)):
+        return
+    from sphinx.pycode import ModuleAnalyzer
+
+    modname, _, attr = name.rpartition(".")
+    candidates = [modname] + sorted(m for m in list(sys.modules)
+                                    if m.startswith(modname + "."))
+    for origin in candidates:
+        module = sys.modules.get(origin)
+        if module is None or getattr(module, attr, None) is not obj:
+            continue
+        try:
+            docs = ModuleAnalyzer.for_module(origin).find_attr_docs()
+        except Exception:
+            continue
+        if ("", attr) in docs:
+            lines[:] = [line for line in docs[("", attr)]]
+            return
+    if lines and type(obj).__doc__ and lines[0] in type(obj).__doc__:
+        lines[:] = []  # never the docstring of int, str or tuple
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _constant_doc)
