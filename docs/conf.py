@@ -11,8 +11,8 @@ import sys
 import cynag
 
 project = "cynag"
-author = "cynag contributors"
-copyright = "cynag contributors"
+author = "The cynag developers"
+copyright = "2026, The cynag developers"
 version = release = cynag.__version__
 
 extensions = [
