@@ -34,6 +34,7 @@ autodoc_mock_imports = ["torch", "cupy", "cupyx", "mpi4py", "chainer", "chainerm
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_default_options = {"show-inheritance": True}
+toc_object_entries_show_parents = "hide"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 # "Attributes:" sections as fields: properties are documented by :members: already.
