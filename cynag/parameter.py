@@ -48,7 +48,8 @@ class Parameter:
         array: keyword alias of ``initializer`` for an existing array.
 
     Attributes:
-        array / data: the parameter array (``None`` while uninitialized).
+        array: the parameter array (``None`` while uninitialized); ``data``
+            is an alias.
         grad: the gradient array, or ``None`` (cleared).
         update_rule: the :class:`~cynag.optimizer.UpdateRule` set by an
             optimizer's ``setup``.

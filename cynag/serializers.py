@@ -29,6 +29,9 @@ import numpy
 from cynag import _backend
 from cynag.serializer import Deserializer, Serializer
 
+__all__ = ["CheckpointError", "CheckpointTypeError", "DictionarySerializer", "NONE_KEYS",
+           "NpzDeserializer", "deserialize", "load_npz", "save_npz", "serialize"]
+
 #: Key under which the names of ``None`` values are stored (no pickle).
 NONE_KEYS = "__cynag_none__"
 

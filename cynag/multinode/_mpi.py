@@ -1,5 +1,6 @@
 """Access to mpi4py, imported only when a communicator is created."""
 
+#: The pip command that installs what a communicator needs (mpi4py and MPICH).
 INSTALL_HINT = 'pip install "cynag[mpi]"'
 
 
