@@ -40,10 +40,34 @@ unset PYTHONPATH PYTHONHOME
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/cynag-release.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 
+# Build from a clean copy of the sources: the files git tracks (plus new files
+# not ignored), or outside git the tree without what .gitignore names. A
+# checkout's own byproducts would leak into the sdist otherwise: setuptools
+# adds every file listed in a stale cynag.egg-info/SOURCES.txt (left by
+# "pip install -e ."), whatever MANIFEST.in says now.
+"$VPY" - "$ROOT" "$WORK/src" <<'PY'
+import os, shutil, subprocess, sys
+root, dest = sys.argv[1:]
+try:
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         cwd=root, capture_output=True, check=True).stdout
+    files = [f for f in out.decode().split("\0") if f and os.path.isfile(os.path.join(root, f))]
+except (OSError, subprocess.CalledProcessError):
+    files = None
+if files is None:
+    shutil.copytree(root, dest, ignore=shutil.ignore_patterns(
+        ".git", "*.egg-info", "build", "dist", ".eggs", ".venv*", ".chainer-venv",
+        "__pycache__", "*.py[cod]", "*.so", "*.pyd", ".pytest_cache", ".hypothesis"))
+else:
+    for f in files:
+        os.makedirs(os.path.dirname(os.path.join(dest, f)), exist_ok=True)
+        shutil.copy2(os.path.join(root, f), os.path.join(dest, f))
+PY
+
 # The wheel is built from the sdist (build's default), so this also proves the
 # sdist builds.
 say "building the sdist and a wheel from it ($("$VPY" -c 'import sys; print(sys.version.split()[0])'))"
-"$VPY" -m build --outdir "$WORK/raw" "$ROOT"
+"$VPY" -m build --outdir "$WORK/raw" "$WORK/src"
 SDIST="$(ls "$WORK"/raw/cynag-*.tar.gz)"
 WHEEL="$(ls "$WORK"/raw/cynag-*.whl)"
 cp "$SDIST" "$OUT/"
