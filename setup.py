@@ -6,7 +6,8 @@ Cython extensions and decides how to compile them:
 * OpenMP is probed for the compiler in use by compiling, linking and running a
   tiny parallel program with the flags that compiler needs (``-fopenmp`` for
   GCC and Clang, ``/openmp`` for MSVC, ``-Xpreprocessor -fopenmp -lomp`` for
-  Apple Clang).  If no flag works the extensions are built without OpenMP,
+  Apple Clang, with the include and library folders of Homebrew's libomp or of
+  ``CYNAG_LIBOMP_PREFIX``).  If no flag works the extensions are built without OpenMP,
   single-threaded and still correct, with a loud warning; ``cynag.show_config()``
   reports it.  ``CYNAG_DISABLE_OPENMP=1`` forces such a build.
 * Floating-point contraction into fused multiply-add is switched off
@@ -58,12 +59,41 @@ def _compiler_family(compiler):
     return "gcc"
 
 
+def _libomp_prefixes():
+    """Folders that may hold LLVM's libomp for Apple Clang (include/omp.h, lib/libomp.dylib).
+
+    ``CYNAG_LIBOMP_PREFIX`` first, then Homebrew's (``brew --prefix libomp``,
+    which is keg-only: neither folder is on the compiler's default paths).
+    """
+    prefixes = []
+    if os.environ.get("CYNAG_LIBOMP_PREFIX"):
+        prefixes.append(os.environ["CYNAG_LIBOMP_PREFIX"])
+    brew = shutil.which("brew")
+    if brew:
+        try:
+            out = subprocess.run([brew, "--prefix", "libomp"], capture_output=True,
+                                 text=True, timeout=60)
+            if out.returncode == 0 and out.stdout.strip():
+                prefixes.append(out.stdout.strip())
+        except Exception:  # pragma: no cover - a broken Homebrew
+            pass
+    prefixes += ["/opt/homebrew/opt/libomp", "/usr/local/opt/libomp"]
+    seen, found = set(), []
+    for p in prefixes:
+        if p not in seen and os.path.isfile(os.path.join(p, "include", "omp.h")):
+            seen.add(p)
+            found.append(p)
+    return found
+
+
 def _openmp_flags(family):
     """Candidate (compile_args, link_args) pairs for OpenMP, best first."""
     if family == "msvc":
         return [(["/openmp"], [])]
     if family == "apple-clang":
-        return [(["-Xpreprocessor", "-fopenmp"], ["-lomp"])]
+        return [(["-Xpreprocessor", "-fopenmp", "-I" + os.path.join(p, "include")],
+                 ["-L" + os.path.join(p, "lib"), "-lomp"]) for p in _libomp_prefixes()] + [
+                    (["-Xpreprocessor", "-fopenmp"], ["-lomp"])]
     if family == "intel":
         return [(["-fiopenmp"], ["-fiopenmp"]), (["-qopenmp"], ["-qopenmp"])]
     return [(["-fopenmp"], ["-fopenmp"])]

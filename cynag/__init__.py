@@ -4,7 +4,7 @@ Chainer's optimizer API under a new name: port Chainer code by changing
 ``chainer`` to ``cynag`` in the imports.  A ``chainer.Link`` can be passed to
 ``setup`` as is.
 """
-__version__ = "0.1.0"
+from cynag._version import __version__
 
 from cynag import optimizer, optimizer_hooks, optimizers, serializer, serializers
 from cynag._config import config, show_config

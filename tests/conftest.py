@@ -16,3 +16,6 @@ if _TESTS_DIR not in sys.path:
 from chainer_env import chainer_python  # noqa: E402,F401
 # ``torch_python``: the same environment with PyTorch added (see torch_env.py).
 from torch_env import torch_python  # noqa: E402,F401
+# ``release_artifacts``: the sdist and the repaired wheel of tools/build_wheels.sh,
+# built once per session (see release_artifacts.py).
+from release_artifacts import release_artifacts  # noqa: E402,F401

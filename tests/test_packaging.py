@@ -1,10 +1,12 @@
 """The package as a user gets it: sdist contents, install from the sdist, no-OpenMP build.
 
-These tests build an sdist of the checkout, install it into fresh virtual
-environments (network access to PyPI for the build requirements), and run a
-smoke check there, away from the source tree.
+These tests take the sdist of the session's release build (tools/build_wheels.sh,
+see release_artifacts.py), compare its files with the repository's, install
+it into fresh virtual environments (network access to PyPI for the build
+requirements), and run a smoke check there, away from the source tree.
 """
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -55,11 +57,9 @@ def _run(cmd, env=None, **kw):
 
 
 @pytest.fixture(scope="module")
-def sdist(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sdist")
-    _run([sys.executable, "-m", "build", "--sdist", "--outdir", str(out), ROOT])
-    (path,) = out.glob("cynag-*.tar.gz")
-    return path
+def sdist(release_artifacts):
+    """The sdist of tools/build_wheels.sh (the session's release build, see conftest.py)."""
+    return release_artifacts.sdist
 
 
 def test_sdist_holds_every_native_source(sdist):
@@ -74,6 +74,46 @@ def test_sdist_holds_every_native_source(sdist):
     assert not generated, "sdist ships generated files %s" % sorted(generated)
     for f in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
         assert f in names
+
+
+#: Tracked files that are deliberately not in the sdist (folder prefixes end in "/").
+SDIST_EXCLUDED = (".ci/", ".gitignore")
+#: Files the sdist adds by itself: its metadata, the egg-info and setuptools' setup.cfg.
+SDIST_GENERATED = ("PKG-INFO", "setup.cfg", "cynag.egg-info/")
+
+
+def _git_files(*args):
+    proc = subprocess.run(["git", "ls-files", "-z"] + list(args), capture_output=True,
+                          cwd=ROOT, env=_clean_env())
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return {f for f in proc.stdout.decode("utf-8").split("\0") if f}
+
+
+def _matches(name, prefixes):
+    return any(name == p or (p.endswith("/") and name.startswith(p)) for p in prefixes)
+
+
+def test_sdist_holds_every_tracked_file(sdist):
+    """The sdist is the repository: every tracked file, nothing generated, a listed few left out."""
+    git = shutil.which("git")
+    if git is None or subprocess.run([git, "rev-parse", "--is-inside-work-tree"], cwd=ROOT,
+                                     capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout: no list of tracked files to compare with")
+    tracked = _git_files()
+    # Files not committed yet but not ignored either would be committed with the
+    # change that makes them; generated files are ignored (.gitignore), so an
+    # sdist that ships them still fails.
+    untracked = _git_files("--others", "--exclude-standard")
+    with tarfile.open(sdist) as tar:
+        names = {m.name.split("/", 1)[1] for m in tar.getmembers()
+                 if m.isfile() and "/" in m.name}
+    missing = {f for f in tracked - names if not _matches(f, SDIST_EXCLUDED)}
+    assert not missing, ("tracked files missing from the sdist (add them to MANIFEST.in, or "
+                         "to SDIST_EXCLUDED if that is deliberate): %s" % sorted(missing))
+    shipped_excluded = {f for f in names & tracked if _matches(f, SDIST_EXCLUDED)}
+    assert not shipped_excluded, "sdist ships excluded files %s" % sorted(shipped_excluded)
+    extra = {f for f in names - tracked - untracked if not _matches(f, SDIST_GENERATED)}
+    assert not extra, "sdist ships files that are not in the repository: %s" % sorted(extra)
 
 
 def _venv_install(tmp_path, sdist, env=None):
