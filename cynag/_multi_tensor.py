@@ -27,6 +27,8 @@ Nothing is cached from one step to the next: a step reads the objects as
 they are.  Results are bit-identical to the per-parameter path on the CPU
 (the kernels share their arithmetic).
 """
+import sys
+
 import numpy
 
 from cynag import _backend, _step, functional
@@ -56,6 +58,25 @@ def _chainer_parameter_class(tp):
     if ok:
         _step.set_chainer_variable(v)  # gradient variables are read natively too
     return ok
+
+
+def _chainer_links():
+    """Chainer 7's ``Link`` if Chainer is imported (its links listed natively), else None."""
+    chainer = sys.modules.get("chainer")
+    if chainer is None or not getattr(chainer, "__version__", "").startswith("7."):
+        return None
+    global _chainer_link
+    if _chainer_link is None:
+        try:
+            from chainer import link
+        except Exception:  # pragma: no cover - Chainer half installed
+            return None
+        _step.set_chainer_links(link.Link, link.Chain, link.ChainList)
+        _chainer_link = link.Link
+    return _chainer_link
+
+
+_chainer_link = None
 
 
 def _standard_update(tp):
@@ -133,6 +154,7 @@ class Plan:
         self.gpu_tables = []
         self._paths = None
         self._scratch = None
+        self._names = {}  # the sorted name sets of a Chainer link (see _step.link_params)
 
     # -- collecting ----------------------------------------------------------
     def paths(self):
@@ -150,7 +172,12 @@ class Plan:
 
         Leaves cleared gradients as they are (see :meth:`reallocate`).
         """
-        params = list(self.optimizer.target.params())
+        target = self.optimizer.target
+        link_cls = _chainer_links()
+        if link_cls is not None and isinstance(target, link_cls):
+            params = _step.link_params(target, self._names)
+        else:
+            params = list(target.params())
         self.params = params
         self._paths = None
         table = self.table

@@ -1310,6 +1310,85 @@ def edge_step_lazy_parameters_not_updated_are_not_read():
 
 
 @case("step")
+def edge_step_parameter_listing_follows_chainer():
+    """The step lists a Chainer model's parameters as ``params()`` does, through
+    name and child changes, classes with a ``params()`` of their own (before or
+    after Chainer's in the MRO) and name sets that are not sets."""
+    from cynag import _multi_tensor, _step
+
+    _multi_tensor._chainer_links()
+
+    class Reversed:
+        def params(self, include_uninit=True):
+            return reversed(list(super().params(include_uninit)))
+
+    class MixinFirst(Reversed, chainer.Chain):
+        pass
+
+    class MixinAfter(chainer.Chain, Reversed):  # super(Chain, self).params is Link's
+        pass
+
+    class OwnParams(chainer.Link):
+        def params(self, include_uninit=True):
+            return iter(sorted(super().params(include_uninit), key=lambda p: -p.size))
+
+    def param(n):
+        return chainer.Parameter(np.arange(n, dtype=np.float32))
+
+    root = chainer.Chain()
+    with root.init_scope():
+        root.z = param(1)
+        root.a = param(2)
+        root.seq = chainer.Sequential(chainer.links.Linear(2, 3), chainer.links.Linear(None, 2))
+        root.first = MixinFirst()
+        root.after = MixinAfter()
+        root.own = OwnParams()
+        root.lst = chainer.ChainList(chainer.Link(), chainer.Chain())
+    for link in (root.first, root.after, root.own, root.lst[0]):
+        with link.init_scope():
+            link.b = param(3)
+            link.a = param(4)
+            link.c = param(5)
+    with root.first.init_scope():
+        root.first.kid = chainer.links.Linear(1, 1)
+
+    names = {}
+    n_set = 0
+
+    def check(label):
+        got = _step.link_params(root, names)
+        want = list(root.params())
+        assert len(got) == len(want) and all(a is b for a, b in zip(got, want)), \
+            (label, [p.name for p in got], [p.name for p in want])
+
+    edits = [
+        ("start", lambda: None),
+        ("again", lambda: None),
+        ("param added", lambda: setattr_scoped(root, "m", param(6))),
+        ("param removed", lambda: delattr(root, "a")),
+        ("same count, other name", lambda: (delattr(root, "z"), setattr_scoped(root, "y", param(7)))),
+        ("param replaced", lambda: setattr_scoped(root, "y", param(8))),
+        ("child added", lambda: setattr_scoped(root, "b_child", chainer.links.Linear(2, 2))),
+        ("child removed", lambda: delattr(root, "seq")),
+        ("chainlist append", lambda: root.lst.append(chainer.links.Linear(3, 1))),
+        ("chainlist child removed", lambda: root.lst.__delitem__(0)),
+        ("class method replaced", lambda: setattr(MixinFirst, "params", chainer.Chain.params)),
+        ("name set as a list", lambda: setattr(root.own, "_params", list(root.own._params))),
+        ("names re-added", lambda: (delattr(root, "m"), setattr_scoped(root, "m", param(9)))),
+    ]
+
+    def setattr_scoped(link, name, value):
+        with link.init_scope():
+            setattr(link, name, value)
+
+    for label, edit in edits:
+        edit()
+        check(label)
+        n_set += 1
+    assert n_set == len(edits)
+
+
+@case("step")
 def edge_step_trainer_on_a_chainer_model():
     """Chainer's Trainer (StandardUpdater) driving a chainer.Link model, new gradient
     arrays at every iteration: cynag's optimizer gives Chainer's parameters."""

@@ -47,6 +47,8 @@ MAX_PARAMS = 10
 
 class _CynagKind:
     name = "cynag"
+    chain = cynag.Chain
+    chainlist = cynag.ChainList
 
     @staticmethod
     def link():
@@ -137,6 +139,7 @@ class _DuckLink:
 
 class _DuckKind:
     name = "duck"
+    chain = chainlist = None  # (flat models only)
 
     @staticmethod
     def link():
@@ -165,6 +168,8 @@ def _chainer_kind():
 
     class _ChainerKind:
         name = "chainer"
+        chain = chainer.Chain
+        chainlist = chainer.ChainList
 
         @staticmethod
         def link():
@@ -244,29 +249,60 @@ def step_machine(kind):
                                     max_size=N_START),
                     shapes=st.lists(st.sampled_from(SHAPES), min_size=N_START,
                                     max_size=N_START),
-                    share=st.booleans())
-        def start(self, seed, contiguous, dtypes, shapes, share):
+                    share=st.booleans(),
+                    layout=st.sampled_from(["flat", "chain", "chainlist"]))
+        def start(self, seed, contiguous, dtypes, shapes, share, layout):
             self.rng = np.random.default_rng(seed)
             self.n_names = 0
             self.models = []
+            self.leaves = []  # by model: the links parameters are added to
+            if kind.chain is None:
+                layout = "flat"
+            self.layout = layout
             arrays = [(self.rng.standard_normal(s) / 2).astype(d) for s, d in zip(shapes, dtypes)]
             for multi in (True, False):
-                link = kind.link()
+                link, leaves = self.make_model(layout)
                 made = []
                 for i, a in enumerate(arrays):
                     # Two parameters may hold one array (each update applies to it).
                     a = made[0] if (share and i == 1 and arrays[1].shape == arrays[0].shape
                                     and arrays[1].dtype == arrays[0].dtype) else np.array(a)
                     made.append(a)
-                    _register(kind, link, "p%d" % i, kind.param(a))
+                    _register(kind, leaves[i % len(leaves)], "p%d" % i, kind.param(a))
                 opt = cynag.optimizers.NesterovAG(lr=0.05, momentum=0.9)
                 opt.setup(link, contiguous=contiguous)
                 opt.use_multi_tensor(multi)
                 self.models.append((link, opt))
+                self.leaves.append(leaves)
             self.n_names = N_START
+            self.n_children = 2
             self.steps = 0
 
         # -- helpers -----------------------------------------------------------
+        def make_model(self, layout):
+            """The target and its links that hold parameters: one link, or a
+            Chain/ChainList with parameters of its own and two child links."""
+            if layout == "flat":
+                link = kind.link()
+                return link, [link]
+            children = [kind.link(), kind.link()]
+            if layout == "chain":
+                root = kind.chain()
+                with root.init_scope():
+                    root.c0, root.c1 = children
+            else:
+                root = kind.chainlist()
+                for c in children:
+                    root.add_link(c)
+            return root, [root] + children
+
+        def owner(self, link, path):
+            """The link that holds the parameter at ``path``, and its name there."""
+            parts = path.split("/")[1:]
+            for part in parts[:-1]:
+                link = link[int(part)] if self.layout == "chainlist" else getattr(link, part)
+            return link, parts[-1]
+
         def params(self, k):
             return [p for _, p in self.models[k][0].namedparams()]
 
@@ -452,7 +488,8 @@ def step_machine(kind):
 
             def fn(link, opt, params, k):
                 p = kind.lazy_param(dtype)
-                _register(kind, link, name, p)
+                leaves = self.leaves[k]
+                _register(kind, leaves[self.n_names % len(leaves)], name, p)
                 if with_rule:
                     p.update_rule = opt.create_update_rule()
                     p.update_rule.enabled = enabled
@@ -466,6 +503,45 @@ def step_machine(kind):
                     kind.initialize(p, shape)
                     if kind.name == "chainer":
                         p.cleargrad()
+            self.each(fn)
+
+        @precondition(lambda self: kind.chain is not None)
+        @rule(i=st.integers(0, MAX_PARAMS))
+        def remove_param(self, i):
+            """A parameter deleted from its link (the link's name set changes)."""
+            paths = [path for path, _ in self.models[0][0].namedparams()]
+            if len(paths) < 2:
+                return
+            path = paths[i % len(paths)]
+
+            def fn(link, opt, params, k):
+                owner, name = self.owner(link, path)
+                delattr(owner, name)
+            self.each(fn)
+
+        @precondition(lambda self: kind.chain is not None and self.layout != "flat")
+        @rule(shape=st.sampled_from(SHAPES), remove=st.booleans())
+        def child(self, shape, remove):
+            """A child link added (with a parameter) or the last one removed."""
+            name = "c%d" % self.n_children
+            self.n_children += 1
+            value = (self.rng.standard_normal(shape) / 2).astype(np.float32)
+
+            def fn(link, opt, params, k):
+                if remove:
+                    if self.layout == "chain":
+                        last = sorted(link._children)[-1]
+                        delattr(link, last)
+                    else:
+                        del link[len(link) - 1]
+                    return
+                c = kind.link()
+                _register(kind, c, "q", kind.param(np.array(value)))
+                if self.layout == "chain":
+                    with link.init_scope():
+                        setattr(link, name, c)
+                else:
+                    link.add_link(c)
             self.each(fn)
 
         @rule()
