@@ -79,6 +79,23 @@ def _chainer_links():
 _chainer_link = None
 
 
+def list_params(target, names):
+    """``list(target.params())``; a Chainer link's natively (``names``: see
+    :func:`cynag._step.link_params`)."""
+    link_cls = _chainer_links()
+    if link_cls is not None and isinstance(target, link_cls):
+        return _step.link_params(target, names)
+    return list(target.params())
+
+
+def list_namedparams(target, names):
+    """``list(target.namedparams())``; a Chainer link's natively."""
+    link_cls = _chainer_links()
+    if link_cls is not None and isinstance(target, link_cls):
+        return _step.link_namedparams(target, names)
+    return list(target.namedparams())
+
+
 def _standard_update(tp):
     """True if ``tp().update()`` is ``update_rule.update(self)`` (no override)."""
     for base in tp.__mro__:
@@ -172,12 +189,7 @@ class Plan:
 
         Leaves cleared gradients as they are (see :meth:`reallocate`).
         """
-        target = self.optimizer.target
-        link_cls = _chainer_links()
-        if link_cls is not None and isinstance(target, link_cls):
-            params = _step.link_params(target, self._names)
-        else:
-            params = list(target.params())
+        params = list_params(self.optimizer.target, self._names)
         self.params = params
         self._paths = None
         table = self.table

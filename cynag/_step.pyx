@@ -1005,53 +1005,70 @@ cdef void _mark(StepTable t, Rec* recs, Py_ssize_t nrec) noexcept nogil:
 
 
 # -- the parameters of Chainer's links ----------------------------------------
-# Chainer's Link.params() sorts the link's name set at every call (about
-# 0.2 us per parameter for 2000 names).  link_params() gives the same list,
-# keeping the sorted order of each name set from step to step, used only
-# after the set is seen to hold the same name objects in the same iteration
-# order (an exact set of exact str: the same contents, so the same sort).
+# Chainer's Link.params() and namedparams() sort the link's name set at every
+# call (about 0.2 us per parameter for 2000 names).  link_params() and
+# link_namedparams() give the same lists, keeping the sorted order of each
+# name set (and the '/name' strings) from step to step, used only after the
+# set is seen to hold the same name objects in the same iteration order (an
+# exact set of exact str: the same contents, so the same sort).
 
-cdef object _LINK = None          # chainer.Link and the three params() functions
-cdef object _F_LINK = None
-cdef object _F_CHAIN = None
-cdef object _F_CHAINLIST = None
+cdef object _LINK = None          # chainer's Link, Chain, ChainList and their methods
 cdef object _CHAIN = None
 cdef object _CHAINLIST = None
+cdef tuple _F_PARAMS = None       # (Link.params, Chain.params, ChainList.params)
+cdef tuple _F_NAMED = None        # the same for namedparams
 cdef object S_PARAMS = "_params"
 cdef object S_CHILDREN = "_children"
-cdef object S_PARAMS_METHOD = "params"
+cdef list _INDEX_PREFIX = []      # '/0', '/1', ...: ChainList's prefixes
 
 
 def set_chainer_links(link, chain, chainlist):
-    """Chainer's ``Link``, ``Chain`` and ``ChainList``, whose ``params()`` :func:`link_params` follows."""
-    global _LINK, _F_LINK, _CHAIN, _F_CHAIN, _CHAINLIST, _F_CHAINLIST
+    """Chainer's ``Link``, ``Chain`` and ``ChainList``, whose listings :func:`link_params` follows."""
+    global _LINK, _CHAIN, _CHAINLIST, _F_PARAMS, _F_NAMED
     _LINK, _CHAIN, _CHAINLIST = link, chain, chainlist
-    _F_LINK, _F_CHAIN, _F_CHAINLIST = link.params, chain.params, chainlist.params
+    _F_PARAMS = (link.params, chain.params, chainlist.params)
+    _F_NAMED = (link.namedparams, chain.namedparams, chainlist.namedparams)
 
 
-cdef bint _next_is_link(object tp, object cls):
-    """True if ``super(cls, obj).params`` is ``Link.params`` for an ``obj`` of type ``tp``."""
+cdef bint _next_is_link(object tp, object cls, str method, object f_link):
+    """True if ``super(cls, obj).<method>`` is ``Link``'s for an ``obj`` of type ``tp``."""
     cdef tuple mro = tp.__mro__
     cdef Py_ssize_t i, n = len(mro)
     cdef bint after = False
     for i in range(n):
         c = mro[i]
-        if after and S_PARAMS_METHOD in c.__dict__:
-            return c.__dict__[S_PARAMS_METHOD] is _F_LINK
+        if after and method in c.__dict__:
+            return c.__dict__[method] is f_link
         if c is cls:
             after = True
     return False
 
 
+cdef int _link_kind(object link, str method, tuple fns) except -2:
+    """0 Link, 1 Chain, 2 ChainList (Chainer's ``method`` throughout), -1 another."""
+    tp = type(link)
+    f = getattr(tp, method, None)
+    if f is fns[0]:
+        return 0
+    if f is fns[1] and _next_is_link(tp, _CHAIN, method, fns[0]):
+        return 1
+    if f is fns[2] and _next_is_link(tp, _CHAINLIST, method, fns[0]):
+        return 2
+    return -1
+
+
 cdef tuple _sorted_names(object names, dict old, dict new):
-    """``tuple(sorted(names))``, its order kept while ``names`` is unchanged."""
+    """``(sorted names, the '/name' strings)``, kept while ``names`` is unchanged."""
     cdef tuple entry, snap
     cdef Py_ssize_t i
     cdef bint cacheable
     if type(names) is not set:
-        return tuple(sorted(names))
+        srt = tuple(sorted(names))
+        return srt, tuple(["/" + name for name in srt])
     key = id(names)
     e = old.get(key)
+    if e is None:
+        e = new.get(key)  # (a set listed twice in one call: a link reachable twice)
     if e is not None:
         entry = <tuple>e
         if entry[0] is names:
@@ -1072,33 +1089,63 @@ cdef tuple _sorted_names(object names, dict old, dict new):
             cacheable = False
             break
     srt = tuple(sorted(snap))
+    result = (srt, tuple(["/" + name for name in srt]))
     if cacheable:
-        new[key] = (names, snap, srt)
-    return srt
+        new[key] = (names, snap, result)
+    return result
 
 
 cdef int _add_params(object link, list out, dict old, dict new) except -1:
-    tp = type(link)
-    f = getattr(tp, S_PARAMS_METHOD, None)
-    cdef int kind
-    if f is _F_LINK:
-        kind = 0
-    elif f is _F_CHAIN and _next_is_link(tp, _CHAIN):
-        kind = 1
-    elif f is _F_CHAINLIST and _next_is_link(tp, _CHAINLIST):
-        kind = 2
-    else:  # a class of its own: its own params()
+    cdef int kind = _link_kind(link, "params", _F_PARAMS)
+    if kind < 0:  # a class of its own: its own params()
         out.extend(link.params())
         return 0
     d = link.__dict__
-    for name in _sorted_names(getattr(link, S_PARAMS), old, new):
+    for name in <tuple>_sorted_names(getattr(link, S_PARAMS), old, new)[0]:
         out.append(d[name])
     if kind == 1:
-        for name in _sorted_names(getattr(link, S_CHILDREN), old, new):
+        for name in <tuple>_sorted_names(getattr(link, S_CHILDREN), old, new)[0]:
             _add_params(d[name], out, old, new)
     elif kind == 2:
         for child in getattr(link, S_CHILDREN):
             _add_params(child, out, old, new)
+    return 0
+
+
+cdef object _index_prefix(Py_ssize_t i):
+    while len(_INDEX_PREFIX) <= i:
+        _INDEX_PREFIX.append("/%d" % len(_INDEX_PREFIX))
+    return _INDEX_PREFIX[i]
+
+
+cdef int _add_named(object link, object prefix, list out, dict old, dict new) except -1:
+    """Append ``(prefix + path, param)`` for ``link.namedparams()`` (no prefix: None)."""
+    cdef int kind = _link_kind(link, "namedparams", _F_NAMED)
+    cdef tuple names, paths
+    cdef Py_ssize_t i
+    if kind < 0:
+        if prefix is None:
+            out.extend(link.namedparams())
+        else:
+            for path, param in link.namedparams():
+                out.append((prefix + path, param))
+        return 0
+    d = link.__dict__
+    names, paths = _sorted_names(getattr(link, S_PARAMS), old, new)
+    for i in range(len(names)):
+        param = d[names[i]]
+        out.append((paths[i] if prefix is None else prefix + paths[i], param))
+    if kind == 1:
+        names, paths = _sorted_names(getattr(link, S_CHILDREN), old, new)
+        for i in range(len(names)):
+            child = d[names[i]]
+            _add_named(child, paths[i] if prefix is None else prefix + paths[i], out, old, new)
+    elif kind == 2:
+        i = 0
+        for child in getattr(link, S_CHILDREN):
+            p = _index_prefix(i)
+            _add_named(child, p if prefix is None else prefix + p, out, old, new)
+            i += 1
     return 0
 
 
@@ -1115,6 +1162,18 @@ def link_params(link, dict names):
     if _LINK is None:
         raise RuntimeError("link_params: set_chainer_links() was not called")
     _add_params(link, out, names, new)
+    names.clear()
+    names.update(new)
+    return out
+
+
+def link_namedparams(link, dict names):
+    """``list(link.namedparams())`` for a link of Chainer's classes (as :func:`link_params`)."""
+    cdef list out = []
+    cdef dict new = {}
+    if _LINK is None:
+        raise RuntimeError("link_namedparams: set_chainer_links() was not called")
+    _add_named(link, None, out, names, new)
     names.clear()
     names.update(new)
     return out

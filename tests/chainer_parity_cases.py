@@ -1311,7 +1311,8 @@ def edge_step_lazy_parameters_not_updated_are_not_read():
 
 @case("step")
 def edge_step_parameter_listing_follows_chainer():
-    """The step lists a Chainer model's parameters as ``params()`` does, through
+    """The step (and cynag.multinode) lists a Chainer model's parameters as
+    ``params()`` and ``namedparams()`` do, through
     name and child changes, classes with a ``params()`` of their own (before or
     after Chainer's in the MRO) and name sets that are not sets."""
     from cynag import _multi_tensor, _step
@@ -1352,7 +1353,7 @@ def edge_step_parameter_listing_follows_chainer():
     with root.first.init_scope():
         root.first.kid = chainer.links.Linear(1, 1)
 
-    names = {}
+    names, named = {}, {}
     n_set = 0
 
     def check(label):
@@ -1360,6 +1361,10 @@ def edge_step_parameter_listing_follows_chainer():
         want = list(root.params())
         assert len(got) == len(want) and all(a is b for a, b in zip(got, want)), \
             (label, [p.name for p in got], [p.name for p in want])
+        got = _step.link_namedparams(root, named)
+        want = list(root.namedparams())
+        assert [path for path, _ in got] == [path for path, _ in want], (label, got, want)
+        assert all(a[1] is b[1] for a, b in zip(got, want)), label
 
     edits = [
         ("start", lambda: None),
@@ -1375,6 +1380,8 @@ def edge_step_parameter_listing_follows_chainer():
         ("class method replaced", lambda: setattr(MixinFirst, "params", chainer.Chain.params)),
         ("name set as a list", lambda: setattr(root.own, "_params", list(root.own._params))),
         ("names re-added", lambda: (delattr(root, "m"), setattr_scoped(root, "m", param(9)))),
+        ("a child reachable twice", lambda: setattr_scoped(root, "twice", root.lst)),
+        ("its set changed", lambda: root.lst.append(chainer.links.Linear(2, 1))),
     ]
 
     def setattr_scoped(link, name, value):

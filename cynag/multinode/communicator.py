@@ -31,6 +31,7 @@ import zlib
 import numpy
 
 from cynag import _backend
+from cynag._multi_tensor import list_namedparams
 from cynag.multinode import _layout
 from cynag.multinode._mpi import import_mpi
 from cynag.optimizer import _param_label
@@ -180,6 +181,7 @@ class MpiCommunicator:
         if self.bucket_bytes < 8:
             raise ValueError("bucket_bytes must be at least 8, got %d" % self.bucket_bytes)
         self._layouts = collections.OrderedDict()
+        self._names = {}  # (see cynag._step.link_namedparams)
         self._ctl = numpy.zeros(5, numpy.int64)
         self._settings_sig = (None, 0)   # ((bucket_bytes, direct_min_bytes), its hash)
         # The ring's point-to-point messages travel on a private duplicate, so
@@ -339,7 +341,7 @@ class MpiCommunicator:
         shapes (checked in one native pass; see ``_layout.Snapshot``).
         """
         if items is None:
-            items = list(model.namedparams())
+            items = list_namedparams(model, self._names)
         layout = self._layouts.get(id(model))
         if layout is not None and layout.still_valid(model, items):
             return layout

@@ -18,6 +18,7 @@ passed on to the communicator.
 """
 import operator
 
+from cynag._multi_tensor import list_namedparams
 from cynag.multinode import _layout
 from cynag.parameter import Parameter
 
@@ -32,6 +33,7 @@ class _MultiNodeOptimizer:
         object.__setattr__(self, "target_params", [])
         object.__setattr__(self, "zero_fill", zero_fill)
         object.__setattr__(self, "_snapshot", None)   # (target, Snapshot) of the last call
+        object.__setattr__(self, "_names", {})  # (see cynag._step.link_namedparams)
 
     def update(self, lossfun=None, *args, **kwds):
         """One training step: backward (with ``lossfun``), then broadcast or average and update.
@@ -55,7 +57,7 @@ class _MultiNodeOptimizer:
             for param in target.params():
                 if isinstance(param, Parameter):
                     param._loss_scale = actual._loss_scale
-        items = list(target.namedparams())
+        items = list_namedparams(target, self._names)
         if self._is_changed(target, items):
             self.communicator.bcast_data(target)
         else:
