@@ -22,14 +22,16 @@ imported and, unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``
 by other libraries (PyTorch's own libgomp copy, Intel's or LLVM's runtime)
 and child processes see the environment the user gave.
 
-If ``libgomp.so.1`` was already loaded by another library, cynag's extensions
-share that runtime, initialized with its default spin, which cynag cannot
-change.  Then, unless the user asked for threads (``set_num_threads``,
-``CYNAG_NUM_THREADS``, ``OMP_NUM_THREADS``), the kernels run on one thread:
-no worker thread of cynag's is left spinning.  (Ending the team after each
-region with ``omp_pause_resource_all`` was measured and rejected: a new
-thread waits for a CPU far longer than a sleeping one woken, 1 to 28 ms per
-region on a loaded 2-CPU machine.)
+If ``libgomp.so.1`` was already loaded by another library, the extensions of
+a source build share that runtime, initialized with its default spin, which
+cynag cannot change (a wheel repaired by auditwheel loads its own renamed
+copy from ``cynag.libs/``, which no other library shares).  Then, unless the
+user asked for threads (``set_num_threads``, ``CYNAG_NUM_THREADS``,
+``OMP_NUM_THREADS``), the kernels run on one thread: no worker thread of
+cynag's is left spinning.  (Ending the team after each region with
+``omp_pause_resource_all`` was measured and rejected: a new thread waits for
+a CPU far longer than a sleeping one woken, 1 to 28 ms per region on a
+loaded 2-CPU machine.)
 
 This module is pure Python and imports no extension: it must run first.
 """
@@ -42,10 +44,34 @@ DEFAULT_ENV = ("OMP_WAIT_POLICY", "passive")
 
 ENV_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
-# The soname the extensions link (``ldd cynag_kernels/_openmp_helpers*.so``);
-# the dynamic loader reuses any object already loaded under it.  PyTorch's
-# copy is renamed (``libgomp-<hash>.so.1``): a separate runtime.
+# The soname the extensions of a source build link (``ldd
+# cynag_kernels/_openmp_helpers*.so``); the dynamic loader reuses any object
+# already loaded under it.  Renamed copies (``libgomp-<hash>.so.1``: PyTorch's,
+# or the one a repaired wheel carries) are separate runtimes.
 _LIBGOMP = re.compile(r"libgomp\.so\.1(\.\d+)*")
+
+
+def _own_runtime(site=None):
+    """The pattern of the file name of the libgomp cynag's extensions load.
+
+    A wheel repaired by auditwheel carries its own renamed copy in
+    ``cynag.libs/`` beside the packages (``libgomp-<hash>.so.1.0.0``): that
+    one, and no other process-wide libgomp, is cynag's runtime.  Otherwise
+    (a source build) the system's ``libgomp.so.1``.
+    """
+    if site is None:  # (the folder that holds the cynag_kernels package)
+        site = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    libs = os.path.join(site, "cynag.libs")
+    try:
+        names = sorted(n for n in os.listdir(libs) if n.startswith("libgomp"))
+    except OSError:
+        names = []
+    if names:
+        return re.compile(re.escape(names[0]))
+    return _LIBGOMP
+
+
+_RUNTIME = _own_runtime()
 
 _state = {
     "source": None,          # "cynag default" / "user environment" / "preloaded" / "no libgomp"
@@ -63,7 +89,8 @@ spin_unbounded = False
 
 
 def mapped_libgomp():
-    """Paths of the ``libgomp.so.1`` objects mapped in this process (``/proc/self/maps``).
+    """Paths of the objects of cynag's libgomp mapped in this process (``/proc/self/maps``):
+    ``libgomp.so.1``, or a repaired wheel's own copy (see :func:`_own_runtime`).
 
     ``None`` where the maps cannot be read (not Linux).
     """
@@ -77,7 +104,7 @@ def mapped_libgomp():
         fields = line.split(None, 5)
         if len(fields) == 6:
             path = fields[5].strip()
-            if _LIBGOMP.fullmatch(os.path.basename(path)) and path not in paths:
+            if _RUNTIME.fullmatch(os.path.basename(path)) and path not in paths:
                 paths.append(path)
     return paths
 

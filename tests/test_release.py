@@ -193,3 +193,25 @@ def test_one_version_in_the_installed_wheel(wheel_venv, wheel):
     assert res == {"attr": version, "config": version, "show": "cynag %s" % version,
                    "metadata": version}
     assert wheel.name.startswith("cynag-%s-" % version), wheel.name
+
+
+def test_wheel_waits_passively_beside_a_preloaded_system_libgomp(wheel_venv):
+    """The wheel's own OpenMP runtime is loaded with cynag's wait policy, and a
+    system libgomp.so.1 loaded first (another library's) does not change it."""
+    code = textwrap.dedent(
+        """
+        import ctypes, json, sys
+        if sys.argv[1] == "preload":
+            ctypes.CDLL("libgomp.so.1")
+        import cynag
+        from cynag_kernels import threads
+        print(json.dumps({"wait": cynag.config()["threads"]["wait_policy"],
+                          "one": threads._spin_limits_default()}))
+        """)
+    for how in ("none", "preload"):
+        out = json.loads(wheel_venv.run("-c", code, how).stdout.splitlines()[-1])
+        w = out["wait"]
+        assert w["source"] == "cynag default", (how, w)
+        assert w["policy"] == "OMP_WAIT_POLICY=passive", (how, w)
+        assert not w["spin_unbounded"] and not out["one"], (how, out)
+        assert w["libgomp"] and all("/cynag.libs/libgomp-" in p for p in w["libgomp"]), w

@@ -205,3 +205,16 @@ def test_mapped_libgomp_names():
     assert _wait_policy._LIBGOMP.fullmatch("libgomp.so.1.0.0")
     # PyTorch's renamed copy is a separate runtime
     assert not _wait_policy._LIBGOMP.fullmatch("libgomp-a34b3233.so.1")
+
+
+def test_a_repaired_wheel_runtime_is_its_own_copy(tmp_path):
+    """With cynag.libs/ beside the packages (auditwheel's copy), that file alone is
+    cynag's runtime: the system's libgomp.so.1 and PyTorch's copy are others."""
+    assert _wait_policy._own_runtime(str(tmp_path)) is _wait_policy._LIBGOMP
+    (tmp_path / "cynag.libs").mkdir()
+    (tmp_path / "cynag.libs" / "libgomp-f9a9ad78.so.1.0.0").write_bytes(b"")
+    own = _wait_policy._own_runtime(str(tmp_path))
+    assert own.fullmatch("libgomp-f9a9ad78.so.1.0.0")
+    for other in ("libgomp.so.1", "libgomp.so.1.0.0", "libgomp-a34b3233.so.1",
+                  "libgomp-f9a9ad78.so.1.0.0.bak"):
+        assert not own.fullmatch(other), other
