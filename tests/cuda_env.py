@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 
-from venv_tools import LOCK_NAME, REPO_ROOT, EnvError, Venv, provide_or_fail
+from venv_tools import REPO_ROOT, EnvError, Venv, provide_or_fail
 
 try:
     import pytest
@@ -163,10 +163,7 @@ def ensure_cuda_python():
     global _cached_python
     if _cached_python is not None:
         return _cached_python
-    d = venv_dir()
-    python = venv_python(d)
-    if not os.path.exists(os.path.join(d, LOCK_NAME)):
-        _check_target_dir(d)
+    d, python = _VENV.open()
     with _locked(d):
         ok, out = _toolchain_status(python)
         if ok:

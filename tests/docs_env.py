@@ -29,7 +29,7 @@ import os
 import re
 import sys
 
-from venv_tools import LOCK_NAME, REPO_ROOT, EnvError, Venv, provide_or_fail
+from venv_tools import REPO_ROOT, EnvError, Venv, provide_or_fail
 
 try:
     import pytest
@@ -109,10 +109,7 @@ def ensure_docs_python():
     global _cached_python
     if _cached_python is not None:
         return _cached_python
-    d = venv_dir()
-    python = venv_python(d)
-    if not os.path.exists(os.path.join(d, LOCK_NAME)):
-        _VENV.check_target_dir(d)
+    d, python = _VENV.open()
     wanted = _wanted()
     with _VENV.locked(d):
         if _stamp_ok(d, wanted) and _VENV.python_ok(python, "import sphinx, myst_parser, numpy"):

@@ -129,6 +129,14 @@ class Venv:
         finally:
             f.close()  # releases the lock
 
+    def open(self):
+        """``(folder, interpreter)`` of the environment; a folder that is not one of
+        ours yet is checked first (:meth:`check_target_dir`)."""
+        d = self.dir()
+        if not os.path.exists(os.path.join(d, LOCK_NAME)):
+            self.check_target_dir(d)
+        return d, self.python(d)
+
     def check_target_dir(self, d):
         """Refuse to write into an existing folder that is not a virtual environment."""
         if not os.path.isdir(d):
