@@ -29,7 +29,7 @@ import threading
 
 import pytest
 
-from docs_env import docs_python  # noqa: F401  (session fixture)
+from docs_env import docs_python, docs_requirements  # noqa: F401  (session fixture)
 from venv_tools import REPO_ROOT
 
 DOCS = os.path.join(REPO_ROOT, "docs")
@@ -67,6 +67,17 @@ def site(docs_python, tmp_path_factory):
         pytest.fail("sphinx-build -W failed (exit status %d):\n%s" % (rc, log[-20000:]),
                     pytrace=False)
     return out
+
+
+def test_docs_requirements_have_a_major_version_cap():
+    """The site is built with -W: a new major Sphinx, MyST or Furo may warn, so each is capped.
+
+    The test environment installs exactly the ``docs`` extra (docs_env.py reads it).
+    """
+    reqs = docs_requirements()
+    assert {re.split(r"[<>=!~ ]", r, 1)[0] for r in reqs} >= {"sphinx", "myst-parser", "furo"}
+    uncapped = [r for r in reqs if not re.search(r"<\s*[\d.]+", r)]
+    assert not uncapped, "docs requirements without an upper bound: %s" % uncapped
 
 
 def test_site_builds_without_warnings(site):
