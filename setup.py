@@ -13,11 +13,18 @@ Cython extensions and decides how to compile them:
 * Floating-point contraction into fused multiply-add is switched off
   (``-ffp-contract=off``; MSVC's default ``/fp:precise`` does not contract), so
   that the CPU update is bit-identical to Chainer's numpy sequence.
+* No run-time library path into the building Python's installation: an
+  interpreter built with ``-Wl,-rpath,<prefix>/lib`` (pyenv's) hands it on in
+  ``LDSHARED``, and the extensions would carry that build machine's folder as
+  their ``RUNPATH``.  They do not link libpython on Linux and need nothing
+  from there, so such entries are dropped from the extension link command
+  (other rpaths, e.g. from ``$LDFLAGS`` pointing elsewhere, are kept).
 """
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import textwrap
 
@@ -119,6 +126,59 @@ def _probe_openmp(compiler, compile_args, link_args):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _python_lib_dirs():
+    """Folders of the building Python's installation (realpaths): its prefixes and LIBDIR."""
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+            sysconfig.get_config_var("LIBDIR") or ""}
+    return {os.path.realpath(d) for d in dirs if d}
+
+
+def _is_python_path(path, python_dirs):
+    path = os.path.realpath(path)
+    return any(path == d or path.startswith(d.rstrip(os.sep) + os.sep) for d in python_dirs)
+
+
+def _without_python_rpath(cmd, python_dirs=None):
+    """The link command ``cmd`` (a list) without rpaths into the building Python's folders.
+
+    Handles ``-Wl,-rpath,DIR``, ``-Wl,-rpath=DIR``, ``-Wl,-R,DIR``, ``-Wl,-RDIR`` and
+    ``-Wl,-rpath -Wl,DIR``; an ``-Wl,`` option listing several rpaths keeps the others.
+    """
+    if python_dirs is None:
+        python_dirs = _python_lib_dirs()
+    out, i = [], 0
+    while i < len(cmd):
+        arg = cmd[i]
+        if arg in ("-Wl,-rpath", "-Wl,-R") and i + 1 < len(cmd) and cmd[i + 1].startswith("-Wl,"):
+            if _is_python_path(cmd[i + 1][4:], python_dirs):
+                i += 2
+                continue
+        elif arg.startswith("-Wl,"):
+            parts, kept, j = arg[4:].split(","), [], 0
+            while j < len(parts):
+                p = parts[j]
+                if p in ("-rpath", "-R", "--rpath") and j + 1 < len(parts):
+                    if not _is_python_path(parts[j + 1], python_dirs):
+                        kept += [p, parts[j + 1]]
+                    j += 2
+                    continue
+                for prefix in ("-rpath=", "--rpath=", "-R"):
+                    if p.startswith(prefix) and len(p) > len(prefix):
+                        if _is_python_path(p[len(prefix):], python_dirs):
+                            p = None
+                        break
+                if p is not None:
+                    kept.append(p)
+                j += 1
+            if not kept:
+                i += 1
+                continue
+            arg = "-Wl," + ",".join(kept)
+        out.append(arg)
+        i += 1
+    return out
+
+
 class BuildExt(build_ext):
     """build_ext that adds OpenMP (when it works) and strict FP flags."""
 
@@ -147,6 +207,9 @@ class BuildExt(build_ext):
             fp_args = ["-ffp-contract=off", "-fno-fast-math", "-O3"]
         compiler_desc = "%s (%s)" % (family, os.path.basename(str(self.compiler.compiler[0]))
                                      if getattr(self.compiler, "compiler", None) else family)
+        for attr in ("linker_so", "linker_so_cxx"):
+            if isinstance(getattr(self.compiler, attr, None), list):
+                setattr(self.compiler, attr, _without_python_rpath(getattr(self.compiler, attr)))
         for ext in self.extensions:
             ext.extra_compile_args = fp_args + compile_args + list(ext.extra_compile_args or [])
             ext.extra_link_args = link_args + list(ext.extra_link_args or [])

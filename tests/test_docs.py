@@ -5,10 +5,10 @@
 * The examples written as doctests in the pages run (``-b doctest``).
 * The API page has an entry for every public name of the documented modules,
   computed from the modules here, so a new public name without docs fails.
-* Headless Chromium renders the index and the API page, served over HTTP on
-  127.0.0.1: every request must succeed, every stylesheet must be loaded and
-  applied (a computed style of the theme), and the API entries must be in the
-  rendered DOM.  Chromium is installed with ``apt-get`` when it is missing
+* Headless Chromium renders every page of the site (one per ``docs/*.md``),
+  served over HTTP on 127.0.0.1: every request must succeed, every stylesheet
+  must be loaded and applied (a computed style of the theme), and on the API
+  page the API entries must be in the rendered DOM.  Chromium is installed with ``apt-get`` when it is missing
   and the tests run as root; otherwise these tests are skipped with the
   reason (``CYNAG_SKIP_BROWSER=1`` skips them too).
 """
@@ -29,7 +29,7 @@ import threading
 
 import pytest
 
-from docs_env import docs_python  # noqa: F401  (session fixture)
+from docs_env import docs_python, docs_requirements  # noqa: F401  (session fixture)
 from venv_tools import REPO_ROOT
 
 DOCS = os.path.join(REPO_ROOT, "docs")
@@ -37,6 +37,10 @@ DOCS = os.path.join(REPO_ROOT, "docs")
 #: Modules whose every public name must have an entry on the API page.
 API_MODULES = ("cynag", "cynag.optimizers", "cynag.optimizer_hooks", "cynag.serializers",
                "cynag.multinode", "cynag.torch")
+
+#: The site's pages, one per source file (sphinx -W fails on a page outside the toctree).
+PAGES = sorted((f[:-3] for f in os.listdir(DOCS) if f.endswith(".md")),
+               key=lambda p: (p != "index", p))
 
 SPHINX_TIMEOUT_S = 600
 BROWSER_TIMEOUT_S = 120
@@ -69,9 +73,23 @@ def site(docs_python, tmp_path_factory):
     return out
 
 
+def test_docs_requirements_have_a_major_version_cap():
+    """The site is built with -W: a new major Sphinx, MyST or Furo may warn, so each is capped.
+
+    The test environment installs exactly the ``docs`` extra (docs_env.py reads it).
+    """
+    reqs = docs_requirements()
+    assert {re.split(r"[<>=!~ ]", r, 1)[0] for r in reqs} >= {"sphinx", "myst-parser", "furo"}
+    uncapped = [r for r in reqs if not re.search(r"<\s*[\d.]+", r)]
+    assert not uncapped, "docs requirements without an upper bound: %s" % uncapped
+
+
 def test_site_builds_without_warnings(site):
     for page in ("index", "quickstart", "porting_chainer", "porting_chainermn", "torch",
-                 "gpu", "threads", "checkpoints", "differences", "benchmarks", "api"):
+                 "gpu", "threads", "checkpoints", "differences", "benchmarks", "api",
+                 "internals", "building"):
+        assert page in PAGES, page
+    for page in PAGES:
         assert os.path.exists(os.path.join(site, page + ".html")), page
 
 
@@ -258,7 +276,7 @@ class _Server:
         self.httpd.server_close()
 
 
-def render(browser, site, page, screenshot=None):
+def render(browser, site, page):
     """(check dict from the rendered DOM, [(path, status)] of the requests) for ``page``."""
     server = _Server(site)
     profile = tempfile.mkdtemp(prefix="cynag-chromium-")
@@ -273,10 +291,6 @@ def render(browser, site, page, screenshot=None):
         proc = subprocess.run(flags + ["--dump-dom", server.url + page],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               universal_newlines=True, timeout=BROWSER_TIMEOUT_S)
-        if screenshot:
-            subprocess.run(flags + ["--screenshot=%s" % screenshot, server.url + page],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           timeout=BROWSER_TIMEOUT_S)
     finally:
         server.close()
         shutil.rmtree(profile, ignore_errors=True)
@@ -304,8 +318,9 @@ def check_rendered(check, requests, page):
     return problems
 
 
-@pytest.mark.parametrize("page", ["index.html", "api.html"])
+@pytest.mark.parametrize("page", [p + ".html" for p in PAGES])
 def test_page_renders_in_chromium(chromium, site, page):
+    assert os.path.isfile(os.path.join(site, page)), "the site has no %s" % page
     check, requests = render(chromium, site, page)
     problems = check_rendered(check, requests, page)
     if page == "api.html":

@@ -58,7 +58,7 @@ def _run(cmd, env=None, **kw):
 
 @pytest.fixture(scope="module")
 def sdist(release_artifacts):
-    """The sdist of tools/build_wheels.sh (the session's release build, see conftest.py)."""
+    """The sdist of tools/build_wheels.sh (the session's release build, see release_artifacts.py)."""
     return release_artifacts.sdist
 
 

