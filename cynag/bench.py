@@ -1552,44 +1552,65 @@ def _count(x):
 
 
 def plot(results, path):
-    """Effective GB/s against elements per tensor, one panel per thread count."""
+    """The figure of a run: the step as training runs it first, then the idealized step.
+
+    Top row (when the run has new-gradient cases): time per step of each
+    variant of the user path (log), one panel per thread count, the Python
+    floor dashed.  Bottom row: effective GB/s of the idealized variants
+    against elements per tensor, the bandwidth probe dashed.
+    """
     plt = _import_pyplot()
-    cases = sorted((c for c in results["cases"] if c.get("kind") != "hooks"),
+    user = sorted(results.get("user_path", []), key=lambda c: c["elements_per_tensor"])
+    ideal = sorted((c for c in results["cases"] if c.get("kind") != "hooks"),
                    key=lambda c: c["elements_per_tensor"])
+    cases = user + ideal
+    panels = [p for p in ((user, "user"), (ideal, "ideal")) if p[0]]
     thread_counts = sorted({r["threads"] for c in cases for r in c["rows"]})
-    fig, axes = plt.subplots(1, len(thread_counts), figsize=(6.5 * len(thread_counts), 4.8),
-                             squeeze=False, sharey=True)
-    palette = plt.get_cmap("tab10").colors
-    colors = {key: palette[i % len(palette)] for i, (key, _) in enumerate(VARIANTS)}
-    for ax, t in zip(axes[0], thread_counts):
-        for key, label in VARIANTS:
-            xs, ys = [], []
-            for c in cases:
-                rows = [r for r in c["rows"] if r["key"] == key
-                        and (r["threads"] == t or (r["threads"] == 1 and key in
-                                                   ("numpy", "chainer_update")))]
-                if rows:
-                    xs.append(c["elements_per_tensor"])
-                    ys.append(rows[0]["gbps"])
-            if not xs:
-                continue
-            if key == "probe":
-                ax.plot(xs, ys, "k--", lw=1.5, label=label + " (reference)")
-            else:
-                ax.plot(xs, ys, "o-", color=colors[key],
-                        label=label + (" (1 thr)" if key in ("numpy", "chainer_update") else ""))
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xticks([c["elements_per_tensor"] for c in cases])
-        ax.set_xticklabels(["%s\n%d x %s" % (c["name"], c["n_tensors"],
-                                             _count(c["elements_per_tensor"]))
-                            for c in cases], fontsize=8)
-        ax.minorticks_off()
-        ax.set_xlabel("case: tensors x mean elements per tensor (log)")
-        ax.set_title("%d thread%s" % (t, "" if t == 1 else "s"))
-        ax.grid(True, which="major", alpha=0.3)
-    axes[0][0].set_ylabel("effective GB/s (5 accesses per element, log)")
-    axes[0][-1].legend(fontsize=8, loc="best")
+    fig, axes = plt.subplots(max(1, len(panels)), len(thread_counts),
+                             figsize=(6.5 * len(thread_counts), 4.8 * max(1, len(panels))),
+                             squeeze=False)
+    palette = plt.get_cmap("tab20").colors
+    keys = [k for k, _ in USER_VARIANTS] + [k for k, _ in VARIANTS if k not in dict(USER_VARIANTS)]
+    colors = {key: palette[i % len(palette)] for i, key in enumerate(keys)}
+    one_thread = ("numpy", "chainer_update")
+    for row, (group, kind) in enumerate(panels):
+        variants = USER_VARIANTS if kind == "user" else VARIANTS
+        for ax, t in zip(axes[row], thread_counts):
+            for key, label in variants:
+                xs, ys = [], []
+                for c in group:
+                    rows = [r for r in c["rows"] if r["key"] == key
+                            and (r["threads"] == t or (r["threads"] == 1 and key in one_thread))]
+                    value = rows and (rows[0]["median_s"] * 1e3 if kind == "user"
+                                      else rows[0]["gbps"])
+                    if value:
+                        xs.append(c["elements_per_tensor"])
+                        ys.append(value)
+                if not xs:
+                    continue
+                if key == "probe" or key.startswith("floor_"):
+                    ax.plot(xs, ys, "--", color="k" if key == "probe" else colors[key], lw=1.2,
+                            label=label + (" (reference)" if key == "probe" else ""))
+                else:
+                    ax.plot(xs, ys, "o-", color=colors[key],
+                            label=label + (" (1 thr)" if key in one_thread else ""))
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xticks([c["elements_per_tensor"] for c in group])
+            ax.set_xticklabels(["%s\n%d x %s" % (c["name"], c["n_tensors"],
+                                                 _count(c["elements_per_tensor"]))
+                                for c in group], fontsize=8)
+            ax.minorticks_off()
+            ax.set_xlabel("case: tensors x mean elements per tensor (log)")
+            ax.set_title("%s, %d thread%s" % (
+                "as training runs it: new gradient arrays every step" if kind == "user"
+                else "idealized: the same gradient arrays every step",
+                t, "" if t == 1 else "s"), fontsize=9)
+            ax.grid(True, which="major", alpha=0.3)
+        axes[row][0].set_ylabel("update() time per step, ms (log; lower is faster)"
+                                if kind == "user" else
+                                "effective GB/s (5 accesses per element, log)")
+        axes[row][0].legend(fontsize=7, loc="best")
     m = results["machine"]
     fig.suptitle("NesterovAG step, %s: %s, %d usable CPUs"
                  % (results["settings"]["dtype"], m["cpu"], m["usable_cpus"]), fontsize=10)
