@@ -1012,8 +1012,7 @@ cdef void _mark(StepTable t, Rec* recs, Py_ssize_t nrec) noexcept nogil:
 # set is seen to hold the same name objects in the same iteration order (an
 # exact set of exact str: the same contents, so the same sort).
 
-cdef object _LINK = None          # chainer's Link, Chain, ChainList and their methods
-cdef object _CHAIN = None
+cdef object _CHAIN = None         # chainer's Chain and ChainList
 cdef object _CHAINLIST = None
 cdef tuple _F_PARAMS = None       # (Link.params, Chain.params, ChainList.params)
 cdef tuple _F_NAMED = None        # the same for namedparams
@@ -1024,8 +1023,8 @@ cdef list _INDEX_PREFIX = []      # '/0', '/1', ...: ChainList's prefixes
 
 def set_chainer_links(link, chain, chainlist):
     """Chainer's ``Link``, ``Chain`` and ``ChainList``, whose listings :func:`link_params` follows."""
-    global _LINK, _CHAIN, _CHAINLIST, _F_PARAMS, _F_NAMED
-    _LINK, _CHAIN, _CHAINLIST = link, chain, chainlist
+    global _CHAIN, _CHAINLIST, _F_PARAMS, _F_NAMED
+    _CHAIN, _CHAINLIST = chain, chainlist
     _F_PARAMS = (link.params, chain.params, chainlist.params)
     _F_NAMED = (link.namedparams, chain.namedparams, chainlist.namedparams)
 
@@ -1095,36 +1094,28 @@ cdef tuple _sorted_names(object names, dict old, dict new):
     return result
 
 
-cdef int _add_params(object link, list out, dict old, dict new) except -1:
-    cdef int kind = _link_kind(link, "params", _F_PARAMS)
-    if kind < 0:  # a class of its own: its own params()
-        out.extend(link.params())
-        return 0
-    d = link.__dict__
-    for name in <tuple>_sorted_names(getattr(link, S_PARAMS), old, new)[0]:
-        out.append(d[name])
-    if kind == 1:
-        for name in <tuple>_sorted_names(getattr(link, S_CHILDREN), old, new)[0]:
-            _add_params(d[name], out, old, new)
-    elif kind == 2:
-        for child in getattr(link, S_CHILDREN):
-            _add_params(child, out, old, new)
-    return 0
-
-
 cdef object _index_prefix(Py_ssize_t i):
     while len(_INDEX_PREFIX) <= i:
         _INDEX_PREFIX.append("/%d" % len(_INDEX_PREFIX))
     return _INDEX_PREFIX[i]
 
 
-cdef int _add_named(object link, object prefix, list out, dict old, dict new) except -1:
-    """Append ``(prefix + path, param)`` for ``link.namedparams()`` (no prefix: None)."""
-    cdef int kind = _link_kind(link, "namedparams", _F_NAMED)
+cdef inline object _join(object prefix, object path):
+    return path if prefix is None else prefix + path
+
+
+cdef int _walk(object link, bint named, object prefix, list out, dict old,
+               dict new) except -1:
+    """Append ``link.params()`` (``named``: ``(prefix + path, param)`` of
+    ``link.namedparams()``; no prefix: None) to ``out``."""
+    cdef int kind = (_link_kind(link, "namedparams", _F_NAMED) if named
+                     else _link_kind(link, "params", _F_PARAMS))
     cdef tuple names, paths
     cdef Py_ssize_t i
-    if kind < 0:
-        if prefix is None:
+    if kind < 0:  # a class of its own: its own method
+        if not named:
+            out.extend(link.params())
+        elif prefix is None:
             out.extend(link.namedparams())
         else:
             for path, param in link.namedparams():
@@ -1134,19 +1125,30 @@ cdef int _add_named(object link, object prefix, list out, dict old, dict new) ex
     names, paths = _sorted_names(getattr(link, S_PARAMS), old, new)
     for i in range(len(names)):
         param = d[names[i]]
-        out.append((paths[i] if prefix is None else prefix + paths[i], param))
+        out.append((_join(prefix, paths[i]), param) if named else param)
     if kind == 1:
         names, paths = _sorted_names(getattr(link, S_CHILDREN), old, new)
         for i in range(len(names)):
-            child = d[names[i]]
-            _add_named(child, paths[i] if prefix is None else prefix + paths[i], out, old, new)
+            _walk(d[names[i]], named, _join(prefix, paths[i]) if named else None, out, old,
+                  new)
     elif kind == 2:
         i = 0
         for child in getattr(link, S_CHILDREN):
-            p = _index_prefix(i)
-            _add_named(child, p if prefix is None else prefix + p, out, old, new)
+            _walk(child, named, _join(prefix, _index_prefix(i)) if named else None, out, old,
+                  new)
             i += 1
     return 0
+
+
+cdef list _list(object link, dict names, bint named):
+    cdef list out = []
+    cdef dict new = {}
+    if _F_PARAMS is None:
+        raise RuntimeError("link_params: set_chainer_links() was not called")
+    _walk(link, named, None, out, names, new)
+    names.clear()
+    names.update(new)
+    return out
 
 
 def link_params(link, dict names):
@@ -1157,23 +1159,9 @@ def link_params(link, dict names):
     its own (not Chainer's ``Link``, ``Chain`` or ``ChainList`` one) is
     listed by calling it.
     """
-    cdef list out = []
-    cdef dict new = {}
-    if _LINK is None:
-        raise RuntimeError("link_params: set_chainer_links() was not called")
-    _add_params(link, out, names, new)
-    names.clear()
-    names.update(new)
-    return out
+    return _list(link, names, False)
 
 
 def link_namedparams(link, dict names):
     """``list(link.namedparams())`` for a link of Chainer's classes (as :func:`link_params`)."""
-    cdef list out = []
-    cdef dict new = {}
-    if _LINK is None:
-        raise RuntimeError("link_namedparams: set_chainer_links() was not called")
-    _add_named(link, None, out, names, new)
-    names.clear()
-    names.update(new)
-    return out
+    return _list(link, names, True)
