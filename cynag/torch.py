@@ -241,6 +241,7 @@ class NesterovAG(torch.optim.Optimizer):
         native = _native.get()
         plans = [self._collect(gi, group, native)
                  for gi, group in enumerate(self.param_groups)]
+        _require_cupy_for(plans)  # (before any group changes)
         for group, plan in zip(self.param_groups, plans):
             self._apply(group, plan, native)
         self.t += 1
@@ -448,12 +449,9 @@ class NesterovAG(torch.optim.Optimizer):
 
     def _run_gpu(self, es, lr, momentum, wd):
         """CUDA tensors: cynag's CUDA kernel through CuPy, on PyTorch's current stream."""
-        try:
-            import cupy
-        except ImportError as e:
-            raise RuntimeError(
-                "%s: updating CUDA tensors needs CuPy (pip install \"cynag[cuda12]\" or "
-                "\"cynag[cuda13]\")" % _label(*es[0].label, es[0].p)) from e
+        _require_cupy_for([(None, None, None, None, es)])
+        import cupy
+
         device = es[0].p.device
         stream = torch.cuda.current_stream(device)
         with torch.cuda.device(device), cupy.cuda.Device(device.index), \
@@ -480,6 +478,19 @@ class NesterovAG(torch.optim.Optimizer):
             for p, pt, v, vt in back:
                 p.copy_(pt)
                 v.copy_(vt)
+
+
+def _require_cupy_for(plans):
+    """Raise, naming the first CUDA parameter of the plans, if CuPy cannot be imported."""
+    first = next((e for plan in plans for e in plan[4] if e.p.is_cuda), None)
+    if first is None:
+        return
+    try:
+        import cupy  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(
+            "%s: updating CUDA tensors needs CuPy (pip install \"cynag[cuda12]\" or "
+            "\"cynag[cuda13]\")" % _label(*first.label, first.p)) from e
 
 
 def _fits(dtype, lr, momentum):

@@ -335,6 +335,37 @@ def test_bad_input_raises_naming_the_parameter_and_changes_nothing():
         ct.NesterovAG([i]).step()
 
 
+def test_cuda_tensors_without_cupy_raise_before_any_group_changes(monkeypatch):
+    # A CUDA parameter in a later group, CuPy missing: the step must raise
+    # before the CPU parameters of the first group are updated.  (No CUDA
+    # device here: the later group's collected entry is a stand-in CUDA
+    # tensor; everything else is the real step.)
+    import sys
+    import types
+
+    a = torch.nn.Parameter(torch.ones(3))
+    b = torch.nn.Parameter(torch.ones(2))
+    opt = ct.NesterovAG([{"params": [a]}, {"params": [b]}], lr=0.1)
+    a.grad = torch.ones(3)
+    b.grad = torch.ones(2)
+    real_collect = ct.NesterovAG._collect
+
+    def collect(self, gi, group, native=None):
+        plan = real_collect(self, gi, group, native)
+        if gi == 1:
+            fake = types.SimpleNamespace(is_cuda=True, dtype=torch.float32, device="cuda:0",
+                                         shape=(2,))
+            plan[4].append(ct._Entry(fake, fake, fake, {"v": fake, "step": 0}, (1, 0)))
+        return plan
+
+    monkeypatch.setattr(ct.NesterovAG, "_collect", collect)
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[0\].*CuPy"):
+        opt.step()
+    assert torch.equal(a, torch.ones(3)) and not opt.state.get(a) and opt.t == 0
+    assert torch.equal(b, torch.ones(2)) and not opt.state.get(b)
+
+
 def test_huge_learning_rate_follows_numpy_promotion():
     # lr * m products that float32 cannot hold: NumPy 1.x computes in float64
     # (Chainer's sequence); the kernel is bypassed, the result is the same.
