@@ -7,11 +7,13 @@
 // decides and reads; it never changes a tensor or a state except in
 // bump_steps.
 //
-// collect(params, state) -> (codes, ptrs, sizes, kinds, states, uniform), one row per
-// parameter (uniform: the kind of every row if all are code 1 of one kind, else -1):
+// collect_groups(groups, state) -> (codes, ptrs, sizes, kinds, states, uniform, offsets),
+// one row per parameter of every list of groups, one list after the other
+// (offsets[k]: the first row of groups[k]; uniform: the kind of every row if all
+// are code 1 of one kind, else -1):
 //   codes: 0 no gradient (skipped); 1 the kernel takes it (CPU, float32 or
 //   float64, at least 1-d, parameter, gradient and state v contiguous, its
-//   arrays overlapping no other array of the table); 2 the Python path
+//   arrays overlapping no other array of the table, in any group); 2 the Python path
 //   updates it (no state yet, float16/bfloat16, CUDA, non-contiguous, 0-d,
 //   overlapping); 3 something does not fit (the Python path names it and
 //   raises).
@@ -163,12 +165,12 @@ constexpr int64_t BLOCK = 64;
 // per row.  Walking the block link by link instead, every pass asks for
 // the next link of all its rows at once, and the memory system fetches them
 // in parallel.  Only reads of what collect itself reads; hints only.
-void warm_block(PyObject* list, const ByIdentity& by_param, PyObject* v_key, int64_t lo,
-                int64_t hi, PyObject** sts, c10::TensorImpl** impls)
+void warm_block(PyObject* const* objs, const ByIdentity& by_param, PyObject* v_key,
+                int64_t lo, int64_t hi, PyObject** sts, c10::TensorImpl** impls)
 {
     const int64_t m = hi - lo;
     for (int64_t k = 0; k < m; k++) {
-        PyObject* obj = PyList_GET_ITEM(list, lo + k);
+        PyObject* obj = objs[lo + k];
         impls[k] = is_tensor(obj) ? impl_of(obj) : nullptr;
         if (impls[k] != nullptr)
             prefetch_object(impls[k], 3);
@@ -213,12 +215,25 @@ void warm_block(PyObject* list, const ByIdentity& by_param, PyObject* v_key, int
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, py::list, int> collect(
-    py::list params, py::dict state)
+namespace {
+
+// The rows of the parameter lists, one after the other; offsets[k]: the first row
+// of list k (offsets[len(lists)] = n).  Overlaps are looked for across all rows.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, py::list, int, py::list> collect_rows(
+    py::list lists, const ByIdentity& by_param)
 {
-    const int64_t n = static_cast<int64_t>(py::len(params));
-    ByIdentity by_param;
-    by_param.build(state.ptr());
+    std::vector<PyObject*> objs;
+    py::list offsets(PyList_GET_SIZE(lists.ptr()) + 1);
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(lists.ptr()); k++) {
+        PyObject* lst = PyList_GET_ITEM(lists.ptr(), k);
+        if (!PyList_CheckExact(lst))
+            throw py::type_error("collect: each group's parameters must be a list");
+        offsets[k] = py::int_(objs.size());
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(lst); j++)
+            objs.push_back(PyList_GET_ITEM(lst, j));
+    }
+    offsets[PyList_GET_SIZE(lists.ptr())] = py::int_(objs.size());
+    const int64_t n = static_cast<int64_t>(objs.size());
     py::list states(n);
     auto codes = at::zeros({n}, at::kByte);
     auto ptrs = at::zeros({n, 3}, at::kLong);
@@ -233,9 +248,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, py::list, int> collec
     c10::TensorImpl* warm_impls[BLOCK];
     for (int64_t i = 0; i < n; i++) {
         if (i % BLOCK == 0)
-            warm_block(params.ptr(), by_param, v_key, i, std::min(n, i + BLOCK), warm_sts,
+            warm_block(objs.data(), by_param, v_key, i, std::min(n, i + BLOCK), warm_sts,
                        warm_impls);
-        PyObject* obj = PyList_GET_ITEM(params.ptr(), i);
+        PyObject* obj = objs[i];
         PyObject* st = by_param.find(obj);
         if (st == nullptr)
             st = Py_None;
@@ -321,7 +336,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, py::list, int> collec
     for (int64_t i = 0; i < n && uniform >= 0; i++)
         if (c[i] != 1 || kd[i] != uniform)
             uniform = -1;
-    return std::make_tuple(codes, ptrs, sizes, kinds, states, uniform);
+    return std::make_tuple(codes, ptrs, sizes, kinds, states, uniform, offsets);
+}
+
+}  // namespace
+
+// The rows of every param group in one table (one allocation, one index of
+// the state, one overlap check across the groups): a model with a group
+// per layer has hundreds of groups.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, py::list, int, py::list>
+collect_groups(py::list groups, py::dict state)
+{
+    ByIdentity by_param;
+    by_param.build(state.ptr());
+    return collect_rows(groups, by_param);
 }
 
 // state["step"] += 1 for every state dict of the list (Python ints).

@@ -162,7 +162,8 @@ def nesterov_ag_rows(table, lo, hi, type_num, scratch, ops=None, num_threads=Non
                              num_threads=num_threads, ops=ops)
 
 
-def nesterov_ag_addresses(ptrs, sizes, dtype, *, lr, momentum, ops=None, num_threads=None):
+def nesterov_ag_addresses(ptrs, sizes, dtype, *, lr, momentum, index=None, ops=None,
+                          num_threads=None):
     """One step over arrays given by their addresses (CPU): the front ends' entry.
 
     For arrays that are not NumPy arrays (e.g. PyTorch tensors) the caller
@@ -176,14 +177,18 @@ def nesterov_ag_addresses(ptrs, sizes, dtype, *, lr, momentum, ops=None, num_thr
         sizes: ``(n,)`` int64 array: elements of each tensor.
         dtype: float16, float32 or float64.
         lr, momentum: Python floats (one step's hyperparameters, shared by
-            the tensors).
+            the tensors); with ``index``, sequences of them, one entry per
+            set of hyperparameters (e.g. per param group).
+        index: ``None``, or ``(n,)`` integers: tensor ``i`` takes
+            ``lr[index[i]]`` and ``momentum[index[i]]``.
         ops: a hook operation program applied to every gradient first, as
             for :func:`nesterov_ag` (it writes the gradients).
 
     Returns:
         True if the step ran; False (nothing changed) if a coefficient does
         not fit ``dtype`` (NumPy 1.x would then compute in float64; the
-        caller uses :func:`nesterov_ag` with ``impl="single"``).
+        caller uses :func:`nesterov_ag` with ``impl="single"``), for any
+        entry when ``index`` is given.
     """
     from cynag_kernels.multi_tensor import coefficient_table, run_addresses
 
@@ -195,10 +200,20 @@ def nesterov_ag_addresses(ptrs, sizes, dtype, *, lr, momentum, ops=None, num_thr
         raise ValueError("ptrs and sizes must have the same length")
     if n == 0:
         return True
-    coef, ok = coefficient_table(dtype, [lr], [momentum])
-    if not ok[0]:
-        return False
-    run_addresses(ptrs, sizes, coef[0], dtype.num, num_threads=num_threads, ops=ops)
+    if index is None:
+        coef, ok = coefficient_table(dtype, [lr], [momentum])
+        if not ok[0]:
+            return False
+        coef = coef[0]
+    else:
+        index = numpy.asarray(index, numpy.intp)
+        if index.shape != (n,):
+            raise ValueError("index must have one entry per tensor")
+        coef, ok = coefficient_table(dtype, list(lr), list(momentum))
+        if not ok.all():
+            return False
+        coef = coef[0] if len(coef) == 1 else coef[index]
+    run_addresses(ptrs, sizes, coef, dtype.num, num_threads=num_threads, ops=ops)
     return True
 
 

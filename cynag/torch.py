@@ -27,6 +27,7 @@ stream).
 :func:`load_chainer_state` and :func:`save_chainer_state` move an optimizer's
 state between a Chainer (or cynag) optimizer NPZ and this optimizer.
 """
+import bisect
 import numbers
 
 import numpy
@@ -239,24 +240,121 @@ class NesterovAG(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         native = _native.get()
-        plans = [self._collect(gi, group, native)
-                 for gi, group in enumerate(self.param_groups)]
+        merged, plans = self._plans(native)
         _require_cupy_for(plans)  # (before any group changes)
+        if merged is not None:
+            self._run_merged(native, *merged)
         for group, plan in zip(self.param_groups, plans):
             self._apply(group, plan, native)
         self.t += 1
         return loss
 
-    def _collect(self, gi, group, native=None):
-        """Check the group; raise before anything changes.  Returns the plan of the group:
-        ``(lr, momentum, weight_decay, fast, rest)``: ``fast``, by torch dtype, the dense
-        CPU tensors with a state, as ``(ps, gs, vs, states, table)`` (``table``: the
-        native reader's addresses and sizes, or None); ``rest``, the other entries."""
+    def _plans(self, native):
+        """Check every group; raise before anything changes.  Returns ``(merged, plans)``.
+
+        ``plans``: one per group, ``(lr, momentum, weight_decay, fast, rest)`` as
+        :meth:`_collect` makes them.  ``merged`` (native reader only, else None):
+        the rows of the groups without weight decay that the kernel takes, all
+        groups together, updated by :meth:`_run_merged` in one call per dtype
+        (their arrays overlap no other row's, so the order does not matter).
+        """
+        groups = self.param_groups
+        if native is None:
+            return None, [self._collect(gi, group) for gi, group in enumerate(groups)]
+        hyper = [(_hyper(g, "lr", gi), _hyper(g, "momentum", gi), _hyper(g, "weight_decay", gi))
+                 for gi, g in enumerate(groups)]
+        lists = [g["params"] if type(g["params"]) is list else list(g["params"])
+                 for g in groups]
+        codes, ptrs, sizes, kinds, sts, uniform, offsets = native.collect_groups(lists,
+                                                                                  self.state)
+        ptrs, sizes = ptrs.numpy(), sizes.numpy()
+        n_groups = len(groups)
+        plans = [(lr, m, wd, {}, []) for lr, m, wd in hyper]
+        decay = [bool(h[2]) for h in hyper]
+        group_of = None
+        if n_groups > 1:
+            group_of = numpy.repeat(numpy.arange(n_groups), numpy.diff(offsets))
+        if uniform >= 0 and not any(decay):
+            # (the usual case: every parameter dense, of one dtype, with a state)
+            dtype = torch.float32 if uniform == 0 else torch.float64
+            return (([(dtype, None, ptrs, sizes, group_of, sts)], hyper, lists, offsets),
+                    plans)
+        codes, kinds = codes.numpy(), kinds.numpy()
+        bad = numpy.flatnonzero(codes == 3)
+        for i in bad.tolist():
+            gi = bisect.bisect_right(offsets, i) - 1
+            pi = i - offsets[gi]
+            p = lists[gi][pi]
+            self._check_one(gi, pi, p, getattr(p, "grad", None), self.state.get(p))
+        if len(bad):
+            i = int(bad[0])
+            gi = bisect.bisect_right(offsets, i) - 1
+            raise RuntimeError("%s: the native reader found it does not fit, the Python "
+                               "checks did not" % _label(gi, i - offsets[gi],
+                                                         lists[gi][i - offsets[gi]]))
+        if group_of is None:
+            group_of = numpy.zeros(len(codes), numpy.intp)
+        decayed_row = numpy.array(decay, bool)[group_of]
+        merged = []
+        for kind, dtype in ((0, torch.float32), (1, torch.float64)):
+            sel = (codes == 1) & (kinds == kind)
+            rows = numpy.flatnonzero(sel & ~decayed_row)
+            if len(rows):
+                merged.append((dtype, rows, ptrs[rows], sizes[rows],
+                               group_of[rows] if n_groups > 1 else None,
+                               [sts[i] for i in rows.tolist()]))
+            by_group = {}
+            for i in numpy.flatnonzero(sel & decayed_row).tolist():
+                by_group.setdefault(int(group_of[i]), []).append(i)
+            for gi, grows in by_group.items():
+                local = [i - offsets[gi] for i in grows]
+                row_sts = [sts[i] for i in grows]
+                plans[gi][3][dtype] = (_Rows(lists[gi], local, row_sts), None, None, row_sts,
+                                       (ptrs[grows], sizes[grows]))
+        for i in numpy.flatnonzero(codes == 2).tolist():
+            gi = int(group_of[i])
+            pi = i - offsets[gi]
+            p, st = lists[gi][pi], sts[i]
+            plans[gi][4].append(_Entry(p, p.grad, st.get("v") if st else None, st, (gi, pi)))
+        return (merged, hyper, lists, offsets) if merged else None, plans
+
+    def _run_merged(self, native, merged, hyper, lists, offsets):
+        """The rows :meth:`_plans` merged: one native call per dtype, every group's
+        hyperparameters per row."""
+        lrs = [h[0] for h in hyper]
+        moms = [h[1] for h in hyper]
+        for dtype, rows, ptrs, sizes, group_of, sts in merged:
+            np_dtype = _KERNEL_DTYPES[dtype]
+            if group_of is None:
+                ran = functional.nesterov_ag_addresses(ptrs, sizes, np_dtype, lr=lrs[0],
+                                                       momentum=moms[0])
+            else:
+                ran = functional.nesterov_ag_addresses(ptrs, sizes, np_dtype, lr=lrs,
+                                                       momentum=moms, index=group_of)
+            if not ran:
+                # A coefficient does not fit the dtype (NumPy 1.x would compute in
+                # float64): group by group, through copies where needed.
+                all_rows = numpy.arange(len(sizes)) if rows is None else rows
+                groups = (numpy.zeros(len(sizes), numpy.intp) if group_of is None
+                          else group_of)
+                for gi in numpy.unique(groups).tolist():
+                    k = numpy.flatnonzero(groups == gi)
+                    local = [int(i) - offsets[gi] for i in all_rows[k]]
+                    row_sts = [sts[i] for i in k.tolist()]
+                    self._run_cpu(None, None, None, np_dtype, lrs[gi], moms[gi], 0.0,
+                                  _Rows(lists[gi], local, row_sts).entries,
+                                  (ptrs[k], sizes[k]))
+            native.bump_steps(sts)
+
+    def _collect(self, gi, group):
+        """Check the group (Python reader); raise before anything changes.  Returns the
+        plan of the group: ``(lr, momentum, weight_decay, fast, rest)``: ``fast``, by
+        torch dtype, the dense CPU tensors with a state, as ``(ps, gs, vs, states,
+        table)`` (``table``: the native reader's addresses and sizes, or None);
+        ``rest``, the other entries."""
         lr = _hyper(group, "lr", gi)
         momentum = _hyper(group, "momentum", gi)
         wd = _hyper(group, "weight_decay", gi)
-        if native is not None:
-            return self._collect_native(native, gi, group, lr, momentum, wd)
         fast = {}
         rest = []
         state_get = self.state.get
@@ -278,43 +376,6 @@ class NesterovAG(torch.optim.Optimizer):
                 lists[3].append(st)
                 continue
             rest.append(_Entry(p, g, v, st, (gi, pi)))
-        return lr, momentum, wd, fast, rest
-
-    def _collect_native(self, native, gi, group, lr, momentum, wd):
-        """:meth:`_collect` through the native reader (the same decisions)."""
-        params = group["params"]
-        if type(params) is not list:
-            params = list(params)
-        codes, ptrs, sizes, kinds, sts, uniform = native.collect(params, self.state)
-        if uniform >= 0:
-            # (the usual case: every parameter dense, of one dtype, with a state)
-            rows = [range(len(params))]
-            kinds_rows = [(torch.float32 if uniform == 0 else torch.float64, rows[0])]
-            ptrs, sizes = ptrs.numpy(), sizes.numpy()
-            rest = []
-        else:
-            codes, ptrs, sizes, kinds = (codes.numpy(), ptrs.numpy(), sizes.numpy(),
-                                         kinds.numpy())
-            bad = numpy.flatnonzero(codes == 3)
-            for pi in bad.tolist():
-                p = params[pi]
-                self._check_one(gi, pi, p, getattr(p, "grad", None), self.state.get(p))
-            if len(bad):
-                raise RuntimeError("%s: the native reader found it does not fit, the Python "
-                                   "checks did not" % _label(gi, int(bad[0]), params[bad[0]]))
-            kinds_rows = [(dtype, numpy.flatnonzero((codes == 1) & (kinds == kind)).tolist())
-                          for kind, dtype in ((0, torch.float32), (1, torch.float64))]
-            rest = []
-            for pi in numpy.flatnonzero(codes == 2).tolist():
-                p, st = params[pi], sts[pi]
-                rest.append(_Entry(p, p.grad, st.get("v") if st else None, st, (gi, pi)))
-        fast = {}
-        for dtype, rows in kinds_rows:
-            if len(rows):
-                all_rows = isinstance(rows, range)
-                row_sts = sts if all_rows else [sts[i] for i in rows]
-                table = (ptrs, sizes) if all_rows else (ptrs[rows], sizes[rows])
-                fast[dtype] = (_Rows(params, rows, row_sts), None, None, row_sts, table)
         return lr, momentum, wd, fast, rest
 
     def _check_one(self, gi, pi, p, g, st):

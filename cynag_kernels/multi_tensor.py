@@ -104,10 +104,11 @@ def run_addresses(ptrs, sizes, coef_row, type_num, num_threads=None, ops=None):
     """One step over tensors given by their addresses, all with the coefficients ``coef_row``.
 
     ``ptrs``: ``(n, 3)`` C-contiguous int64 (param, grad, v), ``sizes``:
-    ``(n,)`` int64, ``coef_row``: one row of :func:`coefficient_table`; the
-    tensors as :meth:`CPUTable.from_rows` takes them (checked by the caller,
-    disjoint, kept alive).  No compaction: one native call.  Returns the
-    number of elements updated.
+    ``(n,)`` int64, ``coef_row``: one row of :func:`coefficient_table`, or
+    an ``(n, 6)`` table of them (one row per tensor); the tensors as
+    :meth:`CPUTable.from_rows` takes them (checked by the caller, disjoint,
+    kept alive).  No compaction: one native call.  Returns the number of
+    elements updated.
     """
     n = len(sizes)
     if n == 0:
@@ -115,7 +116,13 @@ def run_addresses(ptrs, sizes, coef_row, type_num, num_threads=None, ops=None):
     cum = numpy.zeros(n + 1, numpy.int64)
     numpy.cumsum(sizes, out=cum[1:])
     total = int(cum[n])
-    coef = numpy.repeat(numpy.asarray(coef_row, numpy.float64).reshape(1, N_COEF), n, axis=0)
+    coef = numpy.asarray(coef_row, numpy.float64)
+    if coef.ndim == 1:
+        coef = numpy.repeat(coef.reshape(1, N_COEF), n, axis=0)
+    elif coef.shape != (n, N_COEF):
+        raise ValueError("run_addresses: coef must be one row or one row per tensor")
+    else:
+        coef = numpy.ascontiguousarray(coef)
     k = threads_for(total) if num_threads is None else max(1, int(num_threads))
     _nesterov_cpu.nesterov_ag_compacted(ptrs, cum, coef, n, type_num, k, ITEMS_PER_THREAD,
                                         ITEM_ALIGN, ops)

@@ -1684,6 +1684,49 @@ def test_nesterov_ag_addresses_matches_per_tensor_kernel(n, dtype, seed, with_op
         assert_same_bits(c, v)
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 12), n_sets=st.integers(1, 4), dtype=st.sampled_from([F32, F64]),
+       seed=st.integers(0, 2**16), num_threads=st.sampled_from([None, 1, 2]))
+def test_nesterov_ag_addresses_per_tensor_hyperparameters(n, n_sets, dtype, seed,
+                                                          num_threads):
+    # index: tensor i takes lr[index[i]] and momentum[index[i]] (a front end's
+    # param groups in one call); the same bits as one call per tensor.
+    from cynag import functional
+
+    rng = np.random.default_rng(seed)
+    lrs = [float(x) for x in rng.choice([0.1, 0.01, 0.37, 1e-5], n_sets)]
+    moms = [float(x) for x in rng.choice([0.9, 0.0, 0.5, 0.99], n_sets)]
+    index = rng.integers(0, n_sets, n)
+    shapes = [tuple(int(d) for d in rng.integers(0, 5, rng.integers(1, 3))) for _ in range(n)]
+    ps = [random_values(rng, s, dtype) for s in shapes]
+    gs = [random_values(rng, s, dtype) for s in shapes]
+    vs = [random_values(rng, s, dtype) for s in shapes]
+    ref = [(p.copy(), g.copy(), v.copy()) for p, g, v in zip(ps, gs, vs)]
+    ptrs = np.array([[p.ctypes.data, g.ctypes.data, v.ctypes.data]
+                     for p, g, v in zip(ps, gs, vs)], np.int64).reshape(-1, 3)
+    sizes = np.array([p.size for p in ps], np.int64)
+    assert functional.nesterov_ag_addresses(ptrs, sizes, dtype, lr=lrs, momentum=moms,
+                                            index=index, num_threads=num_threads)
+    for k, ((p, g, v), a, c) in enumerate(zip(ref, ps, vs)):
+        functional.nesterov_ag([p], [g], [v], lr=lrs[index[k]], momentum=moms[index[k]],
+                               impl="single")
+        assert_same_bits(a, p)
+        assert_same_bits(c, v)
+
+
+def test_nesterov_ag_addresses_index_refuses_any_set_the_dtype_cannot_hold():
+    from cynag import functional
+
+    p, g, v = np.ones(4, F32), np.ones(4, F32), np.zeros(4, F32)
+    ptrs = np.array([[p.ctypes.data, g.ctypes.data, v.ctypes.data]], np.int64)
+    assert not functional.nesterov_ag_addresses(ptrs, np.array([4]), F32, lr=[0.1, 1e39],
+                                                momentum=[0.9, 0.5], index=[0])
+    assert (p == 1).all() and (v == 0).all()  # nothing changed
+    with pytest.raises(ValueError, match="one entry per tensor"):
+        functional.nesterov_ag_addresses(ptrs, np.array([4]), F32, lr=[0.1], momentum=[0.9],
+                                         index=[0, 0])
+
+
 def test_nesterov_ag_addresses_refuses_coefficients_the_dtype_cannot_hold():
     from cynag import functional
 

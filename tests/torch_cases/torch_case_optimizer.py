@@ -233,6 +233,85 @@ def test_param_groups_and_schedulers():
         assert np.array_equal(p.detach().numpy(), refs[id(p)][0])
 
 
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), n_groups=st.integers(1, 7), native=st.booleans())
+def test_many_groups_match_chainer_sequence(data, n_groups, native):
+    # Groups of their own lr, momentum and weight decay (some huge lr: NumPy
+    # 1.x's promotion, through copies), mixed dtypes, parameters without a
+    # gradient, and views of one storage in different groups (updated in the
+    # groups' order).  The native reader reads all groups in one table and
+    # updates the undecayed rows of all of them in one call.
+    if ct._native.mode() == "off":
+        native = False  # (CYNAG_TORCH_NATIVE=0: the Python reader only)
+    with pytest.MonkeyPatch.context() as mp:
+        if native:
+            if ct._native.get() is None:
+                ct._native.wait()
+            assert ct._native.get() is not None, ct.native_status()
+        else:
+            mp.setattr(ct._native, "get", lambda: None)
+        _many_groups(data, n_groups)
+
+
+def _many_groups(data, n_groups):
+    base = torch.randn(12, dtype=F32)
+    groups, refs = [], []
+    for gi in range(n_groups):
+        lr = data.draw(st.sampled_from([0.1, 0.01, 0.37, 1e39]), label="lr%d" % gi)
+        m = data.draw(st.sampled_from([0.9, 0.0, 0.5]), label="m%d" % gi)
+        wd = data.draw(st.sampled_from([0.0, 0.0, 1e-3]), label="wd%d" % gi)
+        ps = []
+        for k in range(data.draw(st.integers(0, 4), label="n%d" % gi)):
+            kind = data.draw(st.sampled_from(["f32", "f64", "view", "nograd"]),
+                             label="kind%d_%d" % (gi, k))
+            if kind == "view":
+                j = data.draw(st.integers(0, 10), label="at%d_%d" % (gi, k))
+                p = torch.nn.Parameter(base[j:j + 2])  # shares base's memory
+            else:
+                p = torch.nn.Parameter(torch.randn(3, dtype=F64 if kind == "f64" else F32))
+            ps.append((p, kind == "nograd", kind == "view"))
+        groups.append({"params": [p for p, _, _ in ps], "lr": lr, "momentum": m,
+                       "weight_decay": wd})
+        refs.append(ps)
+    opt = ct.NesterovAG(groups)
+    # The reference: Chainer's sequence, group after group, parameter after
+    # parameter, on NumPy copies (one of base for all the views).
+    base_ref = base.numpy().copy()
+    own = {id(p): p.detach().numpy().copy() for ps in refs for p, _, view in ps if not view}
+    vs = {}
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for _ in range(3):
+            for ps in refs:
+                for p, nograd, _ in ps:
+                    p.grad = None if nograd else torch.randn(p.shape, generator=gen,
+                                                             dtype=p.dtype)
+            opt.step()
+            for gi, ps in enumerate(refs):
+                hp = groups[gi]
+                for p, nograd, view in ps:
+                    if nograd:
+                        continue
+                    if view:
+                        off = p.storage_offset()
+                        arr = base_ref[off:off + 2]
+                    else:
+                        arr = own[id(p)]
+                    v = vs.setdefault(id(p), np.zeros(p.shape, arr.dtype))
+                    chainer_step(arr, p.grad.numpy(), v, hp["lr"], hp["momentum"],
+                                 hp["weight_decay"])
+    assert np.array_equal(base.numpy(), base_ref, equal_nan=True)
+    for ps in refs:
+        for p, nograd, view in ps:
+            if nograd:
+                assert p not in opt.state
+                continue
+            if not view:
+                assert np.array_equal(p.detach().numpy(), own[id(p)], equal_nan=True)
+            assert np.array_equal(opt.state[p]["v"].numpy(), vs[id(p)], equal_nan=True)
+            assert opt.state[p]["step"] == 3
+
+
 def test_add_param_group():
     a = torch.nn.Parameter(torch.randn(4))
     c = torch.nn.Parameter(torch.randn(2))
@@ -348,17 +427,16 @@ def test_cuda_tensors_without_cupy_raise_before_any_group_changes(monkeypatch):
     opt = ct.NesterovAG([{"params": [a]}, {"params": [b]}], lr=0.1)
     a.grad = torch.ones(3)
     b.grad = torch.ones(2)
-    real_collect = ct.NesterovAG._collect
+    real_plans = ct.NesterovAG._plans
 
-    def collect(self, gi, group, native=None):
-        plan = real_collect(self, gi, group, native)
-        if gi == 1:
-            fake = types.SimpleNamespace(is_cuda=True, dtype=torch.float32, device="cuda:0",
-                                         shape=(2,))
-            plan[4].append(ct._Entry(fake, fake, fake, {"v": fake, "step": 0}, (1, 0)))
-        return plan
+    def plans(self, native):
+        merged, out = real_plans(self, native)
+        fake = types.SimpleNamespace(is_cuda=True, dtype=torch.float32, device="cuda:0",
+                                     shape=(2,))
+        out[1][4].append(ct._Entry(fake, fake, fake, {"v": fake, "step": 0}, (1, 0)))
+        return merged, out
 
-    monkeypatch.setattr(ct.NesterovAG, "_collect", collect)
+    monkeypatch.setattr(ct.NesterovAG, "_plans", plans)
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
     with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[0\].*CuPy"):
         opt.step()
