@@ -215,19 +215,20 @@ void warm_block(PyObject* const* objs, const ByIdentity& by_param, PyObject* v_k
 
 }  // namespace
 
-namespace {
-
-// The rows of the parameter lists, one after the other; offsets[k]: the first row
-// of list k (offsets[len(lists)] = n).  Overlaps are looked for across all rows.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, py::list, int, py::list> collect_rows(
-    py::list lists, const ByIdentity& by_param)
+// The rows of every param group in one table (one allocation, one index of
+// the state, one overlap check across the groups): a model with a group
+// per layer has hundreds of groups.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, py::list, int, py::list>
+collect_groups(py::list lists, py::dict state)
 {
+    ByIdentity by_param;
+    by_param.build(state.ptr());
     std::vector<PyObject*> objs;
     py::list offsets(PyList_GET_SIZE(lists.ptr()) + 1);
     for (Py_ssize_t k = 0; k < PyList_GET_SIZE(lists.ptr()); k++) {
         PyObject* lst = PyList_GET_ITEM(lists.ptr(), k);
         if (!PyList_CheckExact(lst))
-            throw py::type_error("collect: each group's parameters must be a list");
+            throw py::type_error("collect_groups: each group's parameters must be a list");
         offsets[k] = py::int_(objs.size());
         for (Py_ssize_t j = 0; j < PyList_GET_SIZE(lst); j++)
             objs.push_back(PyList_GET_ITEM(lst, j));
@@ -337,19 +338,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, py::list, int, py::li
         if (c[i] != 1 || kd[i] != uniform)
             uniform = -1;
     return std::make_tuple(codes, ptrs, sizes, kinds, states, uniform, offsets);
-}
-
-}  // namespace
-
-// The rows of every param group in one table (one allocation, one index of
-// the state, one overlap check across the groups): a model with a group
-// per layer has hundreds of groups.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, py::list, int, py::list>
-collect_groups(py::list groups, py::dict state)
-{
-    ByIdentity by_param;
-    by_param.build(state.ptr());
-    return collect_rows(groups, by_param);
 }
 
 // state["step"] += 1 for every state dict of the list (Python ints).

@@ -27,7 +27,6 @@ stream).
 :func:`load_chainer_state` and :func:`save_chainer_state` move an optimizer's
 state between a Chainer (or cynag) optimizer NPZ and this optimizer.
 """
-import bisect
 import numbers
 
 import numpy
@@ -271,29 +270,24 @@ class NesterovAG(torch.optim.Optimizer):
         n_groups = len(groups)
         plans = [(lr, m, wd, {}, []) for lr, m, wd in hyper]
         decay = [bool(h[2]) for h in hyper]
-        group_of = None
-        if n_groups > 1:
-            group_of = numpy.repeat(numpy.arange(n_groups), numpy.diff(offsets))
+        group_of = numpy.repeat(numpy.arange(n_groups), numpy.diff(offsets))
         if uniform >= 0 and not any(decay):
             # (the usual case: every parameter dense, of one dtype, with a state)
             dtype = torch.float32 if uniform == 0 else torch.float64
-            return (([(dtype, None, ptrs, sizes, group_of, sts)], hyper, lists, offsets),
-                    plans)
+            return (([(dtype, None, ptrs, sizes, group_of if n_groups > 1 else None, sts)],
+                     hyper, lists, offsets), plans)
         codes, kinds = codes.numpy(), kinds.numpy()
-        bad = numpy.flatnonzero(codes == 3)
-        for i in bad.tolist():
-            gi = bisect.bisect_right(offsets, i) - 1
+        bad = numpy.flatnonzero(codes == 3).tolist()
+        for i in bad:
+            gi = int(group_of[i])
             pi = i - offsets[gi]
             p = lists[gi][pi]
             self._check_one(gi, pi, p, getattr(p, "grad", None), self.state.get(p))
-        if len(bad):
-            i = int(bad[0])
-            gi = bisect.bisect_right(offsets, i) - 1
+        if bad:
+            gi = int(group_of[bad[0]])
             raise RuntimeError("%s: the native reader found it does not fit, the Python "
-                               "checks did not" % _label(gi, i - offsets[gi],
-                                                         lists[gi][i - offsets[gi]]))
-        if group_of is None:
-            group_of = numpy.zeros(len(codes), numpy.intp)
+                               "checks did not" % _label(gi, bad[0] - offsets[gi],
+                                                         lists[gi][bad[0] - offsets[gi]]))
         decayed_row = numpy.array(decay, bool)[group_of]
         merged = []
         for kind, dtype in ((0, torch.float32), (1, torch.float64)):
@@ -510,8 +504,7 @@ class NesterovAG(torch.optim.Optimizer):
 
     def _run_gpu(self, es, lr, momentum, wd):
         """CUDA tensors: cynag's CUDA kernel through CuPy, on PyTorch's current stream."""
-        _require_cupy_for([(None, None, None, None, es)])
-        import cupy
+        import cupy  # (step() checked that it imports, before any change)
 
         device = es[0].p.device
         stream = torch.cuda.current_stream(device)

@@ -381,6 +381,14 @@ cdef enum:
     PREFETCH_AHEAD = 6
 
 
+cdef inline void _prefetch_row(storage_t* tag, const int64_t* ptrs, const int64_t* cum,
+                               Py_ssize_t a, Py_ssize_t n_tensors, int64_t b1) noexcept nogil:
+    """Ask for the first lines of tensor ``a``'s arrays if it is in this work item."""
+    if a < n_tensors and cum[a] < b1:
+        cynag_prefetch_tensor(<const char*>ptrs[3 * a], <const char*>ptrs[3 * a + 1],
+                              <const char*>ptrs[3 * a + 2], (cum[a + 1] - cum[a]) * sizeof(storage_t))
+
+
 cdef void _multi_item(storage_t* tag, const int64_t* ptrs, const int64_t* cum,
                       const double* coef, Py_ssize_t n_tensors,
                       int64_t b0, int64_t b1, Py_ssize_t t, const double* ops, int n_ops,
@@ -392,16 +400,9 @@ cdef void _multi_item(storage_t* tag, const int64_t* ptrs, const int64_t* cum,
     cdef storage_t* v
     cdef Py_ssize_t a
     for a in range(t + 1, t + PREFETCH_AHEAD):
-        if a < n_tensors and cum[a] < b1:
-            cynag_prefetch_tensor(<const char*>ptrs[3 * a], <const char*>ptrs[3 * a + 1],
-                                  <const char*>ptrs[3 * a + 2],
-                                  (cum[a + 1] - cum[a]) * sizeof(storage_t))
+        _prefetch_row(tag, ptrs, cum, a, n_tensors, b1)
     while t < n_tensors and cum[t] < b1:
-        a = t + PREFETCH_AHEAD
-        if a < n_tensors and cum[a] < b1:
-            cynag_prefetch_tensor(<const char*>ptrs[3 * a], <const char*>ptrs[3 * a + 1],
-                                  <const char*>ptrs[3 * a + 2],
-                                  (cum[a + 1] - cum[a]) * sizeof(storage_t))
+        _prefetch_row(tag, ptrs, cum, t + PREFETCH_AHEAD, n_tensors, b1)
         base = cum[t]
         start = b0 - base if b0 > base else 0
         stop = cum[t + 1] - base

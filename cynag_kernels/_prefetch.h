@@ -1,7 +1,6 @@
 /*
- * Software prefetch hints, shared by the multi-tensor kernel and the
- * step's readers.  A model with thousands of small parameters spreads its
- * arrays (and the objects that describe them) over memory no hardware
+ * Software prefetch hints of the multi-tensor kernel.  A model with
+ * thousands of small parameters spreads its arrays over memory no hardware
  * prefetcher can follow: one tensor ends before a stream is detected.
  * Asking for the next tensors' first lines while the current one is worked
  * on lets the memory system fetch them in parallel.  A hint never faults
