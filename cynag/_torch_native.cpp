@@ -21,12 +21,26 @@
 //   int64 their elements; kinds (n,) int8: 0 float32, 1 float64.
 //   state: the optimizer's state (a dict keyed by parameter); states[i]: the
 //   parameter's entry in it, or None.
+//
+// step_groups(groups, state, lrs, momenta, decayed, n_threads, threshold,
+//             items_per_thread, item_align, kernel_api) -> None or the tuple above:
+// the usual step in one call.  When every row is code 0 or 1, no row of code 1
+// is in a decayed group, and the kernel takes every group's lr and momentum
+// (Python floats that fit the dtype), it updates the code-1 rows through the
+// kernel's C entry (cynag_kernels._nesterov_cpu.kernel_api(): the coefficient
+// rule and the table runner of cynag.functional.nesterov_ag_addresses), one
+// call per dtype, adds 1 to their states' "step" and returns None.  Otherwise
+// it changes nothing and returns what collect_groups returns, for the
+// general path.  One call instead of a dozen NumPy and PyTorch operations:
+// after a backward pass their code is cold, and each costs tens of
+// microseconds, more than the whole update of a small model.
 #include <torch/extension.h>
 
 #include <climits>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
+#include <new>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -67,6 +81,9 @@ public:
             slots_[h] = Slot{key, value};
         }
     }
+
+    // The slot where a lookup of key starts (for a prefetch hint).
+    const void* first_slot(PyObject* key) const { return &slots_[hash(key)]; }
 
     PyObject* find(PyObject* key) const
     {
@@ -144,11 +161,25 @@ void sort_by_start(const std::vector<Span>& spans, std::vector<uint32_t>& order,
 #define CYNAG_PREFETCH(addr) ((void)(addr))
 #endif
 
-inline void prefetch_object(const void* p, int lines)
+// Every cache line of the object [p, p + bytes): an object need not start
+// on a line (malloc aligns to 16 bytes), so a TensorImpl (176 bytes in
+// PyTorch 2.x) can span four.
+inline void prefetch_object(const void* p, size_t bytes)
 {
-    for (int k = 0; k < lines; k++)
-        CYNAG_PREFETCH(static_cast<const char*>(p) + 64 * k);
+    const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
+    const uintptr_t last = reinterpret_cast<uintptr_t>(p) + bytes - 1;
+    for (uintptr_t a = first; a <= last; a += 64)
+        CYNAG_PREFETCH(reinterpret_cast<const void*>(a));
 }
+
+// What collect reads of each object (the fields it reads lie within these
+// bytes of the object's start).
+constexpr size_t IMPL_BYTES = sizeof(c10::TensorImpl);
+constexpr size_t META_BYTES = 64;     // AutogradMeta up to its grad_
+constexpr size_t STORAGE_BYTES = 64;  // StorageImpl up to its data pointer
+constexpr size_t OBJECT_BYTES = 32;   // a tensor's PyObject: header and its at::Tensor
+constexpr size_t DICT_BYTES = 48;     // PyDictObject
+constexpr size_t KEYS_BYTES = 128;    // the keys of a small dict ({"v", "step"})
 
 inline c10::TensorImpl* impl_of(PyObject* obj)
 {
@@ -170,47 +201,51 @@ void warm_block(PyObject* const* objs, const ByIdentity& by_param, PyObject* v_k
 {
     const int64_t m = hi - lo;
     for (int64_t k = 0; k < m; k++) {
+        prefetch_object(objs[lo + k], OBJECT_BYTES);
+        CYNAG_PREFETCH(by_param.first_slot(objs[lo + k]));
+    }
+    for (int64_t k = 0; k < m; k++) {
         PyObject* obj = objs[lo + k];
         impls[k] = is_tensor(obj) ? impl_of(obj) : nullptr;
         if (impls[k] != nullptr)
-            prefetch_object(impls[k], 3);
+            prefetch_object(impls[k], IMPL_BYTES);
         sts[k] = by_param.find(obj);
         if (sts[k] != nullptr)
-            CYNAG_PREFETCH(sts[k]);
+            prefetch_object(sts[k], DICT_BYTES);
     }
     for (int64_t k = 0; k < m; k++) {
         if (impls[k] != nullptr) {
-            CYNAG_PREFETCH(impls[k]->autograd_meta());
-            CYNAG_PREFETCH(impls[k]->unsafe_storage().unsafeGetStorageImpl());
+            prefetch_object(impls[k]->autograd_meta(), META_BYTES);
+            prefetch_object(impls[k]->unsafe_storage().unsafeGetStorageImpl(), STORAGE_BYTES);
         }
         if (sts[k] != nullptr && PyDict_CheckExact(sts[k]))
-            CYNAG_PREFETCH(reinterpret_cast<PyDictObject*>(sts[k])->ma_keys);
+            prefetch_object(reinterpret_cast<PyDictObject*>(sts[k])->ma_keys, KEYS_BYTES);
     }
     for (int64_t k = 0; k < m; k++) {
         if (impls[k] != nullptr) {
             const at::Tensor& g = impls[k]->grad();  // (Tensor::grad() may warn: read once)
             impls[k] = g.defined() ? g.unsafeGetTensorImpl() : nullptr;
             if (impls[k] != nullptr)
-                prefetch_object(impls[k], 3);
+                prefetch_object(impls[k], IMPL_BYTES);
         }
         PyObject* vo = nullptr;
         if (sts[k] != nullptr && PyDict_CheckExact(sts[k]))
             vo = PyDict_GetItem(sts[k], v_key);  // (borrowed; no error set)
         sts[k] = vo;
         if (vo != nullptr)
-            CYNAG_PREFETCH(vo);
+            prefetch_object(vo, OBJECT_BYTES);
     }
     for (int64_t k = 0; k < m; k++) {
         if (impls[k] != nullptr)
-            CYNAG_PREFETCH(impls[k]->unsafe_storage().unsafeGetStorageImpl());
+            prefetch_object(impls[k]->unsafe_storage().unsafeGetStorageImpl(), STORAGE_BYTES);
         PyObject* vo = sts[k];
         impls[k] = vo != nullptr && is_tensor(vo) ? impl_of(vo) : nullptr;
         if (impls[k] != nullptr)
-            prefetch_object(impls[k], 3);
+            prefetch_object(impls[k], IMPL_BYTES);
     }
     for (int64_t k = 0; k < m; k++)
         if (impls[k] != nullptr)
-            CYNAG_PREFETCH(impls[k]->unsafe_storage().unsafeGetStorageImpl());
+            prefetch_object(impls[k]->unsafe_storage().unsafeGetStorageImpl(), STORAGE_BYTES);
 }
 
 }  // namespace
@@ -218,8 +253,18 @@ void warm_block(PyObject* const* objs, const ByIdentity& by_param, PyObject* v_k
 // The rows of every param group in one table (one allocation, one index of
 // the state, one overlap check across the groups): a model with a group
 // per layer has hundreds of groups.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, py::list, int, py::list>
-collect_groups(py::list lists, py::dict state)
+namespace {
+
+struct Rows {
+    std::vector<uint8_t> codes;
+    std::vector<int64_t> ptrs;  // (n, 3)
+    std::vector<int64_t> sizes;
+    std::vector<int8_t> kinds;
+};
+
+// The table of collect_groups, in vectors; states and offsets as it returns them.
+int collect_rows(py::list lists, py::dict state, Rows& rows, py::list& states_out,
+                 py::list& offsets_out)
 {
     ByIdentity by_param;
     by_param.build(state.ptr());
@@ -236,14 +281,14 @@ collect_groups(py::list lists, py::dict state)
     offsets[PyList_GET_SIZE(lists.ptr())] = py::int_(objs.size());
     const int64_t n = static_cast<int64_t>(objs.size());
     py::list states(n);
-    auto codes = at::zeros({n}, at::kByte);
-    auto ptrs = at::zeros({n, 3}, at::kLong);
-    auto sizes = at::zeros({n}, at::kLong);
-    auto kinds = at::zeros({n}, at::kChar);
-    uint8_t* c = codes.data_ptr<uint8_t>();
-    int64_t* pt = ptrs.data_ptr<int64_t>();
-    int64_t* sz = sizes.data_ptr<int64_t>();
-    int8_t* kd = kinds.data_ptr<int8_t>();
+    rows.codes.assign(n, 0);
+    rows.ptrs.assign(3 * n, 0);
+    rows.sizes.assign(n, 0);
+    rows.kinds.assign(n, 0);
+    uint8_t* c = rows.codes.data();
+    int64_t* pt = rows.ptrs.data();
+    int64_t* sz = rows.sizes.data();
+    int8_t* kd = rows.kinds.data();
     PyObject* v_key = PyUnicode_InternFromString("v");
     PyObject* warm_sts[BLOCK];
     c10::TensorImpl* warm_impls[BLOCK];
@@ -337,26 +382,43 @@ collect_groups(py::list lists, py::dict state)
     for (int64_t i = 0; i < n && uniform >= 0; i++)
         if (c[i] != 1 || kd[i] != uniform)
             uniform = -1;
-    return std::make_tuple(codes, ptrs, sizes, kinds, states, uniform, offsets);
+    states_out = states;
+    offsets_out = offsets;
+    return uniform;
 }
 
-// state["step"] += 1 for every state dict of the list (Python ints).
-void bump_steps(py::list states)
+py::tuple as_tuple(const Rows& rows, const py::list& states, int uniform,
+                   const py::list& offsets)
+{
+    const int64_t n = static_cast<int64_t>(rows.codes.size());
+    auto codes = at::empty({n}, at::kByte);
+    auto ptrs = at::empty({n, 3}, at::kLong);
+    auto sizes = at::empty({n}, at::kLong);
+    auto kinds = at::empty({n}, at::kChar);
+    std::copy(rows.codes.begin(), rows.codes.end(), codes.data_ptr<uint8_t>());
+    std::copy(rows.ptrs.begin(), rows.ptrs.end(), ptrs.data_ptr<int64_t>());
+    std::copy(rows.sizes.begin(), rows.sizes.end(), sizes.data_ptr<int64_t>());
+    std::copy(rows.kinds.begin(), rows.kinds.end(), kinds.data_ptr<int8_t>());
+    return py::make_tuple(codes, ptrs, sizes, kinds, states, uniform, offsets);
+}
+
+// state["step"] += 1 for each state dict (Python ints); prefetching ahead (see
+// warm_block: the dicts are cold after the kernel).
+void bump(PyObject* const* sts, Py_ssize_t n)
 {
     PyObject* key = PyUnicode_InternFromString("step");
-    const Py_ssize_t n = PyList_GET_SIZE(states.ptr());
-    constexpr Py_ssize_t AHEAD = 8;  // (see warm_block: the dicts are cold after the kernel)
+    constexpr Py_ssize_t AHEAD = 8;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (i + AHEAD < n) {
-            PyObject* later = PyList_GET_ITEM(states.ptr(), i + AHEAD);
+            PyObject* later = sts[i + AHEAD];
             CYNAG_PREFETCH(later);
             if (i + 2 * AHEAD < n)
-                CYNAG_PREFETCH(PyList_GET_ITEM(states.ptr(), i + 2 * AHEAD));
+                CYNAG_PREFETCH(sts[i + 2 * AHEAD]);
             if (PyDict_CheckExact(later))
                 CYNAG_PREFETCH(reinterpret_cast<PyDictObject*>(later)->ma_keys);
         }
-        PyObject* st = PyList_GET_ITEM(states.ptr(), i);
-        PyObject* old = PyDict_GetItemWithError(st, key);
+        PyObject* st = sts[i];
+        PyObject* old = PyDict_Check(st) ? PyDict_GetItemWithError(st, key) : nullptr;
         if (old == nullptr) {
             Py_DECREF(key);
             if (!PyErr_Occurred())
@@ -374,4 +436,123 @@ void bump_steps(py::list states)
         Py_DECREF(nw);
     }
     Py_DECREF(key);
+}
+
+// cynag_kernels._nesterov_cpu's C entry (its _KernelAPI; the capsule's name
+// carries the layout's version).
+struct KernelAPI {
+    int n_coef;
+    int (*coefficients)(int type_num, double lr, double m, int has_ls, double ls, double* out);
+    int (*run_table)(const int64_t* ptrs, const int64_t* cum, const double* coef, Py_ssize_t m,
+                     int type_num, int n_threads, int items_per_thread, int item_align,
+                     const double* ops, int n_ops);
+};
+
+constexpr const char* KERNEL_API_NAME = "cynag_kernels._nesterov_cpu.kernel_api_v1";
+constexpr int NPY_FLOAT_NUM = 11, NPY_DOUBLE_NUM = 12;
+
+}  // namespace
+
+py::tuple collect_groups(py::list lists, py::dict state)
+{
+    Rows rows;
+    py::list states, offsets;
+    const int uniform = collect_rows(lists, state, rows, states, offsets);
+    return as_tuple(rows, states, uniform, offsets);
+}
+
+py::object step_groups(py::list lists, py::dict state, py::list lrs, py::list momenta,
+                       py::list decayed, int n_threads, int64_t threshold,
+                       int items_per_thread, int item_align, py::capsule kernel_api)
+{
+    Rows rows;
+    py::list states, offsets;
+    const int uniform = collect_rows(lists, state, rows, states, offsets);
+    const int64_t n = static_cast<int64_t>(rows.codes.size());
+    const Py_ssize_t n_groups = PyList_GET_SIZE(lists.ptr());
+    auto general = [&]() -> py::object { return as_tuple(rows, states, uniform, offsets); };
+    if (PyList_GET_SIZE(lrs.ptr()) != n_groups || PyList_GET_SIZE(momenta.ptr()) != n_groups
+            || PyList_GET_SIZE(decayed.ptr()) != n_groups)
+        throw py::value_error("step_groups: one lr, momentum and decay flag per group");
+    const auto* api = static_cast<const KernelAPI*>(
+        PyCapsule_GetPointer(kernel_api.ptr(), KERNEL_API_NAME));
+    if (api == nullptr)
+        throw py::error_already_set();
+    if (api->n_coef != 6)
+        throw py::value_error("step_groups: the kernel's coefficient rows do not match");
+    // Which rows, and the coefficients of each (group, dtype) that has rows.
+    std::vector<int32_t> group_of(n);
+    for (Py_ssize_t k = 0; k < n_groups; k++) {
+        const int64_t lo = py::cast<int64_t>(offsets[k]), hi = py::cast<int64_t>(offsets[k + 1]);
+        for (int64_t i = lo; i < hi; i++)
+            group_of[i] = static_cast<int32_t>(k);
+    }
+    std::vector<double> coef(static_cast<size_t>(2 * n_groups * 6));
+    std::vector<int8_t> wanted(static_cast<size_t>(2 * n_groups), 0);
+    int64_t count[2] = {0, 0};
+    for (int64_t i = 0; i < n; i++) {
+        if (rows.codes[i] == 0)
+            continue;
+        if (rows.codes[i] != 1)
+            return general();
+        const int32_t gi = group_of[i];
+        if (PyObject_IsTrue(PyList_GET_ITEM(decayed.ptr(), gi)) != 0)
+            return general();
+        wanted[2 * gi + rows.kinds[i]] = 1;
+        count[rows.kinds[i]]++;
+    }
+    for (Py_ssize_t gi = 0; gi < n_groups; gi++) {
+        for (int kind = 0; kind < 2; kind++) {
+            if (!wanted[2 * gi + kind])
+                continue;
+            PyObject* lr = PyList_GET_ITEM(lrs.ptr(), gi);
+            PyObject* m = PyList_GET_ITEM(momenta.ptr(), gi);
+            if (!PyFloat_CheckExact(lr) || !PyFloat_CheckExact(m))
+                return general();  // (the general path's rule for other numbers)
+            if (!api->coefficients(kind == 0 ? NPY_FLOAT_NUM : NPY_DOUBLE_NUM,
+                                   PyFloat_AS_DOUBLE(lr), PyFloat_AS_DOUBLE(m), 0, 0.0,
+                                   &coef[6 * (2 * gi + kind)]))
+                return general();  // (a coefficient the dtype cannot hold)
+        }
+    }
+    // Every check passed: nothing below can refuse.  One table per dtype.
+    std::vector<PyObject*> done;
+    done.reserve(static_cast<size_t>(count[0] + count[1]));
+    for (int kind = 0; kind < 2; kind++) {
+        const int64_t m = count[kind];
+        if (m == 0)
+            continue;
+        std::vector<int64_t> ptrs(static_cast<size_t>(3 * m)), cum(static_cast<size_t>(m + 1));
+        std::vector<double> table(static_cast<size_t>(6 * m));
+        int64_t j = 0;
+        cum[0] = 0;
+        for (int64_t i = 0; i < n; i++) {
+            if (rows.codes[i] != 1 || rows.kinds[i] != kind)
+                continue;
+            std::copy(&rows.ptrs[3 * i], &rows.ptrs[3 * i] + 3, &ptrs[3 * j]);
+            cum[j + 1] = cum[j] + rows.sizes[i];
+            const double* k = &coef[6 * (2 * group_of[i] + kind)];
+            std::copy(k, k + 6, &table[6 * j]);
+            done.push_back(PyList_GET_ITEM(states.ptr(), i));
+            j++;
+        }
+        const int threads = cum[m] < threshold ? 1 : std::max(1, n_threads);
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = api->run_table(ptrs.data(), cum.data(), table.data(), m,
+                            kind == 0 ? NPY_FLOAT_NUM : NPY_DOUBLE_NUM, threads,
+                            items_per_thread, item_align, nullptr, 0);
+        Py_END_ALLOW_THREADS
+        if (rc != 0)
+            throw std::bad_alloc();  // (-1; the type numbers above are the kernel's)
+    }
+    bump(done.data(), static_cast<Py_ssize_t>(done.size()));
+    return py::none();
+}
+
+// state["step"] += 1 for every state dict of the list (Python ints).
+void bump_steps(py::list states)
+{
+    const Py_ssize_t n = PyList_GET_SIZE(states.ptr());
+    bump(reinterpret_cast<PyListObject*>(states.ptr())->ob_item, n);
 }

@@ -107,7 +107,8 @@ def _build():
     _remove_old_builds(root)
     work = tempfile.mkdtemp(prefix=name + ".build-", dir=root)
     try:
-        module = load_inline(name, cpp_sources=src, functions=["collect_groups", "bump_steps"],
+        module = load_inline(name, cpp_sources=src,
+                             functions=["collect_groups", "step_groups", "bump_steps"],
                              extra_cflags=["-O2"], build_directory=work, verbose=False)
         built = os.path.join(work, name + _SUFFIX)
         staged = os.path.join(work, "staged" + _SUFFIX)

@@ -168,6 +168,9 @@ def nesterov_ag_addresses(ptrs, sizes, dtype, *, lr, momentum, index=None, ops=N
 
     For arrays that are not NumPy arrays (e.g. PyTorch tensors) the caller
     reads the addresses itself and keeps the arrays alive during the call.
+    A front end that reads its tensors in C or C++ calls the same
+    coefficient rule and table runner through the capsule
+    ``cynag_kernels._nesterov_cpu.kernel_api()`` (cynag.torch's reader).
 
     Args:
         ptrs: ``(n, 3)`` int64 array: the addresses of each tensor's param,

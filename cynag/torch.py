@@ -17,9 +17,10 @@ own ``lr``, ``momentum`` and ``weight_decay`` (read at every step, so every
 (loadable with ``torch.load(..., weights_only=True)``), ``zero_grad()``,
 step hooks, ``torch.amp.GradScaler`` (a step with inf/nan gradients is
 skipped by the scaler).  CPU float32/float64 tensors are updated in place by
-cynag's native multi-tensor kernel (one call per dtype and group, through
-:func:`cynag.functional.nesterov_ag_addresses`; no copies), bit for bit as
-Chainer's NumPy sequence computes.  float16 and bfloat16 are computed in
+cynag's native multi-tensor kernel (one call per dtype, through
+:func:`cynag.functional.nesterov_ag_addresses` or, in the usual step, its C
+entry called by the native reader; no copies), bit for bit as Chainer's
+NumPy sequence computes.  float16 and bfloat16 are computed in
 float32 and stored rounded.  CUDA tensors go to the same CUDA kernel as
 cynag's GPU path, through CuPy (zero copy by DLPack, on PyTorch's current
 stream).
@@ -34,7 +35,9 @@ import torch
 
 from cynag import _torch_native as _native
 from cynag import functional
-from cynag_kernels.multi_tensor import shared_rows
+from cynag_kernels import _nesterov_cpu
+from cynag_kernels.multi_tensor import ITEM_ALIGN, ITEMS_PER_THREAD, shared_rows
+from cynag_kernels.threads import get_num_threads, get_parallel_threshold
 
 __all__ = ["NesterovAG", "load_chainer_state", "save_chainer_state", "native_status",
            "chainer_to_torch_name",
@@ -45,6 +48,7 @@ _KERNEL_DTYPES = {torch.float32: numpy.dtype(numpy.float32),
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = tuple(_KERNEL_DTYPES) + _HALF_DTYPES
 _FLOAT_SET = frozenset(_FLOAT_DTYPES)
+_KERNEL_API = _nesterov_cpu.kernel_api()
 
 
 def _hyper(group, name, gi):
@@ -239,7 +243,24 @@ class NesterovAG(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         native = _native.get()
-        merged, plans = self._plans(native)
+        collected = None
+        if native is not None:
+            groups = self.param_groups
+            hyper = [(_hyper(g, "lr", gi), _hyper(g, "momentum", gi),
+                      _hyper(g, "weight_decay", gi)) for gi, g in enumerate(groups)]
+            lists = [g["params"] if type(g["params"]) is list else list(g["params"])
+                     for g in groups]
+            # The usual step in one native call (see step_groups in _torch_native.cpp);
+            # else what it read, for the general path.
+            collected = native.step_groups(
+                lists, self.state, [h[0] for h in hyper], [h[1] for h in hyper],
+                [bool(h[2]) for h in hyper], get_num_threads(), get_parallel_threshold(),
+                ITEMS_PER_THREAD, ITEM_ALIGN, _KERNEL_API)
+            if collected is None:
+                self.t += 1
+                return loss
+            collected = (hyper, lists, collected)
+        merged, plans = self._plans(native, collected)
         _require_cupy_for(plans)  # (before any group changes)
         if merged is not None:
             self._run_merged(native, *merged)
@@ -248,8 +269,11 @@ class NesterovAG(torch.optim.Optimizer):
         self.t += 1
         return loss
 
-    def _plans(self, native):
+    def _plans(self, native, collected=None):
         """Check every group; raise before anything changes.  Returns ``(merged, plans)``.
+
+        ``collected``: ``(hyper, lists, table)``, what the native reader
+        already read this step, or None.
 
         ``plans``: one per group, ``(lr, momentum, weight_decay, fast, rest)`` as
         :meth:`_collect` makes them.  ``merged`` (native reader only, else None):
@@ -260,12 +284,14 @@ class NesterovAG(torch.optim.Optimizer):
         groups = self.param_groups
         if native is None:
             return None, [self._collect(gi, group) for gi, group in enumerate(groups)]
-        hyper = [(_hyper(g, "lr", gi), _hyper(g, "momentum", gi), _hyper(g, "weight_decay", gi))
-                 for gi, g in enumerate(groups)]
-        lists = [g["params"] if type(g["params"]) is list else list(g["params"])
-                 for g in groups]
-        codes, ptrs, sizes, kinds, sts, uniform, offsets = native.collect_groups(lists,
-                                                                                  self.state)
+        if collected is None:
+            hyper = [(_hyper(g, "lr", gi), _hyper(g, "momentum", gi),
+                      _hyper(g, "weight_decay", gi)) for gi, g in enumerate(groups)]
+            lists = [g["params"] if type(g["params"]) is list else list(g["params"])
+                     for g in groups]
+            collected = (hyper, lists, native.collect_groups(lists, self.state))
+        hyper, lists, table = collected
+        codes, ptrs, sizes, kinds, sts, uniform, offsets = table
         ptrs, sizes = ptrs.numpy(), sizes.numpy()
         n_groups = len(groups)
         plans = [(lr, m, wd, {}, []) for lr, m, wd in hyper]

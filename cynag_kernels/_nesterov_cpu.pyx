@@ -23,6 +23,7 @@ from cython.parallel cimport prange
 from libc.math cimport isinf
 from libc.stdint cimport int64_t, uint16_t
 from libc.stdlib cimport malloc, free
+from cpython.pycapsule cimport PyCapsule_New
 
 cnp.import_array()
 
@@ -576,6 +577,67 @@ def compact_selected_rows(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
     return m
 
 
+cdef int _run_compacted(const int64_t* ptrs, const int64_t* cum, const double* coef,
+                        Py_ssize_t m, int type_num, int n_threads, int items_per_thread,
+                        int item_align, const double* op_ptr, int n_ops) noexcept nogil:
+    """The first ``m`` rows of a table, with the work items made here.
+
+    Returns 0, -1 if memory for the work items ran out, -2 for a type number
+    the kernel does not take (nothing changed in either case).
+    """
+    cdef int64_t total, k, j, b, prev
+    cdef int64_t* bounds
+    cdef int64_t* first
+    cdef Py_ssize_t n_items = 0, t = 0
+    if m <= 0:
+        return 0
+    if type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE and type_num != NPY_HALF:
+        return -2
+    total = cum[m]
+    if total <= 0:
+        return 0
+    if item_align < 1:
+        item_align = 1
+    k = 1 if n_threads <= 1 else <int64_t>n_threads * items_per_thread
+    if k > (total + item_align - 1) // item_align:
+        k = (total + item_align - 1) // item_align
+    if k < 1:
+        k = 1
+    bounds = <int64_t*>malloc(sizeof(int64_t) * (k + 1))
+    first = <int64_t*>malloc(sizeof(int64_t) * (k + 1))
+    if bounds is NULL or first is NULL:
+        free(bounds)
+        free(first)
+        return -1
+    prev = -1
+    for j in range(k + 1):
+        b = (j * total) // k
+        if 0 < j < k:
+            b -= b % item_align
+        if b == prev:
+            continue
+        bounds[n_items] = b
+        n_items += 1
+        prev = b
+    n_items -= 1  # items between consecutive bounds
+    for j in range(n_items):
+        while t + 1 < m and cum[t + 1] <= bounds[j]:
+            t += 1
+        first[j] = t
+    if type_num == cnp.NPY_FLOAT:
+        _multi_run(<float*>NULL, ptrs, cum, coef, m, bounds, first, n_items, n_threads,
+                   op_ptr, n_ops, type_num, True)
+    elif type_num == cnp.NPY_DOUBLE:
+        _multi_run(<double*>NULL, ptrs, cum, coef, m, bounds, first, n_items, n_threads,
+                   op_ptr, n_ops, type_num, True)
+    else:
+        _multi_run(<uint16_t*>NULL, ptrs, cum, coef, m, bounds, first, n_items, n_threads,
+                   op_ptr, n_ops, type_num, True)
+    free(bounds)
+    free(first)
+    return 0
+
+
 def nesterov_ag_compacted(const int64_t[:, ::1] ptrs, const int64_t[::1] cum,
                           const double[:, ::1] coef, Py_ssize_t m, int type_num,
                           int n_threads, int items_per_thread, int item_align,
@@ -587,11 +649,7 @@ def nesterov_ag_compacted(const int64_t[:, ::1] ptrs, const int64_t[::1] cum,
     multiples of ``item_align``); every element's arithmetic is the same
     whatever the split.
     """
-    cdef int64_t total, k, j, b, prev
-    cdef int64_t* bounds
-    cdef int64_t* first
-    cdef Py_ssize_t n_items = 0, t = 0
-    cdef int n_ops = 0
+    cdef int n_ops = 0, rc
     cdef const double* op_ptr = NULL
     if m <= 0:
         return
@@ -602,49 +660,49 @@ def nesterov_ag_compacted(const int64_t[:, ::1] ptrs, const int64_t[::1] cum,
             raise ValueError("nesterov_ag_compacted: ops must have %d columns" % CYNAG_OP_WORDS)
         n_ops = <int>ops.shape[0]
         op_ptr = &ops[0, 0]
-    total = cum[m]
-    if total <= 0:
-        return
-    k = 1 if n_threads <= 1 else <int64_t>n_threads * items_per_thread
-    if k > (total + item_align - 1) // item_align:
-        k = (total + item_align - 1) // item_align
-    if k < 1:
-        k = 1
-    bounds = <int64_t*>malloc(sizeof(int64_t) * (k + 1))
-    first = <int64_t*>malloc(sizeof(int64_t) * (k + 1))
-    if bounds is NULL or first is NULL:
-        free(bounds)
-        free(first)
+    with nogil:
+        rc = _run_compacted(&ptrs[0, 0], &cum[0], &coef[0, 0], m, type_num, n_threads,
+                            items_per_thread, item_align, op_ptr, n_ops)
+    if rc == -1:
         raise MemoryError()
-    try:
-        prev = -1
-        for j in range(k + 1):
-            b = (j * total) // k
-            if 0 < j < k:
-                b -= b % item_align
-            if b == prev:
-                continue
-            bounds[n_items] = b
-            n_items += 1
-            prev = b
-        n_items -= 1  # items between consecutive bounds
-        for j in range(n_items):
-            while t + 1 < m and cum[t + 1] <= bounds[j]:
-                t += 1
-            first[j] = t
-        with nogil:
-            if type_num == cnp.NPY_FLOAT:
-                _multi_run(<float*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], m, bounds, first,
-                           n_items, n_threads, op_ptr, n_ops, type_num, True)
-            elif type_num == cnp.NPY_DOUBLE:
-                _multi_run(<double*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], m, bounds, first,
-                           n_items, n_threads, op_ptr, n_ops, type_num, True)
-            elif type_num == NPY_HALF:
-                _multi_run(<uint16_t*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], m, bounds,
-                           first, n_items, n_threads, op_ptr, n_ops, type_num, True)
-    finally:
-        free(bounds)
-        free(first)
+    if rc == -2:
+        raise TypeError("nesterov_ag_compacted: unsupported type number %d" % type_num)
+
+
+# The kernel's C entry, for native front ends that read their tensors in C
+# or C++ (cynag.torch's reader): the rule of the coefficients and the table
+# runner above, the same functions nesterov_ag_addresses reaches from
+# Python.  A capsule named CYNAG_KERNEL_API_NAME holding a pointer to this
+# struct; a change of the struct's layout changes the name.
+ctypedef int (*_coef_fn)(int type_num, double lr, double m, int has_ls, double ls,
+                         double* out) noexcept nogil
+ctypedef int (*_run_fn)(const int64_t* ptrs, const int64_t* cum, const double* coef,
+                        Py_ssize_t m, int type_num, int n_threads, int items_per_thread,
+                        int item_align, const double* op_ptr, int n_ops) noexcept nogil
+
+cdef struct _KernelAPI:
+    int n_coef                # columns of a coefficient row (6)
+    _coef_fn coefficients     # cynag_nag_coefficients (_nag_coef.h): 1 if the kernel takes them
+    _run_fn run_table         # _run_compacted: 0; -1 out of memory; -2 bad type number
+
+
+cdef int _coefficients(int type_num, double lr, double m, int has_ls, double ls,
+                       double* out) noexcept nogil:
+    return cynag_nag_coefficients(type_num, lr, m, has_ls, ls, out)
+
+
+cdef _KernelAPI _kernel_api
+_kernel_api.n_coef = N_COEF
+_kernel_api.coefficients = _coefficients
+_kernel_api.run_table = _run_compacted
+
+CYNAG_KERNEL_API_NAME = "cynag_kernels._nesterov_cpu.kernel_api_v1"
+_kernel_api_capsule = PyCapsule_New(<void*>&_kernel_api, b"cynag_kernels._nesterov_cpu.kernel_api_v1", NULL)
+
+
+def kernel_api():
+    """The capsule of the kernel's C entry (see ``_KernelAPI`` in the source)."""
+    return _kernel_api_capsule
 
 
 def hook_ops(object g, object p, const double[:, ::1] ops, int type_num):

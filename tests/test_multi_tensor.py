@@ -14,6 +14,7 @@ checkpoints, copies and pickles carry over; bad input still raises before
 anything changes.
 """
 import copy
+import ctypes
 import io
 import pickle
 import warnings
@@ -1737,3 +1738,71 @@ def test_nesterov_ag_addresses_refuses_coefficients_the_dtype_cannot_hold():
     assert (p == 1).all() and (v == 0).all()  # nothing changed
     with pytest.raises(ValueError, match="same length"):
         functional.nesterov_ag_addresses(ptrs, np.array([4, 4]), F32, lr=0.1, momentum=0.9)
+
+
+
+class _KernelAPI(ctypes.Structure):
+    """cynag_kernels._nesterov_cpu's C entry (its ``_KernelAPI``)."""
+    _fields_ = [("n_coef", ctypes.c_int),
+                ("coefficients", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_double,
+                                                  ctypes.c_double, ctypes.c_int,
+                                                  ctypes.c_double,
+                                                  ctypes.POINTER(ctypes.c_double))),
+                ("run_table", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                               ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int,
+                                               ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                               ctypes.c_void_p, ctypes.c_int))]
+
+
+def _kernel_api():
+    from cynag_kernels import _nesterov_cpu
+
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype = ctypes.c_void_p
+    get.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    ptr = get(_nesterov_cpu.kernel_api(), _nesterov_cpu.CYNAG_KERNEL_API_NAME.encode())
+    return ctypes.cast(ptr, ctypes.POINTER(_KernelAPI)).contents
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 12), dtype=st.sampled_from([F32, F64]), seed=st.integers(0, 2**16),
+       num_threads=st.sampled_from([1, 2, 3]),
+       lr=st.sampled_from([0.1, 0.01, 0.37, 1e-5, 1e39]), m=st.sampled_from([0.9, 0.0, 0.5]))
+def test_kernel_c_entry_matches_the_chainer_sequence(n, dtype, seed, num_threads, lr, m):
+    # The capsule native front ends call (cynag.torch's reader): the
+    # coefficient rule of coefficient_table (the same refusals) and the table
+    # runner of nesterov_ag_addresses; Chainer's bits.
+    from cynag import functional
+
+    api = _kernel_api()
+    assert api.n_coef == 6
+    rng = np.random.default_rng(seed)
+    shapes = [tuple(int(d) for d in rng.integers(0, 5, rng.integers(1, 3))) for _ in range(n)]
+    ps = [random_values(rng, s, dtype) for s in shapes]
+    gs = [random_values(rng, s, dtype) for s in shapes]
+    vs = [random_values(rng, s, dtype) for s in shapes]
+    ref = [(p.copy(), g.copy(), v.copy()) for p, g, v in zip(ps, gs, vs)]
+    ptrs = np.array([[p.ctypes.data, g.ctypes.data, v.ctypes.data]
+                     for p, g, v in zip(ps, gs, vs)], np.int64).reshape(-1, 3)
+    cum = np.concatenate([[0], np.cumsum([p.size for p in ps])]).astype(np.int64)
+    type_num = np.dtype(dtype).num
+    row = np.zeros(6)
+    ok = api.coefficients(type_num, lr, m, 0, 0.0,
+                          row.ctypes.data_as(ctypes.POINTER(ctypes.c_double)))
+    table, expected_ok = coefficient_table(dtype, [lr], [m])
+    assert bool(ok) == bool(expected_ok[0])
+    if not ok:
+        return
+    assert_same_bits(table[0], row)
+    coef = np.ascontiguousarray(np.repeat(row[None, :], n, axis=0))
+    assert api.run_table(ptrs.ctypes.data, cum.ctypes.data, coef.ctypes.data, n, type_num,
+                         num_threads, 2, ITEM_ALIGN, None, 0) == 0
+    for (p, g, v), a, c in zip(ref, ps, vs):
+        functional.nesterov_ag([p], [g], [v], lr=lr, momentum=m, impl="single")
+        assert_same_bits(a, p)
+        assert_same_bits(c, v)
+    before = [a.copy() for a in ps]
+    assert api.run_table(ptrs.ctypes.data, cum.ctypes.data, coef.ctypes.data, n, 99,
+                         1, 2, ITEM_ALIGN, None, 0) == -2  # a type it does not take
+    for a, b in zip(ps, before):
+        assert_same_bits(a, b)  # nothing changed

@@ -312,6 +312,54 @@ def _many_groups(data, n_groups):
             assert opt.state[p]["step"] == 3
 
 
+def test_usual_step_is_one_native_call_and_others_take_the_general_path(monkeypatch):
+    # Dense CPU float32/float64 rows with a state, no weight decay: the whole
+    # step is one native call (step_groups), the general path is not entered.
+    # A decayed group sends the step to the general path.  Both give
+    # Chainer's sequence bit for bit.
+    if ct._native.mode() == "off":
+        pytest.skip("CYNAG_TORCH_NATIVE=0: the Python reader only")
+    if ct._native.get() is None:
+        ct._native.wait()
+    assert ct._native.get() is not None, ct.native_status()
+    a = torch.nn.Parameter(torch.randn(5, dtype=F32))
+    b = torch.nn.Parameter(torch.randn(2, 3, dtype=F64))
+    c = torch.nn.Parameter(torch.randn(4, dtype=F32))
+    idle = torch.nn.Parameter(torch.randn(3, dtype=F32))
+    opt = ct.NesterovAG([{"params": [a, idle], "lr": 0.1, "momentum": 0.5},
+                         {"params": [b, c], "lr": 0.37}], lr=0.01, momentum=0.9)
+    hyper = {id(a): (0.1, 0.5), id(b): (0.37, 0.9), id(c): (0.37, 0.9)}
+    refs = {id(p): (p.detach().numpy().copy(), np.zeros_like(p.detach().numpy()))
+            for p in (a, b, c)}
+    real_plans = ct.NesterovAG._plans
+    calls = []
+
+    def plans(self, native, collected=None):
+        calls.append(1)
+        return real_plans(self, native, collected)
+
+    monkeypatch.setattr(ct.NesterovAG, "_plans", plans)
+    gen = torch.Generator().manual_seed(3)
+    for k in range(4):
+        for p in (a, b, c):
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        if k == 3:
+            opt.param_groups[1]["weight_decay"] = 1e-3
+        opt.step()
+        for p in (a, b, c):
+            lr, m = hyper[id(p)]
+            wd = 1e-3 if k == 3 and p is not a else 0.0
+            chainer_step(refs[id(p)][0], p.grad.numpy(), refs[id(p)][1], lr, m, wd)
+        # the first step makes the states (general path), the next two are one
+        # native call each, the decayed one takes the general path again
+        assert len(calls) == (1 if k < 3 else 2), k
+    for p in (a, b, c):
+        assert np.array_equal(p.detach().numpy(), refs[id(p)][0])
+        assert np.array_equal(opt.state[p]["v"].numpy(), refs[id(p)][1])
+        assert opt.state[p]["step"] == 4
+    assert idle not in opt.state and opt.t == 4
+
+
 def test_add_param_group():
     a = torch.nn.Parameter(torch.randn(4))
     c = torch.nn.Parameter(torch.randn(2))
@@ -429,8 +477,8 @@ def test_cuda_tensors_without_cupy_raise_before_any_group_changes(monkeypatch):
     b.grad = torch.ones(2)
     real_plans = ct.NesterovAG._plans
 
-    def plans(self, native):
-        merged, out = real_plans(self, native)
+    def plans(self, native, collected=None):
+        merged, out = real_plans(self, native, collected)
         fake = types.SimpleNamespace(is_cuda=True, dtype=torch.float32, device="cuda:0",
                                      shape=(2,))
         out[1][4].append(ct._Entry(fake, fake, fake, {"v": fake, "step": 0}, (1, 0)))
