@@ -15,8 +15,9 @@
 //   float64, at least 1-d, parameter, gradient and state v contiguous, its
 //   arrays overlapping no other array of the table, in any group); 2 the Python path
 //   updates it (no state yet, float16/bfloat16, CUDA, non-contiguous, 0-d,
-//   overlapping); 3 something does not fit (the Python path names it and
-//   raises).
+//   overlapping, a negative view or an efficient zero tensor); 3 something
+//   does not fit (the Python path names it and raises), among them a state
+//   whose "step" is not an int and an inference tensor outside inference mode.
 //   ptrs (n, 3) int64: param, grad, v addresses of code-1 rows; sizes (n,)
 //   int64 their elements; kinds (n,) int8: 0 float32, 1 float64.
 //   state: the optimizer's state (a dict keyed by parameter); states[i]: the
@@ -29,9 +30,10 @@
 // (Python floats that fit the dtype), it updates the code-1 rows through the
 // kernel's C entry (cynag_kernels._nesterov_cpu.kernel_api(): the coefficient
 // rule and the table runner of cynag.functional.nesterov_ag_addresses), one
-// call per dtype, adds 1 to their states' "step" and returns None.  Otherwise
-// it changes nothing and returns what collect_groups returns, for the
-// general path.  One call instead of a dozen NumPy and PyTorch operations:
+// call per dtype, bumps the version counters of their params and vs (as an
+// in-place operation does), adds 1 to their states' "step" and returns None.
+// Otherwise it changes nothing and returns what collect_groups returns, for
+// the general path.  One call instead of a dozen NumPy and PyTorch operations:
 // after a backward pass their code is cold, and each costs tens of
 // microseconds, more than the whole update of a small model.
 #include <torch/extension.h>
@@ -186,6 +188,14 @@ inline c10::TensorImpl* impl_of(PyObject* obj)
     return THPVariable_Unpack(obj).unsafeGetTensorImpl();
 }
 
+// A tensor whose memory does not hold its values as they read: a negative
+// view (the sign is a bit of the tensor) or an efficient zero tensor (no
+// memory).  The Python path takes it through copies, which resolve both.
+inline bool lazy(const at::Tensor& t)
+{
+    return t.is_neg() || t._is_zerotensor();
+}
+
 constexpr int64_t BLOCK = 64;
 
 // Ask for what collect reads of the rows [lo, hi) before it reads it.  Each
@@ -260,6 +270,7 @@ struct Rows {
     std::vector<int64_t> ptrs;  // (n, 3)
     std::vector<int64_t> sizes;
     std::vector<int8_t> kinds;
+    std::vector<c10::TensorImpl*> impls;  // (n, 3): param, grad, v of code-1 rows
 };
 
 // The table of collect_groups, in vectors; states and offsets as it returns them.
@@ -285,11 +296,14 @@ int collect_rows(py::list lists, py::dict state, Rows& rows, py::list& states_ou
     rows.ptrs.assign(3 * n, 0);
     rows.sizes.assign(n, 0);
     rows.kinds.assign(n, 0);
+    rows.impls.assign(3 * n, nullptr);
     uint8_t* c = rows.codes.data();
     int64_t* pt = rows.ptrs.data();
     int64_t* sz = rows.sizes.data();
     int8_t* kd = rows.kinds.data();
     PyObject* v_key = PyUnicode_InternFromString("v");
+    PyObject* step_key = PyUnicode_InternFromString("step");
+    const bool inference = c10::InferenceMode::is_enabled();
     PyObject* warm_sts[BLOCK];
     c10::TensorImpl* warm_impls[BLOCK];
     for (int64_t i = 0; i < n; i++) {
@@ -318,6 +332,10 @@ int collect_rows(py::list lists, py::dict state, Rows& rows, py::list& states_ou
             c[i] = 3;
             continue;
         }
+        if (p.is_inference() && !inference) {
+            c[i] = 3;  // (updated in place only in inference mode)
+            continue;
+        }
         if (st == Py_None || !PyDict_Check(st) || PyDict_Size(st) == 0) {
             c[i] = 2;  // no state yet: created by the Python path
             continue;
@@ -338,13 +356,23 @@ int collect_rows(py::list lists, py::dict state, Rows& rows, py::list& states_ou
             c[i] = 3;
             continue;
         }
+        PyObject* step = PyDict_GetItemWithError(st, step_key);
+        if (step == nullptr || !PyLong_CheckExact(step) || (v.is_inference() && !inference)) {
+            PyErr_Clear();
+            c[i] = 3;  // (the Python path names what does not fit)
+            continue;
+        }
         const auto t = p.scalar_type();
         if (!p.device().is_cpu() || (t != at::kFloat && t != at::kDouble) || p.dim() == 0
-                || !p.is_contiguous() || !g.is_contiguous() || !v.is_contiguous()) {
+                || !p.is_contiguous() || !g.is_contiguous() || !v.is_contiguous()
+                || lazy(p) || lazy(g) || lazy(v)) {
             c[i] = 2;
             continue;
         }
         c[i] = 1;
+        rows.impls[3 * i] = p.unsafeGetTensorImpl();
+        rows.impls[3 * i + 1] = g.unsafeGetTensorImpl();
+        rows.impls[3 * i + 2] = v.unsafeGetTensorImpl();
         pt[3 * i] = reinterpret_cast<int64_t>(p.data_ptr());
         pt[3 * i + 1] = reinterpret_cast<int64_t>(g.data_ptr());
         pt[3 * i + 2] = reinterpret_cast<int64_t>(v.data_ptr());
@@ -352,6 +380,7 @@ int collect_rows(py::list lists, py::dict state, Rows& rows, py::list& states_ou
         kd[i] = t == at::kFloat ? 0 : 1;
     }
     Py_DECREF(v_key);
+    Py_DECREF(step_key);
     // Rows whose arrays overlap (another row's, or one another's) go to the
     // Python path, which updates them one by one in order, as Chainer's loop.
     std::vector<Span> spans;
@@ -425,9 +454,11 @@ void bump(PyObject* const* sts, Py_ssize_t n)
                 PyErr_SetString(PyExc_KeyError, "step");
             throw py::error_already_set();
         }
+        Py_INCREF(old);
         PyObject* one = PyLong_FromLong(1);
         PyObject* nw = PyNumber_Add(old, one);
         Py_DECREF(one);
+        Py_DECREF(old);
         if (nw == nullptr || PyDict_SetItem(st, key, nw) < 0) {
             Py_XDECREF(nw);
             Py_DECREF(key);
@@ -450,6 +481,27 @@ struct KernelAPI {
 
 constexpr const char* KERNEL_API_NAME = "cynag_kernels._nesterov_cpu.kernel_api_v1";
 constexpr int NPY_FLOAT_NUM = 11, NPY_DOUBLE_NUM = 12;
+// Elements from which the kernel runs without the GIL (about a millisecond of work).
+constexpr int64_t RELEASE_GIL_ELEMENTS = int64_t(1) << 20;
+
+// The tensors' version counters, as an in-place operation bumps them (autograd
+// then refuses a graph that saved their old values), prefetching ahead: the
+// counters are objects of their own, cold.  VariableVersion holds one
+// pointer, to its shared counter.
+static_assert(sizeof(c10::VariableVersion) == sizeof(void*),
+              "c10::VariableVersion is expected to hold one pointer");
+
+void bump_versions(const std::vector<c10::TensorImpl*>& impls)
+{
+    constexpr size_t AHEAD = 8;
+    const size_t n = impls.size();
+    for (size_t i = 0; i < n; i++) {
+        if (i + AHEAD < n)
+            CYNAG_PREFETCH(*reinterpret_cast<void* const*>(
+                &impls[i + AHEAD]->version_counter()));
+        impls[i]->bump_version();
+    }
+}
 
 }  // namespace
 
@@ -515,37 +567,74 @@ py::object step_groups(py::list lists, py::dict state, py::list lrs, py::list mo
                 return general();  // (a coefficient the dtype cannot hold)
         }
     }
-    // Every check passed: nothing below can refuse.  One table per dtype.
+    // Every check passed: nothing below refuses.  One table per dtype, both
+    // made before either runs.
+    struct Table {
+        std::vector<int64_t> ptrs, cum;
+        std::vector<double> coef;
+    } tables[2];
     std::vector<PyObject*> done;
+    std::vector<c10::TensorImpl*> touched;  // the params and vs the kernel writes
     done.reserve(static_cast<size_t>(count[0] + count[1]));
+    touched.reserve(static_cast<size_t>(2 * (count[0] + count[1])));
+    for (int kind = 0; kind < 2; kind++) {
+        const int64_t m = count[kind];
+        Table& tb = tables[kind];
+        if (m == 0)
+            continue;
+        tb.ptrs.resize(static_cast<size_t>(3 * m));
+        tb.cum.resize(static_cast<size_t>(m + 1));
+        tb.coef.resize(static_cast<size_t>(6 * m));
+        int64_t j = 0;
+        tb.cum[0] = 0;
+        for (int64_t i = 0; i < n; i++) {
+            if (rows.codes[i] != 1 || rows.kinds[i] != kind)
+                continue;
+            std::copy(&rows.ptrs[3 * i], &rows.ptrs[3 * i] + 3, &tb.ptrs[3 * j]);
+            tb.cum[j + 1] = tb.cum[j] + rows.sizes[i];
+            const double* k = &coef[6 * (2 * group_of[i] + kind)];
+            std::copy(k, k + 6, &tb.coef[6 * j]);
+            done.push_back(PyList_GET_ITEM(states.ptr(), i));
+            touched.push_back(rows.impls[3 * i]);
+            touched.push_back(rows.impls[3 * i + 2]);
+            j++;
+        }
+    }
+    // Large work runs without the GIL, holding references to its tensors
+    // (another thread could drop a gradient meanwhile); small work keeps it.
+    const int64_t total = (count[0] ? tables[0].cum[count[0]] : 0)
+                          + (count[1] ? tables[1].cum[count[1]] : 0);
+    const bool release = total >= RELEASE_GIL_ELEMENTS;
+    std::vector<at::Tensor> held;
+    if (release) {
+        held.reserve(static_cast<size_t>(3 * done.size()));
+        for (int64_t i = 0; i < n; i++)
+            if (rows.codes[i] == 1)
+                for (int j = 0; j < 3; j++)
+                    held.push_back(at::Tensor(
+                        c10::intrusive_ptr<c10::TensorImpl>::reclaim_copy(rows.impls[3 * i + j])));
+    }
     for (int kind = 0; kind < 2; kind++) {
         const int64_t m = count[kind];
         if (m == 0)
             continue;
-        std::vector<int64_t> ptrs(static_cast<size_t>(3 * m)), cum(static_cast<size_t>(m + 1));
-        std::vector<double> table(static_cast<size_t>(6 * m));
-        int64_t j = 0;
-        cum[0] = 0;
-        for (int64_t i = 0; i < n; i++) {
-            if (rows.codes[i] != 1 || rows.kinds[i] != kind)
-                continue;
-            std::copy(&rows.ptrs[3 * i], &rows.ptrs[3 * i] + 3, &ptrs[3 * j]);
-            cum[j + 1] = cum[j] + rows.sizes[i];
-            const double* k = &coef[6 * (2 * group_of[i] + kind)];
-            std::copy(k, k + 6, &table[6 * j]);
-            done.push_back(PyList_GET_ITEM(states.ptr(), i));
-            j++;
-        }
-        const int threads = cum[m] < threshold ? 1 : std::max(1, n_threads);
+        Table& tb = tables[kind];
+        const int threads = tb.cum[m] < threshold ? 1 : std::max(1, n_threads);
+        const int type_num = kind == 0 ? NPY_FLOAT_NUM : NPY_DOUBLE_NUM;
         int rc;
-        Py_BEGIN_ALLOW_THREADS
-        rc = api->run_table(ptrs.data(), cum.data(), table.data(), m,
-                            kind == 0 ? NPY_FLOAT_NUM : NPY_DOUBLE_NUM, threads,
-                            items_per_thread, item_align, nullptr, 0);
-        Py_END_ALLOW_THREADS
+        if (release) {
+            Py_BEGIN_ALLOW_THREADS
+            rc = api->run_table(tb.ptrs.data(), tb.cum.data(), tb.coef.data(), m, type_num,
+                                threads, items_per_thread, item_align, nullptr, 0);
+            Py_END_ALLOW_THREADS
+        } else {
+            rc = api->run_table(tb.ptrs.data(), tb.cum.data(), tb.coef.data(), m, type_num,
+                                threads, items_per_thread, item_align, nullptr, 0);
+        }
         if (rc != 0)
-            throw std::bad_alloc();  // (-1; the type numbers above are the kernel's)
+            throw std::bad_alloc();  // (-1: its work items; the type numbers are the kernel's)
     }
+    bump_versions(touched);
     bump(done.data(), static_cast<Py_ssize_t>(done.size()));
     return py::none();
 }
@@ -553,6 +642,14 @@ py::object step_groups(py::list lists, py::dict state, py::list lrs, py::list mo
 // state["step"] += 1 for every state dict of the list (Python ints).
 void bump_steps(py::list states)
 {
+    // (a copy of the items: bump runs Python code, which could resize the list)
     const Py_ssize_t n = PyList_GET_SIZE(states.ptr());
-    bump(reinterpret_cast<PyListObject*>(states.ptr())->ob_item, n);
+    std::vector<PyObject*> items(static_cast<size_t>(n));
+    std::vector<py::object> refs;
+    refs.reserve(static_cast<size_t>(n));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        items[i] = PyList_GET_ITEM(states.ptr(), i);
+        refs.push_back(py::reinterpret_borrow<py::object>(items[i]));
+    }
+    bump(items.data(), n);
 }

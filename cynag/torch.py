@@ -17,10 +17,12 @@ own ``lr``, ``momentum`` and ``weight_decay`` (read at every step, so every
 (loadable with ``torch.load(..., weights_only=True)``), ``zero_grad()``,
 step hooks, ``torch.amp.GradScaler`` (a step with inf/nan gradients is
 skipped by the scaler).  CPU float32/float64 tensors are updated in place by
-cynag's native multi-tensor kernel (one call per dtype, through
-:func:`cynag.functional.nesterov_ag_addresses` or, in the usual step, its C
-entry called by the native reader; no copies), bit for bit as Chainer's
-NumPy sequence computes.  float16 and bfloat16 are computed in
+cynag's native multi-tensor kernel (through
+:func:`cynag.functional.nesterov_ag_addresses` or, when every parameter with
+a gradient is such a tensor with a state and no group decays, its C entry
+called by the native reader; no copies), bit for bit as Chainer's NumPy
+sequence computes, and their version counters are bumped as by an in-place
+operation.  float16 and bfloat16 are computed in
 float32 and stored rounded.  CUDA tensors go to the same CUDA kernel as
 cynag's GPU path, through CuPy (zero copy by DLPack, on PyTorch's current
 stream).
@@ -48,7 +50,6 @@ _KERNEL_DTYPES = {torch.float32: numpy.dtype(numpy.float32),
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = tuple(_KERNEL_DTYPES) + _HALF_DTYPES
 _FLOAT_SET = frozenset(_FLOAT_DTYPES)
-_KERNEL_API = _nesterov_cpu.kernel_api()
 
 
 def _hyper(group, name, gi):
@@ -225,8 +226,9 @@ class NesterovAG(torch.optim.Optimizer):
         sd = {k: v for k, v in state_dict.items() if k != "cynag"}
         super().load_state_dict(sd)
         for st in self.state.values():
-            if isinstance(st.get("step"), torch.Tensor):
-                st["step"] = int(st["step"].item())
+            # (the step's own type: a Python int, 0 if the saved state had none)
+            st["step"] = int(st["step"].item() if isinstance(st.get("step"), torch.Tensor)
+                             else st.get("step", 0))
         self.t = t
         self.epoch = epoch
 
@@ -255,7 +257,7 @@ class NesterovAG(torch.optim.Optimizer):
             collected = native.step_groups(
                 lists, self.state, [h[0] for h in hyper], [h[1] for h in hyper],
                 [bool(h[2]) for h in hyper], get_num_threads(), get_parallel_threshold(),
-                ITEMS_PER_THREAD, ITEM_ALIGN, _KERNEL_API)
+                ITEMS_PER_THREAD, ITEM_ALIGN, _nesterov_cpu.kernel_api())
             if collected is None:
                 self.t += 1
                 return loss
@@ -266,6 +268,7 @@ class NesterovAG(torch.optim.Optimizer):
             self._run_merged(native, *merged)
         for group, plan in zip(self.param_groups, plans):
             self._apply(group, plan, native)
+        _increment_versions(self.param_groups, self.state)
         self.t += 1
         return loss
 
@@ -386,7 +389,7 @@ class NesterovAG(torch.optim.Optimizer):
             v = self._check_one(gi, pi, p, g, st)
             if v is not None and not p.is_cuda and p.dtype in _KERNEL_DTYPES \
                     and p.is_contiguous() and g.is_contiguous() and v.is_contiguous() \
-                    and p.dim():
+                    and p.dim() and not (_lazy(p) or _lazy(g) or _lazy(v)):
                 lists = fast.get(p.dtype)
                 if lists is None:
                     lists = fast[p.dtype] = ([], [], [], [], None)
@@ -411,6 +414,9 @@ class NesterovAG(torch.optim.Optimizer):
                 or p.layout is not torch.strided or pd not in _FLOAT_SET \
                 or g.shape != p.shape or (cuda and g.device != p.device):
             _explain(gi, pi, p, g)
+        if p.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError("%s: an inference tensor (made in torch.inference_mode) cannot "
+                               "be updated in place outside it" % _label(gi, pi, p))
         if not st:
             return None
         v = st.get("v")
@@ -418,6 +424,13 @@ class NesterovAG(torch.optim.Optimizer):
                 or v.dtype is not pd or v.shape != p.shape or v.is_cuda is not cuda \
                 or (cuda and v.device != p.device):
             raise ValueError("%s: its state 'v' does not fit the parameter" % _label(gi, pi, p))
+        if v.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError("%s: its state 'v' is an inference tensor (made in "
+                               "torch.inference_mode) and cannot be updated in place outside "
+                               "it" % _label(gi, pi, p))
+        if type(st.get("step")) is not int:
+            raise ValueError("%s: its state 'step' is %r, not an int" % (_label(gi, pi, p),
+                                                                          st.get("step")))
         return v
 
     def _apply(self, group, plan, native=None):
@@ -450,7 +463,8 @@ class NesterovAG(torch.optim.Optimizer):
             if p.is_cuda:
                 by_device.setdefault((p.device, p.dtype), []).append(e)
             elif dtype is not None and p.dim() and p.is_contiguous() \
-                    and e.g.is_contiguous() and e.v.is_contiguous():
+                    and e.g.is_contiguous() and e.v.is_contiguous() \
+                    and not (_lazy(p) or _lazy(e.g) or _lazy(e.v)):
                 dense.setdefault(dtype, []).append(e)
             else:
                 self._run_copies([e], lr, momentum, wd)
@@ -558,6 +572,28 @@ class NesterovAG(torch.optim.Optimizer):
             for p, pt, v, vt in back:
                 p.copy_(pt)
                 v.copy_(vt)
+
+
+def _lazy(t):
+    """A tensor whose memory does not hold its values as read: a negative view (the
+    sign is a bit of the tensor) or an efficient zero tensor (no memory).  Copies
+    resolve both."""
+    return t.is_neg() or t._is_zerotensor()
+
+
+def _increment_versions(groups, state):
+    """Bump the version counters of the parameters updated and their ``v``, as an
+    in-place operation does (autograd then refuses a graph that saved them)."""
+    touched = []
+    for group in groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                st = state.get(p)
+                touched.append(p)
+                if st and isinstance(st.get("v"), torch.Tensor):
+                    touched.append(st["v"])
+    if touched:
+        torch.autograd.graph.increment_version(touched)
 
 
 def _require_cupy_for(plans):

@@ -360,6 +360,152 @@ def test_usual_step_is_one_native_call_and_others_take_the_general_path(monkeypa
     assert idle not in opt.state and opt.t == 4
 
 
+@pytest.fixture(params=["native", "python"])
+def reader(request, monkeypatch):
+    """Each test twice: with the native reader (when this run builds it) and the Python one."""
+    if request.param == "native":
+        if ct._native.mode() == "off":
+            pytest.skip("CYNAG_TORCH_NATIVE=0: the Python reader only")
+        if ct._native.get() is None:
+            ct._native.wait()
+        assert ct._native.get() is not None, ct.native_status()
+    else:
+        monkeypatch.setattr(ct._native, "get", lambda: None)
+    return request.param
+
+
+def test_native_step_on_several_threads_same_bits(reader):
+    # Work above the parallel threshold: the one-call step splits it over
+    # threads; the bits are Chainer's.
+    import cynag_kernels
+
+    ps = _params([(37,), (5, 9), (1000,)], F32, 1) + _params([(3, 4), (257,)], F64, 2)
+    refs = [(p.detach().numpy().copy(), np.zeros_like(p.detach().numpy())) for p in ps]
+    opt = ct.NesterovAG(ps, lr=0.1, momentum=0.9)
+    old = cynag_kernels.get_parallel_threshold()
+    try:
+        cynag_kernels.set_parallel_threshold(0)
+        cynag_kernels.set_num_threads(3)
+        for k in range(3):
+            for p, gr in zip(ps, _grads(ps, 10 + k)):
+                p.grad = gr
+            opt.step()
+            for p, (r, v) in zip(ps, refs):
+                chainer_step(r, p.grad.numpy(), v, 0.1, 0.9)
+    finally:
+        cynag_kernels.set_parallel_threshold(old)
+        cynag_kernels.set_num_threads(None)
+    for p, (r, v) in zip(ps, refs):
+        assert np.array_equal(p.detach().numpy(), r)
+        assert np.array_equal(opt.state[p]["v"].numpy(), v)
+
+
+def _snapshot(opt, ps):
+    return [(p.detach().clone(), {k: (x.clone() if isinstance(x, torch.Tensor) else x)
+                                  for k, x in opt.state[p].items()} if p in opt.state else None)
+            for p in ps]
+
+
+def _unchanged(opt, ps, snap):
+    for p, (p0, st0) in zip(ps, snap):
+        assert torch.equal(p.detach(), p0)
+        if st0 is None:
+            assert p not in opt.state
+            continue
+        for k, x in st0.items():
+            y = opt.state[p][k]
+            assert torch.equal(y, x) if isinstance(x, torch.Tensor) else y == x
+
+
+@pytest.mark.parametrize("bad", ["sparse_grad", "step_none", "step_tensor", "step_missing",
+                                 "inference"])
+def test_a_late_refusal_changes_nothing(reader, bad):
+    # States exist (the step would be one native call); one parameter then
+    # does not fit: the step raises naming it, and no parameter, v or step
+    # count changes.
+    ps = _params([(4,), (3,), (2, 2)], F32, 5)
+    opt = ct.NesterovAG(ps, lr=0.1)
+    for p, gr in zip(ps, _grads(ps, 6)):
+        p.grad = gr
+    opt.step()
+    for p, gr in zip(ps, _grads(ps, 7)):
+        p.grad = gr
+    if bad == "sparse_grad":
+        ps[2].grad = torch.ones(2, 2).to_sparse()
+        match = r"\['params'\]\[2\]"
+    elif bad == "step_none":
+        opt.state[ps[2]]["step"] = None
+        match = r"\['params'\]\[2\].*'step'"
+    elif bad == "step_tensor":
+        opt.state[ps[2]]["step"] = torch.tensor(1)
+        match = r"\['params'\]\[2\].*'step'"
+    elif bad == "step_missing":
+        del opt.state[ps[2]]["step"]
+        match = r"\['params'\]\[2\].*'step'"
+    else:
+        with torch.inference_mode():
+            opt.state[ps[2]]["v"] = torch.zeros(2, 2)
+        match = r"\['params'\]\[2\].*inference"
+    snap = _snapshot(opt, ps)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        opt.step()
+    _unchanged(opt, ps, snap)
+    assert opt.t == 1
+
+
+def test_load_state_dict_without_step_counts_from_zero(reader):
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ct.NesterovAG([p], lr=0.1)
+    opt.load_state_dict({"state": {0: {"v": torch.full((3,), 0.5)}},
+                         "param_groups": [{"params": [0], "lr": 0.1, "momentum": 0.9,
+                                           "weight_decay": 0.0}]})
+    assert opt.state[p]["step"] == 0 and type(opt.state[p]["step"]) is int
+    p.grad = torch.ones(3)
+    opt.step()
+    assert opt.state[p]["step"] == 1
+
+
+@pytest.mark.parametrize("kind", ["neg_view", "zero_tensor"])
+def test_gradients_whose_memory_is_not_their_values(reader, kind):
+    # A negative view keeps the sign in the tensor, not in memory; an
+    # efficient zero tensor has no memory.  Both go through copies.
+    ps = _params([(5,), (3,)], F32, 8)
+    refs = [(p.detach().numpy().copy(), np.zeros_like(p.detach().numpy())) for p in ps]
+    opt = ct.NesterovAG(ps, lr=0.1, momentum=0.9)
+    for k in range(3):
+        grads = _grads(ps, 20 + k)
+        for p, gr in zip(ps, grads):
+            p.grad = gr
+        if kind == "neg_view":
+            ps[0].grad = torch._neg_view(-grads[0])
+            assert ps[0].grad.is_neg()
+        else:
+            ps[0].grad = torch._efficientzerotensor(5)
+            grads[0] = torch.zeros(5)
+        opt.step()
+        for (r, v), gr in zip(refs, grads):
+            chainer_step(r, gr.numpy(), v, 0.1, 0.9)
+    for p, (r, v) in zip(ps, refs):
+        assert np.array_equal(p.detach().numpy(), r)
+        assert np.array_equal(opt.state[p]["v"].numpy(), v)
+
+
+def test_step_bumps_version_counters_as_an_inplace_op(reader):
+    # A graph that saved a parameter before the step must refuse to backward
+    # after it, as with any PyTorch optimizer.
+    ps = _params([(3,), (2, 2)], F64, 9)
+    opt = ct.NesterovAG(ps, lr=0.1)
+    for step in range(2):  # (the first step makes the states, the second is the usual one)
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        loss = (ps[0] * ps[0]).sum() + (ps[1] * ps[1]).sum()  # saves both parameters
+        before = [p._version for p in ps]
+        opt.step()
+        assert all(p._version > b for p, b in zip(ps, before))
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
 def test_add_param_group():
     a = torch.nn.Parameter(torch.randn(4))
     c = torch.nn.Parameter(torch.randn(2))
