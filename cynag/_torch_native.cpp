@@ -23,14 +23,15 @@
 //   state: the optimizer's state (a dict keyed by parameter); states[i]: the
 //   parameter's entry in it, or None.
 //
-// step_groups(groups, state, lrs, momenta, decayed, n_threads, threshold,
+// step_groups(groups, state, lrs, momenta, weight_decays, n_threads, threshold,
 //             items_per_thread, item_align, kernel_api) -> None or the tuple above:
-// the usual step in one call.  When every row is code 0 or 1, no row of code 1
-// is in a decayed group, and the kernel takes every group's lr and momentum
-// (Python floats that fit the dtype), it updates the code-1 rows through the
-// kernel's C entry (cynag_kernels._nesterov_cpu.kernel_api(): the coefficient
-// rule and the table runner of cynag.functional.nesterov_ag_addresses), one
-// call per dtype, bumps the version counters of their params and vs (as an
+// the usual step in one call.  When every row is code 0 or 1 and the kernel
+// takes every group's lr, momentum and weight decay (Python floats that fit
+// the dtype), it updates the code-1 rows through the kernel's C entry
+// (cynag_kernels._nesterov_cpu.kernel_api(): the coefficient and weight
+// decay rules and the table runner of cynag.functional.nesterov_ag_addresses;
+// weight decay on copies of the gradients, which are only read), one call per
+// dtype and one per decayed group, bumps the version counters of their params and vs (as an
 // in-place operation does), adds 1 to their states' "step" and returns None.
 // Otherwise it changes nothing and returns what collect_groups returns, for
 // the general path.  One call instead of a dozen NumPy and PyTorch operations:
@@ -473,13 +474,15 @@ void bump(PyObject* const* sts, Py_ssize_t n)
 // carries the layout's version).
 struct KernelAPI {
     int n_coef;
+    int n_op_words;
     int (*coefficients)(int type_num, double lr, double m, int has_ls, double ls, double* out);
+    int (*weight_decay)(int type_num, double rate, double* out);
     int (*run_table)(const int64_t* ptrs, const int64_t* cum, const double* coef, Py_ssize_t m,
                      int type_num, int n_threads, int items_per_thread, int item_align,
-                     const double* ops, int n_ops);
+                     const double* ops, int n_ops, int keep_grad);
 };
 
-constexpr const char* KERNEL_API_NAME = "cynag_kernels._nesterov_cpu.kernel_api_v1";
+constexpr const char* KERNEL_API_NAME = "cynag_kernels._nesterov_cpu.kernel_api_v2";
 constexpr int NPY_FLOAT_NUM = 11, NPY_DOUBLE_NUM = 12;
 // Elements from which the kernel runs without the GIL (about a millisecond of work).
 constexpr int64_t RELEASE_GIL_ELEMENTS = int64_t(1) << 20;
@@ -514,7 +517,7 @@ py::tuple collect_groups(py::list lists, py::dict state)
 }
 
 py::object step_groups(py::list lists, py::dict state, py::list lrs, py::list momenta,
-                       py::list decayed, int n_threads, int64_t threshold,
+                       py::list decays, int n_threads, int64_t threshold,
                        int items_per_thread, int item_align, py::capsule kernel_api)
 {
     Rows rows;
@@ -524,86 +527,96 @@ py::object step_groups(py::list lists, py::dict state, py::list lrs, py::list mo
     const Py_ssize_t n_groups = PyList_GET_SIZE(lists.ptr());
     auto general = [&]() -> py::object { return as_tuple(rows, states, uniform, offsets); };
     if (PyList_GET_SIZE(lrs.ptr()) != n_groups || PyList_GET_SIZE(momenta.ptr()) != n_groups
-            || PyList_GET_SIZE(decayed.ptr()) != n_groups)
-        throw py::value_error("step_groups: one lr, momentum and decay flag per group");
+            || PyList_GET_SIZE(decays.ptr()) != n_groups)
+        throw py::value_error("step_groups: one lr, momentum and weight decay per group");
     const auto* api = static_cast<const KernelAPI*>(
         PyCapsule_GetPointer(kernel_api.ptr(), KERNEL_API_NAME));
     if (api == nullptr)
         throw py::error_already_set();
-    if (api->n_coef != 6)
-        throw py::value_error("step_groups: the kernel's coefficient rows do not match");
-    // Which rows, and the coefficients of each (group, dtype) that has rows.
+    if (api->n_coef != 6 || api->n_op_words != 4)
+        throw py::value_error("step_groups: the kernel's rows do not match");
     std::vector<int32_t> group_of(n);
     for (Py_ssize_t k = 0; k < n_groups; k++) {
         const int64_t lo = py::cast<int64_t>(offsets[k]), hi = py::cast<int64_t>(offsets[k + 1]);
         for (int64_t i = lo; i < hi; i++)
             group_of[i] = static_cast<int32_t>(k);
     }
-    std::vector<double> coef(static_cast<size_t>(2 * n_groups * 6));
+    // The (group, dtype) pairs that have rows, and their coefficients and
+    // weight decay rows.
     std::vector<int8_t> wanted(static_cast<size_t>(2 * n_groups), 0);
-    int64_t count[2] = {0, 0};
     for (int64_t i = 0; i < n; i++) {
         if (rows.codes[i] == 0)
             continue;
         if (rows.codes[i] != 1)
             return general();
-        const int32_t gi = group_of[i];
-        if (PyObject_IsTrue(PyList_GET_ITEM(decayed.ptr(), gi)) != 0)
-            return general();
-        wanted[2 * gi + rows.kinds[i]] = 1;
-        count[rows.kinds[i]]++;
+        wanted[2 * group_of[i] + rows.kinds[i]] = 1;
     }
+    std::vector<double> coef(static_cast<size_t>(2 * n_groups * 6));
+    std::vector<double> decay(static_cast<size_t>(2 * n_groups * 4));
+    std::vector<int8_t> decayed(static_cast<size_t>(n_groups), 0);
     for (Py_ssize_t gi = 0; gi < n_groups; gi++) {
+        PyObject* lr = PyList_GET_ITEM(lrs.ptr(), gi);
+        PyObject* m = PyList_GET_ITEM(momenta.ptr(), gi);
+        PyObject* wd = PyList_GET_ITEM(decays.ptr(), gi);
+        if (!wanted[2 * gi] && !wanted[2 * gi + 1])
+            continue;
+        if (!PyFloat_CheckExact(lr) || !PyFloat_CheckExact(m) || !PyFloat_CheckExact(wd))
+            return general();  // (the general path's rule for other numbers)
+        decayed[gi] = PyFloat_AS_DOUBLE(wd) != 0.0;
         for (int kind = 0; kind < 2; kind++) {
             if (!wanted[2 * gi + kind])
                 continue;
-            PyObject* lr = PyList_GET_ITEM(lrs.ptr(), gi);
-            PyObject* m = PyList_GET_ITEM(momenta.ptr(), gi);
-            if (!PyFloat_CheckExact(lr) || !PyFloat_CheckExact(m))
-                return general();  // (the general path's rule for other numbers)
-            if (!api->coefficients(kind == 0 ? NPY_FLOAT_NUM : NPY_DOUBLE_NUM,
-                                   PyFloat_AS_DOUBLE(lr), PyFloat_AS_DOUBLE(m), 0, 0.0,
-                                   &coef[6 * (2 * gi + kind)]))
+            const int type_num = kind == 0 ? NPY_FLOAT_NUM : NPY_DOUBLE_NUM;
+            if (!api->coefficients(type_num, PyFloat_AS_DOUBLE(lr), PyFloat_AS_DOUBLE(m), 0,
+                                   0.0, &coef[6 * (2 * gi + kind)]))
                 return general();  // (a coefficient the dtype cannot hold)
+            if (decayed[gi]
+                    && !api->weight_decay(type_num, PyFloat_AS_DOUBLE(wd),
+                                          &decay[4 * (2 * gi + kind)]))
+                return general();
         }
     }
-    // Every check passed: nothing below refuses.  One table per dtype, both
-    // made before either runs.
-    struct Table {
-        std::vector<int64_t> ptrs, cum;
+    // Every check passed: nothing below refuses.  One batch (one kernel call)
+    // for the undecayed rows of each dtype, one for each decayed (group,
+    // dtype), all made before any runs.  Their arrays overlap no other row's,
+    // so the order does not matter.
+    struct Batch {
+        int kind = 0;
+        const double* ops = nullptr;
+        std::vector<int64_t> ptrs, cum{0};
         std::vector<double> coef;
-    } tables[2];
+    };
+    std::vector<Batch> batches;
+    std::vector<int32_t> batch_of(static_cast<size_t>(2 * n_groups + 2), -1);
     std::vector<PyObject*> done;
     std::vector<c10::TensorImpl*> touched;  // the params and vs the kernel writes
-    done.reserve(static_cast<size_t>(count[0] + count[1]));
-    touched.reserve(static_cast<size_t>(2 * (count[0] + count[1])));
-    for (int kind = 0; kind < 2; kind++) {
-        const int64_t m = count[kind];
-        Table& tb = tables[kind];
-        if (m == 0)
+    for (int64_t i = 0; i < n; i++) {
+        if (rows.codes[i] != 1)
             continue;
-        tb.ptrs.resize(static_cast<size_t>(3 * m));
-        tb.cum.resize(static_cast<size_t>(m + 1));
-        tb.coef.resize(static_cast<size_t>(6 * m));
-        int64_t j = 0;
-        tb.cum[0] = 0;
-        for (int64_t i = 0; i < n; i++) {
-            if (rows.codes[i] != 1 || rows.kinds[i] != kind)
-                continue;
-            std::copy(&rows.ptrs[3 * i], &rows.ptrs[3 * i] + 3, &tb.ptrs[3 * j]);
-            tb.cum[j + 1] = tb.cum[j] + rows.sizes[i];
-            const double* k = &coef[6 * (2 * group_of[i] + kind)];
-            std::copy(k, k + 6, &tb.coef[6 * j]);
-            done.push_back(PyList_GET_ITEM(states.ptr(), i));
-            touched.push_back(rows.impls[3 * i]);
-            touched.push_back(rows.impls[3 * i + 2]);
-            j++;
+        const int32_t gi = group_of[i];
+        const int kind = rows.kinds[i];
+        const size_t key = decayed[gi] ? 2 + 2 * gi + kind : kind;
+        if (batch_of[key] < 0) {
+            batch_of[key] = static_cast<int32_t>(batches.size());
+            batches.emplace_back();
+            batches.back().kind = kind;
+            if (decayed[gi])
+                batches.back().ops = &decay[4 * (2 * gi + kind)];
         }
+        Batch& b = batches[batch_of[key]];
+        b.ptrs.insert(b.ptrs.end(), &rows.ptrs[3 * i], &rows.ptrs[3 * i] + 3);
+        b.cum.push_back(b.cum.back() + rows.sizes[i]);
+        const double* k = &coef[6 * (2 * gi + kind)];
+        b.coef.insert(b.coef.end(), k, k + 6);
+        done.push_back(PyList_GET_ITEM(states.ptr(), i));
+        touched.push_back(rows.impls[3 * i]);
+        touched.push_back(rows.impls[3 * i + 2]);
     }
     // Large work runs without the GIL, holding references to its tensors
     // (another thread could drop a gradient meanwhile); small work keeps it.
-    const int64_t total = (count[0] ? tables[0].cum[count[0]] : 0)
-                          + (count[1] ? tables[1].cum[count[1]] : 0);
+    int64_t total = 0;
+    for (const Batch& b : batches)
+        total += b.cum.back();
     const bool release = total >= RELEASE_GIL_ELEMENTS;
     std::vector<at::Tensor> held;
     if (release) {
@@ -614,22 +627,20 @@ py::object step_groups(py::list lists, py::dict state, py::list lrs, py::list mo
                     held.push_back(at::Tensor(
                         c10::intrusive_ptr<c10::TensorImpl>::reclaim_copy(rows.impls[3 * i + j])));
     }
-    for (int kind = 0; kind < 2; kind++) {
-        const int64_t m = count[kind];
-        if (m == 0)
-            continue;
-        Table& tb = tables[kind];
-        const int threads = tb.cum[m] < threshold ? 1 : std::max(1, n_threads);
-        const int type_num = kind == 0 ? NPY_FLOAT_NUM : NPY_DOUBLE_NUM;
+    for (const Batch& b : batches) {
+        const int64_t m = static_cast<int64_t>(b.cum.size()) - 1;
+        const int threads = b.cum.back() < threshold ? 1 : std::max(1, n_threads);
+        const int type_num = b.kind == 0 ? NPY_FLOAT_NUM : NPY_DOUBLE_NUM;
+        const int n_ops = b.ops != nullptr ? 1 : 0;
         int rc;
         if (release) {
             Py_BEGIN_ALLOW_THREADS
-            rc = api->run_table(tb.ptrs.data(), tb.cum.data(), tb.coef.data(), m, type_num,
-                                threads, items_per_thread, item_align, nullptr, 0);
+            rc = api->run_table(b.ptrs.data(), b.cum.data(), b.coef.data(), m, type_num,
+                                threads, items_per_thread, item_align, b.ops, n_ops, 1);
             Py_END_ALLOW_THREADS
         } else {
-            rc = api->run_table(tb.ptrs.data(), tb.cum.data(), tb.coef.data(), m, type_num,
-                                threads, items_per_thread, item_align, nullptr, 0);
+            rc = api->run_table(b.ptrs.data(), b.cum.data(), b.coef.data(), m, type_num,
+                                threads, items_per_thread, item_align, b.ops, n_ops, 1);
         }
         if (rc != 0)
             throw std::bad_alloc();  // (-1: its work items; the type numbers are the kernel's)

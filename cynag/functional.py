@@ -163,7 +163,7 @@ def nesterov_ag_rows(table, lo, hi, type_num, scratch, ops=None, num_threads=Non
 
 
 def nesterov_ag_addresses(ptrs, sizes, dtype, *, lr, momentum, index=None, ops=None,
-                          num_threads=None):
+                          num_threads=None, keep_grads=False):
     """One step over arrays given by their addresses (CPU): the front ends' entry.
 
     For arrays that are not NumPy arrays (e.g. PyTorch tensors) the caller
@@ -185,7 +185,12 @@ def nesterov_ag_addresses(ptrs, sizes, dtype, *, lr, momentum, index=None, ops=N
         index: ``None``, or ``(n,)`` integers: tensor ``i`` takes
             ``lr[index[i]]`` and ``momentum[index[i]]``.
         ops: a hook operation program applied to every gradient first, as
-            for :func:`nesterov_ag` (it writes the gradients).
+            for :func:`nesterov_ag` (it writes the gradients, unless
+            ``keep_grads``).
+        keep_grads: if true, ``ops`` act on copies of the gradients (block
+            by block, in the same pass): the update uses the same values and
+            the gradients are only read (PyTorch's weight decay leaves
+            ``p.grad`` as it is).
 
     Returns:
         True if the step ran; False (nothing changed) if a coefficient does
@@ -216,7 +221,8 @@ def nesterov_ag_addresses(ptrs, sizes, dtype, *, lr, momentum, index=None, ops=N
         if not ok.all():
             return False
         coef = coef[0] if len(coef) == 1 else coef[index]
-    run_addresses(ptrs, sizes, coef, dtype.num, num_threads=num_threads, ops=ops)
+    run_addresses(ptrs, sizes, coef, dtype.num, num_threads=num_threads, ops=ops,
+                  keep_grads=keep_grads)
     return True
 
 

@@ -98,9 +98,6 @@ class _Rows:
     def __init__(self, params, rows, sts):
         self.params, self.rows, self.sts = params, rows, sts
 
-    def grads(self):
-        return [self.params[i].grad for i in self.rows]
-
     def entries(self):
         """Their entries (made only for tensors that go through copies)."""
         return [_Entry(self.params[i], self.params[i].grad, st["v"], st, None)
@@ -256,7 +253,7 @@ class NesterovAG(torch.optim.Optimizer):
             # else what it read, for the general path.
             collected = native.step_groups(
                 lists, self.state, [h[0] for h in hyper], [h[1] for h in hyper],
-                [bool(h[2]) for h in hyper], get_num_threads(), get_parallel_threshold(),
+                [h[2] for h in hyper], get_num_threads(), get_parallel_threshold(),
                 ITEMS_PER_THREAD, ITEM_ALIGN, _nesterov_cpu.kernel_api())
             if collected is None:
                 self.t += 1
@@ -438,8 +435,7 @@ class NesterovAG(torch.optim.Optimizer):
         for pd, (ps, gs, vs, sts, table) in fast.items():
             if table is not None:  # the native reader's rows
                 rows = ps
-                gs = rows.grads() if wd else None
-                self._run_cpu(None, gs, None, _KERNEL_DTYPES[pd], lr, momentum, wd,
+                self._run_cpu(None, None, None, _KERNEL_DTYPES[pd], lr, momentum, wd,
                               rows.entries, table)
                 native.bump_steps(sts)
                 continue
@@ -489,12 +485,8 @@ class NesterovAG(torch.optim.Optimizer):
             if ops is None:  # (NumPy 1.x would compute in float64)
                 self._run_copies(entries(), lr, momentum, wd)
                 return
-            gs = [g.clone() for g in gs]  # the decayed gradients (p.grad is left as is)
         if table is not None:
             ptrs, sizes = table
-            if wd:
-                ptrs = numpy.array(ptrs, numpy.int64)
-                ptrs[:, 1] = [g.data_ptr() for g in gs]
             shared = None  # (the reader left overlapping rows to the copies)
         else:
             ptrs = numpy.array([[p.data_ptr() for p in ps], [g.data_ptr() for g in gs],
@@ -505,16 +497,20 @@ class NesterovAG(torch.optim.Optimizer):
             shared = shared_rows(ptrs, sizes * dtype.itemsize)
             if not shared.any():
                 shared = None
+        # (with weight decay, the kernel decays copies of the gradients: p.grad
+        # is left as it is)
         if shared is None:
             if not functional.nesterov_ag_addresses(ptrs, sizes, dtype, lr=lr,
-                                                    momentum=momentum, ops=ops):
+                                                    momentum=momentum, ops=ops,
+                                                    keep_grads=True):
                 self._run_copies(entries(), lr, momentum, wd)
             return
         es = entries()
         sel = ~shared
         if sel.any():
             if not functional.nesterov_ag_addresses(ptrs[sel], sizes[sel], dtype, lr=lr,
-                                                    momentum=momentum, ops=ops):
+                                                    momentum=momentum, ops=ops,
+                                                    keep_grads=True):
                 self._run_copies([e for e, s in zip(es, sel) if s], lr, momentum, wd)
         for k in numpy.flatnonzero(shared).tolist():
             self._run_copies([es[k]], lr, momentum, wd)

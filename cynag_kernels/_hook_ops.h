@@ -35,6 +35,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include "_half.h"
+#include "_nag_coef.h"
 
 #define CYNAG_OP_WORDS 4
 #define CYNAG_OP_WEIGHT_DECAY 1
@@ -43,6 +44,28 @@
 #define CYNAG_OP_SCALE 4
 #define CYNAG_OP_ADD 5
 #define CYNAG_OP_BLOCK 2048
+
+/*
+ * The row of weight decay (g += rate * p) for a Python float rate and arrays
+ * of NumPy type number type_num (float32 or float64): the C form of
+ * cynag_kernels.hooks.op_row for a Python float, for native front ends.
+ * Returns 0 where NumPy 1.x would compute in float64 (a finite rate of
+ * magnitude 3.4e38 or more against float32) or for another type.
+ */
+static inline int cynag_weight_decay_row(int type_num, double rate, double *out)
+{
+    out[0] = CYNAG_OP_WEIGHT_DECAY;
+    out[2] = 0.0;
+    out[3] = 0.0;
+    if (type_num == CYNAG_NPY_DOUBLE) {
+        out[1] = rate;
+        return 1;
+    }
+    if (type_num != CYNAG_NPY_FLOAT || !cynag_fits_float(rate))
+        return 0;
+    out[1] = (float)rate;
+    return 1;
+}
 
 static inline float cynag_sign_f32(float x)
 {

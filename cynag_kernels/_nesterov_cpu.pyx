@@ -23,6 +23,7 @@ from cython.parallel cimport prange
 from libc.math cimport isinf
 from libc.stdint cimport int64_t, uint16_t
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
 from cpython.pycapsule cimport PyCapsule_New
 
 cnp.import_array()
@@ -335,20 +336,35 @@ cdef inline void _span_scaled(storage_t* p, storage_t* g, storage_t* v, Py_ssize
 cdef extern from "_hook_ops.h" nogil:
     enum: CYNAG_OP_WORDS
     enum: CYNAG_OP_BLOCK
+    int cynag_weight_decay_row(int type_num, double rate, double* out)
     void cynag_ops_run(int type_num, void* g, const void* p, ptrdiff_t n,
                        const double* ops, int n_ops)
 
 
+# Flags of a multi-tensor pass.
+cdef enum:
+    PASS_UPDATE = 1      # the update (else the hook operations only; v untouched)
+    PASS_KEEP_GRAD = 2   # the operations act on a copy of each gradient block:
+                         # the gradients are read, never written
+
+
 cdef inline void _segment(storage_t* p, storage_t* g, storage_t* v, Py_ssize_t n,
                           const double* k, const double* ops, int n_ops, int type_num,
-                          bint update) noexcept nogil:
-    """Hook operations (if any), then the update (if ``update``), of one segment.
+                          int flags) noexcept nogil:
+    """Hook operations (if any), then the update (with ``PASS_UPDATE``), of one segment.
 
     With operations, block by block: the operations and the update of a
     block run before the next block, so memory is read and written once.
+    With ``PASS_KEEP_GRAD`` the operations (and a loss scale's division)
+    act on a copy of the block in a buffer, which the update then reads:
+    the same values, and the gradient stays as it was (PyTorch's weight
+    decay leaves ``p.grad`` alone).
     """
     cdef Py_ssize_t b0, m
-    if n_ops == 0:
+    cdef storage_t buf[CYNAG_OP_BLOCK]
+    cdef storage_t* gb
+    cdef bint update = (flags & PASS_UPDATE) != 0
+    if n_ops == 0 and not (flags & PASS_KEEP_GRAD and k[COEF_HAS_LS] != 0.0):
         if not update:
             return
         if k[COEF_HAS_LS] != 0.0:
@@ -361,13 +377,19 @@ cdef inline void _segment(storage_t* p, storage_t* g, storage_t* v, Py_ssize_t n
         m = n - b0
         if m > CYNAG_OP_BLOCK:
             m = CYNAG_OP_BLOCK
-        cynag_ops_run(type_num, g + b0, p + b0, m, ops, n_ops)
+        if flags & PASS_KEEP_GRAD:
+            memcpy(buf, g + b0, m * sizeof(storage_t))
+            gb = buf
+        else:
+            gb = g + b0
+        if n_ops:
+            cynag_ops_run(type_num, gb, p + b0, m, ops, n_ops)
         if update:
             if k[COEF_HAS_LS] != 0.0:
-                _span_scaled(p + b0, g + b0, v + b0, m, k[COEF_LR], k[COEF_M], k[COEF_MM],
+                _span_scaled(p + b0, gb, v + b0, m, k[COEF_LR], k[COEF_M], k[COEF_MM],
                              k[COEF_C], k[COEF_LS])
             else:
-                _span(p + b0, g + b0, v + b0, m, k[COEF_LR], k[COEF_M], k[COEF_MM], k[COEF_C])
+                _span(p + b0, gb, v + b0, m, k[COEF_LR], k[COEF_M], k[COEF_MM], k[COEF_C])
         b0 += m
 
 
@@ -393,7 +415,7 @@ cdef inline void _prefetch_row(storage_t* tag, const int64_t* ptrs, const int64_
 cdef void _multi_item(storage_t* tag, const int64_t* ptrs, const int64_t* cum,
                       const double* coef, Py_ssize_t n_tensors,
                       int64_t b0, int64_t b1, Py_ssize_t t, const double* ops, int n_ops,
-                      int type_num, bint update) noexcept nogil:
+                      int type_num, int flags) noexcept nogil:
     """Elements ``[b0, b1)`` of the concatenation of the tensors, from tensor ``t`` on."""
     cdef int64_t base, start, stop
     cdef storage_t* p
@@ -414,7 +436,7 @@ cdef void _multi_item(storage_t* tag, const int64_t* ptrs, const int64_t* cum,
             g = <storage_t*>ptrs[3 * t + 1]
             v = <storage_t*>ptrs[3 * t + 2]
             _segment(p + start, g + start, v + start, stop - start, coef + N_COEF * t,
-                     ops, n_ops, type_num, update)
+                     ops, n_ops, type_num, flags)
         t += 1
 
 
@@ -422,16 +444,16 @@ cdef void _multi_run(storage_t* tag, const int64_t* ptrs, const int64_t* cum,
                      const double* coef, Py_ssize_t n_tensors,
                      const int64_t* bounds, const int64_t* first, Py_ssize_t n_items,
                      int n_threads, const double* ops, int n_ops, int type_num,
-                     bint update) noexcept nogil:
+                     int flags) noexcept nogil:
     cdef Py_ssize_t k
     if n_threads <= 1 or n_items <= 1:
         for k in range(n_items):
             _multi_item(tag, ptrs, cum, coef, n_tensors, bounds[k], bounds[k + 1],
-                        first[k], ops, n_ops, type_num, update)
+                        first[k], ops, n_ops, type_num, flags)
         return
     for k in prange(n_items, schedule="static", num_threads=min(n_threads, n_items)):
         _multi_item(tag, ptrs, cum, coef, n_tensors, bounds[k], bounds[k + 1],
-                    first[k], ops, n_ops, type_num, update)
+                    first[k], ops, n_ops, type_num, flags)
 
 
 def nesterov_ag_multi(const int64_t[:, ::1] ptrs,     # (n, 3) addresses of p, g, v
@@ -462,6 +484,7 @@ def nesterov_ag_multi(const int64_t[:, ::1] ptrs,     # (n, 3) addresses of p, g
     cdef Py_ssize_t n_items = bounds.shape[0] - 1
     cdef int n_ops = 0
     cdef const double* op_ptr = NULL
+    cdef int flags = PASS_UPDATE if update else 0
     if ptrs.shape[1] != 3 or cum.shape[0] != n + 1 or coef.shape[0] != n \
             or coef.shape[1] != N_COEF or first.shape[0] != n_items:
         raise ValueError("nesterov_ag_multi: inconsistent table shapes")
@@ -475,14 +498,14 @@ def nesterov_ag_multi(const int64_t[:, ::1] ptrs,     # (n, 3) addresses of p, g
     with nogil:
         if type_num == cnp.NPY_FLOAT:
             _multi_run(<float*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], n, &bounds[0],
-                       &first[0], n_items, n_threads, op_ptr, n_ops, type_num, update)
+                       &first[0], n_items, n_threads, op_ptr, n_ops, type_num, flags)
         elif type_num == cnp.NPY_DOUBLE:
             _multi_run(<double*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], n, &bounds[0],
-                       &first[0], n_items, n_threads, op_ptr, n_ops, type_num, update)
+                       &first[0], n_items, n_threads, op_ptr, n_ops, type_num, flags)
         elif type_num == NPY_HALF:
             _multi_run(<uint16_t*>NULL, &ptrs[0, 0], &cum[0], &coef[0, 0], n,
                        &bounds[0], &first[0], n_items, n_threads, op_ptr, n_ops, type_num,
-                       update)
+                       flags)
         else:
             with gil:
                 raise TypeError("nesterov_ag_multi: unsupported type number %d" % type_num)
@@ -579,8 +602,10 @@ def compact_selected_rows(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
 
 cdef int _run_compacted(const int64_t* ptrs, const int64_t* cum, const double* coef,
                         Py_ssize_t m, int type_num, int n_threads, int items_per_thread,
-                        int item_align, const double* op_ptr, int n_ops) noexcept nogil:
-    """The first ``m`` rows of a table, with the work items made here.
+                        int item_align, const double* op_ptr, int n_ops,
+                        int keep_grad) noexcept nogil:
+    """The first ``m`` rows of a table, with the work items made here (``keep_grad``:
+    the operations act on copies, the gradients are not written).
 
     Returns 0, -1 if memory for the work items ran out, -2 for a type number
     the kernel does not take (nothing changed in either case).
@@ -589,6 +614,7 @@ cdef int _run_compacted(const int64_t* ptrs, const int64_t* cum, const double* c
     cdef int64_t* bounds
     cdef int64_t* first
     cdef Py_ssize_t n_items = 0, t = 0
+    cdef int flags
     if m <= 0:
         return 0
     if type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE and type_num != NPY_HALF:
@@ -624,15 +650,16 @@ cdef int _run_compacted(const int64_t* ptrs, const int64_t* cum, const double* c
         while t + 1 < m and cum[t + 1] <= bounds[j]:
             t += 1
         first[j] = t
+    flags = PASS_UPDATE | (PASS_KEEP_GRAD if keep_grad else 0)
     if type_num == cnp.NPY_FLOAT:
         _multi_run(<float*>NULL, ptrs, cum, coef, m, bounds, first, n_items, n_threads,
-                   op_ptr, n_ops, type_num, True)
+                   op_ptr, n_ops, type_num, flags)
     elif type_num == cnp.NPY_DOUBLE:
         _multi_run(<double*>NULL, ptrs, cum, coef, m, bounds, first, n_items, n_threads,
-                   op_ptr, n_ops, type_num, True)
+                   op_ptr, n_ops, type_num, flags)
     else:
         _multi_run(<uint16_t*>NULL, ptrs, cum, coef, m, bounds, first, n_items, n_threads,
-                   op_ptr, n_ops, type_num, True)
+                   op_ptr, n_ops, type_num, flags)
     free(bounds)
     free(first)
     return 0
@@ -641,8 +668,11 @@ cdef int _run_compacted(const int64_t* ptrs, const int64_t* cum, const double* c
 def nesterov_ag_compacted(const int64_t[:, ::1] ptrs, const int64_t[::1] cum,
                           const double[:, ::1] coef, Py_ssize_t m, int type_num,
                           int n_threads, int items_per_thread, int item_align,
-                          const double[:, ::1] ops=None):
+                          const double[:, ::1] ops=None, bint keep_grad=False):
     """:func:`nesterov_ag_multi` over the first ``m`` rows, with the work items made here.
+
+    ``keep_grad``: the operations act on copies of the gradients, which are
+    only read.
 
     The elements are split as ``CPUTable.work_items`` splits them
     (``n_threads * items_per_thread`` items whose inner boundaries are
@@ -662,7 +692,7 @@ def nesterov_ag_compacted(const int64_t[:, ::1] ptrs, const int64_t[::1] cum,
         op_ptr = &ops[0, 0]
     with nogil:
         rc = _run_compacted(&ptrs[0, 0], &cum[0], &coef[0, 0], m, type_num, n_threads,
-                            items_per_thread, item_align, op_ptr, n_ops)
+                            items_per_thread, item_align, op_ptr, n_ops, keep_grad)
     if rc == -1:
         raise MemoryError()
     if rc == -2:
@@ -678,11 +708,15 @@ ctypedef int (*_coef_fn)(int type_num, double lr, double m, int has_ls, double l
                          double* out) noexcept nogil
 ctypedef int (*_run_fn)(const int64_t* ptrs, const int64_t* cum, const double* coef,
                         Py_ssize_t m, int type_num, int n_threads, int items_per_thread,
-                        int item_align, const double* op_ptr, int n_ops) noexcept nogil
+                        int item_align, const double* op_ptr, int n_ops,
+                        int keep_grad) noexcept nogil
+ctypedef int (*_decay_fn)(int type_num, double rate, double* out) noexcept nogil
 
 cdef struct _KernelAPI:
     int n_coef                # columns of a coefficient row (6)
+    int n_op_words            # columns of an operation row (4)
     _coef_fn coefficients     # cynag_nag_coefficients (_nag_coef.h): 1 if the kernel takes them
+    _decay_fn weight_decay    # cynag_weight_decay_row (_hook_ops.h): 1 if the kernel takes it
     _run_fn run_table         # _run_compacted: 0; -1 out of memory; -2 bad type number
 
 
@@ -691,13 +725,29 @@ cdef int _coefficients(int type_num, double lr, double m, int has_ls, double ls,
     return cynag_nag_coefficients(type_num, lr, m, has_ls, ls, out)
 
 
+cdef int _weight_decay(int type_num, double rate, double* out) noexcept nogil:
+    return cynag_weight_decay_row(type_num, rate, out)
+
+
+def weight_decay_row(int type_num, double rate):
+    """The operation row of ``g += rate * p`` for a Python float ``rate`` and arrays
+    of ``type_num``, or None where NumPy 1.x would compute it in float64 (the C
+    rule of :func:`cynag_kernels.hooks.op_row` for a Python float)."""
+    cdef double out[4]
+    if not cynag_weight_decay_row(type_num, rate, out):
+        return None
+    return (out[0], out[1], out[2], out[3])
+
+
 cdef _KernelAPI _kernel_api
 _kernel_api.n_coef = N_COEF
+_kernel_api.n_op_words = CYNAG_OP_WORDS
 _kernel_api.coefficients = _coefficients
+_kernel_api.weight_decay = _weight_decay
 _kernel_api.run_table = _run_compacted
 
-CYNAG_KERNEL_API_NAME = "cynag_kernels._nesterov_cpu.kernel_api_v1"
-_kernel_api_capsule = PyCapsule_New(<void*>&_kernel_api, b"cynag_kernels._nesterov_cpu.kernel_api_v1", NULL)
+CYNAG_KERNEL_API_NAME = "cynag_kernels._nesterov_cpu.kernel_api_v2"
+_kernel_api_capsule = PyCapsule_New(<void*>&_kernel_api, b"cynag_kernels._nesterov_cpu.kernel_api_v2", NULL)
 
 
 def kernel_api():

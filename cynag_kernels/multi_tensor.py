@@ -100,15 +100,17 @@ def run_selected_rows(ptrs, sizes, coef, mask, select, type_nums, type_num, lo, 
     return total
 
 
-def run_addresses(ptrs, sizes, coef_row, type_num, num_threads=None, ops=None):
+def run_addresses(ptrs, sizes, coef_row, type_num, num_threads=None, ops=None,
+                  keep_grads=False):
     """One step over tensors given by their addresses, all with the coefficients ``coef_row``.
 
     ``ptrs``: ``(n, 3)`` C-contiguous int64 (param, grad, v), ``sizes``:
     ``(n,)`` int64, ``coef_row``: one row of :func:`coefficient_table`, or
     an ``(n, 6)`` table of them (one row per tensor); the tensors as
     :meth:`CPUTable.from_rows` takes them (checked by the caller, disjoint,
-    kept alive).  No compaction: one native call.  Returns the number of
-    elements updated.
+    kept alive).  No compaction: one native call.  ``keep_grads``: ``ops``
+    act on copies of the gradients, which are only read.  Returns the
+    number of elements updated.
     """
     n = len(sizes)
     if n == 0:
@@ -125,7 +127,7 @@ def run_addresses(ptrs, sizes, coef_row, type_num, num_threads=None, ops=None):
         coef = numpy.ascontiguousarray(coef)
     k = threads_for(total) if num_threads is None else max(1, int(num_threads))
     _nesterov_cpu.nesterov_ag_compacted(ptrs, cum, coef, n, type_num, k, ITEMS_PER_THREAD,
-                                        ITEM_ALIGN, ops)
+                                        ITEM_ALIGN, ops, keep_grads)
     return total
 
 

@@ -1744,14 +1744,17 @@ def test_nesterov_ag_addresses_refuses_coefficients_the_dtype_cannot_hold():
 class _KernelAPI(ctypes.Structure):
     """cynag_kernels._nesterov_cpu's C entry (its ``_KernelAPI``)."""
     _fields_ = [("n_coef", ctypes.c_int),
+                ("n_op_words", ctypes.c_int),
                 ("coefficients", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_double,
                                                   ctypes.c_double, ctypes.c_int,
                                                   ctypes.c_double,
                                                   ctypes.POINTER(ctypes.c_double))),
+                ("weight_decay", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_double,
+                                                  ctypes.POINTER(ctypes.c_double))),
                 ("run_table", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                                ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int,
                                                ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                               ctypes.c_void_p, ctypes.c_int))]
+                                               ctypes.c_void_p, ctypes.c_int, ctypes.c_int))]
 
 
 def _kernel_api():
@@ -1764,20 +1767,27 @@ def _kernel_api():
     return ctypes.cast(ptr, ctypes.POINTER(_KernelAPI)).contents
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 12), dtype=st.sampled_from([F32, F64]), seed=st.integers(0, 2**16),
        num_threads=st.sampled_from([1, 2, 3]),
-       lr=st.sampled_from([0.1, 0.01, 0.37, 1e-5, 1e39]), m=st.sampled_from([0.9, 0.0, 0.5]))
-def test_kernel_c_entry_matches_the_chainer_sequence(n, dtype, seed, num_threads, lr, m):
+       lr=st.sampled_from([0.1, 0.01, 0.37, 1e-5, 1e39]), m=st.sampled_from([0.9, 0.0, 0.5]),
+       wd=st.sampled_from([0.0, 5e-4, 0.1, 1e39]), big=st.booleans())
+def test_kernel_c_entry_matches_the_chainer_sequence(n, dtype, seed, num_threads, lr, m, wd,
+                                                      big):
     # The capsule native front ends call (cynag.torch's reader): the
-    # coefficient rule of coefficient_table (the same refusals) and the table
-    # runner of nesterov_ag_addresses; Chainer's bits.
+    # coefficient and weight-decay rules of coefficient_table and op_row (the
+    # same refusals) and the table runner of nesterov_ag_addresses; Chainer's
+    # bits.  With weight decay the gradients are only read (keep_grad), also
+    # across the operation blocks of a large tensor.
     from cynag import functional
+    from cynag_kernels.hooks import op_row
 
     api = _kernel_api()
-    assert api.n_coef == 6
+    assert api.n_coef == 6 and api.n_op_words == 4
     rng = np.random.default_rng(seed)
     shapes = [tuple(int(d) for d in rng.integers(0, 5, rng.integers(1, 3))) for _ in range(n)]
+    if big:
+        shapes[0] = (5000,)  # (more than one block of the operations)
     ps = [random_values(rng, s, dtype) for s in shapes]
     gs = [random_values(rng, s, dtype) for s in shapes]
     vs = [random_values(rng, s, dtype) for s in shapes]
@@ -1791,18 +1801,46 @@ def test_kernel_c_entry_matches_the_chainer_sequence(n, dtype, seed, num_threads
                           row.ctypes.data_as(ctypes.POINTER(ctypes.c_double)))
     table, expected_ok = coefficient_table(dtype, [lr], [m])
     assert bool(ok) == bool(expected_ok[0])
-    if not ok:
+    ops = np.zeros((1, 4))
+    decay_ok = api.weight_decay(type_num, wd, ops.ctypes.data_as(ctypes.POINTER(ctypes.c_double)))
+    expected_row = op_row(dtype, ("weight_decay", wd))
+    assert bool(decay_ok) == (expected_row is not None)
+    if not ok or not decay_ok:
         return
     assert_same_bits(table[0], row)
+    assert_same_bits(np.array([expected_row]), ops)
     coef = np.ascontiguousarray(np.repeat(row[None, :], n, axis=0))
     assert api.run_table(ptrs.ctypes.data, cum.ctypes.data, coef.ctypes.data, n, type_num,
-                         num_threads, 2, ITEM_ALIGN, None, 0) == 0
-    for (p, g, v), a, c in zip(ref, ps, vs):
-        functional.nesterov_ag([p], [g], [v], lr=lr, momentum=m, impl="single")
+                         num_threads, 2, ITEM_ALIGN, ops.ctypes.data if wd else None,
+                         1 if wd else 0, 1) == 0
+    for (p, g, v), a, b, c in zip(ref, ps, gs, vs):
+        g_used = g.copy()
+        if wd:
+            g_used += wd * p  # Chainer's WeightDecay (NumPy 1.x's float32 rounding of wd)
+        functional.nesterov_ag([p], [g_used], [v], lr=lr, momentum=m, impl="single")
         assert_same_bits(a, p)
         assert_same_bits(c, v)
+        assert_same_bits(b, g)  # only read
     before = [a.copy() for a in ps]
     assert api.run_table(ptrs.ctypes.data, cum.ctypes.data, coef.ctypes.data, n, 99,
-                         1, 2, ITEM_ALIGN, None, 0) == -2  # a type it does not take
+                         1, 2, ITEM_ALIGN, None, 0, 0) == -2  # a type it does not take
     for a, b in zip(ps, before):
         assert_same_bits(a, b)  # nothing changed
+
+
+@settings(max_examples=200, deadline=None)
+@given(rate=st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                      st.sampled_from([3.4e38, -3.4e38, 3.3999999999999997e38, 3.4028235e38,
+                                       65000.0, 0.0, -0.0, 5e-4, 1e-45])),
+       dtype=st.sampled_from([F32, F64]))
+def test_weight_decay_row_is_op_row_for_python_floats(rate, dtype):
+    # The C rule native front ends use, against the Python one.
+    from cynag_kernels import _nesterov_cpu
+    from cynag_kernels.hooks import op_row
+
+    got = _nesterov_cpu.weight_decay_row(np.dtype(dtype).num, rate)
+    want = op_row(dtype, ("weight_decay", rate))
+    if want is None:
+        assert got is None
+    else:
+        assert_same_bits(np.array(got), np.array(want, np.float64))

@@ -313,10 +313,11 @@ def _many_groups(data, n_groups):
 
 
 def test_usual_step_is_one_native_call_and_others_take_the_general_path(monkeypatch):
-    # Dense CPU float32/float64 rows with a state, no weight decay: the whole
-    # step is one native call (step_groups), the general path is not entered.
-    # A decayed group sends the step to the general path.  Both give
-    # Chainer's sequence bit for bit.
+    # Dense CPU float32/float64 rows with a state, with or without weight
+    # decay: the whole step is one native call (step_groups), the general
+    # path is not entered.  A parameter without a state yet sends the step to
+    # the general path.  Both give Chainer's sequence bit for bit, and weight
+    # decay leaves p.grad as it is.
     if ct._native.mode() == "off":
         pytest.skip("CYNAG_TORCH_NATIVE=0: the Python reader only")
     if ct._native.get() is None:
@@ -325,12 +326,12 @@ def test_usual_step_is_one_native_call_and_others_take_the_general_path(monkeypa
     a = torch.nn.Parameter(torch.randn(5, dtype=F32))
     b = torch.nn.Parameter(torch.randn(2, 3, dtype=F64))
     c = torch.nn.Parameter(torch.randn(4, dtype=F32))
-    idle = torch.nn.Parameter(torch.randn(3, dtype=F32))
-    opt = ct.NesterovAG([{"params": [a, idle], "lr": 0.1, "momentum": 0.5},
+    late = torch.nn.Parameter(torch.randn(3, dtype=F32))
+    opt = ct.NesterovAG([{"params": [a, late], "lr": 0.1, "momentum": 0.5},
                          {"params": [b, c], "lr": 0.37}], lr=0.01, momentum=0.9)
-    hyper = {id(a): (0.1, 0.5), id(b): (0.37, 0.9), id(c): (0.37, 0.9)}
+    hyper = {id(a): (0.1, 0.5), id(late): (0.1, 0.5), id(b): (0.37, 0.9), id(c): (0.37, 0.9)}
     refs = {id(p): (p.detach().numpy().copy(), np.zeros_like(p.detach().numpy()))
-            for p in (a, b, c)}
+            for p in (a, b, c, late)}
     real_plans = ct.NesterovAG._plans
     calls = []
 
@@ -341,23 +342,26 @@ def test_usual_step_is_one_native_call_and_others_take_the_general_path(monkeypa
     monkeypatch.setattr(ct.NesterovAG, "_plans", plans)
     gen = torch.Generator().manual_seed(3)
     for k in range(4):
-        for p in (a, b, c):
+        live = (a, b, c, late) if k == 3 else (a, b, c)
+        for p in live:
             p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-        if k == 3:
+        grads = [p.grad.clone() for p in live]
+        if k >= 2:
             opt.param_groups[1]["weight_decay"] = 1e-3
         opt.step()
-        for p in (a, b, c):
+        for p, g0 in zip(live, grads):
+            assert torch.equal(p.grad, g0)
             lr, m = hyper[id(p)]
-            wd = 1e-3 if k == 3 and p is not a else 0.0
+            wd = 1e-3 if k >= 2 and (p is b or p is c) else 0.0
             chainer_step(refs[id(p)][0], p.grad.numpy(), refs[id(p)][1], lr, m, wd)
-        # the first step makes the states (general path), the next two are one
-        # native call each, the decayed one takes the general path again
+        # the first step makes the states (general path), the next two (the
+        # second with weight decay) are one native call each; a parameter
+        # without a state takes the general path again
         assert len(calls) == (1 if k < 3 else 2), k
-    for p in (a, b, c):
+    for p in (a, b, c, late):
         assert np.array_equal(p.detach().numpy(), refs[id(p)][0])
         assert np.array_equal(opt.state[p]["v"].numpy(), refs[id(p)][1])
-        assert opt.state[p]["step"] == 4
-    assert idle not in opt.state and opt.t == 4
+    assert [opt.state[p]["step"] for p in (a, b, c, late)] == [4, 4, 4, 1] and opt.t == 4
 
 
 @pytest.fixture(params=["native", "python"])
