@@ -416,7 +416,7 @@ def build_chainer_update(env, shapes, dtype, grads, thread_counts):
     return {1: (_noop, opt.update)}, (link, opt), ""
 
 
-def build_torch_fused(env, shapes, dtype, grads, thread_counts):
+def build_torch_fused(env, shapes, dtype, grads, thread_counts, weight_decay=0.0):
     torch = env.torch
     if torch is None:
         raise Skip("torch " + env.torch_note)
@@ -425,12 +425,14 @@ def build_torch_fused(env, shapes, dtype, grads, thread_counts):
         p.grad = torch.from_numpy(numpy.array(g))   # torch wants a writeable array
     note = ""
     try:
-        opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True, fused=True)
+        opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True, fused=True,
+                              weight_decay=weight_decay)
         opt.step()
     except Exception as e:
         note = "fused=True unsupported on CPU here (%s); ran foreach=True" % (
             str(e).splitlines()[0] if str(e) else type(e).__name__)
-        opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True, foreach=True)
+        opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True, foreach=True,
+                              weight_decay=weight_decay)
         opt.step()
 
     def set_torch_threads(t):
@@ -468,17 +470,24 @@ USER_VARIANTS = [
     ("cynag_on_cynag", "cynag update() on cynag.Link"),
     ("torch_fused", "torch fused SGD"),
     ("cynag_torch", "cynag.torch NesterovAG"),
+    ("torch_fused_wd", "torch fused SGD, weight decay"),
+    ("cynag_torch_wd", "cynag.torch, weight decay"),
     ("floor_chainer", "Python floor, chainer.Link"),
     ("floor_cynag", "Python floor, cynag.Link"),
     ("floor_torch", "Python floor, torch"),
 ]
 #: The rows of ``--torch``.
-TORCH_VARIANTS = ("torch_fused", "cynag_torch", "floor_torch")
+TORCH_VARIANTS = ("torch_fused", "cynag_torch", "torch_fused_wd", "cynag_torch_wd",
+                  "floor_torch")
 USER_LABELS = dict(USER_VARIANTS)
 #: The floor each optimizer row is measured against.
 FLOOR_OF = {"cynag_on_chainer": "floor_chainer", "chainer_update": "floor_chainer",
             "cynag_on_cynag": "floor_cynag", "cynag_torch": "floor_torch",
-            "torch_fused": "floor_torch"}
+            "torch_fused": "floor_torch", "cynag_torch_wd": "floor_torch",
+            "torch_fused_wd": "floor_torch"}
+#: The PyTorch row each row's "vs torch" is measured against (else torch_fused):
+#: with weight decay (PyTorch's weight_decay, HOOK_WEIGHT_DECAY) on both sides.
+TORCH_PEER_OF = {"cynag_torch_wd": "torch_fused_wd", "torch_fused_wd": "torch_fused_wd"}
 
 
 def _fill_link(link, parameter, shapes, dtype):
@@ -541,10 +550,15 @@ def build_user_chainer_update(env, shapes, dtype, grads, thread_counts):
     return {1: (_noop, opt.update)}, (link, opt), "", fresh
 
 
-def build_user_torch_fused(env, shapes, dtype, grads, thread_counts):
-    steps, (params, opt), note = build_torch_fused(env, shapes, dtype, grads, thread_counts)
+def build_user_torch_fused(env, shapes, dtype, grads, thread_counts, weight_decay=0.0):
+    steps, (params, opt), note = build_torch_fused(env, shapes, dtype, grads, thread_counts,
+                                                   weight_decay)
     sources = [p.grad for p in params]
     return steps, (params, opt, sources), note, _torch_fresh(opt, params, sources)
+
+
+def build_user_torch_fused_wd(env, shapes, dtype, grads, thread_counts):
+    return build_user_torch_fused(env, shapes, dtype, grads, thread_counts, HOOK_WEIGHT_DECAY)
 
 
 def _torch_fresh(opt, params, sources):
@@ -563,14 +577,14 @@ def _torch_params(env, shapes, dtype):
             for p in make_params(shapes, dtype, seed=1)]
 
 
-def build_user_cynag_torch(env, shapes, dtype, grads, thread_counts):
+def build_user_cynag_torch(env, shapes, dtype, grads, thread_counts, weight_decay=0.0):
     """cynag.torch.NesterovAG on the same tensors as torch fused, new gradients every step."""
     params = _torch_params(env, shapes, dtype)
     torch = env.torch
     import cynag.torch as cynag_torch
 
     sources = [torch.from_numpy(numpy.array(g)) for g in grads]
-    opt = cynag_torch.NesterovAG(params, lr=LR, momentum=MOMENTUM)
+    opt = cynag_torch.NesterovAG(params, lr=LR, momentum=MOMENTUM, weight_decay=weight_decay)
     fresh = _torch_fresh(opt, params, sources)
     fresh()
     opt.step()
@@ -582,6 +596,10 @@ def build_user_cynag_torch(env, shapes, dtype, grads, thread_counts):
         return prepare
     return ({t: (prepare_for(t), opt.step) for t in thread_counts}, (params, opt, sources),
             "", fresh)
+
+
+def build_user_cynag_torch_wd(env, shapes, dtype, grads, thread_counts):
+    return build_user_cynag_torch(env, shapes, dtype, grads, thread_counts, HOOK_WEIGHT_DECAY)
 
 
 def build_user_floor_torch(env, shapes, dtype, grads, thread_counts):
@@ -610,6 +628,8 @@ USER_BUILDERS = {
     "cynag_on_cynag": build_user_cynag_on_cynag,
     "torch_fused": build_user_torch_fused,
     "cynag_torch": build_user_cynag_torch,
+    "torch_fused_wd": build_user_torch_fused_wd,
+    "cynag_torch_wd": build_user_cynag_torch_wd,
     "floor_chainer": build_user_floor_chainer,
     "floor_cynag": build_user_floor_cynag,
     "floor_torch": build_user_floor_torch,
@@ -847,7 +867,7 @@ def analyse_user(name, desc, dtype, shapes, series, skipped, env):
     for s in series:
         is_floor = s.key.startswith("floor_")
         floor = by.get((FLOOR_OF.get(s.key), 1))
-        torch_s = by.get(("torch_fused", s.threads))
+        torch_s = by.get((TORCH_PEER_OF.get(s.key, "torch_fused"), s.threads))
         q1, q3 = numpy.percentile(s.samples, [25, 75])
         med = s.median
         rows.append({
@@ -1776,7 +1796,7 @@ def main(argv=None):
     # Variants the header already says are missing, not repeated under every table.
     header_skips = ({"chainer_update", "cynag_on_chainer", "floor_chainer"}
                     if env.chainer is None else set()) | (
-        {"torch_fused"} if env.torch is None else set()) | (
+        {"torch_fused", "torch_fused_wd"} if env.torch is None else set()) | (
         {"probe", "c_loop"} if env.probe is None else set())
     print("\n".join(header_lines(env, info)))
     print(LEGEND)

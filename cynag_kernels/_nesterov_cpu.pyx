@@ -336,9 +336,34 @@ cdef inline void _span_scaled(storage_t* p, storage_t* g, storage_t* v, Py_ssize
 cdef extern from "_hook_ops.h" nogil:
     enum: CYNAG_OP_WORDS
     enum: CYNAG_OP_BLOCK
+    enum: CYNAG_OP_WEIGHT_DECAY
     int cynag_weight_decay_row(int type_num, double rate, double* out)
     void cynag_ops_run(int type_num, void* g, const void* p, ptrdiff_t n,
                        const double* ops, int n_ops)
+
+
+cdef inline void _span_decay(storage_t* p, storage_t* g, storage_t* v, Py_ssize_t n,
+                             double lr, double m, double mm, double c, double rate,
+                             bint keep_grad) noexcept nogil:
+    """Weight decay (``g += rate * p``, in the array dtype, as the operation row
+    computes it) and the update, per element, in one pass; ``g`` stored only
+    without ``keep_grad``.  float32 and float64 (float16 takes the blocks)."""
+    cdef Py_ssize_t i
+    cdef storage_t gd
+    cdef float a32 = <float>rate, t32
+    cdef double t64
+    if storage_t is uint16_t:
+        return  # (not called for float16)
+    for i in range(n):
+        if storage_t is double:
+            t64 = rate * p[i]
+            gd = g[i] + t64
+        elif storage_t is float:
+            t32 = a32 * p[i]
+            gd = g[i] + t32
+        if not keep_grad:
+            g[i] = gd
+        _elem(p + i, &gd, v + i, lr, m, mm, c)
 
 
 # Flags of a multi-tensor pass.
@@ -364,6 +389,13 @@ cdef inline void _segment(storage_t* p, storage_t* g, storage_t* v, Py_ssize_t n
     cdef storage_t buf[CYNAG_OP_BLOCK]
     cdef storage_t* gb
     cdef bint update = (flags & PASS_UPDATE) != 0
+    if storage_t is not uint16_t:
+        if n_ops == 1 and update and <int>ops[0] == CYNAG_OP_WEIGHT_DECAY \
+                and k[COEF_HAS_LS] == 0.0:
+            # (the usual program: one pass, without the block buffer)
+            _span_decay(p, g, v, n, k[COEF_LR], k[COEF_M], k[COEF_MM], k[COEF_C], ops[1],
+                        (flags & PASS_KEEP_GRAD) != 0)
+            return
     if n_ops == 0 and not (flags & PASS_KEEP_GRAD and k[COEF_HAS_LS] != 0.0):
         if not update:
             return

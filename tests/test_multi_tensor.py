@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from cynag import Chain, ChainList, Link, Parameter, serializers
@@ -1844,3 +1844,58 @@ def test_weight_decay_row_is_op_row_for_python_floats(rate, dtype):
         assert got is None
     else:
         assert_same_bits(np.array(got), np.array(want, np.float64))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 8), dtype=st.sampled_from([F16, F32, F64]), seed=st.integers(0, 999),
+       program=st.lists(st.sampled_from([("weight_decay", 0.01), ("weight_decay", 0.37),
+                                         ("lasso", 0.005), ("clip", -0.5, 0.7),
+                                         ("scale", 0.5)]), min_size=1, max_size=3),
+       big=st.booleans(), num_threads=st.sampled_from([1, 2]))
+def test_keep_grads_gives_the_written_path_values_and_leaves_the_gradients(
+        n, dtype, seed, program, big, num_threads):
+    # keep_grads: the operations act on copies (one pass per element for a
+    # lone weight decay, blocks otherwise); the update is the one of the path
+    # that writes the decayed gradients, and the gradients are only read.  A
+    # lone weight decay (its own one-pass loop) equals the same decay followed
+    # by a scale by 1 (the block loop).
+    from cynag import functional
+    from cynag_kernels.hooks import op_row
+
+    rng = np.random.default_rng(seed)
+    shapes = [tuple(int(d) for d in rng.integers(0, 5, rng.integers(1, 3))) for _ in range(n)]
+    if big:
+        shapes[0] = (4100,)  # (more than two blocks of the operations)
+    ps = [random_values(rng, s, dtype) for s in shapes]
+    gs = [random_values(rng, s, dtype) for s in shapes]
+    vs = [random_values(rng, s, dtype) for s in shapes]
+    rows = [op_row(dtype, op) for op in program]
+    assume(all(r is not None for r in rows))
+    ops = np.array(rows)
+    written = [(p.copy(), g.copy(), v.copy()) for p, g, v in zip(ps, gs, vs)]
+    g_before = [g.copy() for g in gs]
+    ptrs = np.array([[p.ctypes.data, g.ctypes.data, v.ctypes.data]
+                     for p, g, v in zip(ps, gs, vs)], np.int64).reshape(-1, 3)
+    sizes = np.array([p.size for p in ps], np.int64)
+    assert functional.nesterov_ag_addresses(ptrs, sizes, dtype, lr=0.1, momentum=0.9, ops=ops,
+                                            num_threads=num_threads, keep_grads=True)
+    wp = [w[0] for w in written]
+    wg = [w[1] for w in written]
+    wv = [w[2] for w in written]
+    functional.nesterov_ag(wp, wg, wv, lr=0.1, momentum=0.9, ops=ops, impl="multi")
+    for a, b, c, p, g0, v in zip(ps, gs, vs, wp, g_before, wv):
+        assert_same_bits(a, p)
+        assert_same_bits(c, v)
+        assert_same_bits(b, g0)
+    if len(program) == 1 and program[0][0] == "weight_decay":
+        blocks = [(p.copy(), g.copy(), v.copy()) for p, g, v in written]
+        one = np.array([op_row(dtype, program[0])])
+        two = np.array([op_row(dtype, program[0]), op_row(dtype, ("scale", 1.0))])
+        functional.nesterov_ag(wp, wg, wv, lr=0.1, momentum=0.9, ops=one, impl="multi")
+        functional.nesterov_ag([b[0] for b in blocks], [b[1] for b in blocks],
+                               [b[2] for b in blocks], lr=0.1, momentum=0.9, ops=two,
+                               impl="multi")
+        for (p, g, v), q, h, w in zip(blocks, wp, wg, wv):
+            assert_same_bits(p, q)
+            assert_same_bits(g, h)
+            assert_same_bits(v, w)

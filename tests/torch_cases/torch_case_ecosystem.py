@@ -192,9 +192,11 @@ def test_bench_torch_rows():
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           universal_newlines=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
-    rows = [line for line in proc.stdout.splitlines()
-            if line.startswith(("cynag.torch NesterovAG", "torch fused SGD", "Python floor, torch"))]
-    assert len(rows) == 3, proc.stdout[-4000:]
+    labels = ("torch fused SGD ", "cynag.torch NesterovAG ", "torch fused SGD, weight decay ",
+              "cynag.torch, weight decay ", "Python floor, torch ")
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(labels)]
+    assert sorted(label for line in rows for label in labels
+                  if line.startswith(label)) == sorted(labels), proc.stdout[-4000:]
     assert "failed" not in proc.stdout
 
 
