@@ -642,8 +642,8 @@ py::object step_groups(py::list lists, py::dict state, py::list lrs, py::list mo
             rc = api->run_table(b.ptrs.data(), b.cum.data(), b.coef.data(), m, type_num,
                                 threads, items_per_thread, item_align, b.ops, n_ops, 1);
         }
-        if (rc != 0)
-            throw std::bad_alloc();  // (-1: its work items; the type numbers are the kernel's)
+        if (rc != 0)  // (-1: over 512 work items, 256 threads; the type numbers are the kernel's)
+            throw std::bad_alloc();
     }
     bump_versions(touched);
     bump(done.data(), static_cast<Py_ssize_t>(done.size()));

@@ -187,10 +187,10 @@ def nesterov_ag_addresses(ptrs, sizes, dtype, *, lr, momentum, index=None, ops=N
         ops: a hook operation program applied to every gradient first, as
             for :func:`nesterov_ag` (it writes the gradients, unless
             ``keep_grads``).
-        keep_grads: if true, ``ops`` act on copies of the gradients (block
-            by block, in the same pass): the update uses the same values and
-            the gradients are only read (PyTorch's weight decay leaves
-            ``p.grad`` as it is).
+        keep_grads: if true, ``ops`` act on copies of the gradients (in
+            registers for a lone weight decay, else block by block, in the
+            same pass): the update uses the same values and the gradients
+            are only read (PyTorch's weight decay leaves ``p.grad`` as it is).
 
     Returns:
         True if the step ran; False (nothing changed) if a coefficient does

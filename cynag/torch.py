@@ -124,6 +124,8 @@ class NesterovAG(torch.optim.Optimizer):
         weight_decay (float): Chainer's ``WeightDecay``: the step uses
             ``g + weight_decay * p`` (each product and sum rounded to the
             dtype, as NumPy computes it); ``p.grad`` is left as it is.
+            ``0`` means no decay at all, as in PyTorch (Chainer's
+            ``WeightDecay(0)`` would still add ``0 * p``).
 
     State of each parameter (created at its first update): ``v``, a tensor
     like the parameter, and ``step``, the number of its updates (Chainer's
@@ -134,8 +136,10 @@ class NesterovAG(torch.optim.Optimizer):
 
     A step checks every parameter before it changes anything: a sparse
     gradient, a gradient of another shape, dtype or device than its
-    parameter, a parameter that is not floating point, or a state that does
-    not fit raises an exception naming the parameter
+    parameter, a parameter that is not floating point, a state that does
+    not fit (``v``, or a ``step`` that is not an int), or an inference
+    tensor outside ``torch.inference_mode()`` raises an exception naming
+    the parameter
     (``param_groups[g]['params'][i]``) and leaves every parameter and state
     as it was.
     """

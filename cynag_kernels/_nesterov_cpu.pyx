@@ -17,6 +17,8 @@ uses the stored float16 ``v``, as Chainer's sequence does.
 The entry points take typed memoryviews of one element type (float32,
 float64, or float16 viewed as uint16) and plain scalars; the thread count is a
 plain ``int`` decided by the caller.  Nothing here reads the environment.
+:func:`kernel_api` gives native front ends (cynag.torch's reader) the same
+coefficient and weight decay rules and multi-tensor runner as a C capsule.
 """
 cimport numpy as cnp
 from cython.parallel cimport prange
@@ -632,6 +634,12 @@ def compact_selected_rows(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
     return m
 
 
+# Work items whose bounds _run_compacted keeps on the stack (256 threads at
+# ITEMS_PER_THREAD = 2).
+cdef enum:
+    STACK_ITEMS = 512
+
+
 cdef int _run_compacted(const int64_t* ptrs, const int64_t* cum, const double* coef,
                         Py_ssize_t m, int type_num, int n_threads, int items_per_thread,
                         int item_align, const double* op_ptr, int n_ops,
@@ -639,12 +647,17 @@ cdef int _run_compacted(const int64_t* ptrs, const int64_t* cum, const double* c
     """The first ``m`` rows of a table, with the work items made here (``keep_grad``:
     the operations act on copies, the gradients are not written).
 
-    Returns 0, -1 if memory for the work items ran out, -2 for a type number
-    the kernel does not take (nothing changed in either case).
+    Returns 0, -1 if memory for the work items ran out (only with more than
+    ``STACK_ITEMS`` items: the usual thread counts never allocate, so a
+    caller running several tables in a row cannot stop half way), -2 for a
+    type number the kernel does not take (nothing changed in either case).
     """
     cdef int64_t total, k, j, b, prev
     cdef int64_t* bounds
     cdef int64_t* first
+    cdef int64_t stack_bounds[STACK_ITEMS + 1]
+    cdef int64_t stack_first[STACK_ITEMS + 1]
+    cdef bint on_heap
     cdef Py_ssize_t n_items = 0, t = 0
     cdef int flags
     if m <= 0:
@@ -661,12 +674,17 @@ cdef int _run_compacted(const int64_t* ptrs, const int64_t* cum, const double* c
         k = (total + item_align - 1) // item_align
     if k < 1:
         k = 1
-    bounds = <int64_t*>malloc(sizeof(int64_t) * (k + 1))
-    first = <int64_t*>malloc(sizeof(int64_t) * (k + 1))
-    if bounds is NULL or first is NULL:
-        free(bounds)
-        free(first)
-        return -1
+    on_heap = k > STACK_ITEMS
+    if on_heap:
+        bounds = <int64_t*>malloc(sizeof(int64_t) * (k + 1))
+        first = <int64_t*>malloc(sizeof(int64_t) * (k + 1))
+        if bounds is NULL or first is NULL:
+            free(bounds)
+            free(first)
+            return -1
+    else:
+        bounds = stack_bounds
+        first = stack_first
     prev = -1
     for j in range(k + 1):
         b = (j * total) // k
@@ -692,8 +710,9 @@ cdef int _run_compacted(const int64_t* ptrs, const int64_t* cum, const double* c
     else:
         _multi_run(<uint16_t*>NULL, ptrs, cum, coef, m, bounds, first, n_items, n_threads,
                    op_ptr, n_ops, type_num, flags)
-    free(bounds)
-    free(first)
+    if on_heap:
+        free(bounds)
+        free(first)
     return 0
 
 

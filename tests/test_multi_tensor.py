@@ -1777,8 +1777,8 @@ def test_kernel_c_entry_matches_the_chainer_sequence(n, dtype, seed, num_threads
     # The capsule native front ends call (cynag.torch's reader): the
     # coefficient and weight-decay rules of coefficient_table and op_row (the
     # same refusals) and the table runner of nesterov_ag_addresses; Chainer's
-    # bits.  With weight decay the gradients are only read (keep_grad), also
-    # across the operation blocks of a large tensor.
+    # bits.  With weight decay the gradients are only read (keep_grad), on
+    # tensors small and large.
     from cynag import functional
     from cynag_kernels.hooks import op_row
 

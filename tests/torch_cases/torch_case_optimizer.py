@@ -259,7 +259,7 @@ def _many_groups(data, n_groups):
     for gi in range(n_groups):
         lr = data.draw(st.sampled_from([0.1, 0.01, 0.37, 1e39]), label="lr%d" % gi)
         m = data.draw(st.sampled_from([0.9, 0.0, 0.5]), label="m%d" % gi)
-        wd = data.draw(st.sampled_from([0.0, 0.0, 1e-3]), label="wd%d" % gi)
+        wd = data.draw(st.sampled_from([0.0, 0.0, 1e-3, -0.5, 1e39]), label="wd%d" % gi)
         ps = []
         for k in range(data.draw(st.integers(0, 4), label="n%d" % gi)):
             kind = data.draw(st.sampled_from(["f32", "f64", "view", "nograd"]),
