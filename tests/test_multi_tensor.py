@@ -1741,6 +1741,20 @@ def test_nesterov_ag_addresses_refuses_coefficients_the_dtype_cannot_hold():
 
 
 
+def _random_arrays(rng, n, dtype, first=None):
+    """``n`` random (param, grad, v) of ``dtype`` (the first of shape ``first`` if
+    given) and their address table: ``(ps, gs, vs, ptrs)``."""
+    shapes = [tuple(int(d) for d in rng.integers(0, 5, rng.integers(1, 3))) for _ in range(n)]
+    if first is not None:
+        shapes[0] = first
+    ps = [random_values(rng, s, dtype) for s in shapes]
+    gs = [random_values(rng, s, dtype) for s in shapes]
+    vs = [random_values(rng, s, dtype) for s in shapes]
+    ptrs = np.array([[p.ctypes.data, g.ctypes.data, v.ctypes.data]
+                     for p, g, v in zip(ps, gs, vs)], np.int64).reshape(-1, 3)
+    return ps, gs, vs, ptrs
+
+
 class _KernelAPI(ctypes.Structure):
     """cynag_kernels._nesterov_cpu's C entry (its ``_KernelAPI``)."""
     _fields_ = [("n_coef", ctypes.c_int),
@@ -1785,15 +1799,8 @@ def test_kernel_c_entry_matches_the_chainer_sequence(n, dtype, seed, num_threads
     api = _kernel_api()
     assert api.n_coef == 6 and api.n_op_words == 4
     rng = np.random.default_rng(seed)
-    shapes = [tuple(int(d) for d in rng.integers(0, 5, rng.integers(1, 3))) for _ in range(n)]
-    if big:
-        shapes[0] = (5000,)  # (more than one block of the operations)
-    ps = [random_values(rng, s, dtype) for s in shapes]
-    gs = [random_values(rng, s, dtype) for s in shapes]
-    vs = [random_values(rng, s, dtype) for s in shapes]
+    ps, gs, vs, ptrs = _random_arrays(rng, n, dtype, (5000,) if big else None)
     ref = [(p.copy(), g.copy(), v.copy()) for p, g, v in zip(ps, gs, vs)]
-    ptrs = np.array([[p.ctypes.data, g.ctypes.data, v.ctypes.data]
-                     for p, g, v in zip(ps, gs, vs)], np.int64).reshape(-1, 3)
     cum = np.concatenate([[0], np.cumsum([p.size for p in ps])]).astype(np.int64)
     type_num = np.dtype(dtype).num
     row = np.zeros(6)
@@ -1863,19 +1870,13 @@ def test_keep_grads_gives_the_written_path_values_and_leaves_the_gradients(
     from cynag_kernels.hooks import op_row
 
     rng = np.random.default_rng(seed)
-    shapes = [tuple(int(d) for d in rng.integers(0, 5, rng.integers(1, 3))) for _ in range(n)]
-    if big:
-        shapes[0] = (4100,)  # (more than two blocks of the operations)
-    ps = [random_values(rng, s, dtype) for s in shapes]
-    gs = [random_values(rng, s, dtype) for s in shapes]
-    vs = [random_values(rng, s, dtype) for s in shapes]
+    # (a first tensor of more than two blocks of the operations, if big)
+    ps, gs, vs, ptrs = _random_arrays(rng, n, dtype, (4100,) if big else None)
     rows = [op_row(dtype, op) for op in program]
     assume(all(r is not None for r in rows))
     ops = np.array(rows)
     written = [(p.copy(), g.copy(), v.copy()) for p, g, v in zip(ps, gs, vs)]
     g_before = [g.copy() for g in gs]
-    ptrs = np.array([[p.ctypes.data, g.ctypes.data, v.ctypes.data]
-                     for p, g, v in zip(ps, gs, vs)], np.int64).reshape(-1, 3)
     sizes = np.array([p.size for p in ps], np.int64)
     assert functional.nesterov_ag_addresses(ptrs, sizes, dtype, lr=0.1, momentum=0.9, ops=ops,
                                             num_threads=num_threads, keep_grads=True)
