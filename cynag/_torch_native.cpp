@@ -7,10 +7,9 @@
 // decides and reads; it never changes a tensor or a state except in
 // bump_steps.
 //
-// collect_groups(groups, state) -> (codes, ptrs, sizes, kinds, states, uniform, offsets),
+// collect_groups(groups, state) -> (codes, ptrs, sizes, kinds, states, offsets),
 // one row per parameter of every list of groups, one list after the other
-// (offsets[k]: the first row of groups[k]; uniform: the kind of every row if all
-// are code 1 of one kind, else -1):
+// (offsets[k]: the first row of groups[k]):
 //   codes: 0 no gradient (skipped); 1 the kernel takes it (CPU, float32 or
 //   float64, at least 1-d, parameter, gradient and state v contiguous, its
 //   arrays overlapping no other array of the table, in any group); 2 the Python path
@@ -275,8 +274,8 @@ struct Rows {
 };
 
 // The table of collect_groups, in vectors; states and offsets as it returns them.
-int collect_rows(py::list lists, py::dict state, Rows& rows, py::list& states_out,
-                 py::list& offsets_out)
+void collect_rows(py::list lists, py::dict state, Rows& rows, py::list& states_out,
+                  py::list& offsets_out)
 {
     ByIdentity by_param;
     by_param.build(state.ptr());
@@ -407,18 +406,11 @@ int collect_rows(py::list lists, py::dict state, Rows& rows, py::list& states_ou
             c[s.row] = 2;
         runmax = std::max(runmax, s.hi);
     }
-    // uniform: the kind of every row when all are code 1 of one kind, else -1.
-    int uniform = n > 0 ? kd[0] : -1;
-    for (int64_t i = 0; i < n && uniform >= 0; i++)
-        if (c[i] != 1 || kd[i] != uniform)
-            uniform = -1;
     states_out = states;
     offsets_out = offsets;
-    return uniform;
 }
 
-py::tuple as_tuple(const Rows& rows, const py::list& states, int uniform,
-                   const py::list& offsets)
+py::tuple as_tuple(const Rows& rows, const py::list& states, const py::list& offsets)
 {
     const int64_t n = static_cast<int64_t>(rows.codes.size());
     auto codes = at::empty({n}, at::kByte);
@@ -429,7 +421,7 @@ py::tuple as_tuple(const Rows& rows, const py::list& states, int uniform,
     std::copy(rows.ptrs.begin(), rows.ptrs.end(), ptrs.data_ptr<int64_t>());
     std::copy(rows.sizes.begin(), rows.sizes.end(), sizes.data_ptr<int64_t>());
     std::copy(rows.kinds.begin(), rows.kinds.end(), kinds.data_ptr<int8_t>());
-    return py::make_tuple(codes, ptrs, sizes, kinds, states, uniform, offsets);
+    return py::make_tuple(codes, ptrs, sizes, kinds, states, offsets);
 }
 
 // state["step"] += 1 for each state dict (Python ints); prefetching ahead (see
@@ -512,8 +504,8 @@ py::tuple collect_groups(py::list lists, py::dict state)
 {
     Rows rows;
     py::list states, offsets;
-    const int uniform = collect_rows(lists, state, rows, states, offsets);
-    return as_tuple(rows, states, uniform, offsets);
+    collect_rows(lists, state, rows, states, offsets);
+    return as_tuple(rows, states, offsets);
 }
 
 py::object step_groups(py::list lists, py::dict state, py::list lrs, py::list momenta,
@@ -522,10 +514,10 @@ py::object step_groups(py::list lists, py::dict state, py::list lrs, py::list mo
 {
     Rows rows;
     py::list states, offsets;
-    const int uniform = collect_rows(lists, state, rows, states, offsets);
+    collect_rows(lists, state, rows, states, offsets);
     const int64_t n = static_cast<int64_t>(rows.codes.size());
     const Py_ssize_t n_groups = PyList_GET_SIZE(lists.ptr());
-    auto general = [&]() -> py::object { return as_tuple(rows, states, uniform, offsets); };
+    auto general = [&]() -> py::object { return as_tuple(rows, states, offsets); };
     if (PyList_GET_SIZE(lrs.ptr()) != n_groups || PyList_GET_SIZE(momenta.ptr()) != n_groups
             || PyList_GET_SIZE(decays.ptr()) != n_groups)
         throw py::value_error("step_groups: one lr, momentum and weight decay per group");

@@ -254,7 +254,7 @@ class NesterovAG(torch.optim.Optimizer):
             lists = [g["params"] if type(g["params"]) is list else list(g["params"])
                      for g in groups]
             # The usual step in one native call (see step_groups in _torch_native.cpp);
-            # else what it read, for the general path.
+            # else what it read, for the general path, which checks and plans it.
             collected = native.step_groups(
                 lists, self.state, [h[0] for h in hyper], [h[1] for h in hyper],
                 [h[2] for h in hyper], get_num_threads(), get_parallel_threshold(),
@@ -276,8 +276,8 @@ class NesterovAG(torch.optim.Optimizer):
     def _plans(self, native, collected=None):
         """Check every group; raise before anything changes.  Returns ``(merged, plans)``.
 
-        ``collected``: ``(hyper, lists, table)``, what the native reader
-        already read this step, or None.
+        ``collected``: ``(hyper, lists, table)``, what the native reader read
+        this step (None with the Python reader).
 
         ``plans``: one per group, ``(lr, momentum, weight_decay, fast, rest)`` as
         :meth:`_collect` makes them.  ``merged`` (native reader only, else None):
@@ -288,25 +288,13 @@ class NesterovAG(torch.optim.Optimizer):
         groups = self.param_groups
         if native is None:
             return None, [self._collect(gi, group) for gi, group in enumerate(groups)]
-        if collected is None:
-            hyper = [(_hyper(g, "lr", gi), _hyper(g, "momentum", gi),
-                      _hyper(g, "weight_decay", gi)) for gi, g in enumerate(groups)]
-            lists = [g["params"] if type(g["params"]) is list else list(g["params"])
-                     for g in groups]
-            collected = (hyper, lists, native.collect_groups(lists, self.state))
         hyper, lists, table = collected
-        codes, ptrs, sizes, kinds, sts, uniform, offsets = table
-        ptrs, sizes = ptrs.numpy(), sizes.numpy()
+        codes, ptrs, sizes, kinds, sts, offsets = table
+        codes, ptrs, sizes, kinds = codes.numpy(), ptrs.numpy(), sizes.numpy(), kinds.numpy()
         n_groups = len(groups)
         plans = [(lr, m, wd, {}, []) for lr, m, wd in hyper]
         decay = [bool(h[2]) for h in hyper]
         group_of = numpy.repeat(numpy.arange(n_groups), numpy.diff(offsets))
-        if uniform >= 0 and not any(decay):
-            # (the usual case: every parameter dense, of one dtype, with a state)
-            dtype = torch.float32 if uniform == 0 else torch.float64
-            return (([(dtype, None, ptrs, sizes, group_of if n_groups > 1 else None, sts)],
-                     hyper, lists, offsets), plans)
-        codes, kinds = codes.numpy(), kinds.numpy()
         bad = numpy.flatnonzero(codes == 3).tolist()
         for i in bad:
             gi = int(group_of[i])
@@ -358,12 +346,11 @@ class NesterovAG(torch.optim.Optimizer):
             if not ran:
                 # A coefficient does not fit the dtype (NumPy 1.x would compute in
                 # float64): group by group, through copies where needed.
-                all_rows = numpy.arange(len(sizes)) if rows is None else rows
                 groups = (numpy.zeros(len(sizes), numpy.intp) if group_of is None
                           else group_of)
                 for gi in numpy.unique(groups).tolist():
                     k = numpy.flatnonzero(groups == gi)
-                    local = [int(i) - offsets[gi] for i in all_rows[k]]
+                    local = [int(i) - offsets[gi] for i in rows[k]]
                     row_sts = [sts[i] for i in k.tolist()]
                     self._run_cpu(None, None, None, np_dtype, lrs[gi], moms[gi], 0.0,
                                   _Rows(lists[gi], local, row_sts).entries,
