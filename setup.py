@@ -236,7 +236,7 @@ def _extensions():
             depends=["cynag_kernels/_half.h", "cynag_kernels/_hook_ops.h",
                      "cynag_kernels/_nag_coef.h", "cynag_kernels/_dense.h",
                      "cynag_kernels/_openmp.pxd", "cynag_kernels/_prefetch.h",
-                     "cynag_kernels/_probe.h"],
+                     "cynag_kernels/_probe.h", "cynag_kernels/_kernel_api.h"],
         )
         for name in names
     ]
@@ -248,7 +248,7 @@ def _extensions():
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION"),
                        ("NPY_TARGET_VERSION", "NPY_1_23_API_VERSION")],
         depends=["cynag_kernels/_half.h", "cynag_kernels/_nag_coef.h",
-                 "cynag_kernels/_dense.h"],
+                 "cynag_kernels/_dense.h", "cynag_kernels/_kernel_api.h"],
     ))
     return cythonize(
         exts,

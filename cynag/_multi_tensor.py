@@ -23,6 +23,11 @@ The other parameters are updated by their rules (``param.update()``) at
 their place in the target's order: the kernel runs over the rows between two
 of them, so the order of effects is Chainer's whatever the rules' hooks do
 (the GPU tables, one launch per device and dtype, run first).
+An optimizer without ``'pre'`` hooks or dynamic loss scaling first tries
+the whole step in one native call (:func:`cynag._step.step`: scan, overlap
+check, kernel, ``t``); it does it when every parameter is ``FAST`` and no
+gradient is cleared, and otherwise changes nothing and the general path
+goes on from its scan.
 Nothing is cached from one step to the next: a step reads the objects as
 they are.  Results are bit-identical to the per-parameter path on the CPU
 (the kernels share their arithmetic).
@@ -34,10 +39,14 @@ import numpy
 from cynag import _backend, _step, functional
 from cynag.optimizer import UpdateRule, _Hookable, _with_label, _param_label
 from cynag.parameter import Parameter, _zero_grad
+from cynag_kernels import _nesterov_cpu
+from cynag_kernels.multi_tensor import ITEM_ALIGN, ITEMS_PER_THREAD
+from cynag_kernels.threads import get_num_threads, get_parallel_threshold
 
 _DTYPES = {11: numpy.dtype(numpy.float32), 12: numpy.dtype(numpy.float64),
            23: numpy.dtype(numpy.float16)}
 _KERNELS = {"nesterov_ag": _step.RULE_NESTEROV_AG}
+_KERNEL_API = _nesterov_cpu.kernel_api()
 
 
 def _chainer_parameter_class(tp):
@@ -184,18 +193,34 @@ class Plan:
         paths = self.paths()
         return paths[i] if i < len(paths) else None
 
-    def collect(self):
-        """Scan the target and check every parameter; raise before anything changes.
-
-        Leaves cleared gradients as they are (see :meth:`reallocate`).
-        """
+    def _list(self):
         params = list_params(self.optimizer.target, self._names)
         self.params = params
         self._paths = None
         table = self.table
         table.reserve(len(params))
         table.release()
-        _step.scan(params, table)
+        return params
+
+    def step(self):
+        """The usual step in one native call (:func:`cynag._step.step`); True if it ran.
+
+        For an optimizer without ``'pre'`` hooks or dynamic loss scaling.
+        If it did not run, nothing changed and the table holds the scan:
+        go on with ``collect(scanned=True)``.
+        """
+        return _step.step(self._list(), self.table, get_num_threads(),
+                          get_parallel_threshold(), ITEMS_PER_THREAD, ITEM_ALIGN, _KERNEL_API)
+
+    def collect(self, scanned=False):
+        """Scan the target and check every parameter; raise before anything changes.
+
+        Leaves cleared gradients as they are (see :meth:`reallocate`).
+        ``scanned``: :meth:`step` has just scanned the table.
+        """
+        table = self.table
+        if not scanned:
+            _step.scan(self._list(), table)
         if table.n_fast < table.n:  # (all FAST: nothing else to look at)
             self._gpu_rows()
             self._check_rows((REST, NEEDS_GRAD))

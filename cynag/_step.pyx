@@ -46,6 +46,7 @@ from cpython.object cimport PyObject, PyTypeObject
 from libc.stdint cimport int64_t, uint8_t, int32_t, uint32_t, uintptr_t
 from libc.stdlib cimport malloc, calloc, free, qsort
 from libc.string cimport memset
+from cpython.pycapsule cimport PyCapsule_GetPointer
 
 import numpy
 
@@ -56,6 +57,17 @@ cnp.import_array()
 
 cdef extern from "numpy/arrayobject.h":
     enum: NPY_HALF
+
+cdef extern from "_kernel_api.h":
+    const char* CYNAG_KERNEL_API_NAME
+    ctypedef struct cynag_kernel_api:
+        int n_coef
+        int n_op_words
+        int (*run_table)(const int64_t*, const int64_t*, const double*, Py_ssize_t, int, int,
+                         int, int, const double*, int, int) noexcept nogil
+        Py_ssize_t (*compact)(const int64_t*, const int64_t*, const double*, const uint8_t*,
+                              int, const int32_t*, int, Py_ssize_t, Py_ssize_t, int64_t*,
+                              int64_t*, double*) noexcept nogil
 
 cdef extern from "_nag_coef.h" nogil:
     int CYNAG_N_COEF
@@ -439,14 +451,40 @@ cdef class StepTable:
     cdef Py_ssize_t* lasts
     cdef Py_ssize_t scratch_recs
     cdef Py_ssize_t scratch_cap
+    # Scratch of step(): the compacted table the kernel takes.
+    cdef int64_t* k_ptrs
+    cdef int64_t* k_cum
+    cdef double* k_coef
+    cdef Py_ssize_t k_cap
 
     def __cinit__(self):
         self.recs = self.tmp = NULL
         self.slots = NULL
         self.nexts = self.counts = self.lasts = NULL
         self.scratch_recs = self.scratch_cap = 0
+        self.k_ptrs = self.k_cum = NULL
+        self.k_coef = NULL
+        self.k_cap = 0
+
+    cdef int _kernel_scratch(self, Py_ssize_t n) except -1:
+        if n <= self.k_cap:
+            return 0
+        free(self.k_ptrs)
+        free(self.k_cum)
+        free(self.k_coef)
+        self.k_ptrs = <int64_t*>malloc(sizeof(int64_t) * 3 * n)
+        self.k_cum = <int64_t*>malloc(sizeof(int64_t) * (n + 1))
+        self.k_coef = <double*>malloc(sizeof(double) * 6 * n)
+        self.k_cap = n
+        if self.k_ptrs is NULL or self.k_cum is NULL or self.k_coef is NULL:
+            self.k_cap = 0
+            raise MemoryError()
+        return 0
 
     def __dealloc__(self):
+        free(self.k_ptrs)
+        free(self.k_cum)
+        free(self.k_coef)
         free(self.recs)
         free(self.tmp)
         free(self.slots)
@@ -750,6 +788,73 @@ def scan(list params, StepTable table, object indices=None):
     return n_fast
 
 
+def step(list params, StepTable table, int n_threads, int64_t threshold,
+         int items_per_thread, int item_align, object kernel_api):
+    """The usual step in one call: :func:`scan`, then, if every row is ``FAST`` and
+    no gradient is cleared, :func:`mark_overlaps`, the kernel over every
+    dtype's rows and ``rule.t += 1`` of each.
+
+    For an optimizer without ``'pre'`` hooks or dynamic loss scaling, that
+    is the whole update of its parameters (what ``scan`` reads decides
+    everything else).  ``n_threads`` and ``threshold``: the kernel runs
+    with ``n_threads`` threads on a dtype's rows of ``threshold`` elements or
+    more, with one below (``cynag_kernels.threads.threads_for``);
+    ``kernel_api``: ``cynag_kernels._nesterov_cpu.kernel_api()``.
+
+    Returns True if it updated the parameters.  Otherwise nothing changed
+    and the table is as :func:`scan` leaves it, except that rows an overlap
+    moved to ``REST`` are there (counted out of ``n_fast``): the caller goes
+    on with the general path from the scan.
+    """
+    cdef const cynag_kernel_api* api
+    cdef Py_ssize_t n = len(params), i, m, moved
+    cdef int types = 0, t, type_num, rc, threads
+    cdef int64_t total
+    cdef int[3] type_list
+    api = <const cynag_kernel_api*>PyCapsule_GetPointer(kernel_api, CYNAG_KERNEL_API_NAME)
+    if api is NULL:
+        raise ValueError("step: not the kernel's C entry")
+    if api.n_coef != CYNAG_N_COEF:
+        raise ValueError("step: the kernel's coefficient rows do not match")
+    scan(params, table)
+    if table.n_fast != n or table.n_cleared != 0:
+        return False
+    moved = _mark_overlaps(table, [])
+    if moved:
+        table.n_fast -= moved
+        return False
+    table._kernel_scratch(n)
+    for i in range(n):
+        type_num = table.c_tnum[i]
+        t = 0 if type_num == NPY_HALF else (1 if type_num == cnp.NPY_FLOAT else 2)
+        types |= 1 << t
+    type_list[0] = NPY_HALF
+    type_list[1] = cnp.NPY_FLOAT
+    type_list[2] = cnp.NPY_DOUBLE
+    for t in range(3):
+        if not (types >> t) & 1:
+            continue
+        type_num = type_list[t]
+        m = api.compact(table.c_ptrs, table.c_sizes, table.c_coef, table.c_codes, C_FAST,
+                        table.c_tnum, type_num, 0, n, table.k_ptrs, table.k_cum,
+                        table.k_coef)
+        if m <= 0:
+            if m < 0:
+                raise TypeError("step: the kernel does not take type number %d" % type_num)
+            continue
+        total = table.k_cum[m]
+        threads = 1 if total < threshold or n_threads < 1 else n_threads
+        with nogil:
+            rc = api.run_table(table.k_ptrs, table.k_cum, table.k_coef, m, type_num, threads,
+                               items_per_thread, item_align, NULL, 0, 0)
+        if rc == -1:
+            raise MemoryError()
+        if rc != 0:
+            raise TypeError("step: the kernel does not take type number %d" % type_num)
+    _bump_t(table, 0, n, C_FAST)
+    return True
+
+
 cdef object _read_one(object p, int pkind, bint want_grad):
     """``p.grad`` (``want_grad``) or ``p.array``, read as :func:`scan` reads them."""
     cdef ChainerRead cr
@@ -811,6 +916,10 @@ def read_attribute(list params, str attr, list out):
 
 def bump_t(StepTable table, Py_ssize_t lo, Py_ssize_t hi, int code):
     """``rule.t += 1`` for the rules of the rows ``[lo, hi)`` whose code is ``code``."""
+    _bump_t(table, lo, hi, code)
+
+
+cdef int _bump_t(StepTable table, Py_ssize_t lo, Py_ssize_t hi, int code) except -1:
     cdef Py_ssize_t i
     cdef PyObject* rp
     cdef PyObject* c
@@ -829,6 +938,7 @@ def bump_t(StepTable table, Py_ssize_t lo, Py_ssize_t hi, int code):
         else:
             rule = <object>rp
             rule.t = rule.t + 1
+    return 0
 
 
 # -- overlaps ----------------------------------------------------------------------
@@ -856,6 +966,10 @@ def mark_overlaps(StepTable table, list extras):
     that owns their memory and only arrays of one allocation are compared
     (all of them, sorted by address, if some array's owner cannot be told).
     """
+    return _mark_overlaps(table, extras)
+
+
+cdef Py_ssize_t _mark_overlaps(StepTable table, list extras) except -1:
     cdef Py_ssize_t n = table.n
     cdef Py_ssize_t i, j, k, nrec = 0, n_extra = len(extras), moved = 0
     cdef Py_ssize_t itemsize

@@ -472,9 +472,13 @@ struct KernelAPI {
     int (*run_table)(const int64_t* ptrs, const int64_t* cum, const double* coef, Py_ssize_t m,
                      int type_num, int n_threads, int items_per_thread, int item_align,
                      const double* ops, int n_ops, int keep_grad);
+    Py_ssize_t (*compact)(const int64_t* ptrs, const int64_t* sizes, const double* coef,
+                          const uint8_t* mask, int select, const int32_t* type_nums,
+                          int type_num, Py_ssize_t lo, Py_ssize_t hi, int64_t* out_ptrs,
+                          int64_t* out_cum, double* out_coef);
 };
 
-constexpr const char* KERNEL_API_NAME = "cynag_kernels._nesterov_cpu.kernel_api_v2";
+constexpr const char* KERNEL_API_NAME = "cynag_kernels._nesterov_cpu.kernel_api_v3";
 constexpr int NPY_FLOAT_NUM = 11, NPY_DOUBLE_NUM = 12;
 // Elements from which the kernel runs without the GIL (about a millisecond of work).
 constexpr int64_t RELEASE_GIL_ELEMENTS = int64_t(1) << 20;

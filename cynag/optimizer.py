@@ -991,7 +991,18 @@ class GradientMethod(Optimizer):
 
     def _update_multi(self, plan):
         """The same steps, with the multi-tensor step of :mod:`cynag._multi_tensor`."""
-        plan.collect()      # checks everything; raises before any change
+        scanned = False
+        if not self._hookable._pre_update_hooks and not self._loss_scaling_is_dynamic:
+            # Nothing runs between the reading and the update: if every
+            # parameter is the kernel's, one native call does the step.
+            if plan.step():
+                self.t += 1  # (no rule of the kernel reads it)
+                plan.release()
+                self.call_hooks("post")
+                self.update_loss_scale()
+                return
+            scanned = True
+        plan.collect(scanned)  # checks everything; raises before any change
         plan.reallocate()   # Chainer's first reallocation of cleared gradients
         self.check_nan_in_grads()
         programs = None

@@ -23,7 +23,7 @@ coefficient and weight decay rules and multi-tensor runner as a C capsule.
 cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport isinf
-from libc.stdint cimport int64_t, uint16_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from cpython.pycapsule cimport PyCapsule_New
@@ -545,13 +545,16 @@ def nesterov_ag_multi(const int64_t[:, ::1] ptrs,     # (n, 3) addresses of p, g
                 raise TypeError("nesterov_ag_multi: unsupported type number %d" % type_num)
 
 
-cdef Py_ssize_t _compact(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
-                        const double[:, ::1] coef, const cnp.uint8_t* mask, int select,
-                        const cnp.int32_t* type_nums, int type_num, Py_ssize_t lo,
-                        Py_ssize_t hi, Py_ssize_t itemsize, int64_t[:, ::1] out_ptrs,
-                        int64_t[::1] out_cum, double[:, ::1] out_coef) noexcept nogil:
+cdef Py_ssize_t _compact(const int64_t* ptrs, const int64_t* sizes, const double* coef,
+                        const uint8_t* mask, int select, const int32_t* type_nums,
+                        int type_num, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t itemsize,
+                        int64_t* out_ptrs, int64_t* out_cum, double* out_coef) noexcept nogil:
     """The rows ``[lo, hi)`` (those with ``mask[i] == select`` and ``type_nums[i] ==
-    type_num`` when given) without the empty ones, adjacent runs merged."""
+    type_num`` when ``mask`` is given) without the empty ones, adjacent runs
+    merged: row ``i`` continues the previous one when its three arrays start
+    where that one's end and its coefficients are the same.  ``ptrs``: 3 and
+    ``coef``: 6 per row, C order; the outputs have room for ``hi - lo``
+    rows (``out_cum``: one more).  Returns the number of rows written."""
     cdef Py_ssize_t i, j, m = 0
     cdef int64_t nb
     cdef bint merge
@@ -565,21 +568,21 @@ cdef Py_ssize_t _compact(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
         if merge:
             nb = (out_cum[m] - out_cum[m - 1]) * itemsize
             for j in range(3):
-                if ptrs[i, j] != out_ptrs[m - 1, j] + nb:
+                if ptrs[3 * i + j] != out_ptrs[3 * (m - 1) + j] + nb:
                     merge = False
                     break
         if merge:
             for j in range(6):
-                if coef[i, j] != out_coef[m - 1, j]:
+                if coef[6 * i + j] != out_coef[6 * (m - 1) + j]:
                     merge = False
                     break
         if merge:
             out_cum[m] += sizes[i]
             continue
         for j in range(3):
-            out_ptrs[m, j] = ptrs[i, j]
+            out_ptrs[3 * m + j] = ptrs[3 * i + j]
         for j in range(6):
-            out_coef[m, j] = coef[i, j]
+            out_coef[6 * m + j] = coef[6 * i + j]
         out_cum[m + 1] = out_cum[m] + sizes[i]
         m += 1
     return m
@@ -601,9 +604,12 @@ def compact_rows(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
             or coef.shape[1] != 6 or out_ptrs.shape[0] < n or out_cum.shape[0] < n + 1 \
             or out_coef.shape[0] < n:
         raise ValueError("compact_rows: inconsistent shapes")
+    if n == 0:
+        out_cum[0] = 0
+        return 0
     with nogil:
-        m = _compact(ptrs, sizes, coef, NULL, 0, NULL, 0, 0, n, itemsize, out_ptrs, out_cum,
-                     out_coef)
+        m = _compact(&ptrs[0, 0], &sizes[0], &coef[0, 0], NULL, 0, NULL, 0, 0, n, itemsize,
+                     &out_ptrs[0, 0], &out_cum[0], &out_coef[0, 0])
     return m
 
 
@@ -629,8 +635,8 @@ def compact_selected_rows(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
         out_cum[0] = 0
         return 0
     with nogil:
-        m = _compact(ptrs, sizes, coef, &mask[0], select, &type_nums[0], type_num, lo, hi,
-                     itemsize, out_ptrs, out_cum, out_coef)
+        m = _compact(&ptrs[0, 0], &sizes[0], &coef[0, 0], &mask[0], select, &type_nums[0],
+                     type_num, lo, hi, itemsize, &out_ptrs[0, 0], &out_cum[0], &out_coef[0, 0])
     return m
 
 
@@ -750,25 +756,23 @@ def nesterov_ag_compacted(const int64_t[:, ::1] ptrs, const int64_t[::1] cum,
         raise TypeError("nesterov_ag_compacted: unsupported type number %d" % type_num)
 
 
-# The kernel's C entry, for native front ends that read their tensors in C
-# or C++ (cynag.torch's reader): the rule of the coefficients and the table
-# runner above, the same functions nesterov_ag_addresses reaches from
-# Python.  A capsule named CYNAG_KERNEL_API_NAME holding a pointer to this
-# struct; a change of the struct's layout changes the name.
-ctypedef int (*_coef_fn)(int type_num, double lr, double m, int has_ls, double ls,
-                         double* out) noexcept nogil
-ctypedef int (*_run_fn)(const int64_t* ptrs, const int64_t* cum, const double* coef,
-                        Py_ssize_t m, int type_num, int n_threads, int items_per_thread,
-                        int item_align, const double* op_ptr, int n_ops,
-                        int keep_grad) noexcept nogil
-ctypedef int (*_decay_fn)(int type_num, double rate, double* out) noexcept nogil
-
-cdef struct _KernelAPI:
-    int n_coef                # columns of a coefficient row (6)
-    int n_op_words            # columns of an operation row (4)
-    _coef_fn coefficients     # cynag_nag_coefficients (_nag_coef.h): 1 if the kernel takes them
-    _decay_fn weight_decay    # cynag_weight_decay_row (_hook_ops.h): 1 if the kernel takes it
-    _run_fn run_table         # _run_compacted: 0; -1 out of memory; -2 bad type number
+# The kernel's C entry (_kernel_api.h), for native callers that read their
+# arrays themselves (cynag._step's one-call step, cynag.torch's reader): the
+# rule of the coefficients, the compaction and the table runner above, the
+# same functions nesterov_ag_addresses and compact_selected_rows reach from
+# Python.
+cdef extern from "_kernel_api.h":
+    const char* CYNAG_KERNEL_API_NAME_C "CYNAG_KERNEL_API_NAME"
+    ctypedef struct cynag_kernel_api:
+        int n_coef
+        int n_op_words
+        int (*coefficients)(int, double, double, int, double, double*) noexcept nogil
+        int (*weight_decay)(int, double, double*) noexcept nogil
+        int (*run_table)(const int64_t*, const int64_t*, const double*, Py_ssize_t, int, int,
+                         int, int, const double*, int, int) noexcept nogil
+        Py_ssize_t (*compact)(const int64_t*, const int64_t*, const double*, const uint8_t*,
+                              int, const int32_t*, int, Py_ssize_t, Py_ssize_t, int64_t*,
+                              int64_t*, double*) noexcept nogil
 
 
 cdef int _coefficients(int type_num, double lr, double m, int has_ls, double ls,
@@ -778,6 +782,18 @@ cdef int _coefficients(int type_num, double lr, double m, int has_ls, double ls,
 
 cdef int _weight_decay(int type_num, double rate, double* out) noexcept nogil:
     return cynag_weight_decay_row(type_num, rate, out)
+
+
+cdef Py_ssize_t _compact_selected(const int64_t* ptrs, const int64_t* sizes,
+                                  const double* coef, const uint8_t* mask, int select,
+                                  const int32_t* type_nums, int type_num, Py_ssize_t lo,
+                                  Py_ssize_t hi, int64_t* out_ptrs, int64_t* out_cum,
+                                  double* out_coef) noexcept nogil:
+    if type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE and type_num != NPY_HALF:
+        return -2
+    return _compact(ptrs, sizes, coef, mask, select, type_nums, type_num, lo, hi,
+                    4 if type_num == cnp.NPY_FLOAT else (8 if type_num == cnp.NPY_DOUBLE else 2),
+                    out_ptrs, out_cum, out_coef)
 
 
 def weight_decay_row(int type_num, double rate):
@@ -790,19 +806,20 @@ def weight_decay_row(int type_num, double rate):
     return (out[0], out[1], out[2], out[3])
 
 
-cdef _KernelAPI _kernel_api
+cdef cynag_kernel_api _kernel_api
 _kernel_api.n_coef = N_COEF
 _kernel_api.n_op_words = CYNAG_OP_WORDS
 _kernel_api.coefficients = _coefficients
 _kernel_api.weight_decay = _weight_decay
 _kernel_api.run_table = _run_compacted
+_kernel_api.compact = _compact_selected
 
-CYNAG_KERNEL_API_NAME = "cynag_kernels._nesterov_cpu.kernel_api_v2"
-_kernel_api_capsule = PyCapsule_New(<void*>&_kernel_api, b"cynag_kernels._nesterov_cpu.kernel_api_v2", NULL)
+CYNAG_KERNEL_API_NAME = (<bytes>CYNAG_KERNEL_API_NAME_C).decode()
+_kernel_api_capsule = PyCapsule_New(<void*>&_kernel_api, CYNAG_KERNEL_API_NAME_C, NULL)
 
 
 def kernel_api():
-    """The capsule of the kernel's C entry (see ``_KernelAPI`` in the source)."""
+    """The capsule of the kernel's C entry (``cynag_kernel_api``, ``_kernel_api.h``)."""
     return _kernel_api_capsule
 
 

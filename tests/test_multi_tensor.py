@@ -787,6 +787,86 @@ def test_plan_before_the_first_update_has_everything_in_rest():
     assert opt.multi_tensor_plan() is None
 
 
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_usual_step_is_one_native_call(monkeypatch, contiguous):
+    """Once every rule has state, a step without 'pre' hooks is one call of
+    _step.step (the general path's collect never runs), with the per-parameter
+    path's bits, for every dtype, empty arrays and contiguous mode; 'post'
+    hooks still run after it."""
+    from cynag import _multi_tensor
+
+    collects = []
+    original = _multi_tensor.Plan.collect
+
+    def counting(self, scanned=False):
+        collects.append(scanned)
+        return original(self, scanned)
+
+    monkeypatch.setattr(_multi_tensor.Plan, "collect", counting)
+    posts = []
+
+    def setup():
+        rng = np.random.default_rng(5)
+        model = ChainList(*[layer(rng, {"W": (int(rng.integers(0, 30)),),
+                                        "b": (int(rng.integers(1, 4)), 2)}, dtype)
+                            for dtype in (np.float16, np.float32, np.float64) * 5])
+        opt = NesterovAG(lr=0.01, momentum=0.95)
+        opt.setup(model, contiguous=contiguous) if contiguous else opt.setup(model)
+        opt.add_hook(lambda o: posts.append(o.t), name="post", timing="post")
+        return model, opt
+
+    def step(model, opt, i):
+        del collects[:]
+        assign_grads(model, i, "inplace" if i % 2 else "new")
+        opt.update()
+        if i and opt._use_multi_tensor:
+            assert collects == [], i  # nothing but the native call
+
+    (model, opt), _ = run_both(setup, step)
+    assert posts == list(range(1, 23)) * 2
+    assert all(p.update_rule.t == 22 for p in model.params())
+
+
+def test_usual_step_falls_back_without_a_change(monkeypatch):
+    """Where the one call cannot do the step (a cleared gradient, overlapping
+    arrays, a rule with a hook) the general path goes on from its scan: the
+    per-parameter path's bits."""
+    from cynag import _multi_tensor
+
+    collects = []
+    original = _multi_tensor.Plan.collect
+
+    def counting(self, scanned=False):
+        collects.append(scanned)
+        return original(self, scanned)
+
+    monkeypatch.setattr(_multi_tensor.Plan, "collect", counting)
+
+    def setup():
+        rng = np.random.default_rng(6)
+        model = ChainList(*[layer(rng, {"W": (7,), "b": (3,)}, np.float32)
+                            for _ in range(4)])
+        return model, NesterovAG(lr=0.01, momentum=0.9).setup(model)
+
+    def step(model, opt, i):
+        del collects[:]
+        assign_grads(model, i)
+        if i == 3:
+            model[1].W.grad = None  # cleared: zeros, as Chainer reallocates
+        if i == 5:
+            model[2].b.grad = model[3].b.grad  # one gradient, two rows: by their rules
+        if i == 7:
+            model[0].W.update_rule.add_hook(_grad_hook, name="decay", timing="pre")
+        if i == 9:
+            model[0].W.update_rule.remove_hook("decay")
+        opt.update()
+        if opt._use_multi_tensor and i:
+            expected = [True] if i in (3, 5, 7, 8) else []
+            assert collects == expected, (i, collects)
+
+    run_both(setup, step, n_steps=12)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_many_small_params_trajectory(dtype):
     def setup():
