@@ -225,6 +225,11 @@ class Plan:
             self._gpu_rows()
             self._check_rows((REST, NEEDS_GRAD))
 
+    def read_only_grads(self):
+        """Indices of the rows whose gradient is a read-only NumPy array (the scan's flag)."""
+        table = self.table
+        return numpy.flatnonzero(table.flags[:table.n] & _step.GRAD_READ_ONLY).tolist()
+
     def _recount(self):
         table = self.table
         table.n_fast = int((table.codes[:table.n] == FAST).sum())

@@ -25,7 +25,9 @@ A row gets one of these codes:
 
 ``flags`` marks every initialized parameter whose gradient is ``None``
 (``CLEARED``), whatever its code: the optimizer reallocates those, as
-Chainer's ``reallocate_cleared_grads`` does.
+Chainer's ``reallocate_cleared_grads`` does; and every one whose gradient is
+a read-only NumPy array (``GRAD_READ_ONLY``): the optimizer refuses the step
+if a hook would write it.
 
 How attributes are read depends on the parameter's class (decided once per
 class by the caller, see ``cynag._multi_tensor``): cynag's ``Parameter``
@@ -124,9 +126,11 @@ cdef enum:
 
 # Row flags.
 CLEARED = 1
+GRAD_READ_ONLY = 4
 cdef enum:
     F_CLEARED = 1
     F_OVERLAP = 2
+    F_GRAD_READ_ONLY = 4
 
 # Parameter classes (values of the ``param_kinds`` dictionary).
 PARAM_GENERIC = 0     # getattr of the public attributes
@@ -657,26 +661,22 @@ def scan(list params, StepTable table, object indices=None):
         else:
             rule = _read_rule(p, pkind)
             array = _read_array(p, pkind)
-        if rule is None:
-            table.c_codes[i] = C_SKIP
-            if array is not None:
-                if not got_grad:
-                    grad = _read_grad(p, pkind)
-                if grad is None:
-                    table.c_flags[i] = F_CLEARED
-                    n_cleared += 1
-            continue
-        rtype = Py_TYPE(<PyObject*>rule)
-        if rtype is not last_rtype:
-            last_rkind = _rule_kind(rtype)
-            last_rtype = rtype
-        rkind = last_rkind
         if array is not None:
             if not got_grad:
                 grad = _read_grad(p, pkind)
             if grad is None:
                 table.c_flags[i] = F_CLEARED
                 n_cleared += 1
+            elif cnp.PyArray_Check(grad) and not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>grad):
+                table.c_flags[i] = F_GRAD_READ_ONLY
+        if rule is None:
+            table.c_codes[i] = C_SKIP
+            continue
+        rtype = Py_TYPE(<PyObject*>rule)
+        if rtype is not last_rtype:
+            last_rkind = _rule_kind(rtype)
+            last_rtype = rtype
+        rkind = last_rkind
         if rkind != R_NAG or not (last_pkind & K_UPDATE_OK):
             continue  # REST: the rule updates it
         rp = <PyObject*>rule

@@ -193,6 +193,39 @@ def _param_label(param, path=None):
     return "parameter %r" % (name,) if name is not None else "parameter (unnamed)"
 
 
+# Chainer's hooks that write every gradient they are given (in place).
+_CHAINER_GRAD_WRITERS = frozenset(["WeightDecay", "Lasso", "GradientHardClipping",
+                                   "GradientNoise", "GradientLARS"])
+
+
+def _writes_every_grad(hook):
+    """True if ``hook`` writes, in place, the gradient of every parameter it
+    is called for (cynag's and Chainer's per-parameter hooks; GradientClipping
+    writes only when it clips, and checks the gradients itself then)."""
+    if getattr(hook, "_writes_grads", False):
+        return True
+    tp = type(hook)
+    return (tp.__module__.startswith("chainer.optimizer_hooks")
+            and tp.__name__ in _CHAINER_GRAD_WRITERS)
+
+
+def _grad_writer(hookable):
+    """The name of the first hook of ``hookable`` (either timing) that writes
+    every gradient, or None."""
+    for hooks in (hookable._pre_update_hooks, hookable._post_update_hooks):
+        for name, hook in hooks.items():
+            if _writes_every_grad(hook):
+                return name
+    return None
+
+
+def _read_only_grad(param):
+    """True if a hook called for ``param`` would write a read-only gradient."""
+    grad = param.grad
+    return (isinstance(grad, numpy.ndarray) and not grad.flags.writeable
+            and param.array is not None)
+
+
 def _step_counter(value):
     from cynag._step import Counter
 
@@ -335,9 +368,14 @@ class UpdateRule:
                 raise ValueError("param is uninitialized but has a gradient")
             return
         self._check_arrays(array, grad)
-        if (getattr(param, "_loss_scale", None) is not None and isinstance(grad, numpy.ndarray)
-                and not grad.flags.writeable):
-            raise ValueError("grad is read-only but must be divided by the loss scale in place")
+        if isinstance(grad, numpy.ndarray) and not grad.flags.writeable:
+            if getattr(param, "_loss_scale", None) is not None:
+                raise ValueError("grad is read-only but must be divided by the loss scale "
+                                 "in place")
+            writer = _grad_writer(self._hookable) if self._hookable._count else None
+            if writer is not None:
+                raise ValueError("grad is read-only but the update rule's hook %r writes it"
+                                 % (writer,))
 
     def _check_arrays(self, array, grad):
         dev = _backend.device_of(array)
@@ -971,9 +1009,46 @@ class GradientMethod(Optimizer):
             plan.release()
             raise
 
+    def _check_grads_for_hooks(self, read_only=None):
+        """Raise, naming the parameter, if an optimizer hook (either timing)
+        would write a read-only gradient: before anything changes.
+
+        ``read_only``: the indices, in ``params()`` order, of the parameters
+        whose gradients are read-only, if known (the step's scan).
+        """
+        hookable = self._hookable
+        if not (hookable._pre_update_hooks or hookable._post_update_hooks):
+            return
+        writer = _grad_writer(hookable)
+        clipping = None
+        if writer is None:
+            # A 'post' GradientClipping scales every gradient if it clips,
+            # after the update: ask it now.  (A 'pre' one checks them itself
+            # before it scales the first.)
+            from cynag.optimizer_hooks import GradientClipping
+
+            clipping = [(name, hook) for name, hook in hookable._post_update_hooks.items()
+                        if isinstance(hook, GradientClipping)]
+            if not clipping:
+                return
+        named = list(self._namedparams())
+        if read_only is not None:
+            named = [named[i] for i in read_only]
+        for path, param in named:
+            if not _read_only_grad(param):
+                continue
+            if writer is None:
+                clips = [name for name, hook in clipping if hook._rate(self) is not None]
+                if not clips:
+                    return
+                writer = clips[0]
+            raise ValueError("%s: grad is read-only but the optimizer hook %r writes it"
+                             % (_param_label(param, path), writer))
+
     def _update_per_param(self):
         """Chainer's loop: every parameter updated by its rule."""
         self.check_params()
+        self._check_grads_for_hooks()
         self.reallocate_cleared_grads()
         self.check_nan_in_grads()
         if self._hookable._pre_update_hooks:
@@ -992,7 +1067,9 @@ class GradientMethod(Optimizer):
     def _update_multi(self, plan):
         """The same steps, with the multi-tensor step of :mod:`cynag._multi_tensor`."""
         scanned = False
-        if not self._hookable._pre_update_hooks and not self._loss_scaling_is_dynamic:
+        hookable = self._hookable
+        if not hookable._pre_update_hooks and not self._loss_scaling_is_dynamic and \
+                not hookable._post_update_hooks:
             # Nothing runs between the reading and the update: if every
             # parameter is the kernel's, one native call does the step.
             if plan.step():
@@ -1003,6 +1080,7 @@ class GradientMethod(Optimizer):
                 return
             scanned = True
         plan.collect(scanned)  # checks everything; raises before any change
+        self._check_grads_for_hooks(plan.read_only_grads())
         plan.reallocate()   # Chainer's first reallocation of cleared gradients
         self.check_nan_in_grads()
         programs = None

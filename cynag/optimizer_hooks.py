@@ -107,6 +107,9 @@ class _ElementwiseHook:
     timing = "pre"
     # The multi-tensor update may run this hook's operations in its pass.
     _foldable = True
+    # It writes every gradient it is called for (the optimizer refuses a
+    # read-only one before anything changes).
+    _writes_grads = True
 
     def __call__(self, rule, param):
         p, g = param.data, param.grad
@@ -215,6 +218,7 @@ class GradientNoise:
     name = "GradientNoise"
     call_for_each_param = True
     timing = "pre"
+    _writes_grads = True
 
     def __init__(self, eta, noise_func=exponential_decay_noise):
         eta = _check_real("GradientNoise", "eta", eta)
@@ -320,10 +324,15 @@ class GradientClipping:
         rate = self._rate(opt)
         if rate is None:
             return
-        for param in opt.target.params(False):
+        params = [(path, param) for path, param in opt.target.namedparams(False)
+                  if param.grad is not None]
+        for path, param in params:  # every gradient it scales, before the first
             g = param.grad
-            if g is not None:
-                _apply(g, None, [("scale", rate)])
+            if isinstance(g, numpy.ndarray) and not g.flags.writeable:
+                raise ValueError("parameter %r: grad is read-only but GradientClipping "
+                                 "scales it" % (path,))
+        for path, param in params:
+            _apply(param.grad, None, [("scale", rate)])
 
 
 class GradientLARS:
@@ -343,6 +352,7 @@ class GradientLARS:
     name = "GradientLARS"
     call_for_each_param = True
     timing = "pre"
+    _writes_grads = True
 
     def __init__(self, threshold=1e-2, weight_decay=0.0, eps=1e-9):
         self.threshold = _check_real("GradientLARS", "threshold", threshold)

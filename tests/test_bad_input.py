@@ -591,3 +591,75 @@ def test_missing_hyperparameter_error_names_the_path():
     with pytest.raises(AttributeError, match="'/b'"):
         opt.update()
     assert opt.t == 0
+
+
+def _hook_sets():
+    from cynag import optimizer_hooks as H
+
+    return {
+        "WeightDecay": lambda: [H.WeightDecay(0.01)],
+        "Lasso+Noise": lambda: [H.Lasso(0.01),
+                                H.GradientNoise(0.1, noise_func=lambda xp, s, d, h, r:
+                                                np.ones(s, d))],
+        "HardClipping": lambda: [H.GradientHardClipping(-0.1, 0.1)],
+        "LARS": lambda: [H.GradientLARS(threshold=0.0, weight_decay=0.1)],
+        "Clipping": lambda: [H.GradientClipping(1e-3)],
+        "Clipping+WeightDecay": lambda: [H.GradientClipping(1e-3), H.WeightDecay(0.01)],
+    }
+
+
+@pytest.mark.parametrize("multi", [True, False])
+@pytest.mark.parametrize("timing", ["pre", "post"])
+@pytest.mark.parametrize("hooks", sorted(_hook_sets()))
+def test_read_only_grad_a_hook_writes_is_refused_first(hooks, timing, multi):
+    """A hook that writes every gradient (or GradientClipping when it clips)
+    and a read-only gradient: the error names it, and nothing changed -- no
+    gradient written by a hook before the bad one was reached, no update."""
+    model, opt = _prepared(warmup=1)
+    opt.use_multi_tensor(multi)
+    for hook in _hook_sets()[hooks]():
+        if hooks.startswith("Clipping") and timing == "post":
+            hook.timing = "post"
+        opt.add_hook(hook, timing=timing if not hooks.startswith("Clipping") else "auto")
+    set_grads(model, 3)
+    for path, p in model.namedparams():
+        if p.grad is None:
+            p.grad = np.ones(p.shape, p.dtype)
+    _param(model, BAD).grad.flags.writeable = False
+    snap = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"'%s'.*read-only" % BAD):
+        opt.update()
+    assert_unchanged(model, opt, snap)
+
+
+@pytest.mark.parametrize("multi", [True, False])
+def test_read_only_grad_a_rule_hook_writes_is_refused_first(multi):
+    from cynag import optimizer_hooks as H
+
+    model, opt = _prepared(warmup=1)
+    opt.use_multi_tensor(multi)
+    _param(model, BAD).update_rule.add_hook(H.WeightDecay(0.01))
+    set_grads(model, 3)
+    _param(model, BAD).grad.flags.writeable = False
+    snap = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"'%s'.*read-only.*'WeightDecay'" % BAD):
+        opt.update()
+    assert_unchanged(model, opt, snap)
+
+
+@pytest.mark.parametrize("multi", [True, False])
+def test_read_only_grad_with_a_hook_that_does_not_write_it(multi):
+    """A read-only gradient is fine where no hook writes it: a hook that only
+    reads, and GradientClipping when it does not clip."""
+    from cynag import optimizer_hooks as H
+
+    model, opt = _prepared(warmup=1)
+    opt.use_multi_tensor(multi)
+    seen = []
+    opt.add_hook(lambda o: seen.append(o.t), name="reader")
+    opt.add_hook(H.GradientClipping(1e9))
+    set_grads(model, 3)
+    _param(model, BAD).grad.flags.writeable = False
+    t = opt.t
+    opt.update()
+    assert opt.t == t + 1 and seen == [t]

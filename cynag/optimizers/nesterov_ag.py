@@ -59,7 +59,7 @@ class NesterovAGRule(optimizer.UpdateRule):
         v = None if self._state is None else self._state.get("v")
         if (type(lr) is float and type(momentum) is float and grad is not None
                 and v is not None and len(self._state) == 1 and not self._use_fp32_update
-                and getattr(param, "_loss_scale", None) is None
+                and getattr(param, "_loss_scale", None) is None and not self._hookable._count
                 and cynag_kernels.nesterov_ag_dense_ok(array, grad, v)):
             return  # the common case, checked natively
         super()._check_param(param)
