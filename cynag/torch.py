@@ -685,9 +685,16 @@ def load_chainer_state(optimizer, model, source, name_map=None, path="", strict=
             parameter (as Chainer's ``load_npz``).
 
     Loads each rule's ``v`` as the parameter's ``v`` and its ``t`` as
-    ``step``, and the optimizer's ``t`` and ``epoch``.  All or nothing: every
-    entry is read and checked (names, shapes, dtypes) before the optimizer
-    changes.
+    ``step``, and the optimizer's ``t`` and ``epoch``.  A rule saved without
+    state (it never updated) leaves its parameter without state (``t = 0``)
+    or with ``v`` zeros and ``step = t``, as Chainer's next update would
+    see it, whatever state the parameter had.  A parameter registered
+    under several names (tied weights) takes its entry under any of them
+    (the last in the file wins, as in Chainer).  With ``strict=False``,
+    entries of parameters the optimizer does not hold (e.g. a frozen part
+    of the model) or the model does not have are skipped.  All or nothing:
+    every entry is read and checked (names, shapes, dtypes) before the
+    optimizer changes.
     """
     npz, close = _open_npz(source)
     try:
@@ -698,7 +705,7 @@ def load_chainer_state(optimizer, model, source, name_map=None, path="", strict=
             raise KeyError("%r has no %r / %r: not a Chainer optimizer file (or another "
                            "path prefix)" % (getattr(source, "name", source), path + "t",
                                              path + "epoch"))
-        named = dict(model.named_parameters())
+        named = dict(model.named_parameters(remove_duplicate=False))  # tied: every name
         index = _param_index(optimizer)
         mapper = (name_map.get if isinstance(name_map, dict) else name_map) \
             if name_map is not None else chainer_to_torch_name
@@ -715,7 +722,10 @@ def load_chainer_state(optimizer, model, source, name_map=None, path="", strict=
                 continue
             p = named[tname]
             if id(p) not in index:
-                raise KeyError("parameter %r is not in the optimizer's param groups" % tname)
+                if strict:
+                    raise KeyError("%r: the parameter %r is not in the optimizer's param "
+                                   "groups" % (key, tname))
+                continue
             t = npz[key]
             t = int(numpy.asarray(t))
             vkey = path + cpath + "/v"
@@ -743,13 +753,21 @@ def load_chainer_state(optimizer, model, source, name_map=None, path="", strict=
         new_state = {}
         for p, v, t in found.values():
             if v is None:
-                continue  # a rule that never updated: no state yet
+                # A rule without state: Chainer's next update creates v as
+                # zeros (and counts on from t).
+                new_state[p] = None if t == 0 else {
+                    "v": torch.zeros_like(p, memory_format=torch.preserve_format).detach(),
+                    "step": t}
+                continue
             new_state[p] = {"v": torch.from_numpy(v.copy()).to(p.device), "step": t}
     finally:
         if close:
             npz.close()
     for p, st in new_state.items():
-        optimizer.state[p] = st
+        if st is None:
+            optimizer.state.pop(p, None)
+        else:
+            optimizer.state[p] = st
     optimizer.t = opt_t
     optimizer.epoch = opt_epoch
 
@@ -767,8 +785,10 @@ def save_chainer_state(optimizer, model, target, name_map=None, path=""):
         path (str): key prefix (e.g. ``'updater/optimizer:main/'``).
 
     Writes ``t`` and ``epoch`` and, for every parameter the optimizer holds,
-    ``<path>/t`` and ``<path>/v`` (zeros and 0 for a parameter not updated
-    yet, which Chainer's first update treats the same as no state).
+    under each of its names (tied weights: every name, as Chainer's
+    ``namedparams()`` lists them), ``<path>/t`` and ``<path>/v`` (zeros and
+    0 for a parameter not updated yet, which Chainer's first update treats
+    the same as no state).
     """
     if path and not path.endswith("/"):
         path = path + "/"
@@ -779,7 +799,7 @@ def save_chainer_state(optimizer, model, target, name_map=None, path=""):
         mapper = name_map.get if isinstance(name_map, dict) else name_map
     arrays = {path + "t": numpy.asarray(int(optimizer.t)),
               path + "epoch": numpy.asarray(int(optimizer.epoch))}
-    for name, p in model.named_parameters():
+    for name, p in model.named_parameters(remove_duplicate=False):  # tied: every name
         if id(p) not in index:
             continue
         cpath = mapper(name)

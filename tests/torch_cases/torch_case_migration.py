@@ -213,3 +213,109 @@ def test_loading_is_all_or_nothing(tmp_path, bad):
     assert opt.t == 1 and opt.epoch == 0
     for p in model.parameters():
         assert torch.equal(opt.state[p]["v"], before[id(p)]) and opt.state[p]["step"] == 1
+
+
+def test_frozen_part_strict_false_skips_it_strict_refuses(tmp_path):
+    """A frozen l1 (not in the optimizer): strict=False loads the rest, strict refuses."""
+    cmodel, copt = _trained_chainer()
+    buf = io.BytesIO()
+    chainer.serializers.save_npz(buf, copt)
+    model = _torch_model(cmodel)
+    held = [p for n, p in model.named_parameters() if not n.startswith("l1.")]
+    opt = ct.NesterovAG(held, lr=LR, momentum=M)
+    buf.seek(0)
+    with pytest.raises(KeyError, match="l1"):
+        ct.load_chainer_state(opt, model, buf)
+    assert opt.t == 0 and not opt.state
+    buf.seek(0)
+    ct.load_chainer_state(opt, model, buf, strict=False)
+    params = dict(cmodel.namedparams())
+    for name, p in model.named_parameters():
+        if name.startswith("l1."):
+            assert p not in opt.state
+        else:
+            path = "/" + ct.torch_to_chainer_name(name, model)
+            assert np.array_equal(opt.state[p]["v"].numpy(), params[path].update_rule.state["v"])
+            assert opt.state[p]["step"] == 3
+
+
+def test_rules_saved_without_state_reset_the_parameters_state(tmp_path):
+    """l2's rules never updated in Chainer (disabled): the file has their t, no v.
+    Loading into a torch optimizer that has stepped drops l2's state; both then
+    continue with the same bits."""
+    cmodel = _chainer_model()
+    copt = chainer.optimizers.NesterovAG(lr=LR, momentum=M)
+    copt.setup(cmodel)
+    cmodel.l2.disable_update()
+    for k in range(2):
+        _chainer_step(cmodel, copt, _grads(cmodel, 100 + k))
+    cmodel.l2.enable_update()
+    buf = io.BytesIO()
+    chainer.serializers.save_npz(buf, copt)
+    buf.seek(0)
+    with np.load(buf) as npz:
+        assert "l2/W/t" in npz.files and "l2/W/v" not in npz.files
+    model = _torch_model(cmodel)
+    opt = ct.NesterovAG(model.parameters(), lr=LR, momentum=M)
+    for k in range(3):
+        _torch_step(model, opt, _grads(cmodel, 500 + k))
+    with torch.no_grad():  # back to Chainer's parameters
+        for name, p in model.named_parameters():
+            p.copy_(torch.from_numpy(
+                dict(cmodel.namedparams())["/" + ct.torch_to_chainer_name(name, model)].array))
+    buf.seek(0)
+    ct.load_chainer_state(opt, model, buf)
+    assert model.l2.weight not in opt.state and model.l2.bias not in opt.state
+    assert opt.state[model.l1.weight]["step"] == 2
+    for k in range(3):
+        grads = _grads(cmodel, 200 + k)
+        _chainer_step(cmodel, copt, grads)
+        _torch_step(model, opt, grads)
+    _assert_same_params(cmodel, model)
+    assert opt.state[model.l2.weight]["step"] == cmodel.l2.W.update_rule.t == 3
+
+
+class _Tied(chainer.Chain):
+    def __init__(self):
+        super().__init__()
+        with self.init_scope():
+            self.enc = L.Linear(3, 3)
+            self.dec = chainer.Link()
+        with self.dec.init_scope():
+            self.dec.W = self.enc.W  # one parameter, two paths
+
+
+class _TTied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(3, 3)
+        self.dec = torch.nn.Module()
+        self.dec.weight = self.enc.weight
+
+
+def test_tied_weights_both_ways(tmp_path):
+    cmodel = _Tied()
+    copt = chainer.optimizers.NesterovAG(lr=LR, momentum=M)
+    copt.setup(cmodel)
+    for k in range(2):
+        for p in cmodel.params():
+            p.grad = np.full(p.shape, 0.5 + k, np.float32)
+        copt.update()
+    f = str(tmp_path / "tied.npz")
+    chainer.serializers.save_npz(f, copt)
+    model = _TTied()
+    with torch.no_grad():
+        model.enc.weight.copy_(torch.from_numpy(cmodel.enc.W.array))
+        model.enc.bias.copy_(torch.from_numpy(cmodel.enc.b.array))
+    opt = ct.NesterovAG(model.parameters(), lr=LR, momentum=M)
+    ct.load_chainer_state(opt, model, f)  # strict: dec/W has its parameter
+    assert opt.state[model.enc.weight]["step"] == cmodel.enc.W.update_rule.t
+    assert np.array_equal(opt.state[model.enc.weight]["v"].numpy(),
+                          cmodel.enc.W.update_rule.state["v"])
+    out = str(tmp_path / "back.npz")
+    ct.save_chainer_state(opt, model, out)
+    with np.load(out) as npz:
+        assert {"enc/W/v", "dec/W/v", "enc/b/v"} <= set(npz.files)
+    copt2 = chainer.optimizers.NesterovAG(lr=LR, momentum=M)
+    copt2.setup(_Tied())
+    chainer.serializers.load_npz(out, copt2)  # Chainer reads every path
