@@ -308,6 +308,12 @@ class UpdateRule:
 
     @t.setter
     def t(self, value):
+        # (Chainer takes anything and fails at the next update, after the
+        # parameters before this one were updated.)
+        if not (isinstance(value, (numbers.Number, numpy.number)) or (
+                isinstance(value, numpy.ndarray) and value.ndim == 0
+                and value.dtype.kind in "biuf")):
+            raise TypeError("update rule's t must be a number, got %r" % (value,))
         self._t = _step_counter(value)
 
     def __copy__(self):
@@ -367,8 +373,11 @@ class UpdateRule:
             if grad is not None:
                 raise ValueError("param is uninitialized but has a gradient")
             return
-        self._check_arrays(array, grad)
-        if isinstance(grad, numpy.ndarray) and not grad.flags.writeable:
+        # With a float32 master copy the rule writes neither the array (it
+        # assigns a new one) nor the gradient (it works on a float32 copy).
+        copies = self._uses_fp32(param)
+        self._check_arrays(array, grad, writes_array=not copies)
+        if isinstance(grad, numpy.ndarray) and not grad.flags.writeable and not copies:
             if getattr(param, "_loss_scale", None) is not None:
                 raise ValueError("grad is read-only but must be divided by the loss scale "
                                  "in place")
@@ -377,7 +386,7 @@ class UpdateRule:
                 raise ValueError("grad is read-only but the update rule's hook %r writes it"
                                  % (writer,))
 
-    def _check_arrays(self, array, grad):
+    def _check_arrays(self, array, grad, writes_array=True):
         dev = _backend.device_of(array)
         if dev is None:
             raise TypeError("param array must be a numpy or cupy ndarray, got %s"
@@ -393,7 +402,7 @@ class UpdateRule:
             if grad.shape != array.shape:
                 raise ValueError("grad has shape %s but param has shape %s"
                                  % (grad.shape, array.shape))
-        if dev == "cpu" and not array.flags.writeable:
+        if dev == "cpu" and writes_array and not array.flags.writeable:
             raise ValueError("param is read-only (its array is not writeable)")
         for key, value in (self._state or {}).items():
             vdev = _backend.device_of(value)

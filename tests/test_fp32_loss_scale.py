@@ -633,3 +633,49 @@ def test_read_only_grad_with_loss_scale_after_state_exists():
     with pytest.raises(ValueError, match="'/b'.*read-only"):
         opt.update()
     assert opt.t == 1 and numpy.array_equal(link.a.array, before)
+
+
+@pytest.mark.parametrize("multi", [True, False])
+def test_fp32_update_takes_read_only_param_and_grad(multi):
+    """With a float32 master copy the rule assigns a new array and works on a
+    float32 copy of the gradient (Chainer's UpdateRule.update): a read-only
+    float16 array, and a read-only gradient even with a loss scale and a
+    rule-level hook, are fine; the bits are those of writeable ones."""
+    from cynag.optimizer_hooks import WeightDecay
+
+    results = []
+    for read_only in (False, True):
+        link = _two_f16_params()
+        opt = NesterovAG(lr=0.1, momentum=0.9).setup(link)
+        opt.use_multi_tensor(multi)
+        opt.use_fp32_update()
+        link.b.update_rule.add_hook(WeightDecay(0.01))
+        for step in range(3):
+            for k, p in enumerate(link.params()):
+                p._loss_scale = 4.0
+                g = numpy.full(4, 0.25 * (step + k + 1), numpy.float16)
+                if read_only:
+                    g.flags.writeable = False
+                    p.array.flags.writeable = False
+                p.grad = g
+            opt.update()
+        results.append([p.array.copy() for p in link.params()])
+        assert all(p.update_rule.t == 3 for p in link.params())
+    for a, b in zip(*results):
+        assert_same_bits(a, b)
+
+
+def test_rule_t_must_be_a_number():
+    """Chainer takes ``rule.t = None`` and fails at the next update, after the
+    parameters before it were updated; cynag refuses the assignment."""
+    link = _two_f16_params()
+    opt = NesterovAG().setup(link)
+    opt.update()
+    for bad in (None, "x", [1], numpy.zeros(2)):
+        with pytest.raises(TypeError, match="t must be a number"):
+            link.a.update_rule.t = bad
+        assert link.a.update_rule.t == 1
+    for good in (numpy.int64(5), numpy.asarray(6), 7.0):
+        link.a.update_rule.t = good
+        opt.update()
+        assert link.a.update_rule.t == good + 1
