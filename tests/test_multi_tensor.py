@@ -1848,7 +1848,11 @@ class _KernelAPI(ctypes.Structure):
                 ("run_table", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                                ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int,
                                                ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                               ctypes.c_void_p, ctypes.c_int, ctypes.c_int))]
+                                               ctypes.c_void_p, ctypes.c_int, ctypes.c_int)),
+                ("compact", ctypes.CFUNCTYPE(ctypes.c_ssize_t, *([ctypes.c_void_p] * 4),
+                                             ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                             ctypes.c_ssize_t, ctypes.c_ssize_t,
+                                             *([ctypes.c_void_p] * 3)))]
 
 
 def _kernel_api():
@@ -1859,6 +1863,52 @@ def _kernel_api():
     get.argtypes = [ctypes.py_object, ctypes.c_char_p]
     ptr = get(_nesterov_cpu.kernel_api(), _nesterov_cpu.CYNAG_KERNEL_API_NAME.encode())
     return ctypes.cast(ptr, ctypes.POINTER(_KernelAPI)).contents
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), n=st.integers(0, 14), type_num=st.sampled_from([11, 12, 23]))
+def test_kernel_c_entry_compact_is_compact_selected_rows(data, n, type_num):
+    # The compaction native callers reach through the capsule (cynag._step's
+    # one-call step) selects and merges exactly as compact_selected_rows.
+    from cynag_kernels import _nesterov_cpu
+
+    api = _kernel_api()
+    itemsize = {11: 4, 12: 8, 23: 2}[type_num]
+    sizes = np.array(data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n)), np.int64)
+    base = 1 << 20
+    ptrs = np.zeros((n, 3), np.int64)
+    for i in range(n):  # adjacent runs (mergeable) or gaps, by draw
+        gap = data.draw(st.sampled_from([0, 0, itemsize, 64]))
+        ptrs[i] = (ptrs[i - 1] + sizes[i - 1] * itemsize + gap) if i else (base, 2 * base,
+                                                                         3 * base)
+    coef = np.repeat(np.array([[0.1, 0.9, 0.81, 0.19, 0.0, 0.0]]), n, axis=0)
+    for i in range(n):
+        if data.draw(st.booleans()) and data.draw(st.booleans()):
+            coef[i, 0] = 0.2
+    mask = np.array(data.draw(st.lists(st.sampled_from([1, 1, 3]), min_size=n, max_size=n)),
+                    np.uint8)
+    tns = np.array(data.draw(st.lists(st.sampled_from([type_num, type_num, 12 if type_num != 12
+                                                       else 11]), min_size=n, max_size=n)),
+                   np.int32)
+    lo = data.draw(st.integers(0, n))
+    hi = data.draw(st.integers(lo, n))
+    outs = []
+    for via_capsule in (True, False):
+        op = np.full((max(n, 1), 3), -1, np.int64)
+        oc = np.full(max(n, 1) + 1, -1, np.int64)
+        ocoef = np.full((max(n, 1), 6), -1.0)
+        if via_capsule:
+            m = api.compact(ptrs.ctypes.data, sizes.ctypes.data, coef.ctypes.data,
+                            mask.ctypes.data, 1, tns.ctypes.data, type_num, lo, hi,
+                            op.ctypes.data, oc.ctypes.data, ocoef.ctypes.data)
+        else:
+            m = _nesterov_cpu.compact_selected_rows(
+                np.ascontiguousarray(ptrs.reshape(-1, 3)), sizes, coef.reshape(-1, 6), mask, 1,
+                tns, type_num, lo, hi, op, oc, ocoef)
+        outs.append((m, op[:m].tolist(), oc[:m + 1].tolist(), ocoef[:m].tolist()))
+    assert outs[0] == outs[1]
+    assert api.compact(ptrs.ctypes.data, sizes.ctypes.data, coef.ctypes.data, mask.ctypes.data,
+                       1, tns.ctypes.data, 7, 0, n, 0, 0, 0) == -2
 
 
 @settings(max_examples=60, deadline=None)
