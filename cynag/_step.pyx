@@ -435,6 +435,7 @@ cdef class StepTable:
     """
     cdef public object codes, flags, ptrs, sizes, coef, type_nums, owners
     cdef public list rules, keep
+    cdef bint dirty     # rules or keep may hold references (a scan ran since release())
     cdef public Py_ssize_t n
     # Rows of each code and cleared gradients, as counted by the last full scan.
     cdef public Py_ssize_t n_fast, n_cleared
@@ -538,6 +539,9 @@ cdef class StepTable:
             self.n = n
             return
         cap = max(n, 16)
+        self.rules = [None] * cap
+        self.keep = [None] * (3 * cap)
+        self.dirty = False
         self.codes = numpy.zeros(cap, numpy.uint8)
         self.flags = numpy.zeros(cap, numpy.uint8)
         self.ptrs = numpy.zeros((cap, 3), numpy.int64)
@@ -557,8 +561,23 @@ cdef class StepTable:
 
     def release(self):
         """Drop the references to rules and arrays (the rows become invalid)."""
-        self.rules = [None] * max(self.capacity, 0)
-        self.keep = [None] * (3 * max(self.capacity, 0))
+        if self.dirty:
+            _clear(self.rules)
+            _clear(self.keep)
+            self.dirty = False
+
+
+cdef void _clear(list lst) noexcept:
+    """Every entry of ``lst`` to None, in place."""
+    cdef Py_ssize_t i
+    cdef PyObject* old
+    cdef PyObject* none = <PyObject*>None
+    for i in range(PyList_GET_SIZE(<PyObject*>lst)):
+        old = PyList_GET_ITEM(<PyObject*>lst, i)
+        if old is not none:
+            Py_INCREF(none)
+            PyList_SET_ITEM_raw(<PyObject*>lst, i, none)
+            Py_XDECREF(old)
 
 
 cdef inline uintptr_t _owner(cnp.ndarray a) noexcept:
@@ -627,6 +646,7 @@ def scan(list params, StepTable table, object indices=None):
         n_idx = idx_view.shape[0]
     cdef list rules = table.rules
     cdef list keep = table.keep
+    table.dirty = True
     memo_parent = _MISSING
     memo_lr = memo_m = _MISSING
     for k in range(n_idx):

@@ -219,6 +219,13 @@ def _grad_writer(hookable):
     return None
 
 
+def _may_write_grads(hooks):
+    """True if one of ``hooks`` writes gradients (always, or GradientClipping when it clips)."""
+    from cynag.optimizer_hooks import GradientClipping
+
+    return any(_writes_every_grad(h) or isinstance(h, GradientClipping) for h in hooks)
+
+
 def _read_only_grad(param):
     """True if a hook called for ``param`` would write a read-only gradient."""
     grad = param.grad
@@ -1077,8 +1084,9 @@ class GradientMethod(Optimizer):
         """The same steps, with the multi-tensor step of :mod:`cynag._multi_tensor`."""
         scanned = False
         hookable = self._hookable
-        if not hookable._pre_update_hooks and not self._loss_scaling_is_dynamic and \
-                not hookable._post_update_hooks:
+        if not hookable._pre_update_hooks and not self._loss_scaling_is_dynamic and (
+                not hookable._post_update_hooks or not _may_write_grads(
+                    hookable._post_update_hooks.values())):
             # Nothing runs between the reading and the update: if every
             # parameter is the kernel's, one native call does the step.
             if plan.step():
