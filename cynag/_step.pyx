@@ -1090,6 +1090,32 @@ cdef void _mark_group(Rec* g, Py_ssize_t m, uint8_t* flags) noexcept nogil:
             flags[g[k].row] |= F_OVERLAP
 
 
+cdef bint _shared_owner(StepTable t, Rec* recs, Py_ssize_t nrec) noexcept nogil:
+    """True if two records have the same owner (the hash table of :func:`_mark`,
+    all zeros again on return)."""
+    cdef Py_ssize_t mask = t.scratch_cap - 1, k, slot
+    cdef uint32_t* table = t.slots
+    cdef uint32_t e
+    cdef uintptr_t owner
+    cdef bint found = False
+    for k in range(nrec):
+        owner = recs[k].owner
+        slot = _mix(owner) & mask
+        while True:
+            e = table[slot]
+            if e == 0:
+                table[slot] = <uint32_t>(k + 1)
+                break
+            if recs[e - 1].owner == owner:
+                found = True
+                break
+            slot = (slot + 1) & mask
+        if found:
+            break
+    memset(table, 0, sizeof(uint32_t) * t.scratch_cap)
+    return found
+
+
 cdef void _mark(StepTable t, Rec* recs, Py_ssize_t nrec) noexcept nogil:
     """Set ``F_OVERLAP`` in the flags of the rows of records that overlap another.
 
@@ -1106,6 +1132,8 @@ cdef void _mark(StepTable t, Rec* recs, Py_ssize_t nrec) noexcept nogil:
     cdef Py_ssize_t* lasts = t.lasts
     cdef Rec* tmp = t.tmp
     cdef uintptr_t owner
+    if not _shared_owner(t, recs, nrec):
+        return  # (the usual case: every array its own allocation)
     for k in range(nrec):
         owner = recs[k].owner
         slot = _mix(owner) & mask
