@@ -573,6 +573,31 @@ class UpdateRule:
                                 view[...] = value
                                 state[key] = view
                     self._state = state if keys else None
+        elif loading and not isinstance(serializer, Deserializer):
+            # Another library's loader (Chainer's load_npz of a Trainer
+            # snapshot) would broadcast a smaller array into the state, or
+            # cast integers into it: the stored array must fit as cynag's
+            # loader requires.
+            from cynag.serializers import _check_compatible
+
+            for key in self._state:
+                value = self._state[key]
+                if not (isinstance(value, numpy.ndarray) or _backend.is_cupy_array(value)):
+                    self._state[key] = serializer(key, value)
+                    continue
+                stored = serializer(key, None)
+                if stored is None:
+                    # Absent (not strict: left as it is) or a stored None
+                    # (Chainer's loader assigns it): its own answer.
+                    self._state[key] = serializer(key, value)
+                    continue
+                stored = stored.get() if _backend.is_cupy_array(stored) else \
+                    numpy.asarray(stored)
+                _check_compatible(getattr(serializer, "path", "") + key, stored, value)
+                if isinstance(value, numpy.ndarray):
+                    numpy.copyto(value, stored)
+                else:
+                    value.set(numpy.asarray(stored, dtype=value.dtype))
         else:
             for key in self._state:
                 self._state[key] = serializer(key, self._state[key])

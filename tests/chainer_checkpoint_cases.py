@@ -1464,6 +1464,39 @@ def interop_cynag_load_npz_into_chainer_optimizer():
     _interop(cynag, chainer)
 
 
+@case("interop")
+def interop_chainer_load_npz_refuses_a_state_that_does_not_fit():
+    """chainer.serializers.load_npz into a cynag optimizer that has state: a
+    ``v`` of another shape (which Chainer's loader would broadcast) or of
+    integers (which it would cast) raises, naming the key, before that state
+    changes; a fitting file loads as into a Chainer optimizer."""
+    with _TmpDir() as tmp:
+        model = _chainer_mlp()
+        opt = cynag.optimizers.NesterovAG(lr=0.05).setup(model)
+        for step in range(2):
+            opt.update(_mlp_loss(model), _mlp_input(step))
+        chainer.serializers.save_npz(tmp("o.npz"), opt)
+        arrays = _npz_arrays(tmp("o.npz"))
+        key = sorted(k for k in arrays if k.endswith("/W/v"))[0]
+        v = arrays[key]
+        for bad, value in (("shape", v[:1]), ("dtype", v.astype(np.int32))):
+            broken = dict(arrays)
+            broken[key] = value
+            np.savez(tmp("bad.npz"), **broken)
+            param = dict(model.namedparams())["/" + key[:-2]]
+            before = param.update_rule.state["v"].copy()
+            try:
+                chainer.serializers.load_npz(tmp("bad.npz"), opt)
+            except (ValueError, TypeError) as e:
+                assert key in str(e), (bad, str(e))
+            else:
+                raise AssertionError("a %s that does not fit was loaded" % bad)
+            assert np.array_equal(param.update_rule.state["v"], before), bad
+        chainer.serializers.load_npz(tmp("o.npz"), opt)
+        for path, p in model.namedparams():
+            assert np.array_equal(p.update_rule.state["v"], arrays[path[1:] + "/v"])
+
+
 # ---------------------------------------------------------------------------
 if __name__ == "__main__":
     sys.exit(main(sys.argv, CASES, __doc__))
