@@ -23,7 +23,8 @@ The other parameters are updated by their rules (``param.update()``) at
 their place in the target's order: the kernel runs over the rows between two
 of them, so the order of effects is Chainer's whatever the rules' hooks do
 (the GPU tables, one launch per device and dtype, run first).
-An optimizer without ``'pre'`` hooks or dynamic loss scaling first tries
+An optimizer without ``'pre'`` hooks, ``'post'`` hooks that may write
+gradients or dynamic loss scaling first tries
 the whole step in one native call (:func:`cynag._step.step`: scan, overlap
 check, kernel, ``t``); it does it when every parameter is ``FAST`` and no
 gradient is cleared, and otherwise changes nothing and the general path
@@ -33,6 +34,7 @@ they are.  Results are bit-identical to the per-parameter path on the CPU
 (the kernels share their arithmetic).
 """
 import sys
+import threading
 
 import numpy
 
@@ -175,6 +177,10 @@ class Plan:
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
+        # Held while a step (or describe) uses the table: the table holds raw
+        # addresses, and another thread's step on the same optimizer would
+        # refill or release it meanwhile.
+        self.lock = threading.Lock()
         self.table = _step.StepTable()
         self.params = None
         self.gpu_tables = []
@@ -205,7 +211,8 @@ class Plan:
     def step(self):
         """The usual step in one native call (:func:`cynag._step.step`); True if it ran.
 
-        For an optimizer without ``'pre'`` hooks or dynamic loss scaling.
+        For an optimizer without ``'pre'`` hooks, ``'post'`` hooks that may
+        write gradients or dynamic loss scaling.
         If it did not run, nothing changed and the table holds the scan:
         go on with ``collect(scanned=True)``.
         """
@@ -507,6 +514,18 @@ class Plan:
 
     def describe(self):
         """A summary of the step: groups (device, dtype, kind, tensors) and the rest's paths."""
+        with self.locked():
+            return self._describe()
+
+    def locked(self):
+        """The plan's lock, or RuntimeError if another thread holds it."""
+        if not self.lock.acquire(blocking=False):
+            raise RuntimeError("this optimizer is in the middle of an update (in another "
+                               "thread, or one of its hooks called this); one optimizer "
+                               "updates in one thread at a time")
+        return _Release(self.lock)
+
+    def _describe(self):
         self.collect()
         try:
             table = self.table
@@ -541,6 +560,22 @@ class Plan:
             }
         finally:
             self.release()
+
+class _Release:
+    """Context manager releasing an acquired lock."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+        return False
+
 
 def _loss_scale_of(param):
     return getattr(param, "_loss_scale", None)

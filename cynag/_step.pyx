@@ -436,6 +436,9 @@ cdef class StepTable:
     cdef public object codes, flags, ptrs, sizes, coef, type_nums, owners
     cdef public list rules, keep
     cdef bint dirty     # rules or keep may hold references (a scan ran since release())
+    # A native call works on the table without the GIL: another thread's
+    # step on the same table must not free or refill it meanwhile.
+    cdef bint busy
     cdef public Py_ssize_t n
     # Rows of each code and cleared gradients, as counted by the last full scan.
     cdef public Py_ssize_t n_fast, n_cleared
@@ -533,8 +536,16 @@ cdef class StepTable:
         self.capacity = -1
         self.reserve(0)
 
+    cdef int _idle(self) except -1:
+        if self.busy:
+            raise RuntimeError("the step table is in use by a native call (another "
+                               "thread's update()); one optimizer updates in one thread at a "
+                               "time")
+        return 0
+
     def reserve(self, Py_ssize_t n):
         """Make room for ``n`` rows (the contents are not kept)."""
+        self._idle()
         if n <= self.capacity:
             self.n = n
             return
@@ -561,6 +572,7 @@ cdef class StepTable:
 
     def release(self):
         """Drop the references to rules and arrays (the rows become invalid)."""
+        self._idle()
         if self.dirty:
             _clear(self.rules)
             _clear(self.keep)
@@ -638,7 +650,7 @@ def scan(list params, StepTable table, object indices=None):
     if table.capacity < n:
         raise ValueError("scan: the table has room for %d rows, not %d" % (table.capacity, n))
     if len(table.rules) < n or len(table.keep) < 3 * n:
-        raise ValueError("scan: table.release() was not called after reserve()")
+        raise ValueError("scan: the table's rules/keep lists are shorter than its rows")
     if indices is None:
         n_idx = n
     else:
@@ -646,6 +658,7 @@ def scan(list params, StepTable table, object indices=None):
         n_idx = idx_view.shape[0]
     cdef list rules = table.rules
     cdef list keep = table.keep
+    table._idle()
     table.dirty = True
     memo_parent = _MISSING
     memo_lr = memo_m = _MISSING
@@ -814,8 +827,9 @@ def step(list params, StepTable table, int n_threads, int64_t threshold,
     no gradient is cleared, :func:`mark_overlaps`, the kernel over every
     dtype's rows and ``rule.t += 1`` of each.
 
-    For an optimizer without ``'pre'`` hooks or dynamic loss scaling, that
-    is the whole update of its parameters (what ``scan`` reads decides
+    For an optimizer without ``'pre'`` hooks, ``'post'`` hooks that may
+    write gradients or dynamic loss scaling, that is the whole update of its
+    parameters (what ``scan`` reads decides
     everything else).  ``n_threads`` and ``threshold``: the kernel runs
     with ``n_threads`` threads on a dtype's rows of ``threshold`` elements or
     more, with one below (``cynag_kernels.threads.threads_for``);
@@ -864,9 +878,13 @@ def step(list params, StepTable table, int n_threads, int64_t threshold,
             continue
         total = table.k_cum[m]
         threads = 1 if total < threshold or n_threads < 1 else n_threads
-        with nogil:
-            rc = api.run_table(table.k_ptrs, table.k_cum, table.k_coef, m, type_num, threads,
-                               items_per_thread, item_align, NULL, 0, 0)
+        table.busy = True
+        try:
+            with nogil:
+                rc = api.run_table(table.k_ptrs, table.k_cum, table.k_coef, m, type_num,
+                                   threads, items_per_thread, item_align, NULL, 0, 0)
+        finally:
+            table.busy = False
         if rc == -1:
             raise MemoryError()
         if rc != 0:
@@ -1000,6 +1018,7 @@ cdef Py_ssize_t _mark_overlaps(StepTable table, list extras) except -1:
     cdef int64_t lo, hi
     if n == 0:
         return 0
+    table._idle()
     table._scratch(3 * n + n_extra)
     recs = table.recs
     bad = <uint8_t*>table.c_flags  # bit 1 of the flags: overlaps (cleared below)
@@ -1036,8 +1055,12 @@ cdef Py_ssize_t _mark_overlaps(StepTable table, list extras) except -1:
     if unknown:
         for k in range(nrec):
             recs[k].owner = 0
-    with nogil:
-        _mark(table, recs, nrec)
+    table.busy = True
+    try:
+        with nogil:
+            _mark(table, recs, nrec)
+    finally:
+        table.busy = False
     for i in range(n):
         if table.c_flags[i] & F_OVERLAP:
             table.c_flags[i] &= ~F_OVERLAP

@@ -462,8 +462,9 @@ void bump(PyObject* const* sts, Py_ssize_t n)
     Py_DECREF(key);
 }
 
-// cynag_kernels._nesterov_cpu's C entry (its _KernelAPI; the capsule's name
-// carries the layout's version).
+// cynag_kernels._nesterov_cpu's C entry (cynag_kernel_api of
+// cynag_kernels/_kernel_api.h, repeated here: this file is compiled apart from
+// the package; the capsule's name carries the layout's version).
 struct KernelAPI {
     int n_coef;
     int n_op_words;

@@ -193,37 +193,31 @@ def _param_label(param, path=None):
     return "parameter %r" % (name,) if name is not None else "parameter (unnamed)"
 
 
-# Chainer's hooks that write every gradient they are given (in place).
+# Chainer's hooks that write gradients in place: every one they are called
+# for, or every one when GradientClipping clips.
 _CHAINER_GRAD_WRITERS = frozenset(["WeightDecay", "Lasso", "GradientHardClipping",
-                                   "GradientNoise", "GradientLARS"])
+                                   "GradientNoise", "GradientLARS", "GradientClipping"])
 
 
-def _writes_every_grad(hook):
-    """True if ``hook`` writes, in place, the gradient of every parameter it
-    is called for (cynag's and Chainer's per-parameter hooks; GradientClipping
-    writes only when it clips, and checks the gradients itself then)."""
+def _writes_grads(hook):
+    """True if ``hook`` may write gradients in place: cynag's and Chainer's
+    hooks (and their subclasses) but for a hook that only reads.  A
+    GradientClipping counts whether or not it will clip: whether it clips is
+    known only when it runs, after other hooks or the update."""
     if getattr(hook, "_writes_grads", False):
         return True
-    tp = type(hook)
-    return (tp.__module__.startswith("chainer.optimizer_hooks")
-            and tp.__name__ in _CHAINER_GRAD_WRITERS)
+    return any(c.__module__.startswith("chainer.optimizer_hooks")
+               and c.__name__ in _CHAINER_GRAD_WRITERS for c in type(hook).__mro__)
 
 
 def _grad_writer(hookable):
-    """The name of the first hook of ``hookable`` (either timing) that writes
-    every gradient, or None."""
+    """The name of the first hook of ``hookable`` (either timing) that may write
+    gradients, or None."""
     for hooks in (hookable._pre_update_hooks, hookable._post_update_hooks):
         for name, hook in hooks.items():
-            if _writes_every_grad(hook):
+            if _writes_grads(hook):
                 return name
     return None
-
-
-def _may_write_grads(hooks):
-    """True if one of ``hooks`` writes gradients (always, or GradientClipping when it clips)."""
-    from cynag.optimizer_hooks import GradientClipping
-
-    return any(_writes_every_grad(h) or isinstance(h, GradientClipping) for h in hooks)
 
 
 def _read_only_grad(param):
@@ -390,8 +384,8 @@ class UpdateRule:
                                  "in place")
             writer = _grad_writer(self._hookable) if self._hookable._count else None
             if writer is not None:
-                raise ValueError("grad is read-only but the update rule's hook %r writes it"
-                                 % (writer,))
+                raise ValueError("grad is read-only but the update rule's hook %r may "
+                                 "write it" % (writer,))
 
     def _check_arrays(self, array, grad, writes_array=True):
         dev = _backend.device_of(array)
@@ -1044,15 +1038,17 @@ class GradientMethod(Optimizer):
         if plan is None:
             self._update_per_param()
             return
-        try:
-            self._update_multi(plan)
-        except BaseException:
-            plan.release()
-            raise
+        with plan.locked():
+            try:
+                self._update_multi(plan)
+            except BaseException:
+                plan.release()
+                raise
 
     def _check_grads_for_hooks(self, read_only=None):
         """Raise, naming the parameter, if an optimizer hook (either timing)
-        would write a read-only gradient: before anything changes.
+        may write a read-only gradient: before anything changes (cleared
+        gradients included).
 
         ``read_only``: the indices, in ``params()`` order, of the parameters
         whose gradients are read-only, if known (the step's scan).
@@ -1061,30 +1057,15 @@ class GradientMethod(Optimizer):
         if not (hookable._pre_update_hooks or hookable._post_update_hooks):
             return
         writer = _grad_writer(hookable)
-        clipping = None
         if writer is None:
-            # A 'post' GradientClipping scales every gradient if it clips,
-            # after the update: ask it now.  (A 'pre' one checks them itself
-            # before it scales the first.)
-            from cynag.optimizer_hooks import GradientClipping
-
-            clipping = [(name, hook) for name, hook in hookable._post_update_hooks.items()
-                        if isinstance(hook, GradientClipping)]
-            if not clipping:
-                return
+            return
         named = list(self._namedparams())
         if read_only is not None:
             named = [named[i] for i in read_only]
         for path, param in named:
-            if not _read_only_grad(param):
-                continue
-            if writer is None:
-                clips = [name for name, hook in clipping if hook._rate(self) is not None]
-                if not clips:
-                    return
-                writer = clips[0]
-            raise ValueError("%s: grad is read-only but the optimizer hook %r writes it"
-                             % (_param_label(param, path), writer))
+            if _read_only_grad(param):
+                raise ValueError("%s: grad is read-only but the optimizer hook %r may write it"
+                                 % (_param_label(param, path), writer))
 
     def _update_per_param(self):
         """Chainer's loop: every parameter updated by its rule."""
@@ -1110,8 +1091,7 @@ class GradientMethod(Optimizer):
         scanned = False
         hookable = self._hookable
         if not hookable._pre_update_hooks and not self._loss_scaling_is_dynamic and (
-                not hookable._post_update_hooks or not _may_write_grads(
-                    hookable._post_update_hooks.values())):
+                not hookable._post_update_hooks or _grad_writer(hookable) is None):
             # Nothing runs between the reading and the update: if every
             # parameter is the kernel's, one native call does the step.
             if plan.step():

@@ -304,6 +304,9 @@ class GradientClipping:
     name = "GradientClipping"
     timing = "pre"
     call_for_each_param = False
+    # It may write every gradient (when it clips): the optimizer refuses a
+    # read-only one before anything changes.
+    _writes_grads = True
 
     def __init__(self, threshold):
         self.threshold = _check_real("GradientClipping", "threshold", threshold)

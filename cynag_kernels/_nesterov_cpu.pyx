@@ -602,7 +602,7 @@ def compact_rows(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
     cdef Py_ssize_t n = ptrs.shape[0], m
     if sizes.shape[0] != n or coef.shape[0] != n or ptrs.shape[1] != 3 \
             or coef.shape[1] != 6 or out_ptrs.shape[0] < n or out_cum.shape[0] < n + 1 \
-            or out_coef.shape[0] < n:
+            or out_coef.shape[0] < n or out_ptrs.shape[1] != 3 or out_coef.shape[1] != 6:
         raise ValueError("compact_rows: inconsistent shapes")
     if n == 0:
         out_cum[0] = 0
@@ -629,7 +629,8 @@ def compact_selected_rows(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
         8 if type_num == cnp.NPY_DOUBLE else 2)
     if sizes.shape[0] < n or coef.shape[0] < n or mask.shape[0] < n \
             or type_nums.shape[0] < n or out_ptrs.shape[0] < n or out_cum.shape[0] < n + 1 \
-            or out_coef.shape[0] < n or lo < 0 or hi > n:
+            or out_coef.shape[0] < n or lo < 0 or hi > n or ptrs.shape[1] != 3 \
+            or coef.shape[1] != 6 or out_ptrs.shape[1] != 3 or out_coef.shape[1] != 6:
         raise ValueError("compact_selected_rows: inconsistent shapes")
     if hi <= lo:
         out_cum[0] = 0

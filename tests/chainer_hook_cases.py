@@ -897,5 +897,46 @@ def edge_read_only_gradient_with_folded_hook():
                 outcomes[2][1][-1:])
 
 
+@case("edge")
+def edge_read_only_gradient_with_chainers_hooks_on_cynag():
+    """Chainer's own hooks registered on cynag's optimizer (a GradientClipping
+    that would not clip, a 'post' WeightDecay): a read-only gradient is
+    refused before anything changes, naming the parameter (Chainer would
+    write the gradients before it, or update and then fail)."""
+    names = ("W", "b", "c")
+    for hooks in ([(CH.GradientClipping(1e9), "pre")], [(CH.WeightDecay(0.1), "post")],
+                  [(CH.GradientHardClipping(-1.0, 1.0), "pre")]):
+        for multi in (False, True):
+            link = _make_link(chainer, F32, names)  # (Chainer's hooks need its Parameter)
+            opt = cynag.optimizers.NesterovAG().setup(link)
+            opt.use_multi_tensor(multi)
+            for hook, timing in hooks:
+                opt.add_hook(hook, timing=timing)
+            xs = _inputs(0, F32)
+            for name in names:
+                getattr(link, name).grad = xs[name].copy()
+            opt.update()
+            xs = _inputs(1, F32)
+            for name in names:
+                getattr(link, name).grad = xs[name].copy()
+            link.b.grad.flags.writeable = False
+            before = [(p.array.copy(), p.grad.copy(), p.update_rule.state["v"].copy(),
+                       p.update_rule.t) for _, p in sorted(link.namedparams())]
+            try:
+                opt.update()
+            except ValueError as e:
+                assert "'/b'" in str(e) and "read-only" in str(e), str(e)
+            else:
+                raise AssertionError("a read-only gradient with %r was not refused" % hooks)
+            after = [(p.array, p.grad, p.update_rule.state["v"], p.update_rule.t)
+                     for _, p in sorted(link.namedparams())]
+            for (a0, g0, v0, t0), (a1, g1, v1, t1) in zip(before, after):
+                assert_same_array("array", a0, a1)
+                assert_same_array("grad", g0, g1)
+                assert_same_array("v", v0, v1)
+                assert t0 == t1
+            assert opt.t == 1
+
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv, CASES, __doc__))

@@ -1836,7 +1836,7 @@ def _random_arrays(rng, n, dtype, first=None):
 
 
 class _KernelAPI(ctypes.Structure):
-    """cynag_kernels._nesterov_cpu's C entry (its ``_KernelAPI``)."""
+    """cynag_kernels._nesterov_cpu's C entry (``cynag_kernel_api``, ``_kernel_api.h``)."""
     _fields_ = [("n_coef", ctypes.c_int),
                 ("n_op_words", ctypes.c_int),
                 ("coefficients", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_double,
@@ -2030,3 +2030,40 @@ def test_keep_grads_gives_the_written_path_values_and_leaves_the_gradients(
             assert_same_bits(p, q)
             assert_same_bits(g, h)
             assert_same_bits(v, w)
+
+
+def test_a_second_update_while_one_runs_is_refused():
+    """The step table holds raw addresses while a step runs: another thread's
+    update() of the same optimizer (here while the first waits in a hook) is
+    refused instead of refilling it, and the first step completes as usual."""
+    import threading
+
+    rng = np.random.default_rng(9)
+    model = ChainList(*[layer(rng, {"W": (5,), "b": (2,)}) for _ in range(3)])
+    opt = NesterovAG(lr=0.1, momentum=0.9).setup(model)
+    assign_grads(model, 0)
+    opt.update()
+    inside, go = threading.Event(), threading.Event()
+
+    def waiting(o):
+        inside.set()
+        assert go.wait(10)
+
+    opt.add_hook(waiting, name="wait")
+    errors = []
+    first = threading.Thread(target=opt.update)
+    first.start()
+    assert inside.wait(10)
+    try:
+        opt.update()
+    except RuntimeError as e:
+        errors.append(str(e))
+    with pytest.raises(RuntimeError, match="middle of an update"):
+        opt.multi_tensor_plan()
+    go.set()
+    first.join(10)
+    assert len(errors) == 1 and "middle of an update" in errors[0]
+    assert opt.t == 2 and all(p.update_rule.t == 2 for p in model.params())
+    opt.remove_hook("wait")
+    opt.update()  # free again
+    assert opt.t == 3
