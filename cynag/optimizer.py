@@ -222,9 +222,13 @@ def _grad_writer(hookable):
 
 def _read_only_grad(param):
     """True if a hook called for ``param`` would write a read-only gradient."""
-    grad = param.grad
-    return (isinstance(grad, numpy.ndarray) and not grad.flags.writeable
-            and param.array is not None)
+    if param.array is None:
+        return False  # (Chainer's uninitialized parameter cannot even give its grad)
+    try:
+        grad = param.grad
+    except RuntimeError:  # (Chainer: a gradient never set; the hooks then fail as Chainer's)
+        return False
+    return isinstance(grad, numpy.ndarray) and not grad.flags.writeable
 
 
 def _step_counter(value):
