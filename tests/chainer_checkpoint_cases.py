@@ -1424,14 +1424,20 @@ def dynamic_loss_scaling_with_uninitialized_param():
 # ---------------------------------------------------------------------------
 # interop: one framework's load_npz with the other framework's optimizer
 # ---------------------------------------------------------------------------
+def _trained_mlp(fw, steps):
+    """A Chainer MLP trained ``steps`` steps by ``fw``'s NesterovAG: ``(model, opt)``."""
+    model = _chainer_mlp()
+    opt = fw.optimizers.NesterovAG(lr=0.05).setup(model)
+    for step in range(steps):
+        opt.update(_mlp_loss(model), _mlp_input(step))
+    return model, opt
+
+
 def _interop(loader_fw, opt_fw):
     """load_npz of ``loader_fw`` into a fresh ``opt_fw`` optimizer on chainer links,
     against chainer's load_npz into a chainer optimizer."""
     with _TmpDir() as tmp:
-        model = _chainer_mlp()
-        opt = chainer.optimizers.NesterovAG(lr=0.05).setup(model)
-        for step in range(3):
-            opt.update(_mlp_loss(model), _mlp_input(step))
+        model, opt = _trained_mlp(chainer, 3)
         chainer.serializers.save_npz(tmp("m.npz"), model)
         chainer.serializers.save_npz(tmp("o.npz"), opt)
         results = []
@@ -1471,10 +1477,7 @@ def interop_chainer_load_npz_refuses_a_state_that_does_not_fit():
     integers (which it would cast) raises, naming the key, before that state
     changes; a fitting file loads as into a Chainer optimizer."""
     with _TmpDir() as tmp:
-        model = _chainer_mlp()
-        opt = cynag.optimizers.NesterovAG(lr=0.05).setup(model)
-        for step in range(2):
-            opt.update(_mlp_loss(model), _mlp_input(step))
+        model, opt = _trained_mlp(cynag, 2)
         chainer.serializers.save_npz(tmp("o.npz"), opt)
         arrays = _npz_arrays(tmp("o.npz"))
         key = sorted(k for k in arrays if k.endswith("/W/v"))[0]

@@ -787,12 +787,8 @@ def test_plan_before_the_first_update_has_everything_in_rest():
     assert opt.multi_tensor_plan() is None
 
 
-@pytest.mark.parametrize("contiguous", [False, True])
-def test_usual_step_is_one_native_call(monkeypatch, contiguous):
-    """Once every rule has state, a step without 'pre' hooks is one call of
-    _step.step (the general path's collect never runs), with the per-parameter
-    path's bits, for every dtype, empty arrays and contiguous mode; 'post'
-    hooks still run after it."""
+def _count_collects(monkeypatch):
+    """A list that gets ``scanned`` of every call of the general path's ``Plan.collect``."""
     from cynag import _multi_tensor
 
     collects = []
@@ -803,6 +799,16 @@ def test_usual_step_is_one_native_call(monkeypatch, contiguous):
         return original(self, scanned)
 
     monkeypatch.setattr(_multi_tensor.Plan, "collect", counting)
+    return collects
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_usual_step_is_one_native_call(monkeypatch, contiguous):
+    """Once every rule has state, a step without 'pre' hooks is one call of
+    _step.step (the general path's collect never runs), with the per-parameter
+    path's bits, for every dtype, empty arrays and contiguous mode; 'post'
+    hooks still run after it."""
+    collects = _count_collects(monkeypatch)
     posts = []
 
     def setup():
@@ -831,16 +837,7 @@ def test_usual_step_falls_back_without_a_change(monkeypatch):
     """Where the one call cannot do the step (a cleared gradient, overlapping
     arrays, a rule with a hook) the general path goes on from its scan: the
     per-parameter path's bits."""
-    from cynag import _multi_tensor
-
-    collects = []
-    original = _multi_tensor.Plan.collect
-
-    def counting(self, scanned=False):
-        collects.append(scanned)
-        return original(self, scanned)
-
-    monkeypatch.setattr(_multi_tensor.Plan, "collect", counting)
+    collects = _count_collects(monkeypatch)
 
     def setup():
         rng = np.random.default_rng(6)
