@@ -233,9 +233,11 @@ class Plan:
             self._check_rows((REST, NEEDS_GRAD))
 
     def read_only_grads(self):
-        """Indices of the rows whose gradient is a read-only NumPy array (the scan's flag)."""
+        """``(path, param)`` of the rows whose gradient is a read-only NumPy array
+        (the scan's flag)."""
         table = self.table
-        return numpy.flatnonzero(table.flags[:table.n] & _step.GRAD_READ_ONLY).tolist()
+        rows = numpy.flatnonzero(table.flags[:table.n] & _step.GRAD_READ_ONLY).tolist()
+        return [(self._path(i), self.params[i]) for i in rows]
 
     def _recount(self):
         table = self.table
@@ -514,16 +516,21 @@ class Plan:
 
     def describe(self):
         """A summary of the step: groups (device, dtype, kind, tensors) and the rest's paths."""
-        with self.locked():
+        lock = self.acquire()
+        try:
             return self._describe()
+        finally:
+            lock.release()
 
-    def locked(self):
-        """The plan's lock, or RuntimeError if another thread holds it."""
-        if not self.lock.acquire(blocking=False):
-            raise RuntimeError("this optimizer is in the middle of an update (in another "
-                               "thread, or one of its hooks called this); one optimizer "
-                               "updates in one thread at a time")
-        return _Release(self.lock)
+    def acquire(self):
+        """Take the plan's lock and return it; RuntimeError if it is held."""
+        lock = self.lock
+        if not lock.acquire(blocking=False):
+            raise RuntimeError("this optimizer's multi-tensor step is in use (an update() in "
+                               "another thread, or a 'pre' hook calling update() or "
+                               "multi_tensor_plan()); one optimizer updates in one thread at "
+                               "a time")
+        return lock
 
     def _describe(self):
         self.collect()
@@ -560,22 +567,6 @@ class Plan:
             }
         finally:
             self.release()
-
-class _Release:
-    """Context manager releasing an acquired lock."""
-
-    __slots__ = ("lock",)
-
-    def __init__(self, lock):
-        self.lock = lock
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.lock.release()
-        return False
-
 
 def _loss_scale_of(param):
     return getattr(param, "_loss_scale", None)

@@ -27,7 +27,7 @@ A row gets one of these codes:
 (``CLEARED``), whatever its code: the optimizer reallocates those, as
 Chainer's ``reallocate_cleared_grads`` does; and every one whose gradient is
 a read-only NumPy array (``GRAD_READ_ONLY``): the optimizer refuses the step
-if a hook would write it.
+if a hook may write it.
 
 How attributes are read depends on the parameter's class (decided once per
 class by the caller, see ``cynag._multi_tensor``): cynag's ``Parameter``

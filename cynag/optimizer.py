@@ -210,10 +210,11 @@ def _writes_grads(hook):
                and c.__name__ in _CHAINER_GRAD_WRITERS for c in type(hook).__mro__)
 
 
-def _grad_writer(hookable):
-    """The name of the first hook of ``hookable`` (either timing) that may write
-    gradients, or None."""
-    for hooks in (hookable._pre_update_hooks, hookable._post_update_hooks):
+def _grad_writer(hookable, post_only=False):
+    """The name of the first hook of ``hookable`` (either timing, or only
+    ``'post'``) that may write gradients, or None."""
+    for hooks in ((hookable._post_update_hooks,) if post_only else
+                  (hookable._pre_update_hooks, hookable._post_update_hooks)):
         for name, hook in hooks.items():
             if _writes_grads(hook):
                 return name
@@ -221,7 +222,7 @@ def _grad_writer(hookable):
 
 
 def _read_only_grad(param):
-    """True if a hook called for ``param`` would write a read-only gradient."""
+    """True if a hook called for ``param`` may write a read-only gradient."""
     if param.array is None:
         return False  # (Chainer's uninitialized parameter cannot even give its grad)
     try:
@@ -1042,31 +1043,34 @@ class GradientMethod(Optimizer):
         if plan is None:
             self._update_per_param()
             return
-        with plan.locked():
-            try:
-                self._update_multi(plan)
-            except BaseException:
-                plan.release()
-                raise
+        lock = plan.acquire()
+        try:
+            self._update_multi(plan)
+        except BaseException:
+            plan.release()
+            raise
+        finally:
+            lock.release()
+        # (the table is released: the 'post' hooks may even describe the plan)
+        self.call_hooks("post")
+        self.update_loss_scale()
 
-    def _check_grads_for_hooks(self, read_only=None):
-        """Raise, naming the parameter, if an optimizer hook (either timing)
-        may write a read-only gradient: before anything changes (cleared
-        gradients included).
+    def _check_grads_for_hooks(self, candidates=None, post_only=False):
+        """Raise, naming the parameter, if an optimizer hook (either timing, or
+        only ``'post'``) may write a read-only gradient: before anything
+        changes (cleared gradients included).
 
-        ``read_only``: the indices, in ``params()`` order, of the parameters
-        whose gradients are read-only, if known (the step's scan).
+        ``candidates``: the ``(path, param)`` pairs whose gradients are
+        read-only, if known (the step's scan); else every parameter is looked at.
         """
         hookable = self._hookable
-        if not (hookable._pre_update_hooks or hookable._post_update_hooks):
+        if not (hookable._post_update_hooks or (
+                hookable._pre_update_hooks and not post_only)):
             return
-        writer = _grad_writer(hookable)
+        writer = _grad_writer(hookable, post_only)
         if writer is None:
             return
-        named = list(self._namedparams())
-        if read_only is not None:
-            named = [named[i] for i in read_only]
-        for path, param in named:
+        for path, param in (self._namedparams() if candidates is None else candidates):
             if _read_only_grad(param):
                 raise ValueError("%s: grad is read-only but the optimizer hook %r may write it"
                                  % (_param_label(param, path), writer))
@@ -1082,6 +1086,7 @@ class GradientMethod(Optimizer):
             # Hooks may have replaced gradients or hyperparameters: check
             # again, before anything is updated.
             self.check_params()
+            self._check_grads_for_hooks(post_only=True)
         self.t += 1
         if self.is_safe_to_update():
             for param in self.target.params():
@@ -1091,7 +1096,9 @@ class GradientMethod(Optimizer):
         self.update_loss_scale()
 
     def _update_multi(self, plan):
-        """The same steps, with the multi-tensor step of :mod:`cynag._multi_tensor`."""
+        """The same steps up to the 'post' hooks, with the multi-tensor step of
+        :mod:`cynag._multi_tensor` (the caller holds the plan's lock, and then
+        runs the 'post' hooks)."""
         scanned = False
         hookable = self._hookable
         if not hookable._pre_update_hooks and not self._loss_scaling_is_dynamic and (
@@ -1101,8 +1108,6 @@ class GradientMethod(Optimizer):
             if plan.step():
                 self.t += 1  # (no rule of the kernel reads it)
                 plan.release()
-                self.call_hooks("post")
-                self.update_loss_scale()
                 return
             scanned = True
         plan.collect(scanned)  # checks everything; raises before any change
@@ -1134,13 +1139,13 @@ class GradientMethod(Optimizer):
                 plan.reallocate()
             elif fold:
                 programs = plan.fold_prepare(fold)
+            # A hook may have made a gradient read-only that a 'post' hook writes.
+            self._check_grads_for_hooks(plan.read_only_grads(), post_only=True)
         self.t += 1
         if self.is_safe_to_update():
             if plan.run(programs):
                 self.reallocate_cleared_grads()  # a rule's own code may have cleared some
-        plan.release()  # (before the 'post' hooks: they may replace anything)
-        self.call_hooks("post")
-        self.update_loss_scale()
+        plan.release()  # (before the 'post' hooks, which update() calls: they may replace anything)
 
     def use_cleargrads(self, use=True):
         """Choose ``cleargrads`` (default) or ``zerograds`` in :meth:`update`.

@@ -665,3 +665,47 @@ def test_read_only_grad_with_a_hook_that_does_not_write_it(multi, timing):
     t = opt.t
     opt.update()
     assert opt.t == t + 1 and seen == [t if timing == "pre" else t + 1]
+
+
+@pytest.mark.parametrize("multi", [True, False])
+def test_read_only_grad_made_by_a_pre_hook_for_a_post_writer(multi):
+    """A 'pre' hook replaces a gradient with a read-only array and a 'post'
+    WeightDecay would write it after the update: refused before the update."""
+    from cynag import optimizer_hooks as H
+
+    model, opt = _prepared(warmup=1)
+    opt.use_multi_tensor(multi)
+
+    def freeze(o):
+        g = _param(model, BAD).grad.copy()
+        g.flags.writeable = False
+        _param(model, BAD).grad = g
+
+    opt.add_hook(freeze, name="freeze", timing="pre")
+    opt.add_hook(H.WeightDecay(0.01), timing="post")
+    set_grads(model, 3)
+    t = opt.t
+    arrays = {path: p.array.copy() for path, p in model.namedparams()}
+    with pytest.raises(ValueError, match=r"'%s'.*read-only.*'WeightDecay' may" % BAD):
+        opt.update()
+    assert opt.t == t
+    for path, p in model.namedparams():
+        assert np.array_equal(p.array, arrays[path]), path
+
+
+@pytest.mark.parametrize("multi", [True, False])
+def test_hooks_with_an_uninitialized_parameter(multi):
+    """The read-only check skips parameters without an array (Chainer's lazy
+    parameters cannot even give their gradient); the step runs."""
+    from cynag import optimizer_hooks as H
+
+    model, opt = _prepared(warmup=1)
+    opt.use_multi_tensor(multi)
+    opt.add_hook(H.WeightDecay(0.01))
+    set_grads(model, 3)
+    with model.l0.init_scope():
+        model.l0.lazy = Parameter()  # uninitialized, no shape yet
+    _param(model, "/l1/b").grad = np.ones(5, np.float32)
+    t = opt.t
+    opt.update()
+    assert opt.t == t + 1 and model.l0.lazy.array is None

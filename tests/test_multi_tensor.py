@@ -2055,12 +2055,26 @@ def test_a_second_update_while_one_runs_is_refused():
         opt.update()
     except RuntimeError as e:
         errors.append(str(e))
-    with pytest.raises(RuntimeError, match="middle of an update"):
+    with pytest.raises(RuntimeError, match="step is in use"):
         opt.multi_tensor_plan()
     go.set()
     first.join(10)
-    assert len(errors) == 1 and "middle of an update" in errors[0]
+    assert len(errors) == 1 and "step is in use" in errors[0]
     assert opt.t == 2 and all(p.update_rule.t == 2 for p in model.params())
     opt.remove_hook("wait")
     opt.update()  # free again
     assert opt.t == 3
+
+
+def test_post_hooks_run_after_the_step_is_released():
+    """A 'post' hook may describe the plan (the step's table is released by then)."""
+    rng = np.random.default_rng(10)
+    model = ChainList(*[layer(rng, {"W": (5,)}) for _ in range(2)])
+    opt = NesterovAG().setup(model)
+    seen = []
+    opt.add_hook(lambda o: seen.append(o.multi_tensor_plan()["rest"]), name="look",
+                 timing="post")
+    for i in range(2):
+        assign_grads(model, i)
+        opt.update()
+    assert len(seen) == 2 and seen[1] == []
