@@ -185,7 +185,6 @@ class Plan:
         self.params = None
         self.gpu_tables = []
         self._paths = None
-        self._scratch = None
         self._names = {}  # the sorted name sets of a Chainer link (see _step.link_params)
 
     # -- collecting ----------------------------------------------------------
@@ -234,7 +233,8 @@ class Plan:
 
     def read_only_grads(self):
         """``(path, param)`` of the rows whose gradient is a read-only NumPy array
-        (the scan's flag)."""
+        (the scan's flag); made only when asked (an optimizer with a hook
+        that may write gradients)."""
         table = self.table
         rows = numpy.flatnonzero(table.flags[:table.n] & _step.GRAD_READ_ONLY).tolist()
         return [(self._path(i), self.params[i]) for i in rows]
@@ -483,13 +483,7 @@ class Plan:
         if hi <= lo:
             return
         table = self.table
-        n = table.n
-        scratch = self._scratch
-        if scratch is None or len(scratch[1]) < n + 1:
-            cap = max(n, 16)
-            scratch = self._scratch = (numpy.empty((cap, 3), numpy.int64),
-                                       numpy.empty(cap + 1, numpy.int64),
-                                       numpy.empty((cap, 6), numpy.float64))
+        scratch = table.kernel_scratch
         for type_num in self._type_nums(lo, hi):
             functional.nesterov_ag_rows(
                 table, lo, hi, type_num, scratch,

@@ -434,11 +434,11 @@ cdef class StepTable:
         table points at them).
     """
     cdef public object codes, flags, ptrs, sizes, coef, type_nums, owners
+    # The compacted table the kernel takes, (ptrs, cum, coef) with room for
+    # every row: the scratch of step() and of the general path's runs.
+    cdef public tuple kernel_scratch
     cdef public list rules, keep
     cdef bint dirty     # rules or keep may hold references (a scan ran since release())
-    # A native call works on the table without the GIL: another thread's
-    # step on the same table must not free or refill it meanwhile.
-    cdef bint busy
     cdef public Py_ssize_t n
     # Rows of each code and cleared gradients, as counted by the last full scan.
     cdef public Py_ssize_t n_fast, n_cleared
@@ -459,11 +459,9 @@ cdef class StepTable:
     cdef Py_ssize_t* lasts
     cdef Py_ssize_t scratch_recs
     cdef Py_ssize_t scratch_cap
-    # Scratch of step(): the compacted table the kernel takes.
     cdef int64_t* k_ptrs
     cdef int64_t* k_cum
     cdef double* k_coef
-    cdef Py_ssize_t k_cap
 
     def __cinit__(self):
         self.recs = self.tmp = NULL
@@ -472,27 +470,8 @@ cdef class StepTable:
         self.scratch_recs = self.scratch_cap = 0
         self.k_ptrs = self.k_cum = NULL
         self.k_coef = NULL
-        self.k_cap = 0
-
-    cdef int _kernel_scratch(self, Py_ssize_t n) except -1:
-        if n <= self.k_cap:
-            return 0
-        free(self.k_ptrs)
-        free(self.k_cum)
-        free(self.k_coef)
-        self.k_ptrs = <int64_t*>malloc(sizeof(int64_t) * 3 * n)
-        self.k_cum = <int64_t*>malloc(sizeof(int64_t) * (n + 1))
-        self.k_coef = <double*>malloc(sizeof(double) * 6 * n)
-        self.k_cap = n
-        if self.k_ptrs is NULL or self.k_cum is NULL or self.k_coef is NULL:
-            self.k_cap = 0
-            raise MemoryError()
-        return 0
 
     def __dealloc__(self):
-        free(self.k_ptrs)
-        free(self.k_cum)
-        free(self.k_coef)
         free(self.recs)
         free(self.tmp)
         free(self.slots)
@@ -536,16 +515,12 @@ cdef class StepTable:
         self.capacity = -1
         self.reserve(0)
 
-    cdef int _idle(self) except -1:
-        if self.busy:
-            raise RuntimeError("the step table is in use by a native call (another "
-                               "thread's update()); one optimizer updates in one thread at a "
-                               "time")
-        return 0
-
     def reserve(self, Py_ssize_t n):
-        """Make room for ``n`` rows (the contents are not kept)."""
-        self._idle()
+        """Make room for ``n`` rows (the contents are not kept).
+
+        The table is used by one step at a time (the optimizer's plan holds
+        a lock while a step uses it).
+        """
         if n <= self.capacity:
             self.n = n
             return
@@ -560,6 +535,12 @@ cdef class StepTable:
         self.coef = numpy.zeros((cap, 6), numpy.float64)
         self.type_nums = numpy.zeros(cap, numpy.int32)
         self.owners = numpy.zeros((cap, 3), numpy.uint64)
+        self.kernel_scratch = (numpy.zeros((cap, 3), numpy.int64),
+                               numpy.zeros(cap + 1, numpy.int64),
+                               numpy.zeros((cap, 6), numpy.float64))
+        self.k_ptrs = <int64_t*>cnp.PyArray_DATA(self.kernel_scratch[0])
+        self.k_cum = <int64_t*>cnp.PyArray_DATA(self.kernel_scratch[1])
+        self.k_coef = <double*>cnp.PyArray_DATA(self.kernel_scratch[2])
         self.c_codes = <uint8_t*>cnp.PyArray_DATA(self.codes)
         self.c_flags = <uint8_t*>cnp.PyArray_DATA(self.flags)
         self.c_ptrs = <int64_t*>cnp.PyArray_DATA(self.ptrs)
@@ -572,7 +553,6 @@ cdef class StepTable:
 
     def release(self):
         """Drop the references to rules and arrays (the rows become invalid)."""
-        self._idle()
         if self.dirty:
             _clear(self.rules)
             _clear(self.keep)
@@ -658,7 +638,6 @@ def scan(list params, StepTable table, object indices=None):
         n_idx = idx_view.shape[0]
     cdef list rules = table.rules
     cdef list keep = table.keep
-    table._idle()
     table.dirty = True
     memo_parent = _MISSING
     memo_lr = memo_m = _MISSING
@@ -857,7 +836,6 @@ def step(list params, StepTable table, int n_threads, int64_t threshold,
     if moved:
         table.n_fast -= moved
         return False
-    table._kernel_scratch(n)
     for i in range(n):
         type_num = table.c_tnum[i]
         t = 0 if type_num == NPY_HALF else (1 if type_num == cnp.NPY_FLOAT else 2)
@@ -878,13 +856,9 @@ def step(list params, StepTable table, int n_threads, int64_t threshold,
             continue
         total = table.k_cum[m]
         threads = 1 if total < threshold or n_threads < 1 else n_threads
-        table.busy = True
-        try:
-            with nogil:
-                rc = api.run_table(table.k_ptrs, table.k_cum, table.k_coef, m, type_num,
-                                   threads, items_per_thread, item_align, NULL, 0, 0)
-        finally:
-            table.busy = False
+        with nogil:
+            rc = api.run_table(table.k_ptrs, table.k_cum, table.k_coef, m, type_num,
+                               threads, items_per_thread, item_align, NULL, 0, 0)
         if rc == -1:
             raise MemoryError()
         if rc != 0:
@@ -1018,7 +992,6 @@ cdef Py_ssize_t _mark_overlaps(StepTable table, list extras) except -1:
     cdef int64_t lo, hi
     if n == 0:
         return 0
-    table._idle()
     table._scratch(3 * n + n_extra)
     recs = table.recs
     bad = <uint8_t*>table.c_flags  # bit 1 of the flags: overlaps (cleared below)
@@ -1055,12 +1028,8 @@ cdef Py_ssize_t _mark_overlaps(StepTable table, list extras) except -1:
     if unknown:
         for k in range(nrec):
             recs[k].owner = 0
-    table.busy = True
-    try:
-        with nogil:
-            _mark(table, recs, nrec)
-    finally:
-        table.busy = False
+    with nogil:
+        _mark(table, recs, nrec)
     for i in range(n):
         if table.c_flags[i] & F_OVERLAP:
             table.c_flags[i] &= ~F_OVERLAP

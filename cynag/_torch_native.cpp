@@ -462,24 +462,11 @@ void bump(PyObject* const* sts, Py_ssize_t n)
     Py_DECREF(key);
 }
 
-// cynag_kernels._nesterov_cpu's C entry (cynag_kernel_api of
-// cynag_kernels/_kernel_api.h, repeated here: this file is compiled apart from
-// the package; the capsule's name carries the layout's version).
-struct KernelAPI {
-    int n_coef;
-    int n_op_words;
-    int (*coefficients)(int type_num, double lr, double m, int has_ls, double ls, double* out);
-    int (*weight_decay)(int type_num, double rate, double* out);
-    int (*run_table)(const int64_t* ptrs, const int64_t* cum, const double* coef, Py_ssize_t m,
-                     int type_num, int n_threads, int items_per_thread, int item_align,
-                     const double* ops, int n_ops, int keep_grad);
-    Py_ssize_t (*compact)(const int64_t* ptrs, const int64_t* sizes, const double* coef,
-                          const uint8_t* mask, int select, const int32_t* type_nums,
-                          int type_num, Py_ssize_t lo, Py_ssize_t hi, int64_t* out_ptrs,
-                          int64_t* out_cum, double* out_coef);
-};
-
-constexpr const char* KERNEL_API_NAME = "cynag_kernels._nesterov_cpu.kernel_api_v3";
+// cynag_kernels._nesterov_cpu's C entry: cynag_kernel_api and its capsule's
+// name, from cynag_kernels/_kernel_api.h (put in front of this source by
+// cynag/_torch_native.py).
+using KernelAPI = cynag_kernel_api;
+constexpr const char* KERNEL_API_NAME = CYNAG_KERNEL_API_NAME;
 constexpr int NPY_FLOAT_NUM = 11, NPY_DOUBLE_NUM = 12;
 // Elements from which the kernel runs without the GIL (about a millisecond of work).
 constexpr int64_t RELEASE_GIL_ELEMENTS = int64_t(1) << 20;

@@ -46,9 +46,16 @@ def mode():
 
 
 def _source():
+    """``_torch_native.cpp`` behind the kernel's C entry (``cynag_kernels/_kernel_api.h``),
+    the one declaration of the struct it calls (both are in the build's cache key)."""
+    import cynag_kernels
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(cynag_kernels.__file__)),
+                           "_kernel_api.h")) as f:
+        header = f.read()
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            "_torch_native.cpp")) as f:
-        return f.read()
+        return header + "\n" + f.read()
 
 
 def _cache_root():

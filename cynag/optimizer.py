@@ -1055,13 +1055,13 @@ class GradientMethod(Optimizer):
         self.call_hooks("post")
         self.update_loss_scale()
 
-    def _check_grads_for_hooks(self, candidates=None, post_only=False):
+    def _check_grads_for_hooks(self, plan=None, post_only=False):
         """Raise, naming the parameter, if an optimizer hook (either timing, or
         only ``'post'``) may write a read-only gradient: before anything
         changes (cleared gradients included).
 
-        ``candidates``: the ``(path, param)`` pairs whose gradients are
-        read-only, if known (the step's scan); else every parameter is looked at.
+        ``plan``: the multi-tensor step whose scan flagged the read-only
+        gradients; without it every parameter is looked at.
         """
         hookable = self._hookable
         if not (hookable._post_update_hooks or (
@@ -1070,7 +1070,7 @@ class GradientMethod(Optimizer):
         writer = _grad_writer(hookable, post_only)
         if writer is None:
             return
-        for path, param in (self._namedparams() if candidates is None else candidates):
+        for path, param in (self._namedparams() if plan is None else plan.read_only_grads()):
             if _read_only_grad(param):
                 raise ValueError("%s: grad is read-only but the optimizer hook %r may write it"
                                  % (_param_label(param, path), writer))
@@ -1111,7 +1111,7 @@ class GradientMethod(Optimizer):
                 return
             scanned = True
         plan.collect(scanned)  # checks everything; raises before any change
-        self._check_grads_for_hooks(plan.read_only_grads())
+        self._check_grads_for_hooks(plan)
         plan.reallocate()   # Chainer's first reallocation of cleared gradients
         self.check_nan_in_grads()
         programs = None
@@ -1140,7 +1140,7 @@ class GradientMethod(Optimizer):
             elif fold:
                 programs = plan.fold_prepare(fold)
             # A hook may have made a gradient read-only that a 'post' hook writes.
-            self._check_grads_for_hooks(plan.read_only_grads(), post_only=True)
+            self._check_grads_for_hooks(plan, post_only=True)
         self.t += 1
         if self.is_safe_to_update():
             if plan.run(programs):

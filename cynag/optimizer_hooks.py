@@ -327,15 +327,11 @@ class GradientClipping:
         rate = self._rate(opt)
         if rate is None:
             return
-        params = [(path, param) for path, param in opt.target.namedparams(False)
-                  if param.grad is not None]
-        for path, param in params:  # every gradient it scales, before the first
+        # (a read-only gradient was refused before any hook ran)
+        for param in opt.target.params(False):
             g = param.grad
-            if isinstance(g, numpy.ndarray) and not g.flags.writeable:
-                raise ValueError("parameter %r: grad is read-only but GradientClipping "
-                                 "scales it" % (path,))
-        for path, param in params:
-            _apply(param.grad, None, [("scale", rate)])
+            if g is not None:
+                _apply(g, None, [("scale", rate)])
 
 
 class GradientLARS:

@@ -3,8 +3,8 @@
  * themselves (cynag._step, the optimizer's one-call step, and cynag.torch's
  * reader): cynag_kernels._nesterov_cpu.kernel_api() returns a capsule named
  * CYNAG_KERNEL_API_NAME holding a pointer to this struct.  A change of the
- * layout changes the name.  (cynag/_torch_native.cpp, compiled apart from
- * the package, repeats the struct.)
+ * layout changes the name.  (cynag/_torch_native.py puts this header in front
+ * of cynag/_torch_native.cpp, which is compiled apart from the package.)
  *
  * Tables: ptrs 3 int64 per row (addresses of param, grad, v), coef
  * N_COEF = 6 float64 per row (cynag_nag_coefficients), cum the cumulative

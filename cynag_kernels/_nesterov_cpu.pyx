@@ -588,6 +588,20 @@ cdef Py_ssize_t _compact(const int64_t* ptrs, const int64_t* sizes, const double
     return m
 
 
+cdef Py_ssize_t _compact_selected(const int64_t* ptrs, const int64_t* sizes,
+                                  const double* coef, const uint8_t* mask, int select,
+                                  const int32_t* type_nums, int type_num, Py_ssize_t lo,
+                                  Py_ssize_t hi, int64_t* out_ptrs, int64_t* out_cum,
+                                  double* out_coef) noexcept nogil:
+    """:func:`_compact` of the rows of one dtype (its itemsize); -2 for a type
+    number the kernel does not take."""
+    if type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE and type_num != NPY_HALF:
+        return -2
+    return _compact(ptrs, sizes, coef, mask, select, type_nums, type_num, lo, hi,
+                    4 if type_num == cnp.NPY_FLOAT else (8 if type_num == cnp.NPY_DOUBLE else 2),
+                    out_ptrs, out_cum, out_coef)
+
+
 def compact_rows(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
                  const double[:, ::1] coef, Py_ssize_t itemsize, int64_t[:, ::1] out_ptrs,
                  int64_t[::1] out_cum, double[:, ::1] out_coef):
@@ -625,8 +639,6 @@ def compact_selected_rows(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
     the kernel) without a copy per step.
     """
     cdef Py_ssize_t n = ptrs.shape[0], m
-    cdef Py_ssize_t itemsize = 4 if type_num == cnp.NPY_FLOAT else (
-        8 if type_num == cnp.NPY_DOUBLE else 2)
     if sizes.shape[0] < n or coef.shape[0] < n or mask.shape[0] < n \
             or type_nums.shape[0] < n or out_ptrs.shape[0] < n or out_cum.shape[0] < n + 1 \
             or out_coef.shape[0] < n or lo < 0 or hi > n or ptrs.shape[1] != 3 \
@@ -636,8 +648,11 @@ def compact_selected_rows(const int64_t[:, ::1] ptrs, const int64_t[::1] sizes,
         out_cum[0] = 0
         return 0
     with nogil:
-        m = _compact(&ptrs[0, 0], &sizes[0], &coef[0, 0], &mask[0], select, &type_nums[0],
-                     type_num, lo, hi, itemsize, &out_ptrs[0, 0], &out_cum[0], &out_coef[0, 0])
+        m = _compact_selected(&ptrs[0, 0], &sizes[0], &coef[0, 0], &mask[0], select,
+                              &type_nums[0], type_num, lo, hi, &out_ptrs[0, 0], &out_cum[0],
+                              &out_coef[0, 0])
+    if m < 0:
+        raise TypeError("compact_selected_rows: unsupported type number %d" % type_num)
     return m
 
 
@@ -783,18 +798,6 @@ cdef int _coefficients(int type_num, double lr, double m, int has_ls, double ls,
 
 cdef int _weight_decay(int type_num, double rate, double* out) noexcept nogil:
     return cynag_weight_decay_row(type_num, rate, out)
-
-
-cdef Py_ssize_t _compact_selected(const int64_t* ptrs, const int64_t* sizes,
-                                  const double* coef, const uint8_t* mask, int select,
-                                  const int32_t* type_nums, int type_num, Py_ssize_t lo,
-                                  Py_ssize_t hi, int64_t* out_ptrs, int64_t* out_cum,
-                                  double* out_coef) noexcept nogil:
-    if type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE and type_num != NPY_HALF:
-        return -2
-    return _compact(ptrs, sizes, coef, mask, select, type_nums, type_num, lo, hi,
-                    4 if type_num == cnp.NPY_FLOAT else (8 if type_num == cnp.NPY_DOUBLE else 2),
-                    out_ptrs, out_cum, out_coef)
 
 
 def weight_decay_row(int type_num, double rate):
