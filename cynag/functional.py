@@ -247,6 +247,10 @@ def _divide(grad, scale):
 def _single(param, grad, v, lr, momentum, num_threads=None):
     """One tensor, any strides and scalar types (Chainer's per-parameter arithmetic)."""
     if isinstance(param, numpy.ndarray):
+        if isinstance(v, numpy.ndarray) and v.dtype != param.dtype:
+            # A state kept across a switch of use_fp32_update (Chainer's sequence).
+            cynag_kernels.nesterov_ag_mixed(param, grad, v, lr, momentum)
+            return
         cynag_kernels.nesterov_ag_cpu(param, grad, v, lr, momentum, num_threads=num_threads)
     else:
         from cynag_kernels import cuda

@@ -30,6 +30,7 @@ from cynag_kernels.nesterov import (
     nesterov_ag_coefficients,
     nesterov_ag_cpu,
     nesterov_ag_dense_ok,
+    nesterov_ag_mixed,
 )
 from cynag_kernels.threads import (
     DEFAULT_PARALLEL_THRESHOLD,
@@ -48,6 +49,6 @@ def build_info():
 
 __all__ = [
     "SUPPORTED_DTYPES", "DEFAULT_PARALLEL_THRESHOLD", "build_info", "openmp_enabled",
-    "check_nesterov_ag_arrays", "compute_dtype", "nesterov_ag_coefficients", "nesterov_ag_cpu",
+    "check_nesterov_ag_arrays", "compute_dtype", "nesterov_ag_coefficients", "nesterov_ag_cpu", "nesterov_ag_mixed",
     "nesterov_ag_dense_ok", "get_num_threads", "set_num_threads", "get_parallel_threshold", "set_parallel_threshold",
 ]

@@ -171,15 +171,16 @@ def _array_kind(a):
     return "%s.%s" % (type(a).__module__.split(".")[0], type(a).__name__)
 
 
-def check_nesterov_ag_arrays(param, grad, v, xp=numpy):
+def check_nesterov_ag_arrays(param, grad, v, xp=numpy, v_any_float=False):
     """Raise TypeError/ValueError if the arrays cannot be updated together.
 
     Checks: arrays of module ``xp`` (NumPy by default), a supported floating
     dtype in native byte order shared by all of them, equal shapes, ``param``
     and ``v`` writeable, and no two of them overlapping in memory.  ``grad``
     or ``v`` may be ``None`` (not created yet): only the others are checked.
-    Messages name the array (``param``, ``grad`` or ``v``).  Nothing is
-    modified.
+    With ``v_any_float`` (NumPy only), ``v`` may have another supported
+    dtype than ``param`` (see :func:`nesterov_ag_mixed`).  Messages name the
+    array (``param``, ``grad`` or ``v``).  Nothing is modified.
     """
     named = [(name, a) for name, a in zip(_ARRAY_NAMES, (param, grad, v))
              if a is not None or name == "param"]
@@ -194,7 +195,9 @@ def check_nesterov_ag_arrays(param, grad, v, xp=numpy):
             "arrays in native byte order"
             % (param.dtype if param.dtype.isnative else param.dtype.str,))
     for name, a in named[1:]:
-        if a.dtype != param.dtype:
+        if (a.dtype != param.dtype and not (v_any_float and xp is numpy and name == "v"
+                                            and a.dtype in SUPPORTED_DTYPES
+                                            and a.dtype.isnative)):
             raise TypeError("%s has dtype %s but param has dtype %s"
                             % (name, a.dtype, param.dtype))
         if a.shape != param.shape:
@@ -210,6 +213,25 @@ def check_nesterov_ag_arrays(param, grad, v, xp=numpy):
             if (a1.size and a2.size and numpy.may_share_memory(a1, a2)
                     and numpy.shares_memory(a1, a2)):
                 raise ValueError("%s and %s overlap in memory" % (n1, n2))
+
+
+def nesterov_ag_mixed(param, grad, v, lr, momentum):
+    """Chainer's NumPy sequence as written, for a ``v`` of another float dtype.
+
+    ``v *= momentum; v -= lr * grad; param += momentum * momentum * v;
+    param -= (1 + momentum) * lr * grad``, each operation NumPy's own (its
+    casting and rounding), so the result is Chainer's whatever the dtypes.
+    Such a ``v`` is a state kept across a switch of ``use_fp32_update``: a
+    float16 ``v`` updated with the float32 master copy, or a float32 one with
+    the float16 parameter.  NumPy arrays only (CuPy's kernel, as Chainer's,
+    takes one dtype); checked with ``check_nesterov_ag_arrays(...,
+    v_any_float=True)``.
+    """
+    check_nesterov_ag_arrays(param, grad, v, v_any_float=True)
+    v *= momentum
+    v -= lr * grad
+    param += momentum * momentum * v
+    param -= (1 + momentum) * lr * grad
 
 
 def nesterov_ag_dense_ok(param, grad, v):

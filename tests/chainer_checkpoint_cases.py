@@ -1109,6 +1109,75 @@ def fp32_update_single_rule():
     _fp32_run("rule")
 
 
+def _zero_grads(link):
+    for _, p in link.namedparams():
+        if p.array is not None:
+            p.grad = np.zeros_like(p.array)
+
+
+@case("fp32")
+def fp32_update_switched_on_after_float16_steps():
+    """use_fp32_update() after plain float16 steps: v stays float16 and is
+    updated with the float32 master copy, in NumPy's mixed arithmetic.  (The
+    float16 steps before have zero gradients, where cynag's float16 rule and
+    NumPy's agree; v is then given the same values in both.)"""
+    runs = []
+    for fw in (chainer, cynag):
+        link = _fp32_link(fw, single_rule=False)
+        opt = fw.optimizers.NesterovAG(lr=0.01, momentum=0.9)
+        opt.setup(link)
+        runs.append((link, opt))
+    for step in range(2):
+        for link, opt in runs:
+            _zero_grads(link)
+            opt.update()
+    for link, opt in runs:
+        for path, p in sorted(link.namedparams(), key=lambda t: t[0]):
+            v = p.update_rule.state["v"]
+            v[...] = _arr(300 + len(path), v.shape, v.dtype)
+        opt.use_fp32_update()
+    (cl, co), (yl, yo) = runs
+    compare_trained("switched on", cl, co, yl, yo)
+    for step in range(2, 10):
+        for link, opt in runs:
+            _set_grads(link, step, [1.0, 1e-3, 30.0][step % 3])
+            opt.update()
+        compare_trained("switched on, step %d" % step, cl, co, yl, yo, grads=True)
+    for link, _ in runs:
+        assert_same("v dtype", "float16", str(link.W.update_rule.state["v"].dtype))
+        assert_same("master dtype", "float32", str(link.W.update_rule._fp32_param.array.dtype))
+
+
+@case("fp32")
+def fp32_update_switched_off_and_on_again():
+    """The master copy's float32 v kept after rule.use_fp32_update(False) (the
+    float16 parameter updated with it), then the master copy as it was left,
+    used again after switching back on.  optimizer.use_fp32_update(False)
+    switches the rules on (Chainer passes no flag to them)."""
+    runs = []
+    for fw in (chainer, cynag):
+        link = _fp32_link(fw, single_rule=False)
+        opt = fw.optimizers.NesterovAG(lr=0.01, momentum=0.9)
+        opt.use_fp32_update()
+        opt.setup(link)
+        runs.append((link, opt))
+    (cl, co), (yl, yo) = runs
+    for step in range(14):
+        for link, opt in runs:
+            if step == 4:
+                link.W.update_rule.use_fp32_update(False)
+                link.v16.update_rule.use_fp32_update(False)
+            elif step == 8:
+                opt.use_fp32_update(False)
+            elif step == 11:
+                link.W.update_rule.use_fp32_update(False)
+            _set_grads(link, step, [1.0, 1e-3, 30.0][step % 3])
+            opt.update()
+        compare_trained("step %d" % step, cl, co, yl, yo, grads=True)
+        for link, _ in runs:
+            assert_same("v dtype", "float32", str(link.W.update_rule.state["v"].dtype))
+
+
 def _lazy_fp16_model():
     """Linear(None, 3) initialized at the first forward pass, float16."""
     W1 = _arr(210, (3, 4), np.float16) * np.float16(0.5)

@@ -244,6 +244,94 @@ class TestFp32Update:
         assert rule._fp32_param.array.dtype == F32
         assert rule.state["v"].dtype == F32
 
+    @pytest.mark.parametrize("loss_scale", [None, 3.3])
+    def test_switched_after_steps_keeps_v_and_its_dtype(self, loss_scale):
+        # As in Chainer, a state created before use_fp32_update() is switched
+        # keeps its dtype: switched on after float16 steps, the float16 v is
+        # updated with the float32 master copy; switched off again, the
+        # float32 v with the float16 parameter; switched on once more, the
+        # master copy made at the first switch is used again, as it was left.
+        # Chainer's NumPy lines, in the mixed dtypes, are the oracle.
+        def chainer_lines(p, g, v):
+            v *= MOM
+            v -= LR * g
+            p += MOM * MOM * v
+            p -= (1 + MOM) * LR * g
+
+        link = make_link()
+        opt = NesterovAG(lr=LR, momentum=MOM).setup(link)
+        if loss_scale is not None:
+            opt.set_loss_scale(loss_scale)
+        W, u = link.W, link.u
+        rule = W.update_rule
+        u_oracle = ParamOracle(u.array, False)
+        master = v = p16 = None
+        for step in range(12):
+            if step == 3:
+                rule.use_fp32_update()
+            elif step == 7:
+                rule.use_fp32_update(False)
+            elif step == 10:
+                rule.use_fp32_update(True)
+            if step == 3:
+                before16, before_v = W.array.copy(), rule.state["v"].copy()
+            grads = grads_for(link, step, scale=1.0 if loss_scale is None else loss_scale)
+            # (the other parameters take the multi-tensor kernel)
+            if loss_scale is None:
+                for n, p in link.namedparams():
+                    p.grad = grads[n].copy()
+                opt.update()
+            else:
+                opt.update(lambda: Loss(link, grads, []))
+            u_oracle.step(grads["/u"], loss_scale)
+            u_oracle.check(u, "u step %d" % step)
+            if step < 3:
+                continue  # plain float16 steps (cynag's float16 rule, tested elsewhere)
+            if step == 3:
+                p16 = before16.copy()
+                v = before_v.copy()
+                assert v.dtype == F16
+                master = p16.astype(F32)
+            if 3 <= step < 7 or step >= 10:
+                g = grads["/W"].astype(F32)
+                if loss_scale is not None:
+                    g = g / F32(loss_scale)
+                chainer_lines(master, g, v)
+                p16 = master.astype(F16)
+                assert rule._fp32_param is not None
+                assert_same_bits(rule._fp32_param.array, master, "master step %d" % step)
+            else:
+                # float16 v and parameter: cynag's float16 rule (see
+                # docs/differences.md); the master copy is left as it was.
+                assert_same_bits(rule._fp32_param.array, master, "master step %d" % step)
+                p16, v = W.array.copy(), rule.state["v"].copy()
+            assert rule.state["v"].dtype == F16  # kept from the first steps
+            assert_same_bits(W.array, p16, "W step %d" % step)
+            assert_same_bits(rule.state["v"], v, "v step %d" % step)
+            assert rule.t == step + 1
+        # ... and the other way: a float32 v (made with the master copy) kept
+        # after the switch is turned off.
+        assert W.dtype == F16
+        link2 = make_link()
+        opt2 = NesterovAG(lr=LR, momentum=MOM).setup(link2)
+        opt2.use_fp32_update()
+        for step in range(2):
+            for n, g in grads_for(link2, step).items():
+                dict(link2.namedparams())[n].grad = g
+            opt2.update()
+        link2.W.update_rule.use_fp32_update(False)
+        p16, v = link2.W.array.copy(), link2.W.update_rule.state["v"].copy()
+        assert v.dtype == F32
+        g = grads_for(link2, 2)["/W"]
+        link2.W.grad = g.copy()
+        for n, gg in grads_for(link2, 2).items():
+            if n != "/W":
+                dict(link2.namedparams())[n].grad = gg
+        opt2.update()
+        chainer_lines(p16, g, v)
+        assert_same_bits(link2.W.array, p16, "W after switching off")
+        assert_same_bits(link2.W.update_rule.state["v"], v, "v after switching off")
+
     def test_flag_does_not_touch_float32_float64(self):
         results = {}
         for flag in (False, True):
@@ -609,17 +697,34 @@ def _two_f16_params():
     return link
 
 
-def test_fp32_switched_on_with_float16_state_fails_before_any_change():
-    """v created without fp32 updates is float16; the float32 master needs float32."""
+def test_fp32_switched_on_with_float16_state_goes_on_as_chainer():
+    """v created without fp32 updates is float16: as in Chainer, it stays float16
+    and is updated with the float32 master copy (NumPy's mixed arithmetic)."""
     link = _two_f16_params()
     opt = NesterovAG().setup(link)
     opt.update()
     opt.use_fp32_update()
+    opt.update()
+    assert opt.t == 2 and all(p.update_rule.t == 2 for p in link.params())
+    for p in link.params():
+        assert p.update_rule.state["v"].dtype == F16
+        assert p.update_rule._fp32_param.array.dtype == F32 and p.array.dtype == F16
+
+
+def test_mixed_v_dtype_checked_before_any_change():
+    """A v of a kind NumPy cannot update in place (integers) is refused before
+    anything changes, with the parameter's name."""
+    link = _two_f16_params()
+    opt = NesterovAG().setup(link)
+    opt.update()
+    opt.use_fp32_update()
+    link.b.update_rule.state["v"] = numpy.zeros(4, numpy.int32)
     before = [p.array.copy() for p in link.params()]
-    with pytest.raises(TypeError, match="'/a'.*dtype"):
+    with pytest.raises(TypeError, match="'/b'.*v has dtype int32"):
         opt.update()
     assert opt.t == 1 and all(p.update_rule.t == 1 for p in link.params())
     assert all(numpy.array_equal(p.array, b) for p, b in zip(link.params(), before))
+    assert all(p.update_rule._fp32_param is None for p in link.params())
 
 
 def test_read_only_grad_with_loss_scale_after_state_exists():

@@ -762,6 +762,37 @@ def test_check_accepts_missing_grad_or_v():
         check_nesterov_ag_arrays(p, None, p)
 
 
+@pytest.mark.parametrize("p_dtype,v_dtype", [(np.float32, np.float16), (np.float16, np.float32),
+                                              (np.float64, np.float16), (np.float32, np.float64)])
+def test_mixed_v_dtype_runs_numpys_lines(p_dtype, v_dtype):
+    # A v kept across a switch of use_fp32_update: NumPy's own mixed
+    # arithmetic, in Chainer's order (the arrays as the rule's lines leave them).
+    rng = np.random.RandomState(7)
+    p, g = rng.randn(3, 5).astype(p_dtype), rng.randn(3, 5).astype(p_dtype)
+    v = rng.randn(3, 5).astype(v_dtype)
+    ep, ev = p.copy(), v.copy()
+    ev *= 0.9
+    ev -= 0.05 * g
+    ep += 0.9 * 0.9 * ev
+    ep -= (1 + 0.9) * 0.05 * g
+    check_nesterov_ag_arrays(p, g, v, v_any_float=True)
+    with pytest.raises(TypeError, match=r"\bv has dtype\b"):
+        check_nesterov_ag_arrays(p, g, v)
+    cynag_kernels.nesterov_ag_mixed(p, g, v, 0.05, 0.9)
+    assert p.dtype == p_dtype and v.dtype == v_dtype
+    assert p.tobytes() == ep.tobytes() and v.tobytes() == ev.tobytes()
+
+
+@pytest.mark.parametrize("v", [np.zeros(4, np.int32), np.zeros(5, np.float16),
+                               np.zeros(4, ">f2"), np.zeros(4, np.complex64)])
+def test_mixed_v_dtype_refuses_what_numpy_cannot_update(v):
+    p, g = np.ones(4, np.float32), np.ones(4, np.float32)
+    before = v.copy()
+    with pytest.raises((TypeError, ValueError), match=r"\bv\b"):
+        cynag_kernels.nesterov_ag_mixed(p, g, v, 0.05, 0.9)
+    assert (p == 1).all() and v.tobytes() == before.tobytes()
+
+
 def test_check_accepts_good_arrays_and_subclasses():
     p, g, v = _fresh()
     check_nesterov_ag_arrays(p, g, v)

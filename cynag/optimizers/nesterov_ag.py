@@ -74,16 +74,24 @@ class NesterovAGRule(optimizer.UpdateRule):
                              "rule.state['v'] or reset the state to None"
                              % ({k: type(x).__name__ for k, x in self._state.items()},))
         xp = _backend.array_module(array)
+        # On the CPU, the v of a float16 parameter keeps its dtype across a
+        # switch of use_fp32_update (a float16 v with the float32 master copy,
+        # or a float32 one with the float16 parameter): Chainer's NumPy lines
+        # update it (cynag_kernels.nesterov_ag_mixed).  Any other v of another
+        # dtype is refused.
+        mixed = (xp is numpy and array.dtype == numpy.float16
+                 and getattr(v, "dtype", None) in (numpy.float16, numpy.float32))
         if self._uses_fp32(param):
             # v belongs to the float32 master copy, which the grad is converted for.
             master = self._fp32_param
             if master is not None and master.array is not None:
-                cynag_kernels.check_nesterov_ag_arrays(master.array, None, v, xp=xp)
+                cynag_kernels.check_nesterov_ag_arrays(master.array, None, v, xp=xp,
+                                                       v_any_float=mixed)
             elif v is not None:
                 cynag_kernels.check_nesterov_ag_arrays(
-                    xp.empty(array.shape, numpy.float32), None, v, xp=xp)
+                    xp.empty(array.shape, numpy.float32), None, v, xp=xp, v_any_float=mixed)
         else:
-            cynag_kernels.check_nesterov_ag_arrays(array, grad, v, xp=xp)
+            cynag_kernels.check_nesterov_ag_arrays(array, grad, v, xp=xp, v_any_float=mixed)
 
     def update_core_cpu(self, param):
         grad = param.grad
