@@ -529,6 +529,7 @@ class Plan:
     def _describe(self):
         self.collect()
         try:
+            self.optimizer._check_grads_for_hooks(self)  # (as update() checks)
             table = self.table
             n = table.n
             codes = table.codes[:n]

@@ -637,6 +637,27 @@ def test_read_only_grad_a_hook_writes_is_refused_first(hooks, timing, multi, cle
     assert_unchanged(model, opt, snap)
 
 
+@pytest.mark.parametrize("level", ["optimizer", "rule"])
+def test_multi_tensor_plan_checks_read_only_grads_as_update_does(level):
+    """multi_tensor_plan() checks every parameter as update() does: a read-only
+    gradient that a hook may write is named there too, and nothing changes."""
+    from cynag import optimizer_hooks as H
+
+    model, opt = _prepared(warmup=1)
+    if level == "optimizer":
+        opt.add_hook(H.WeightDecay(0.01))
+    else:
+        _param(model, BAD).update_rule.add_hook(H.WeightDecay(0.01))
+    set_grads(model, 3)
+    _param(model, BAD).grad.flags.writeable = False
+    snap = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"'%s'.*read-only.*'WeightDecay' may" % BAD):
+        opt.multi_tensor_plan()
+    assert_unchanged(model, opt, snap)
+    _param(model, BAD).grad = _param(model, BAD).grad.copy()
+    assert opt.multi_tensor_plan()["groups"]
+
+
 @pytest.mark.parametrize("multi", [True, False])
 def test_read_only_grad_a_rule_hook_writes_is_refused_first(multi):
     from cynag import optimizer_hooks as H
