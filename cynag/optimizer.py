@@ -316,7 +316,7 @@ class UpdateRule:
     def t(self, value):
         # (Chainer takes anything and fails at the next update, after the
         # parameters before this one were updated.)
-        if not (isinstance(value, (numbers.Number, numpy.number)) or (
+        if not (isinstance(value, (numbers.Number, numpy.number, numpy.bool_)) or (
                 isinstance(value, numpy.ndarray) and value.ndim == 0
                 and value.dtype.kind in "biuf")):
             raise TypeError("update rule's t must be a number, got %r" % (value,))

@@ -780,7 +780,8 @@ def test_rule_t_must_be_a_number():
         with pytest.raises(TypeError, match="t must be a number"):
             link.a.update_rule.t = bad
         assert link.a.update_rule.t == 1
-    for good in (numpy.int64(5), numpy.asarray(6), 7.0):
+    for good in (numpy.int64(5), numpy.asarray(6), 7.0, True, numpy.True_):
         link.a.update_rule.t = good
         opt.update()
         assert link.a.update_rule.t == good + 1
+        assert type(link.a.update_rule.t) is type(good + 1)  # (Chainer's t += 1)
