@@ -1,4 +1,6 @@
 """Which device an array lives on, without importing CuPy."""
+import sys
+
 import numpy
 
 
@@ -50,3 +52,46 @@ def device_of_array(a):
     import cupy
 
     return cupy.cuda.Device(a.device.id)
+
+
+class Device:
+    """Where a parameter's array lives, as Chainer's device objects describe it.
+
+    ``name`` is Chainer's specifier (``'@numpy'``, ``'@cupy:N'``), ``xp`` the
+    array module.  :func:`device_object` returns Chainer's own device object
+    instead when Chainer is imported (so that Chainer's optimizer hooks and
+    ``chainer.using_device`` take it).
+    """
+
+    __slots__ = ("name", "xp")
+
+    def __init__(self, name, xp):
+        self.name = name
+        self.xp = xp
+
+    def __eq__(self, other):
+        return isinstance(other, Device) and other.name == self.name
+
+    def __hash__(self):
+        return hash(self.name)
+
+    def __str__(self):
+        return self.name
+
+    def __repr__(self):
+        return "<cynag device %s>" % self.name
+
+
+def device_object(a):
+    """The device of array ``a`` (None for None): Chainer's device object if
+    Chainer is imported, else a :class:`Device`."""
+    if a is None:
+        return None
+    dev = device_of(a)
+    if dev is None:
+        raise TypeError("not a NumPy or CuPy array: %s" % type(a).__name__)
+    name = "@numpy" if dev == "cpu" else "@cupy:%s" % dev[4:]
+    chainer = sys.modules.get("chainer")
+    if chainer is not None and hasattr(chainer, "get_device"):
+        return chainer.get_device(name)
+    return Device(name, array_module(a))

@@ -473,10 +473,13 @@ class UpdateRule:
         array = param.array
         master = self._fp32_param
         if master is None or (master.array is None and array is not None):
+            # Of the parameter's framework: the rule's hooks get it (Chainer's
+            # hooks read chainer.Parameter's device).
+            cls = _chainer_parameter_class(type(param)) or Parameter
             if array is not None:
-                master = Parameter(array.astype(numpy.float32), name=param.name)
+                master = cls(array.astype(numpy.float32), name=param.name)
             else:
-                master = Parameter(_Float32Placeholder(), name=param.name)
+                master = cls(_Float32Placeholder(), name=param.name)
             self._fp32_param = master
         if array is not None:
             master.grad = None if param.grad is None else param.grad.astype(numpy.float32)
@@ -1167,6 +1170,14 @@ class GradientMethod(Optimizer):
         if link is not None:
             for param in link.params():
                 param.update_rule.use_fp32_update()
+
+
+def _chainer_parameter_class(tp):
+    """``chainer.Parameter`` if ``tp`` is it or a subclass of it, else None."""
+    for base in tp.__mro__:
+        if base.__name__ == "Parameter" and base.__module__ == "chainer.variable":
+            return base
+    return None
 
 
 class _Float32Placeholder:

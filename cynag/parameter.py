@@ -169,6 +169,14 @@ class Parameter:
         """numpy or cupy, after the array."""
         return _backend.array_module(self._array)
 
+    @property
+    def device(self):
+        """The array's device (``None`` while uninitialized): Chainer's device
+        object when Chainer is imported (Chainer's optimizer hooks read it), else
+        a :class:`cynag._backend.Device` (``name`` ``'@numpy'`` or ``'@cupy:N'``,
+        ``xp``)."""
+        return _backend.device_object(self._array)
+
     def initialize(self, shape):
         """Create the array of an uninitialized parameter from its initializer."""
         self._array = _generate_array(self.initializer, shape,

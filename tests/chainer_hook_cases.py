@@ -938,5 +938,77 @@ def edge_read_only_gradient_with_chainers_hooks_on_cynag():
             assert opt.t == 1
 
 
+
+def _chainers_hooks():
+    return [CH.WeightDecay(1e-2), CH.Lasso(1e-2), CH.GradientClipping(0.5),
+            CH.GradientHardClipping(-0.3, 0.3),
+            CH.GradientNoise(0.1, noise_func=lambda xp, shape, dtype, hook, rule:
+                             xp.full(shape, 0.25, dtype)),
+            CH.GradientLARS(threshold=0.0, weight_decay=0.01)]
+
+
+@case("edge")
+def edge_chainers_hooks_on_a_cynag_link():
+    """Chainer's own hooks on cynag's optimizer and a cynag.Link (they read
+    ``param.device``): Chainer's results, bit for bit, at the optimizer and
+    at a rule (each hook, both timings)."""
+    for k in range(len(_chainers_hooks())):
+        for where in ("optimizer", "rule"):
+            if where == "rule" and not getattr(_chainers_hooks()[k], "call_for_each_param", False):
+                continue  # (an optimizer's hook only: GradientClipping)
+            for timing in ("pre", "post"):
+                results = []
+                for fw in (chainer, cynag):
+                    link = fw.Link()
+                    with link.init_scope():
+                        link.W = fw.Parameter(np.arange(1, 7, dtype=F32).reshape(2, 3))
+                        link.b = fw.Parameter(np.ones(3, F32))
+                    opt = fw.optimizers.NesterovAG(lr=0.1).setup(link)
+                    hook = _chainers_hooks()[k]
+                    if where == "optimizer":
+                        opt.add_hook(hook, timing=timing)
+                    else:
+                        link.W.update_rule.add_hook(hook, timing=timing)
+                    for step in range(3):
+                        link.W.grad = np.full((2, 3), 0.7, F32) * (step + 1)
+                        link.b.grad = np.full(3, -0.2, F32)
+                        opt.update()
+                    results.append(link)
+                label = "%s %s %s" % (type(hook).__name__, where, timing)
+                for name in ("W", "b"):
+                    assert_same_array(label + " " + name, getattr(results[0], name).array,
+                                      getattr(results[1], name).array)
+                    assert_same(label + " device", str(getattr(results[0], name).device),
+                                str(getattr(results[1], name).device))
+
+
+@case("edge")
+def edge_chainers_rule_hooks_see_a_chainer_master_copy():
+    """With use_fp32_update(), a rule's hooks get the float32 master copy: a
+    chainer.Parameter for a chainer link (Chainer's hooks read its device),
+    in cynag as in Chainer; the results bit for bit."""
+    for k in range(len(_chainers_hooks())):
+        if not getattr(_chainers_hooks()[k], "call_for_each_param", False):
+            continue
+        results, seen = [], []
+        for fw in (chainer, cynag):
+            link = chainer.Link()
+            with link.init_scope():
+                link.h = chainer.Parameter(np.linspace(-1, 1, 6).astype(F16))
+            opt = fw.optimizers.NesterovAG(lr=0.1).setup(link)
+            opt.use_fp32_update()
+            link.h.update_rule.add_hook(_chainers_hooks()[k], name="hook")
+            link.h.update_rule.add_hook(
+                lambda rule, param: seen.append([type(param).__module__, type(param).__name__,
+                                                 str(param.dtype), str(param.device)]),
+                name="look")
+            for step in range(3):
+                link.h.grad = np.linspace(0.5, -0.5, 6).astype(F16) * F16(step + 1)
+                opt.update()
+            results.append((link.h.array, link.h.update_rule._fp32_param.array))
+        assert_same_array("param", results[0][0], results[1][0])
+        assert_same_array("master", results[0][1], results[1][1])
+        assert_same("what the hooks saw", seen[:3], seen[3:])
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv, CASES, __doc__))

@@ -689,3 +689,23 @@ def test_docstring_examples_run():
 
     failures, tried = doctest.testmod(module)
     assert tried > 0 and failures == 0
+
+
+def test_parameter_device_as_chainers_specifier():
+    """``Parameter.device``: Chainer's specifier and array module (Chainer's own
+    device object when Chainer is imported; the Chainer-environment cases run
+    Chainer's hooks, which read it, on cynag links)."""
+    import sys
+
+    import numpy
+
+    import cynag
+
+    p = cynag.Parameter(numpy.ones(3, numpy.float32))
+    dev = p.device
+    if "chainer" in sys.modules:
+        assert str(dev) == "@numpy" and dev.xp is numpy
+    else:
+        assert dev.name == "@numpy" and dev.xp is numpy and str(dev) == "@numpy"
+        assert dev == cynag.Parameter(numpy.zeros(1)).device
+    assert cynag.Parameter(shape=None).device is None
