@@ -183,6 +183,21 @@ constexpr size_t OBJECT_BYTES = 32;   // a tensor's PyObject: header and its at:
 constexpr size_t DICT_BYTES = 48;     // PyDictObject
 constexpr size_t KEYS_BYTES = 128;    // the keys of a small dict ({"v", "step"})
 
+// A tensor whose elements this reader can address: in CPU or CUDA memory
+// (a meta tensor, or a subclass without storage such as DTensor, is not;
+// nor is memory of another device; an efficient zero tensor needs none).
+// The Python checks name the others.
+inline bool addressable(const at::Tensor& t)
+{
+    const auto d = t.device().type();
+    if (d != at::kCPU && d != at::kCUDA)
+        return false;
+    if (t.numel() == 0)
+        return true;
+    return t._is_zerotensor()  // (no memory, none needed: the Python path reads it)
+           || (t.unsafeGetTensorImpl()->has_storage() && t.const_data_ptr() != nullptr);
+}
+
 inline c10::TensorImpl* impl_of(PyObject* obj)
 {
     return THPVariable_Unpack(obj).unsafeGetTensorImpl();
@@ -336,6 +351,10 @@ void collect_rows(py::list lists, py::dict state, Rows& rows, py::list& states_o
             c[i] = 3;  // (updated in place only in inference mode)
             continue;
         }
+        if (!addressable(p) || !addressable(g)) {
+            c[i] = 3;
+            continue;
+        }
         if (st == Py_None || !PyDict_Check(st) || PyDict_Size(st) == 0) {
             c[i] = 2;  // no state yet: created by the Python path
             continue;
@@ -357,7 +376,8 @@ void collect_rows(py::list lists, py::dict state, Rows& rows, py::list& states_o
             continue;
         }
         PyObject* step = PyDict_GetItemWithError(st, step_key);
-        if (step == nullptr || !PyLong_CheckExact(step) || (v.is_inference() && !inference)) {
+        if (step == nullptr || !PyLong_CheckExact(step) || (v.is_inference() && !inference)
+                || !addressable(v)) {
             PyErr_Clear();
             c[i] = 3;  // (the Python path names what does not fit)
             continue;

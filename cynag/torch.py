@@ -90,6 +90,35 @@ def _explain(gi, pi, p, g):
     raise AssertionError("%s: no mismatch found" % label)  # pragma: no cover
 
 
+def _addressable(t):
+    """True if the step can address ``t``'s elements: CPU or CUDA memory (not a
+    meta tensor, a subclass without storage such as DTensor, or another
+    device's memory; an efficient zero tensor has none and needs none)."""
+    if t.device.type not in ("cpu", "cuda"):
+        return False
+    return t.numel() == 0 or t.data_ptr() != 0 or t._is_zerotensor()
+
+
+def _check_placement(gi, pi, p, g, v):
+    """Raise, naming the parameter, for tensors the step cannot update in place:
+    not :func:`_addressable`, or a ``p`` or ``v`` whose elements overlap one
+    another (an expanded tensor)."""
+    for name, t in (("parameter", p), ("gradient", g), ("state 'v'", v)):
+        if t is None:
+            continue
+        if not _addressable(t):
+            raise TypeError(
+                "%s: the %s is a %s on %s without memory the step can address; "
+                "cynag.torch.NesterovAG updates tensors in CPU or CUDA memory (not meta "
+                "tensors, DTensor or other devices)" % (_label(gi, pi, p), name,
+                                                         type(t).__name__, t.device))
+        if name != "gradient" and not t.is_contiguous() \
+                and torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError("%s: the %s has elements that share memory (an expanded "
+                             "tensor) and cannot be updated in place" % (_label(gi, pi, p),
+                                                                        name))
+
+
 class _Rows:
     """Some parameters of a group as the native reader listed them, with their states."""
 
@@ -137,9 +166,10 @@ class NesterovAG(torch.optim.Optimizer):
     A step checks every parameter before it changes anything: a sparse
     gradient, a gradient of another shape, dtype or device than its
     parameter, a parameter that is not floating point, a state that does
-    not fit (``v``, or a ``step`` that is not an int), or an inference
-    tensor outside ``torch.inference_mode()`` raises an exception naming
-    the parameter
+    not fit (``v``, or a ``step`` that is not an int), an inference tensor
+    outside ``torch.inference_mode()``, a parameter or ``v`` whose elements
+    share memory, or a tensor not in CPU or CUDA memory (a meta tensor, a
+    ``DTensor``, another device's) raises an exception naming the parameter
     (``param_groups[g]['params'][i]``) and leaves every parameter and state
     as it was.
     """
@@ -158,6 +188,14 @@ class NesterovAG(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.t = 0
         self.epoch = 0
+
+    def __getstate__(self):
+        # (torch's keeps defaults, state and param_groups: copy.deepcopy, pickle
+        # and torch.save(optimizer) keep the counts too)
+        state = super().__getstate__()
+        state["t"] = self.t
+        state["epoch"] = self.epoch
+        return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -178,11 +216,23 @@ class NesterovAG(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """Load a :meth:`state_dict`; a state that does not fit raises, changing nothing.
 
-        Checked first: the number of groups and of parameters in each (as
-        PyTorch checks), and for every saved parameter state, that ``v`` is
-        a tensor of the parameter's shape and dtype and ``step`` a
-        non-negative integer.
+        As in PyTorch, the load pre-hooks (``register_load_state_dict_pre_hook``)
+        see the dict first and may replace it.  Then checked: the number of
+        groups and of parameters in each (as PyTorch checks), and for every
+        saved parameter state that is not empty, that ``v`` is a floating-point
+        tensor of the parameter's shape (converted to the parameter's dtype
+        and device, as PyTorch converts a state) and ``step`` a non-negative
+        integer.  Other entries of a state are loaded as they are, as PyTorch
+        loads them.
         """
+        if not isinstance(state_dict, dict):
+            raise ValueError("not an optimizer state_dict (needs 'state' and 'param_groups')")
+        state_dict = state_dict.copy()
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        for hook in list(pre_hooks.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         if not isinstance(state_dict, dict) or "state" not in state_dict \
                 or "param_groups" not in state_dict:
             raise ValueError("not an optimizer state_dict (needs 'state' and 'param_groups')")
@@ -205,15 +255,14 @@ class NesterovAG(torch.optim.Optimizer):
             label = _label(gi, pi, p)
             if not isinstance(st, dict):
                 raise ValueError("%s: the saved state is not a dict" % label)
-            unknown = set(st) - {"v", "step"}
-            if unknown:
-                raise ValueError("%s: unknown state entries %s" % (label, sorted(unknown)))
+            if not st:
+                continue  # (a state never filled: PyTorch saves it as it is)
             v = st.get("v")
             if not isinstance(v, torch.Tensor):
                 raise ValueError("%s: the saved state has no tensor 'v'" % label)
             if v.shape != p.shape:
                 raise ValueError("%s: the saved 'v' has shape %s" % (label, tuple(v.shape)))
-            if v.dtype != p.dtype:
+            if not v.is_floating_point() or v.layout is not torch.strided:
                 raise ValueError("%s: the saved 'v' has dtype %s" % (label, v.dtype))
             step = st.get("step", 0)
             if isinstance(step, torch.Tensor):
@@ -225,8 +274,14 @@ class NesterovAG(torch.optim.Optimizer):
         t = int(extra.get("t", 0))
         epoch = int(extra.get("epoch", 0))
         sd = {k: v for k, v in state_dict.items() if k != "cynag"}
-        super().load_state_dict(sd)
+        self._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()  # (they ran above)
+        try:
+            super().load_state_dict(sd)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
         for st in self.state.values():
+            if not st:
+                continue
             # (the step's own type: a Python int, 0 if the saved state had none)
             st["step"] = int(st["step"].item() if isinstance(st.get("step"), torch.Tensor)
                              else st.get("step", 0))
@@ -327,7 +382,9 @@ class NesterovAG(torch.optim.Optimizer):
             gi = int(group_of[i])
             pi = i - offsets[gi]
             p, st = lists[gi][pi], sts[i]
-            plans[gi][4].append(_Entry(p, p.grad, st.get("v") if st else None, st, (gi, pi)))
+            v = st.get("v") if st else None
+            _check_placement(gi, pi, p, p.grad, v)
+            plans[gi][4].append(_Entry(p, p.grad, v, st, (gi, pi)))
         return (merged, hyper, lists, offsets) if merged else None, plans
 
     def _run_merged(self, native, merged, hyper, lists, offsets):
@@ -406,6 +463,7 @@ class NesterovAG(torch.optim.Optimizer):
             raise RuntimeError("%s: an inference tensor (made in torch.inference_mode) cannot "
                                "be updated in place outside it" % _label(gi, pi, p))
         if not st:
+            _check_placement(gi, pi, p, g, None)
             return None
         v = st.get("v")
         if not isinstance(v, torch.Tensor) or v.layout is not torch.strided \
@@ -419,6 +477,7 @@ class NesterovAG(torch.optim.Optimizer):
         if type(st.get("step")) is not int:
             raise ValueError("%s: its state 'step' is %r, not an int" % (_label(gi, pi, p),
                                                                           st.get("step")))
+        _check_placement(gi, pi, p, g, v)
         return v
 
     def _apply(self, group, plan, native=None):

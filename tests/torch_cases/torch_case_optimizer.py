@@ -574,7 +574,7 @@ def test_load_state_dict_that_does_not_fit_changes_nothing(bad):
     if bad == "shape":
         bad_sd["state"][0]["v"] = torch.zeros(5)
     elif bad == "dtype":
-        bad_sd["state"][0]["v"] = bad_sd["state"][0]["v"].double()
+        bad_sd["state"][0]["v"] = bad_sd["state"][0]["v"].long()
     elif bad == "count":
         bad_sd["param_groups"][0]["params"] = bad_sd["param_groups"][0]["params"][:1]
     elif bad == "groups":
@@ -588,6 +588,114 @@ def test_load_state_dict_that_does_not_fit_changes_nothing(bad):
     assert opt.t == 1
     for k, p in enumerate(model.parameters()):
         assert torch.equal(opt.state[p]["v"], before[k][0]) and opt.state[p]["step"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_load_state_dict_converts_v_to_the_parameters_dtype(dtype):
+    """As torch.optim converts a state (resuming after model.to(dtype))."""
+    model = torch.nn.Linear(3, 2)
+    opt = ct.NesterovAG(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    model.to(dtype)
+    opt2 = ct.NesterovAG(model.parameters(), lr=0.1)
+    opt2.load_state_dict(sd)
+    for k, p in enumerate(model.parameters()):
+        assert opt2.state[p]["v"].dtype == dtype
+        assert torch.equal(opt2.state[p]["v"], sd["state"][k]["v"].to(dtype))
+    model(torch.randn(2, 3, dtype=dtype)).sum().backward()
+    opt2.step()
+    assert all(opt2.state[p]["step"] == 2 for p in model.parameters())
+
+
+def test_empty_and_extra_state_entries_round_trip():
+    """A state read before its first update (the state is a defaultdict) and an
+    entry of the user's own are saved and loaded as torch.optim does."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = ct.NesterovAG([a, b], lr=0.1)
+    a.grad = torch.ones(3)
+    opt.step()
+    assert opt.state[b] == {}  # (read: an empty state)
+    opt.state[a]["ema"] = torch.full((3,), 7.0)
+    sd = opt.state_dict()
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    opt2 = ct.NesterovAG([a, b], lr=0.1)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    assert opt2.state[b] == {} and torch.equal(opt2.state[a]["ema"], torch.full((3,), 7.0))
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    opt2.step()
+    assert opt2.state[a]["step"] == 2 and opt2.state[b]["step"] == 1
+
+
+def test_load_pre_hooks_run_before_the_checks():
+    """A load pre-hook may migrate a checkpoint (as torch.optim runs them first);
+    what it returns is checked."""
+    a = torch.nn.Parameter(torch.ones(3))
+    sgd = torch.optim.SGD([a], lr=0.1, momentum=0.9)
+    a.grad = torch.ones(3)
+    sgd.step()
+    sd = sgd.state_dict()
+    opt = ct.NesterovAG([a], lr=0.1)
+
+    def migrate(optimizer, state_dict):
+        state_dict = dict(state_dict)
+        state_dict["state"] = {k: {"v": -0.1 * st["momentum_buffer"], "step": 1}
+                               for k, st in state_dict["state"].items()}
+        return state_dict
+
+    handle = opt.register_load_state_dict_pre_hook(migrate)
+    opt.load_state_dict(sd)
+    assert torch.equal(opt.state[a]["v"], torch.full((3,), -0.1)) and opt.state[a]["step"] == 1
+    handle.remove()
+    opt.register_load_state_dict_pre_hook(
+        lambda o, state_dict: {**state_dict, "state": {0: {"v": torch.zeros(7), "step": 1}}})
+    with pytest.raises(ValueError, match="shape"):
+        opt.load_state_dict(sd)
+    assert torch.equal(opt.state[a]["v"], torch.full((3,), -0.1))
+
+
+def test_copies_and_pickles_keep_t_and_epoch():
+    import copy
+    import pickle
+
+    a = torch.nn.Parameter(torch.ones(3))
+    opt = ct.NesterovAG([a], lr=0.1)
+    for _ in range(3):
+        a.grad = torch.ones(3)
+        opt.step()
+    opt.new_epoch()
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert (other.t, other.epoch) == (3, 1)
+        assert other.state_dict()["cynag"] == {"t": 3, "epoch": 1}
+
+
+@pytest.mark.parametrize("what", ["meta", "expanded v", "expanded param"])
+def test_tensors_the_step_cannot_address_refused_first(reader, what):
+    """Parameters the step cannot update in place are refused before anything
+    changes, naming the parameter: not in CPU or CUDA memory (a meta tensor;
+    also DTensor and other devices) or with elements sharing memory."""
+    a = torch.nn.Parameter(torch.zeros(3))
+    if what == "meta":
+        b = torch.nn.Parameter(torch.zeros(4, device="meta"))
+    elif what == "expanded param":
+        b = torch.nn.Parameter(torch.zeros(1).expand(4))
+    else:
+        b = torch.nn.Parameter(torch.zeros(4))
+    opt = ct.NesterovAG([a, b], lr=0.1)
+    if what == "expanded v":
+        a.grad, b.grad = torch.ones(3), torch.ones(4)
+        opt.step()
+        opt.state[b]["v"] = torch.zeros(1).expand(4)
+    a.grad, b.grad = torch.ones(3), torch.ones(4, device=b.device)
+    before = a.detach().clone()
+    t = opt.t
+    with pytest.raises((TypeError, ValueError), match=r"\['params'\]\[1\]"):
+        opt.step()
+    assert torch.equal(a.detach(), before) and opt.t == t
+    assert opt.state[a].get("step", 0) == t
 
 
 def test_bad_input_raises_naming_the_parameter_and_changes_nothing():
