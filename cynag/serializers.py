@@ -66,6 +66,13 @@ class DictionarySerializer(Serializer):
             ``None``.  Feed it to :func:`save_npz` or keep it as is.
     """
 
+    def __new__(cls, *args, **kwargs):
+        # Also a chainer.serializer.Serializer when Chainer is loaded: Chainer's
+        # objects (Trainer, LogReport, ...) tell saving from loading by it.
+        if cls is DictionarySerializer:
+            cls = _chainer_class(DictionarySerializer, "Serializer")
+        return super().__new__(cls)
+
     def __init__(self, target=None, path=""):
         self.target = {} if target is None else target
         self.path = path
@@ -305,9 +312,9 @@ class NpzDeserializer(Deserializer):
 
     def __new__(cls, *args, **kwargs):
         # Also a chainer.serializer.Deserializer when Chainer is loaded, so
-        # that Chainer's update rules recognise it (see _deserializer_class).
+        # that Chainer's update rules recognise it (see _chainer_class).
         if cls is NpzDeserializer:
-            cls = _deserializer_class()
+            cls = _chainer_class(NpzDeserializer, "Deserializer")
         return super().__new__(cls)
 
     def __init__(self, npz, path="", strict=True, ignore_names=None, *, allow_pickle=False,
@@ -353,7 +360,10 @@ class NpzDeserializer(Deserializer):
         if stored is None:
             return None
         _check_compatible(key, stored, value)
-        if ctx.validating:
+        if ctx.validating and not isinstance(value, (str, bytes)):
+            # Nothing changes in the first pass: the caller gets back its own
+            # value (assigned in the second).  A string is returned as stored:
+            # callers decode it (LogReport: json.loads(serializer('_log', ''))).
             return value
         if value is None:
             return stored.copy()
@@ -369,8 +379,10 @@ class NpzDeserializer(Deserializer):
     @property
     def checking(self):
         """True during the first pass of :meth:`load`, which reads and checks
-        every value but assigns nothing (``serialize`` methods that do more
-        than call the serializer can test it)."""
+        every value but assigns nothing: the caller gets its own value back,
+        except a string, which it gets as stored (callers decode it, as
+        Chainer's ``LogReport`` does); ``serialize`` methods with side effects
+        can test this."""
         return self._ctx.validating
 
     def load(self, obj):
@@ -386,23 +398,24 @@ class NpzDeserializer(Deserializer):
 _chainer_compatible = {}
 
 
-def _deserializer_class():
-    """NpzDeserializer, also a ``chainer.serializer.Deserializer`` if Chainer is loaded.
+def _chainer_class(cls, base_name):
+    """``cls``, also a subclass of ``chainer.serializer.<base_name>`` if Chainer is loaded.
 
-    Chainer's update rules tell loading from saving by
-    ``isinstance(serializer, chainer.serializer.Deserializer)``; with this,
-    cynag's loaders restore the state of Chainer optimizers too.  Chainer is
-    never imported here: only a Chainer the program already uses counts.
+    Chainer's update rules and training objects tell loading from saving by
+    ``isinstance(serializer, chainer.serializer.Deserializer)`` (or
+    ``Serializer``); with this, cynag's savers and loaders handle Chainer's
+    objects too.  Chainer is never imported here: only a Chainer the program
+    already uses counts.
     """
     chainer_serializer = sys.modules.get("chainer.serializer")
-    base = getattr(chainer_serializer, "Deserializer", None)
+    base = getattr(chainer_serializer, base_name, None)
     if base is None:
-        return NpzDeserializer
-    cls = _chainer_compatible.get(base)
-    if cls is None:
-        cls = type("NpzDeserializer", (NpzDeserializer, base), {"__module__": __name__})
-        _chainer_compatible[base] = cls
-    return cls
+        return cls
+    sub = _chainer_compatible.get((cls, base))
+    if sub is None:
+        sub = type(cls.__name__, (cls, base), {"__module__": __name__})
+        _chainer_compatible[(cls, base)] = sub
+    return sub
 
 
 def deserialize(target, obj, path="", strict=True, ignore_names=None, *, allow_pickle=False):

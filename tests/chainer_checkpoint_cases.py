@@ -1539,6 +1539,53 @@ def interop_cynag_load_npz_into_chainer_optimizer():
     _interop(cynag, chainer)
 
 
+def _small_trainer(optimizer_module, out):
+    from chainer import iterators, training
+    from chainer.training import extensions
+
+    rng = np.random.RandomState(5)
+    data = [(rng.standard_normal(4).astype(np.float32), np.int32(k % 3)) for k in range(12)]
+    model = L.Classifier(L.Linear(4, 3, initialW=_arr(400, (3, 4), np.float32)))
+    opt = optimizer_module.NesterovAG(lr=0.05).setup(model)
+    it = iterators.SerialIterator(data, 4, shuffle=False)
+    updater = training.updaters.StandardUpdater(it, opt)
+    trainer = training.Trainer(updater, (2, "epoch"), out=out)
+    trainer.extend(extensions.LogReport(trigger=(1, "iteration")))
+    return trainer, model, opt
+
+
+@case("interop")
+def interop_trainer_with_log_report_through_cynags_serializers():
+    """A chainer Trainer (cynag's optimizer, a LogReport) saved and resumed by
+    cynag.serializers as by chainer.serializers: the saver is a
+    chainer Serializer (the Trainer saves, not loads, its elapsed time) and
+    the loader's checking pass gives LogReport its stored log."""
+    import chainer.serializer as chainer_serializer
+
+    assert isinstance(cynag.serializers.DictionarySerializer(), chainer_serializer.Serializer)
+    with _TmpDir() as tmp:
+        results = []
+        for saver in (chainer.serializers, cynag.serializers):
+            trainer, model, opt = _small_trainer(cynag.optimizers, tmp("out"))
+            trainer.run()
+            saver.save_npz(tmp("t.npz"), trainer)
+            results.append(_npz_arrays(tmp("t.npz")))
+        assert_same("saved keys", sorted(results[0]), sorted(results[1]))
+        for key in results[0]:
+            if "elapsed_time" in key or key.endswith("_log"):
+                continue  # (times differ; the logs hold elapsed times)
+            assert_same_array(key, results[0][key], results[1][key])
+        elapsed = [k for k in results[1] if k.endswith("_snapshot_elapsed_time")]
+        assert elapsed and float(results[1][elapsed[0]]) > 0, elapsed
+        for loader in (chainer.serializers, cynag.serializers):
+            trainer, model, opt = _small_trainer(cynag.optimizers, tmp("out2"))
+            loader.load_npz(tmp("t.npz"), trainer)
+            assert_same("iteration", 6, trainer.updater.iteration)
+            assert_same("optimizer t", 6, opt.t)
+            log = trainer.get_extension("LogReport").log
+            assert_same("log length", 6, len(log))
+
+
 @case("interop")
 def interop_chainer_load_npz_refuses_a_state_that_does_not_fit():
     """chainer.serializers.load_npz into a cynag optimizer that has state: a

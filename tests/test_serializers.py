@@ -1233,3 +1233,38 @@ def test_npz_deserializer_used_directly_loads_state():
     for (_, p), (_, q) in zip(sorted(model.namedparams()), sorted(fresh_model.namedparams())):
         if p.update_rule.state is not None:
             assert numpy.array_equal(p.update_rule.state["v"], q.update_rule.state["v"])
+
+
+def test_the_checking_pass_reads_scalars_as_stored(tmp_path):
+    """load_npz checks every value in a first pass before it assigns; a
+    ``serialize`` that decodes a string it reads (Chainer's LogReport:
+    ``json.loads(serializer('_log', ''))``) gets the stored string in both
+    passes, and arrays are written only in the second."""
+    import json
+
+    class Log:
+        def __init__(self, log):
+            self.log, self.seen = log, []
+            self.w = numpy.zeros(2, numpy.float32)
+
+        def serialize(self, s):
+            self.log = json.loads(s("_log", json.dumps(self.log)))
+            self.seen.append((getattr(s, "checking", None), self.w.copy()))
+            s("w", self.w)
+
+    src = Log([{"loss": 1.5}])
+    src.w[:] = 3
+    path = str(tmp_path / "log.npz")
+    cynag.serializers.save_npz(path, src)
+    dst = Log([])
+
+    def serialize(s):  # (LogReport's loading: json.loads('') would fail)
+        dst.log = json.loads(s("_log", ""))
+        dst.seen.append((s.checking, dst.w.copy()))
+        s("w", dst.w)
+
+    dst.serialize = serialize
+    cynag.serializers.load_npz(path, dst)
+    assert dst.log == [{"loss": 1.5}]
+    assert [c for c, _ in dst.seen] == [True, False]
+    assert (dst.seen[1][1] == 0).all() and (dst.w == 3).all()
