@@ -399,6 +399,11 @@ class UpdateRule:
                             % type(array).__name__)
         if grad is not None:
             gdev = _backend.device_of(grad)
+            if gdev is None:
+                raise TypeError("grad must be a numpy or cupy ndarray, got %s%s"
+                                % (type(grad).__name__,
+                                   " (a NumPy scalar, not an array)"
+                                   if isinstance(grad, numpy.generic) else ""))
             if gdev != dev:
                 raise TypeError("param is a %s but grad is a %s; they must be on the same "
                                 "device" % (_backend.describe(array), _backend.describe(grad)))

@@ -238,6 +238,8 @@ CASES = [
      False, TypeError, ["dtype"]),
     ("grad_list", _set_grad(lambda p: p.grad.tolist()), False, TypeError, ["grad", "list"]),
     ("grad_scalar", _set_grad(lambda p: 1.0), False, TypeError, ["grad"]),
+    ("grad_numpy_scalar", _set_grad(lambda p: p.dtype.type(1)), False, TypeError,
+     ["grad must be a numpy or cupy ndarray", "NumPy scalar"]),
     ("grad_fake_cupy", _set_grad(lambda p: FakeCupyArray(p.array)),
      False, TypeError, ["device", "cupy"]),
     ("grad_is_param", _set_grad(lambda p: p.array), False, ValueError, ["overlap"]),
