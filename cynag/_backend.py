@@ -95,3 +95,27 @@ def device_object(a):
     if chainer is not None and hasattr(chainer, "get_device"):
         return chainer.get_device(name)
     return Device(name, array_module(a))
+
+
+def to_device_of(a, like):
+    """``a`` on the device of ``like`` (itself if it is there already)."""
+    dev = device_of(like)
+    if device_of(a) == dev:
+        return a
+    if dev == "cpu":
+        return a.get()
+    import cupy
+
+    with cupy.cuda.Device(like.device.id):
+        return cupy.asarray(a)
+
+
+def copyto(dst, src):
+    """Copy ``src``'s values into ``dst``, across devices if needed."""
+    if isinstance(dst, numpy.ndarray):
+        numpy.copyto(dst, src.get() if is_cupy_array(src) else src)
+        return
+    import cupy
+
+    with cupy.cuda.Device(dst.device.id):
+        cupy.copyto(dst, cupy.asarray(src))

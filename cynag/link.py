@@ -8,11 +8,13 @@ named ``l1`` of a :class:`Chain`, ``/0/W`` for the first child of a
 """
 import collections.abc
 import contextlib
+import copy
 import operator
 import warnings
 
 import numpy
 
+from cynag import _backend
 from cynag.parameter import Parameter
 
 
@@ -139,6 +141,30 @@ class Link:
     def children(self):
         """Direct child links."""
         return iter(())
+
+    # -- copying between links --------------------------------------------
+    def copyparams(self, link, copy_persistent=True):
+        """Copy every parameter's array (and persistent value) of ``link``, a
+        link of the same structure, into this one (Chainer's ``copyparams``)."""
+        src = link.__dict__
+        dst = self.__dict__
+        for name in sorted(self._params):
+            dst[name].copydata(src[name])
+        if copy_persistent:
+            for name in sorted(self._persistent):
+                d, s = dst[name], src[name]
+                if _backend.device_of(d) is not None and _backend.device_of(s) is not None:
+                    _backend.copyto(d, s)
+                else:
+                    dst[name] = copy.deepcopy(s)
+
+    def addgrads(self, link):
+        """Add the gradients of ``link``, a link of the same structure, to this
+        one's (Chainer's ``addgrads``)."""
+        src = link.__dict__
+        dst = self.__dict__
+        for name in sorted(self._params):
+            dst[name].addgrad(src[name])
 
     # -- gradients and update flags ----------------------------------------
     def cleargrads(self):
@@ -350,6 +376,18 @@ class Chain(Link):
         for name in sorted(self._children):
             yield d[name]
 
+    def copyparams(self, link, copy_persistent=True):
+        super().copyparams(link, copy_persistent)
+        src, dst = link.__dict__, self.__dict__
+        for name in sorted(self._children):
+            dst[name].copyparams(src[name], copy_persistent)
+
+    def addgrads(self, link):
+        super().addgrads(link)
+        src, dst = link.__dict__, self.__dict__
+        for name in sorted(self._children):
+            dst[name].addgrads(src[name])
+
     def serialize(self, serializer):
         super().serialize(serializer)
         d = self.__dict__
@@ -443,6 +481,16 @@ class ChainList(Link, collections.abc.MutableSequence):
 
     def children(self):
         return iter(list(self._children))
+
+    def copyparams(self, link, copy_persistent=True):
+        super().copyparams(link, copy_persistent)
+        for idx, child in enumerate(self._children):
+            child.copyparams(link[idx], copy_persistent)
+
+    def addgrads(self, link):
+        super().addgrads(link)
+        for idx, child in enumerate(self._children):
+            child.addgrads(link[idx])
 
     def serialize(self, serializer):
         super().serialize(serializer)

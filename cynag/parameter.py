@@ -177,6 +177,41 @@ class Parameter:
         ``xp``)."""
         return _backend.device_object(self._array)
 
+    def copydata(self, var):
+        """Copy ``var``'s array into this one (Chainer's ``Variable.copydata``).
+
+        An uninitialized side is initialized with the other's shape first;
+        nothing happens if both are.  Across devices the values are copied.
+        """
+        src = var.array
+        dst = self._array
+        if src is None:
+            if dst is None:
+                return
+            var.initialize(self.shape)
+            src = var.array
+        if dst is None:
+            self.initialize(src.shape)
+            dst = self._array
+        _backend.copyto(dst, src)
+
+    def addgrad(self, var):
+        """Add ``var``'s gradient to this one (Chainer's ``Variable.addgrad``).
+
+        Nothing if ``var`` has no gradient; an uninitialized parameter is
+        initialized with ``var``'s shape; a cleared gradient becomes ``var``'s
+        own array (shared, as Chainer shares its gradient variable), else a
+        new array ``var.grad + self.grad`` on this parameter's device.
+        """
+        src = var.grad
+        if src is None:
+            return
+        if self._array is None:
+            self.initialize(var.shape)
+        src = _backend.to_device_of(src, self._array)
+        dst = self._grad
+        self.grad = src if dst is None else src + dst
+
     def initialize(self, shape):
         """Create the array of an uninitialized parameter from its initializer."""
         self._array = _generate_array(self.initializer, shape,

@@ -1144,6 +1144,36 @@ def naming_mutations_and_update_flags():
     compare_scenario(_naming_mutation_scenario)
 
 
+def _copy_scenario(fw):
+    """copyparams / addgrads between two trees (and into uninitialized
+    parameters, and with cleared gradients): the arrays, gradients and which
+    gradients are the source's own arrays."""
+    log = []
+    a, b = _build_tree(fw), _build_tree(fw)
+    for k, (_, p) in enumerate(sorted(b.namedparams())):
+        if p.array is not None:
+            p.array[...] = k + 0.5
+            p.grad = np.full(p.shape, k + 0.25, p.dtype)
+    for k, (_, p) in enumerate(sorted(a.namedparams())):
+        if p.array is not None and k % 2:
+            p.cleargrad()
+        elif p.array is not None:
+            p.grad = np.full(p.shape, -k, p.dtype)
+    a.copyparams(b)
+    a.addgrads(b)
+    src = dict(b.namedparams())
+    for path, p in sorted(a.namedparams()):
+        log.append([path, None if p.array is None else p.array.tolist(),
+                    None if p.grad is None else [p.grad.tolist(), str(p.grad.dtype)],
+                    p.grad is src[path].grad and p.grad is not None])
+    return log
+
+
+@case("naming")
+def naming_copyparams_and_addgrads():
+    compare_scenario(_copy_scenario)
+
+
 def _uninit_scenario(fw):
     log = []
     link = fw.Link()
