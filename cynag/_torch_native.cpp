@@ -13,10 +13,12 @@
 //   codes: 0 no gradient (skipped); 1 the kernel takes it (CPU, float32 or
 //   float64, at least 1-d, parameter, gradient and state v contiguous, its
 //   arrays overlapping no other array of the table, in any group); 2 the Python path
-//   updates it (no state yet, float16/bfloat16, CUDA, non-contiguous, 0-d,
-//   overlapping, a negative view or an efficient zero tensor); 3 something
-//   does not fit (the Python path names it and raises), among them a state
-//   whose "step" is not an int and an inference tensor outside inference mode.
+//   updates it (no state yet, float16/bfloat16, not on the CPU (CUDA; the
+//   Python checks refuse other devices), non-contiguous, 0-d, overlapping, a
+//   negative view or an efficient zero tensor); 3 something does not fit
+//   (the Python path names it and raises), among them a state whose "step"
+//   is not an int, an inference tensor outside inference mode and a CPU
+//   tensor without memory (a subclass without storage, such as DTensor).
 //   ptrs (n, 3) int64: param, grad, v addresses of code-1 rows; sizes (n,)
 //   int64 their elements; kinds (n,) int8: 0 float32, 1 float64.
 //   state: the optimizer's state (a dict keyed by parameter); states[i]: the
@@ -183,21 +185,6 @@ constexpr size_t OBJECT_BYTES = 32;   // a tensor's PyObject: header and its at:
 constexpr size_t DICT_BYTES = 48;     // PyDictObject
 constexpr size_t KEYS_BYTES = 128;    // the keys of a small dict ({"v", "step"})
 
-// A tensor whose elements this reader can address: in CPU or CUDA memory
-// (a meta tensor, or a subclass without storage such as DTensor, is not;
-// nor is memory of another device; an efficient zero tensor needs none).
-// The Python checks name the others.
-inline bool addressable(const at::Tensor& t)
-{
-    const auto d = t.device().type();
-    if (d != at::kCPU && d != at::kCUDA)
-        return false;
-    if (t.numel() == 0)
-        return true;
-    return t._is_zerotensor()  // (no memory, none needed: the Python path reads it)
-           || (t.unsafeGetTensorImpl()->has_storage() && t.const_data_ptr() != nullptr);
-}
-
 inline c10::TensorImpl* impl_of(PyObject* obj)
 {
     return THPVariable_Unpack(obj).unsafeGetTensorImpl();
@@ -351,10 +338,6 @@ void collect_rows(py::list lists, py::dict state, Rows& rows, py::list& states_o
             c[i] = 3;  // (updated in place only in inference mode)
             continue;
         }
-        if (!addressable(p) || !addressable(g)) {
-            c[i] = 3;
-            continue;
-        }
         if (st == Py_None || !PyDict_Check(st) || PyDict_Size(st) == 0) {
             c[i] = 2;  // no state yet: created by the Python path
             continue;
@@ -376,8 +359,7 @@ void collect_rows(py::list lists, py::dict state, Rows& rows, py::list& states_o
             continue;
         }
         PyObject* step = PyDict_GetItemWithError(st, step_key);
-        if (step == nullptr || !PyLong_CheckExact(step) || (v.is_inference() && !inference)
-                || !addressable(v)) {
+        if (step == nullptr || !PyLong_CheckExact(step) || (v.is_inference() && !inference)) {
             PyErr_Clear();
             c[i] = 3;  // (the Python path names what does not fit)
             continue;
@@ -389,14 +371,29 @@ void collect_rows(py::list lists, py::dict state, Rows& rows, py::list& states_o
             c[i] = 2;
             continue;
         }
+        // A CPU tensor without memory (a subclass without storage, such as
+        // DTensor): the Python checks name it.
+        if (!p.unsafeGetTensorImpl()->has_storage() || !g.unsafeGetTensorImpl()->has_storage()
+                || !v.unsafeGetTensorImpl()->has_storage()) {
+            c[i] = 3;
+            continue;
+        }
+        const int64_t pp = reinterpret_cast<int64_t>(p.data_ptr());
+        const int64_t gp = reinterpret_cast<int64_t>(g.data_ptr());
+        const int64_t vp = reinterpret_cast<int64_t>(v.data_ptr());
+        const int64_t numel = p.numel();
+        if (numel > 0 && (pp == 0 || gp == 0 || vp == 0)) {
+            c[i] = 3;
+            continue;
+        }
         c[i] = 1;
         rows.impls[3 * i] = p.unsafeGetTensorImpl();
         rows.impls[3 * i + 1] = g.unsafeGetTensorImpl();
         rows.impls[3 * i + 2] = v.unsafeGetTensorImpl();
-        pt[3 * i] = reinterpret_cast<int64_t>(p.data_ptr());
-        pt[3 * i + 1] = reinterpret_cast<int64_t>(g.data_ptr());
-        pt[3 * i + 2] = reinterpret_cast<int64_t>(v.data_ptr());
-        sz[i] = p.numel();
+        pt[3 * i] = pp;
+        pt[3 * i + 1] = gp;
+        pt[3 * i + 2] = vp;
+        sz[i] = numel;
         kd[i] = t == at::kFloat ? 0 : 1;
     }
     Py_DECREF(v_key);

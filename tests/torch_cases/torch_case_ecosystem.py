@@ -209,3 +209,47 @@ def test_bench_e2e_torch():
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "torch / cynag_torch: time per iteration" in proc.stdout, proc.stdout[-4000:]
     assert "failed" not in proc.stdout
+
+
+DTENSOR_SCRIPT = textwrap.dedent("""
+    import os, sys, warnings
+    import torch, torch.distributed as dist
+    import cynag.torch as ct
+    warnings.simplefilter("ignore")
+    from torch.distributed.tensor import distribute_tensor, Shard
+    from torch.distributed.device_mesh import init_device_mesh
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0",
+                      WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    mesh = init_device_mesh("cpu", (1,))
+    for with_state in (False, True):
+        plain = torch.nn.Parameter(torch.zeros(3))
+        p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)]))
+        opt = ct.NesterovAG([plain, p], lr=0.1)
+        if with_state:
+            opt.state[p] = {"v": distribute_tensor(torch.zeros(4, 2), mesh, [Shard(0)]),
+                            "step": 1}
+        plain.grad = torch.ones(3)
+        p.grad = distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)])
+        try:
+            opt.step()
+        except TypeError as e:
+            assert "['params'][1]" in str(e) and "DTensor" in str(e), str(e)
+        else:
+            raise AssertionError("a DTensor parameter was not refused")
+        assert torch.equal(plain.detach(), torch.zeros(3)) and opt.t == 0
+        assert plain not in opt.state or not opt.state[plain]
+    dist.destroy_process_group()
+    print("ok")
+""")
+
+
+def test_dtensor_parameters_refused_before_any_change(tmp_path):
+    """A DTensor (FSDP2, tensor parallelism) has no memory the step can address:
+    refused naming the parameter, with or without a state, nothing changed."""
+    script = tmp_path / "dtensor.py"
+    script.write_text(DTENSOR_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(_free_port())],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=240)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-4000:]
