@@ -566,7 +566,8 @@ class UpdateRule:
                         break
                     if key in like:
                         value = _fit_loaded_state(
-                            getattr(serializer, "path", "") + key, value, like[key], param)
+                            getattr(serializer, "path", "") + key, value, like[key], param,
+                            self._loaded_state_dtypes(param, key))
                     state[key] = value
                 if not checking:
                     if state:
@@ -608,6 +609,12 @@ class UpdateRule:
         else:
             for key in self._state:
                 self._state[key] = serializer(key, self._state[key])
+
+    def _loaded_state_dtypes(self, param, key):
+        """Dtypes besides the stand-in's (:meth:`_state_like`) that a state entry
+        loaded into a rule without state keeps as stored (none by default:
+        the entry is converted to the stand-in's dtype)."""
+        return ()
 
     def _state_like(self, param):
         """``{key: stand-in}`` for the state ``init_state`` would create for ``param``.
@@ -1194,13 +1201,13 @@ class _Float32Placeholder:
         raise RuntimeError("the float32 master copy is created from the parameter's array")
 
 
-def _fit_loaded_state(key, value, like, param):
+def _fit_loaded_state(key, value, like, param, kept=()):
     """A state entry loaded into a rule without state, as the rule would hold it.
 
     It must have the shape of ``like`` (the entry ``init_state`` would
     create) and the same kind of number; it is converted to that dtype (as
-    loading into an existing state converts) and put on the parameter's
-    device.
+    loading into an existing state converts), unless its own dtype is one of
+    ``kept``, and put on the parameter's device.
     """
     from cynag.serializers import CheckpointError, CheckpointTypeError
 
@@ -1220,6 +1227,8 @@ def _fit_loaded_state(key, value, like, param):
             return cupy.asarray(value, dtype=like.dtype)
     if not isinstance(value, numpy.ndarray):  # e.g. a CuPy array from another loader
         value = value.get() if hasattr(value, "get") else numpy.asarray(value)
+    if value.dtype in kept:
+        return value.copy() if not value.flags.writeable else value
     return value.astype(like.dtype, copy=False)
 
 

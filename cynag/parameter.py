@@ -199,7 +199,8 @@ class Parameter:
         """Add ``var``'s gradient to this one (Chainer's ``Variable.addgrad``).
 
         Nothing if ``var`` has no gradient; an uninitialized parameter is
-        initialized with ``var``'s shape; a cleared gradient becomes ``var``'s
+        initialized with ``var``'s shape; a gradient of another shape or dtype
+        than the array raises, as in Chainer; a cleared gradient becomes ``var``'s
         own array (shared, as Chainer shares its gradient variable), else a
         new array ``var.grad + self.grad`` on this parameter's device.
         """
@@ -208,6 +209,15 @@ class Parameter:
             return
         if self._array is None:
             self.initialize(var.shape)
+        # (Chainer checks the gradient it assigns against the array)
+        if getattr(src, "shape", None) != self._array.shape:
+            raise ValueError("addgrad: the gradient of shape %s does not fit parameter %r of "
+                             "shape %s" % (getattr(src, "shape", None), self.name,
+                                           self._array.shape))
+        if getattr(src, "dtype", None) != self._array.dtype:
+            raise TypeError("addgrad: the gradient of dtype %s does not fit parameter %r of "
+                            "dtype %s" % (getattr(src, "dtype", None), self.name,
+                                          self._array.dtype))
         src = _backend.to_device_of(src, self._array)
         dst = self._grad
         self.grad = src if dst is None else src + dst

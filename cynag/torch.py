@@ -101,8 +101,8 @@ def _addressable(t):
 
 def _check_placement(gi, pi, p, g, v):
     """Raise, naming the parameter, for tensors the step cannot update in place:
-    not :func:`_addressable`, or a ``p`` or ``v`` whose elements overlap one
-    another (an expanded tensor)."""
+    not :func:`_addressable`, or a ``p`` or ``v`` that is expanded (a zero
+    stride: its elements share memory)."""
     for name, t in (("parameter", p), ("gradient", g), ("state 'v'", v)):
         if t is None:
             continue
@@ -113,7 +113,7 @@ def _check_placement(gi, pi, p, g, v):
                 "tensors, DTensor or other devices)" % (_label(gi, pi, p), name,
                                                          type(t).__name__, t.device))
         if name != "gradient" and not t.is_contiguous() \
-                and torch._debug_has_internal_overlap(t) == 1:
+                and torch._debug_has_internal_overlap(t) == 1:  # (a zero stride)
             raise ValueError("%s: the %s has elements that share memory (an expanded "
                              "tensor) and cannot be updated in place" % (_label(gi, pi, p),
                                                                         name))
@@ -167,8 +167,8 @@ class NesterovAG(torch.optim.Optimizer):
     gradient, a gradient of another shape, dtype or device than its
     parameter, a parameter that is not floating point, a state that does
     not fit (``v``, or a ``step`` that is not an int), an inference tensor
-    outside ``torch.inference_mode()``, a parameter or ``v`` whose elements
-    share memory, or a tensor not in CPU or CUDA memory (a meta tensor, a
+    outside ``torch.inference_mode()``, an expanded parameter or ``v`` (a
+    zero stride), or a tensor not in CPU or CUDA memory (a meta tensor, a
     ``DTensor``, another device's) raises an exception naming the parameter
     (``param_groups[g]['params'][i]``) and leaves every parameter and state
     as it was.
@@ -228,8 +228,10 @@ class NesterovAG(torch.optim.Optimizer):
         if not isinstance(state_dict, dict):
             raise ValueError("not an optimizer state_dict (needs 'state' and 'param_groups')")
         state_dict = state_dict.copy()
-        pre_hooks = self._optimizer_load_state_dict_pre_hooks
-        for hook in list(pre_hooks.values()):
+        # (the load hooks exist from PyTorch 2.1 on)
+        pre_hooks = getattr(self, "_optimizer_load_state_dict_pre_hooks", None)
+        post_hooks = getattr(self, "_optimizer_load_state_dict_post_hooks", None)
+        for hook in list((pre_hooks or {}).values()):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
@@ -264,6 +266,9 @@ class NesterovAG(torch.optim.Optimizer):
                 raise ValueError("%s: the saved 'v' has shape %s" % (label, tuple(v.shape)))
             if not v.is_floating_point() or v.layout is not torch.strided:
                 raise ValueError("%s: the saved 'v' has dtype %s" % (label, v.dtype))
+            if torch._debug_has_internal_overlap(v) == 1:
+                raise ValueError("%s: the saved 'v' has elements that share memory (an "
+                                 "expanded tensor)" % label)
             step = st.get("step", 0)
             if isinstance(step, torch.Tensor):
                 step = step.item() if step.numel() == 1 else None
@@ -274,11 +279,18 @@ class NesterovAG(torch.optim.Optimizer):
         t = int(extra.get("t", 0))
         epoch = int(extra.get("epoch", 0))
         sd = {k: v for k, v in state_dict.items() if k != "cynag"}
-        self._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()  # (they ran above)
+        # The pre-hooks ran above; the post-hooks run below, once the counts are set.
+        if pre_hooks is not None:
+            self._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()
+        if post_hooks is not None:
+            self._optimizer_load_state_dict_post_hooks = type(post_hooks)()
         try:
             super().load_state_dict(sd)
         finally:
-            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            if pre_hooks is not None:
+                self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            if post_hooks is not None:
+                self._optimizer_load_state_dict_post_hooks = post_hooks
         for st in self.state.values():
             if not st:
                 continue
@@ -287,6 +299,8 @@ class NesterovAG(torch.optim.Optimizer):
                              else st.get("step", 0))
         self.t = t
         self.epoch = epoch
+        for hook in list((post_hooks or {}).values()):
+            hook(self)
 
     # -- the step ------------------------------------------------------------
     @torch.no_grad()

@@ -3,6 +3,8 @@
 Everything here takes arrays and scalars; it knows nothing of parameters,
 update rules or hooks.
 """
+import numbers
+
 import numpy
 
 from cynag_kernels import _nesterov_cpu
@@ -215,23 +217,40 @@ def check_nesterov_ag_arrays(param, grad, v, xp=numpy, v_any_float=False):
                 raise ValueError("%s and %s overlap in memory" % (n1, n2))
 
 
+def _weak(x):
+    """A hyperparameter expression as it meets an array: a Python float, so that
+    NumPy 2 combines it by value as NumPy 1.x combines a scalar (the
+    expression itself is computed first with NumPy's scalar rules)."""
+    return float(x)
+
+
 def nesterov_ag_mixed(param, grad, v, lr, momentum):
     """Chainer's NumPy sequence as written, for a ``v`` of another float dtype.
 
     ``v *= momentum; v -= lr * grad; param += momentum * momentum * v;
     param -= (1 + momentum) * lr * grad``, each operation NumPy's own (its
-    casting and rounding), so the result is Chainer's whatever the dtypes.
-    Such a ``v`` is a state kept across a switch of ``use_fp32_update``: a
-    float16 ``v`` updated with the float32 master copy, or a float32 one with
-    the float16 parameter.  NumPy arrays only (CuPy's kernel, as Chainer's,
-    takes one dtype); checked with ``check_nesterov_ag_arrays(...,
-    v_any_float=True)``.
+    casting and rounding), so the result is Chainer's whatever the dtypes:
+    ``v`` (float16, float32 or float64) may differ from ``param`` and
+    ``grad``, which share one.  Each scalar expression is computed with
+    NumPy's scalar rules and meets the arrays as NumPy 1.x's value-based
+    casting has it, whichever NumPy runs.  NumPy arrays only; everything is
+    checked before anything is written (``check_nesterov_ag_arrays(...,
+    v_any_float=True)``, and real scalar hyperparameters).
     """
+    if grad is None or v is None:
+        raise TypeError("nesterov_ag_mixed needs grad and v arrays, got %s"
+                        % ("grad None" if grad is None else "v None"))
     check_nesterov_ag_arrays(param, grad, v, v_any_float=True)
-    v *= momentum
-    v -= lr * grad
-    param += momentum * momentum * v
-    param -= (1 + momentum) * lr * grad
+    for name, x in (("lr", lr), ("momentum", momentum)):
+        if isinstance(x, (bool, numpy.bool_)) or not (
+                isinstance(x, (numbers.Real, numpy.floating, numpy.integer))
+                or (isinstance(x, numpy.ndarray) and x.ndim == 0 and x.dtype.kind in "iuf")):
+            raise TypeError("%s must be a real scalar, got %r" % (name, x))
+    m = momentum
+    v *= _weak(m)
+    v -= _weak(lr) * grad
+    param += _weak(m * m) * v
+    param -= _weak((1 + m) * lr) * grad
 
 
 def nesterov_ag_dense_ok(param, grad, v):

@@ -1178,6 +1178,46 @@ def fp32_update_switched_off_and_on_again():
             assert_same("v dtype", "float32", str(link.W.update_rule.state["v"].dtype))
 
 
+@case("fp32")
+def fp32_update_switched_off_saved_and_resumed():
+    """A float16 parameter's float32 v, kept after switching use_fp32_update
+    off, saved and loaded into fresh objects (by either framework's loader):
+    it stays float32, as Chainer keeps what it reads, and the next steps are
+    Chainer's, bit for bit."""
+    with _TmpDir() as tmp:
+        saved = []
+        for fw in (chainer, cynag):
+            link = _fp32_link(fw, single_rule=False)
+            opt = fw.optimizers.NesterovAG(lr=0.01, momentum=0.9)
+            opt.use_fp32_update()
+            opt.setup(link)
+            for step in range(5):
+                if step == 3:
+                    link.W.update_rule.use_fp32_update(False)
+                _set_grads(link, step)
+                opt.update()
+            fw.serializers.save_npz(tmp("%s.npz" % fw.__name__), opt)
+            saved.append(link)
+        for loader in (chainer, cynag):
+            runs = []
+            for fw, src in zip((chainer, cynag), saved):
+                link = _fp32_link(fw, single_rule=False)
+                link.copyparams(src)
+                opt = fw.optimizers.NesterovAG(lr=0.01, momentum=0.9).setup(link)
+                loader.serializers.load_npz(tmp("%s.npz" % fw.__name__), opt)
+                runs.append((link, opt))
+            (cl, co), (yl, yo) = runs
+            compare_trained("loaded by %s" % loader.__name__, cl, co, yl, yo)
+            for step in range(5, 8):
+                for link, opt in runs:
+                    _set_grads(link, step)
+                    opt.update()
+                compare_trained("loaded by %s, step %d" % (loader.__name__, step),
+                                cl, co, yl, yo, grads=True)
+            for link, _ in runs:
+                assert_same("v dtype", "float32", str(link.W.update_rule.state["v"].dtype))
+
+
 def _lazy_fp16_model():
     """Linear(None, 3) initialized at the first forward pass, float16."""
     W1 = _arr(210, (3, 4), np.float16) * np.float16(0.5)

@@ -793,6 +793,32 @@ def test_mixed_v_dtype_refuses_what_numpy_cannot_update(v):
     assert (p == 1).all() and v.tobytes() == before.tobytes()
 
 
+@pytest.mark.parametrize("grad,lr", [(None, 0.05), ("g", None), ("g", "0.05"), ("g", True),
+                                     ("g", np.ones(2))])
+def test_mixed_refuses_before_writing(grad, lr):
+    p, v = np.ones(4, np.float16), np.ones(4, np.float32)
+    g = np.ones(4, np.float16) if grad == "g" else None
+    with pytest.raises(TypeError):
+        cynag_kernels.nesterov_ag_mixed(p, g, v, lr, 0.9)
+    assert (p == 1).all() and (v == 1).all()
+
+
+@pytest.mark.parametrize("scalar", [float, np.float32, np.float64])
+def test_mixed_combines_scalars_as_numpy_1(scalar):
+    # The expressions are NumPy scalars' (m * m, (1 + m) * lr), each rounded
+    # once to the array's dtype where it meets an array: NumPy 1.x's rule,
+    # whichever NumPy runs (NumPy 2 would keep a float32 scalar float32).
+    lr, m = scalar(0.1), scalar(0.9)
+    p, g, v = np.full(3, 1.5, np.float16), np.full(3, 0.3, np.float16), np.full(3, 0.2, np.float32)
+    ep, ev = p.copy(), v.copy()
+    ev *= float(m)
+    ev -= float(lr) * g
+    ep += float(m * m) * ev
+    ep -= float((1 + m) * lr) * g
+    cynag_kernels.nesterov_ag_mixed(p, g, v, lr, m)
+    assert p.tobytes() == ep.tobytes() and v.tobytes() == ev.tobytes()
+
+
 def test_check_accepts_good_arrays_and_subclasses():
     p, g, v = _fresh()
     check_nesterov_ag_arrays(p, g, v)

@@ -709,3 +709,20 @@ def test_parameter_device_as_chainers_specifier():
         assert dev.name == "@numpy" and dev.xp is numpy and str(dev) == "@numpy"
         assert dev == cynag.Parameter(numpy.zeros(1)).device
     assert cynag.Parameter(shape=None).device is None
+
+
+def test_addgrad_checks_the_gradient_as_chainer_assigns_it():
+    """Chainer's addgrad assigns through the gradient's checks: another shape or
+    dtype than the array raises, and nothing changes."""
+    import numpy
+
+    import cynag
+
+    a = cynag.Parameter(numpy.zeros((3, 1), numpy.float32))
+    a.grad = numpy.ones((3, 1), numpy.float32)
+    for bad in (numpy.ones(3, numpy.float32), numpy.ones((3, 1), numpy.float64)):
+        b = cynag.Parameter(numpy.zeros(bad.shape, bad.dtype))
+        b.grad = bad
+        with pytest.raises((ValueError, TypeError), match="addgrad"):
+            a.addgrad(b)
+        assert (a.grad == 1).all() and a.grad.shape == (3, 1)

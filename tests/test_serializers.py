@@ -1235,7 +1235,7 @@ def test_npz_deserializer_used_directly_loads_state():
             assert numpy.array_equal(p.update_rule.state["v"], q.update_rule.state["v"])
 
 
-def test_the_checking_pass_reads_scalars_as_stored(tmp_path):
+def test_the_checking_pass_reads_strings_as_stored(tmp_path):
     """load_npz checks every value in a first pass before it assigns; a
     ``serialize`` that decodes a string it reads (Chainer's LogReport:
     ``json.loads(serializer('_log', ''))``) gets the stored string in both

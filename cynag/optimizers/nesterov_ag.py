@@ -52,6 +52,14 @@ class NesterovAGRule(optimizer.UpdateRule):
         dtype = numpy.float32 if self._uses_fp32(param) else array.dtype
         return functional.state_like(array.shape, dtype)
 
+    def _loaded_state_dtypes(self, param, key):
+        # A float16 parameter's v, saved after a switch of use_fp32_update,
+        # keeps its dtype when loaded (as in Chainer, which keeps what it reads).
+        array = param.array
+        if key == "v" and isinstance(array, numpy.ndarray) and array.dtype == numpy.float16:
+            return (numpy.dtype(numpy.float16), numpy.dtype(numpy.float32))
+        return ()
+
     def _check_param(self, param):
         """Check hyperparameters, arrays and the state ``v`` before an update."""
         lr, momentum = self.hyperparam.lr, self.hyperparam.momentum

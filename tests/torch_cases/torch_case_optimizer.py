@@ -657,6 +657,27 @@ def test_load_pre_hooks_run_before_the_checks():
     assert torch.equal(opt.state[a]["v"], torch.full((3,), -0.1))
 
 
+def test_load_post_hooks_see_the_loaded_counts_and_expanded_v_refused():
+    a = torch.nn.Parameter(torch.ones(3))
+    opt = ct.NesterovAG([a], lr=0.1)
+    for _ in range(3):
+        a.grad = torch.ones(3)
+        opt.step()
+    sd = opt.state_dict()
+    opt2 = ct.NesterovAG([a], lr=0.1)
+    seen = []
+    opt2.register_load_state_dict_post_hook(
+        lambda o: seen.append((o.t, o.state[a]["step"], type(o.state[a]["step"]))))
+    opt2.load_state_dict(sd)
+    assert seen == [(3, 3, int)]
+    bad = {"state": {0: {"v": torch.zeros(1).expand(3), "step": 3}},
+           "param_groups": sd["param_groups"], "cynag": {"t": 9}}
+    with pytest.raises(ValueError, match="expanded"):
+        opt2.load_state_dict(bad)
+    assert opt2.t == 3 and not opt2.state[a]["v"].stride() == (0,)
+    assert len(seen) == 1
+
+
 def test_copies_and_pickles_keep_t_and_epoch():
     import copy
     import pickle
