@@ -766,8 +766,9 @@ def load_chainer_state(optimizer, model, source, name_map=None, path="", strict=
     (the last in the file wins, as in Chainer).  With ``strict=False``,
     entries of parameters the optimizer does not hold (e.g. a frozen part
     of the model) or the model does not have are skipped.  All or nothing:
-    every entry is read and checked (names, shapes, dtypes) before the
-    optimizer changes.
+    every entry is read and checked (names, shapes, dtypes: the parameter's;
+    float32 for a bfloat16 parameter, converted) before the optimizer
+    changes.
     """
     npz, close = _open_npz(source)
     try:
@@ -808,9 +809,10 @@ def load_chainer_state(optimizer, model, source, name_map=None, path="", strict=
                 if tuple(v.shape) != tuple(p.shape):
                     raise ValueError("%r has shape %s, the parameter %r %s"
                                      % (vkey, v.shape, tname, tuple(p.shape)))
+                # (bfloat16: NumPy has none; save_chainer_state writes float32)
                 want = torch.empty((), dtype=p.dtype).numpy().dtype \
-                    if p.dtype != torch.bfloat16 else None
-                if want is None or v.dtype != want:
+                    if p.dtype != torch.bfloat16 else numpy.dtype(numpy.float32)
+                if v.dtype != want:
                     raise ValueError("%r has dtype %s, the parameter %r %s"
                                      % (vkey, v.dtype, tname, p.dtype))
             if t < 0:
@@ -832,7 +834,7 @@ def load_chainer_state(optimizer, model, source, name_map=None, path="", strict=
                     "v": torch.zeros_like(p, memory_format=torch.preserve_format).detach(),
                     "step": t}
                 continue
-            new_state[p] = {"v": torch.from_numpy(v.copy()).to(p.device), "step": t}
+            new_state[p] = {"v": torch.from_numpy(v.copy()).to(p.device, p.dtype), "step": t}
     finally:
         if close:
             npz.close()
@@ -857,6 +859,7 @@ def save_chainer_state(optimizer, model, target, name_map=None, path=""):
             ``model``, for the names of normalization layers).
         path (str): key prefix (e.g. ``'updater/optimizer:main/'``).
 
+    A bfloat16 ``v`` is written as float32 (exactly; NumPy has no bfloat16).
     Writes ``t`` and ``epoch`` and, for every parameter the optimizer holds,
     under each of its names (tied weights: every name, as Chainer's
     ``namedparams()`` lists them), ``<path>/t`` and ``<path>/v`` (zeros and
@@ -880,11 +883,15 @@ def save_chainer_state(optimizer, model, target, name_map=None, path=""):
             continue
         st = optimizer.state.get(p) or {}
         v = st.get("v")
+        # (bfloat16 has no NumPy dtype: saved as float32, which holds it exactly
+        # and which load_chainer_state converts back)
+        dtype = torch.float32 if p.dtype == torch.bfloat16 else p.dtype
         if v is None:
-            v_np = numpy.zeros(tuple(p.shape), torch.empty((), dtype=p.dtype).numpy().dtype)
+            v_np = numpy.zeros(tuple(p.shape), torch.empty((), dtype=dtype).numpy().dtype)
             t = 0
         else:
-            v_np = v.detach().to("cpu").numpy().copy()
+            v_np = v.detach().to("cpu", dtype if v.dtype == torch.bfloat16 else v.dtype) \
+                .numpy().copy()
             t = int(st.get("step", 0))
         arrays[path + cpath + "/t"] = numpy.asarray(t)
         arrays[path + cpath + "/v"] = v_np

@@ -319,3 +319,25 @@ def test_tied_weights_both_ways(tmp_path):
     copt2 = chainer.optimizers.NesterovAG(lr=LR, momentum=M)
     copt2.setup(_Tied())
     chainer.serializers.load_npz(out, copt2)  # Chainer reads every path
+
+
+def test_bfloat16_state_saved_as_float32_and_loaded_back(tmp_path):
+    """NumPy has no bfloat16: save_chainer_state writes a bfloat16 v as float32
+    (exactly) and load_chainer_state converts it back, bit for bit."""
+    torch.manual_seed(3)
+    model = torch.nn.Linear(3, 2).bfloat16()
+    opt = ct.NesterovAG(model.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 3, dtype=torch.bfloat16)).float().square().sum().backward()
+        opt.step()
+    f = str(tmp_path / "bf16.npz")
+    ct.save_chainer_state(opt, model, f)
+    with np.load(f) as z:
+        assert z["W/v"].dtype == np.float32
+    opt2 = ct.NesterovAG(model.parameters(), lr=0.1)
+    ct.load_chainer_state(opt2, model, f)
+    for p in model.parameters():
+        assert opt2.state[p]["v"].dtype == torch.bfloat16
+        assert torch.equal(opt2.state[p]["v"], opt.state[p]["v"])
+        assert opt2.state[p]["step"] == 2
