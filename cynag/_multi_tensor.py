@@ -109,10 +109,12 @@ def list_namedparams(target, names):
 
 def _standard_update(tp):
     """True if ``tp().update()`` is ``update_rule.update(self)`` (no override)."""
+    from cynag.optimizer import _chainer_parameter_class
+
     for base in tp.__mro__:
         if base is Parameter:
             return tp.update is Parameter.update
-        if base.__name__ == "Parameter" and base.__module__ == "chainer.variable":
+        if base is _chainer_parameter_class(base):
             return tp.update is base.update
     # Another class with Chainer's parameter interface: its update() calls
     # update_rule.update(self) (cynag's contract for Chainer-style links).
