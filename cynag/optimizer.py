@@ -383,6 +383,16 @@ class UpdateRule:
         # assigns a new one) nor the gradient (it works on a float32 copy).
         copies = self._uses_fp32(param)
         self._check_arrays(array, grad, writes_array=not copies)
+        if copies:
+            master = self._fp32_param
+            master_array = None if master is None else master.array
+            if master_array is not None and master_array.shape != array.shape:
+                # (the parameter's array was replaced; Chainer fails here too,
+                # after the parameters before this one were updated)
+                raise ValueError("param has shape %s but its float32 master copy has shape "
+                                 "%s (use_fp32_update); reset rule._fp32_param to None "
+                                 "with the state to start again"
+                                 % (array.shape, master_array.shape))
         if isinstance(grad, numpy.ndarray) and not grad.flags.writeable and not copies:
             if getattr(param, "_loss_scale", None) is not None:
                 raise ValueError("grad is read-only but must be divided by the loss scale "

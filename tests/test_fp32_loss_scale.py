@@ -727,6 +727,42 @@ def test_mixed_v_dtype_checked_before_any_change():
     assert all(p.update_rule._fp32_param is None for p in link.params())
 
 
+@pytest.mark.parametrize("multi", [True, False])
+@pytest.mark.parametrize("hook", [False, True])
+def test_fp32_master_of_another_shape_refused_before_any_change(multi, hook):
+    """A float16 parameter whose array was replaced by one of another shape
+    keeps its float32 master copy (as in Chainer, which then fails on that
+    parameter after updating the ones before it): refused before anything
+    changes, hooks included, naming the parameter."""
+    from cynag.optimizer_hooks import WeightDecay
+
+    link = cynag.Link()
+    with link.init_scope():
+        link.a = cynag.Parameter(numpy.ones(4, numpy.float32))
+        link.b = cynag.Parameter(numpy.asarray(0.5, numpy.float16))
+        link.c = cynag.Parameter(numpy.ones(4, numpy.float32))
+    opt = NesterovAG().setup(link)
+    opt.use_multi_tensor(multi)
+    opt.use_fp32_update()
+    for p in link.params():
+        p.grad = numpy.full(p.shape, 0.5, p.dtype)
+    opt.update()
+    if hook:
+        opt.add_hook(WeightDecay(0.01), timing="pre")
+    link.b.array = numpy.asfortranarray(link.b.array)  # 0-d becomes (1,)
+    for p in link.params():
+        p.grad = numpy.full(p.shape, 0.25, p.dtype)
+    before = [(p.array.copy(), p.grad.copy(), p.update_rule.state["v"].copy())
+              for p in link.params()]
+    with pytest.raises(ValueError, match="'/b'.*float32 master copy has shape"):
+        opt.update()
+    assert opt.t == 1 and all(p.update_rule.t == 1 for p in link.params())
+    for p, (a, g, v) in zip(link.params(), before):
+        assert_same_bits(p.array, a)
+        assert_same_bits(p.grad, g)
+        assert_same_bits(p.update_rule.state["v"], v)
+
+
 def test_read_only_grad_with_loss_scale_after_state_exists():
     link = _two_f16_params()
     opt = NesterovAG().setup(link)

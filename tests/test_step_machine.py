@@ -590,8 +590,8 @@ def step_machine(kind):
                 except Exception as e:
                     outcomes.append((type(e), str(e)))
                     after = _snapshot(link, opt)
-                    if after["t"] != before[k]["t"]:
-                        continue  # raised by a 'post' hook, after the update (as Chainer)
+                    if _raised_by_post_hook(e):
+                        continue  # after the update (as Chainer)
                     # All or nothing: no parameter, state or counter changed.
                     for path, p in after["params"].items():
                         old = before[k]["params"].get(path)
@@ -605,6 +605,17 @@ def step_machine(kind):
             self.check("after step %d" % self.steps)
 
     return StepMachine
+
+
+def _raised_by_post_hook(exc):
+    """True if ``exc`` came out of a 'post' hook (the update had been applied)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "call_hooks" and frame.f_locals.get("timing") == "post":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _halve(opt):
