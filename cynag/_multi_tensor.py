@@ -265,7 +265,7 @@ class Plan:
 
         for key, idx in groups.items():
             ps = [params[i] for i in idx]
-            rules = [table.rules[i] for i in idx]
+            rules = [table.rule(i) for i in idx]
             coef = table.coef
             scales = [None if not coef[i, 5] else _loss_scale_of(params[i]) for i in idx]
             gt = GPUTable([p.array for p in ps], [p.grad for p in ps],
@@ -355,7 +355,7 @@ class Plan:
         params = self.params
         for i in range(table.n):
             if codes[i] == FAST:
-                g = table.keep[3 * i + 1]
+                g = table.kept(i, 1)
             else:
                 try:
                     g = params[i].grad
@@ -452,7 +452,7 @@ class Plan:
             functional.nesterov_ag_table(
                 gt, ops=None if programs is None else programs.get(("gpu", key)))
             for i in kept:
-                rule = table.rules[i]
+                rule = table.rule(i)
                 rule.t = rule.t + 1
         rest = numpy.flatnonzero(codes == REST).tolist()
         lo = 0

@@ -86,6 +86,8 @@ cdef extern from "Python.h":
     bint PyLong_CheckExact(PyObject* o)
     long long PyLong_AsLongLongAndOverflow(PyObject* o, int* overflow)
     bint PyList_CheckExact(PyObject* o)
+    bint PyUnicode_CheckExact(PyObject* o)
+    int PyUnicode_Compare(object a, object b) except? -1
     Py_ssize_t PyList_GET_SIZE(PyObject* o)
     PyObject* PyList_GET_ITEM(PyObject* o, Py_ssize_t i)
     void PyList_SET_ITEM_raw "PyList_SET_ITEM"(PyObject* o, Py_ssize_t i, PyObject* v)
@@ -98,6 +100,7 @@ cdef extern from "Python.h":
         PyMemberDef* d_member
     PyTypeObject PyMemberDescr_Type
     PyObject* PyLong_FromLongLong(long long v)
+    int PyDict_Next(PyObject* d, Py_ssize_t* pos, PyObject** key, PyObject** value)
     void Py_DECREF(PyObject* o)
     void Py_INCREF(PyObject* o)
     void Py_XDECREF(PyObject* o)
@@ -392,6 +395,23 @@ cdef class Counter:
 
 
 # -- hyperparameters ---------------------------------------------------------------
+cdef inline PyObject* _only_item(PyObject* d, PyObject* key) noexcept:
+    """The value of ``key`` in ``d``, a dictionary of one entry (borrowed; NULL
+    if its key is not ``key``).  Without hashing: the key is compared by
+    identity (attribute names and cynag's state keys are interned), then as
+    a string."""
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* k
+    cdef PyObject* v
+    if not PyDict_Next(d, &pos, &k, &v):
+        return NULL
+    if k is key:
+        return v
+    if PyUnicode_CheckExact(k) and PyUnicode_Compare(<object>k, <object>key) == 0:
+        return v
+    return NULL
+
+
 cdef object _MISSING = object()
 cdef object _ZERO_OBJ = 0  # the small int 0 (one object in CPython)
 
@@ -429,16 +449,22 @@ cdef class StepTable:
         v), sizes (int64, elements), coef (float64, 6 per row; for ``GPU``
         rows the raw lr, momentum, loss scale and flag), type_nums (int32),
         owners (uint64, 3 per row: the allocation of each array, 0 if
-        unknown), rules (list: the update rule of ``FAST``/``GPU`` rows),
-        keep (list: the arrays of every ``FAST`` row, kept alive while the
-        table points at them).
+        unknown).
+
+    The table also holds a reference to the update rule of every ``FAST``
+    and ``GPU`` row and to the arrays (param, grad, v) of every ``FAST``
+    row, so that they stay alive while it points at them, until
+    :meth:`release`: see :meth:`rule` and :meth:`kept`.  (A C array of
+    references: filling Python lists cost as much as the rest of the scan.)
     """
     cdef public object codes, flags, ptrs, sizes, coef, type_nums, owners
     # The compacted table the kernel takes, (ptrs, cum, coef) with room for
     # every row: the scratch of step() and of the general path's runs.
     cdef public tuple kernel_scratch
-    cdef public list rules, keep
-    cdef bint dirty     # rules or keep may hold references (a scan ran since release())
+    # 4 per row: the rule, then the param, grad and v arrays (owned; NULL if none).
+    cdef PyObject** refs
+    cdef Py_ssize_t n_refs
+    cdef bint dirty     # refs may hold references (a scan ran since release())
     cdef public Py_ssize_t n
     # Rows of each code and cleared gradients, as counted by the last full scan.
     cdef public Py_ssize_t n_fast, n_cleared
@@ -470,8 +496,13 @@ cdef class StepTable:
         self.scratch_recs = self.scratch_cap = 0
         self.k_ptrs = self.k_cum = NULL
         self.k_coef = NULL
+        self.refs = NULL
+        self.n_refs = 0
+        self.dirty = False
 
     def __dealloc__(self):
+        self._drop_refs()
+        free(self.refs)
         free(self.recs)
         free(self.tmp)
         free(self.slots)
@@ -525,9 +556,13 @@ cdef class StepTable:
             self.n = n
             return
         cap = max(n, 16)
-        self.rules = [None] * cap
-        self.keep = [None] * (3 * cap)
-        self.dirty = False
+        refs = <PyObject**>calloc(4 * cap, sizeof(PyObject*))
+        if refs is NULL:
+            raise MemoryError()
+        self._drop_refs()
+        free(self.refs)
+        self.refs = refs
+        self.n_refs = 4 * cap
         self.codes = numpy.zeros(cap, numpy.uint8)
         self.flags = numpy.zeros(cap, numpy.uint8)
         self.ptrs = numpy.zeros((cap, 3), numpy.int64)
@@ -553,23 +588,41 @@ cdef class StepTable:
 
     def release(self):
         """Drop the references to rules and arrays (the rows become invalid)."""
-        if self.dirty:
-            _clear(self.rules)
-            _clear(self.keep)
-            self.dirty = False
+        self._drop_refs()
 
+    cdef void _drop_refs(self) noexcept:
+        cdef Py_ssize_t i
+        cdef PyObject* o
+        if not self.dirty:
+            return
+        self.dirty = False
+        for i in range(self.n_refs):
+            o = self.refs[i]
+            if o is not NULL:
+                self.refs[i] = NULL
+                Py_DECREF(o)
 
-cdef void _clear(list lst) noexcept:
-    """Every entry of ``lst`` to None, in place."""
-    cdef Py_ssize_t i
-    cdef PyObject* old
-    cdef PyObject* none = <PyObject*>None
-    for i in range(PyList_GET_SIZE(<PyObject*>lst)):
-        old = PyList_GET_ITEM(<PyObject*>lst, i)
-        if old is not none:
-            Py_INCREF(none)
-            PyList_SET_ITEM_raw(<PyObject*>lst, i, none)
-            Py_XDECREF(old)
+    cdef inline void _hold(self, Py_ssize_t k, object value) noexcept:
+        """refs[k] = value (a new reference; the old one dropped after)."""
+        cdef PyObject* old = self.refs[k]
+        Py_INCREF(<PyObject*>value)
+        self.refs[k] = <PyObject*>value
+        Py_XDECREF(old)
+
+    def rule(self, Py_ssize_t i):
+        """The update rule the last scan read for a ``FAST`` or ``GPU`` row (else None)."""
+        if i < 0 or i >= self.n:
+            raise IndexError("StepTable.rule: row %d out of range" % i)
+        o = self.refs[4 * i]
+        return None if o is NULL else <object>o
+
+    def kept(self, Py_ssize_t i, int j):
+        """The param (``j=0``), grad (1) or v (2) array the last scan read for a
+        ``FAST`` row (else None)."""
+        if i < 0 or i >= self.n or j < 0 or j > 2:
+            raise IndexError("StepTable.kept: (%d, %d) out of range" % (i, j))
+        o = self.refs[4 * i + 1 + j]
+        return None if o is NULL else <object>o
 
 
 cdef inline uintptr_t _owner(cnp.ndarray a) noexcept:
@@ -629,15 +682,11 @@ def scan(list params, StepTable table, object indices=None):
         raise RuntimeError("cynag._step.configure() was not called")
     if table.capacity < n:
         raise ValueError("scan: the table has room for %d rows, not %d" % (table.capacity, n))
-    if len(table.rules) < n or len(table.keep) < 3 * n:
-        raise ValueError("scan: the table's rules/keep lists are shorter than its rows")
     if indices is None:
         n_idx = n
     else:
         idx_view = numpy.ascontiguousarray(indices, dtype=numpy.int64)
         n_idx = idx_view.shape[0]
-    cdef list rules = table.rules
-    cdef list keep = table.keep
     table.dirty = True
     memo_parent = _MISSING
     memo_lr = memo_m = _MISSING
@@ -711,7 +760,7 @@ def scan(list params, StepTable table, object indices=None):
         state = _slot(rp, OFF_R_STATE)
         if state is NULL or not PyDict_Check(state) or PyDict_Size(state) != 1:
             continue  # no state yet (the first update creates it) or another state
-        vp = PyDict_GetItem(state, <PyObject*>S_V)
+        vp = _only_item(state, <PyObject*>S_V)
         if vp is NULL:
             continue
         # Hyperparameters: Python floats found along the Hyperparameter chain.
@@ -723,7 +772,7 @@ def scan(list params, StepTable table, object indices=None):
         hpd_parent = NULL
         if PyDict_Size(<PyObject*>hpd) == 1:
             # Only a parent: every rule of the optimizer reads the same values.
-            hpd_parent = PyDict_GetItem(<PyObject*>hpd, <PyObject*>S_PARENT)
+            hpd_parent = _only_item(<PyObject*>hpd, <PyObject*>S_PARENT)
             if hpd_parent is not NULL and hpd_parent is <PyObject*>memo_parent:
                 lr_o = memo_lr
                 m_o = memo_m
@@ -768,7 +817,7 @@ def scan(list params, StepTable table, object indices=None):
             row[1] = m
             row[4] = ls
             row[5] = has_ls
-            _list_set(rules, i, rule)
+            table._hold(4 * i, rule)
             continue
         type_num = cynag_dense_type(array, grad, v, has_ls != 0)
         if type_num < 0:
@@ -789,10 +838,10 @@ def scan(list params, StepTable table, object indices=None):
         table.c_sizes[i] = cnp.PyArray_SIZE(<cnp.ndarray>array)
         table.c_tnum[i] = type_num
         table.c_codes[i] = C_FAST
-        _list_set(rules, i, rule)
-        _list_set(keep, 3 * i, array)
-        _list_set(keep, 3 * i + 1, grad)
-        _list_set(keep, 3 * i + 2, v)
+        table._hold(4 * i, rule)
+        table._hold(4 * i + 1, array)
+        table._hold(4 * i + 2, grad)
+        table._hold(4 * i + 3, v)
         n_fast += 1
     if indices is None:
         table.n_fast = n_fast
@@ -936,13 +985,14 @@ cdef int _bump_t(StepTable table, Py_ssize_t lo, Py_ssize_t hi, int code) except
     cdef PyObject* rp
     cdef PyObject* c
     cdef Counter counter
-    cdef list rules = table.rules
     if hi > table.n:
         hi = table.n
     for i in range(max(lo, 0), hi):
         if table.c_codes[i] != code:
             continue
-        rp = PyList_GET_ITEM(<PyObject*>rules, i)
+        rp = table.refs[4 * i]
+        if rp is NULL:
+            raise RuntimeError("bump_t: row %d has no update rule" % i)
         c = _slot(rp, OFF_R_T)
         if c is not NULL and Py_TYPE(c) is <PyTypeObject*>Counter:
             counter = <Counter>c
