@@ -157,6 +157,7 @@ def nesterov_ag_contiguous(storage_t[::1] param,        # IN/OUT
 cdef extern from "_nag_coef.h" nogil:
     int cynag_nag_coefficients(int type_num, double lr, double m, int has_ls, double ls,
                                double* out)
+    float cynag_float_round_to_odd(double d)
 
 
 def coefficient_rows(int type_num, lr, momentum, loss_scale, double[:, ::1] out,
@@ -1059,13 +1060,20 @@ cdef inline double _round_to(double x, int bits) noexcept nogil:
     Each operation is done in double and rounded to its result type; for
     +, -, * of operands no wider than that type this equals the operation in
     that type (53 >= 2 * 24 + 2 and 24 >= 2 * 11 + 2 rule out double
-    rounding).
+    rounding).  To float16 the double is rounded once (see :func:`_to_half`).
     """
     if bits == 32:
         return <float>x
     if bits == 16:
-        return cynag_half_to_float(cynag_float_to_half(<float>x))
+        return cynag_half_to_float(_to_half(x))
     return x
+
+
+cdef inline uint16_t _to_half(double x) noexcept nogil:
+    """``x`` rounded once to float16 (nearest, ties to even), as NumPy converts
+    a double: rounded to odd in float32 first (24 >= 11 + 2 bits), so that
+    the float32 step cannot make a tie of one that was not."""
+    return cynag_float_to_half(cynag_float_round_to_odd(x))
 
 
 cdef inline double _load(const storage_t* a) noexcept nogil:
@@ -1077,7 +1085,7 @@ cdef inline double _load(const storage_t* a) noexcept nogil:
 
 cdef inline void _store(storage_t* a, double x) noexcept nogil:
     if storage_t is uint16_t:
-        a[0] = cynag_float_to_half(<float>x)
+        a[0] = _to_half(x)
     else:
         a[0] = <storage_t>x
 

@@ -392,6 +392,29 @@ def test_zero_d_arrays_follow_numpy1_scalar_promotion(dtype):
         assert n_differ > 0  # the 0-d path is really different from the array path
 
 
+def test_zero_d_float16_store_rounds_once():
+    """A float64 result stored into a float16 array rounds once, as NumPy's
+    double-to-half conversion does: through float32 first, a result just
+    above a tie between two float16 values (-7.939453125000001, between
+    0xc7f0 and 0xc7f1) would lose the bit that breaks the tie."""
+    f16 = np.float16
+    param = np.array(-5.29296875, f16)   # 0xc54b
+    grad = np.array(0.2646484375, f16)
+    v = np.array(-2.646484375, f16)
+    lr, m = 10.0, 3.6286943015967804e-16
+    p_ch, v_ch = param.copy(), v.copy()
+    nesterov_ag_cpu(param, grad, v, lr, m)
+    chainer_numpy_sequence(p_ch, grad, v_ch, lr, m)
+    # Python floats: every operation in double, four roundings to float16
+    vv = f16(float(f16(float(v_ch.dtype.type(-2.646484375)) * m)) - lr * 0.2646484375)
+    pp = f16(float(f16(-5.29296875 + (m * m) * float(vv))) - ((1 + m) * lr) * 0.2646484375)
+    assert int(np.array(pp).view(np.uint16)) == 0xc7f1
+    assert_same_bits(param, np.array(pp), "param")
+    assert_same_bits(v, np.array(vv), "v")
+    if chainer_sequence_applies(0, np.dtype(f16), lr, m):
+        assert_same_bits(param, p_ch, "param vs Chainer's sequence")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,bshape", [((10,), ()), ((10,), (1,)), ((4, 6), (1, 6)),
                                           ((4, 6), (4, 1)), ((3, 4, 5), (3, 1, 5)),
@@ -793,7 +816,7 @@ def test_mixed_v_dtype_refuses_what_numpy_cannot_update(v):
     assert (p == 1).all() and v.tobytes() == before.tobytes()
 
 
-@pytest.mark.parametrize("grad,lr", [(None, 0.05), ("g", None), ("g", "0.05"), ("g", True),
+@pytest.mark.parametrize("grad,lr", [(None, 0.05), ("g", None), ("g", "0.05"),
                                      ("g", np.ones(2))])
 def test_mixed_refuses_before_writing(grad, lr):
     p, v = np.ones(4, np.float16), np.ones(4, np.float32)
