@@ -28,6 +28,7 @@ import warnings
 
 import numpy
 
+import cynag_kernels
 from cynag import _backend
 from cynag.link import Link
 from cynag.parameter import Parameter
@@ -1249,13 +1250,5 @@ def _divide_grad(grad, scale):
     _divide(grad, scale)
 
 
-def _check_scalar(name, value):
-    """Raise unless ``value`` is a real scalar the kernels can take."""
-    if not (
-            isinstance(value, (numbers.Real, numpy.floating, numpy.integer))
-            or (isinstance(value, numpy.ndarray) and value.ndim == 0
-                and value.dtype.kind in "fiu")):
-        raise TypeError("hyperparameter %s must be a real number, got %r" % (name, value))
-    if isinstance(value, int) and not -2 ** 63 <= value < 2 ** 63:
-        raise ValueError("hyperparameter %s=%r is an integer out of the int64 range"
-                         % (name, value))
+# (the kernels' own check: the one definition of what they take)
+_check_scalar = cynag_kernels.check_real_scalar

@@ -26,6 +26,7 @@ finally:
 from cynag_kernels.nesterov import (
     SUPPORTED_DTYPES,
     check_nesterov_ag_arrays,
+    check_real_scalar,
     compute_dtype,
     nesterov_ag_coefficients,
     nesterov_ag_cpu,
@@ -49,6 +50,7 @@ def build_info():
 
 __all__ = [
     "SUPPORTED_DTYPES", "DEFAULT_PARALLEL_THRESHOLD", "build_info", "openmp_enabled",
-    "check_nesterov_ag_arrays", "compute_dtype", "nesterov_ag_coefficients", "nesterov_ag_cpu", "nesterov_ag_mixed",
+    "check_nesterov_ag_arrays", "check_real_scalar", "compute_dtype", "nesterov_ag_coefficients",
+    "nesterov_ag_cpu", "nesterov_ag_mixed",
     "nesterov_ag_dense_ok", "get_num_threads", "set_num_threads", "get_parallel_threshold", "set_parallel_threshold",
 ]

@@ -224,6 +224,20 @@ def _weak(x):
     return float(x)
 
 
+def check_real_scalar(name, value):
+    """Raise unless ``value`` is a real scalar the kernels can take: a Python or
+    NumPy real number (``bool`` too, as ``numbers.Real`` has it) or a 0-d
+    NumPy array of integers or floats; a Python int must fit int64."""
+    if not (
+            isinstance(value, (numbers.Real, numpy.floating, numpy.integer))
+            or (isinstance(value, numpy.ndarray) and value.ndim == 0
+                and value.dtype.kind in "fiu")):
+        raise TypeError("hyperparameter %s must be a real number, got %r" % (name, value))
+    if isinstance(value, int) and not -2 ** 63 <= value < 2 ** 63:
+        raise ValueError("hyperparameter %s=%r is an integer out of the int64 range"
+                         % (name, value))
+
+
 def nesterov_ag_mixed(param, grad, v, lr, momentum):
     """Chainer's NumPy sequence as written, for a ``v`` of another float dtype.
 
@@ -241,11 +255,8 @@ def nesterov_ag_mixed(param, grad, v, lr, momentum):
         raise TypeError("nesterov_ag_mixed needs grad and v arrays, got %s"
                         % ("grad None" if grad is None else "v None"))
     check_nesterov_ag_arrays(param, grad, v, v_any_float=True)
-    for name, x in (("lr", lr), ("momentum", momentum)):
-        if isinstance(x, (bool, numpy.bool_)) or not (
-                isinstance(x, (numbers.Real, numpy.floating, numpy.integer))
-                or (isinstance(x, numpy.ndarray) and x.ndim == 0 and x.dtype.kind in "iuf")):
-            raise TypeError("%s must be a real scalar, got %r" % (name, x))
+    check_real_scalar("lr", lr)
+    check_real_scalar("momentum", momentum)
     m = momentum
     v *= _weak(m)
     v -= _weak(lr) * grad
