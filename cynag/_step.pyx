@@ -455,7 +455,10 @@ cdef class StepTable:
     and ``GPU`` row and to the arrays (param, grad, v) of every ``FAST``
     row, so that they stay alive while it points at them, until
     :meth:`release`: see :meth:`rule` and :meth:`kept`.  (A C array of
-    references: filling Python lists cost as much as the rest of the scan.)
+    references: filling Python lists cost as much as the rest of the scan.
+    The garbage collector does not see them: a cycle through a table is
+    collected only after :meth:`release`, which every step calls, on errors
+    too.)
     """
     cdef public object codes, flags, ptrs, sizes, coef, type_nums, owners
     # The compacted table the kernel takes, (ptrs, cum, coef) with room for
@@ -587,7 +590,10 @@ cdef class StepTable:
         self.n = n
 
     def release(self):
-        """Drop the references to rules and arrays (the rows become invalid)."""
+        """Drop the references to rules and arrays; every row becomes ``SKIP``
+        (its addresses may point at freed memory from now on)."""
+        if self.dirty and self.capacity > 0:
+            memset(self.c_codes, C_SKIP, self.capacity)
         self._drop_refs()
 
     cdef void _drop_refs(self) noexcept:
@@ -610,16 +616,18 @@ cdef class StepTable:
         Py_XDECREF(old)
 
     def rule(self, Py_ssize_t i):
-        """The update rule the last scan read for a ``FAST`` or ``GPU`` row (else None)."""
-        if i < 0 or i >= self.n:
+        """The update rule the last scan read for a row it made ``FAST`` or ``GPU``
+        (kept if a later check moved the row; None for other rows)."""
+        if i < 0 or i >= self.n or 4 * i + 3 >= self.n_refs:
             raise IndexError("StepTable.rule: row %d out of range" % i)
         o = self.refs[4 * i]
         return None if o is NULL else <object>o
 
     def kept(self, Py_ssize_t i, int j):
         """The param (``j=0``), grad (1) or v (2) array the last scan read for a
-        ``FAST`` row (else None)."""
-        if i < 0 or i >= self.n or j < 0 or j > 2:
+        row it made ``FAST`` (kept if a later check moved the row; None for
+        other rows)."""
+        if i < 0 or i >= self.n or 4 * i + 3 >= self.n_refs or j < 0 or j > 2:
             raise IndexError("StepTable.kept: (%d, %d) out of range" % (i, j))
         o = self.refs[4 * i + 1 + j]
         return None if o is NULL else <object>o
@@ -763,6 +771,7 @@ def scan(list params, StepTable table, object indices=None):
         vp = _only_item(state, <PyObject*>S_V)
         if vp is NULL:
             continue
+        v = <object>vp  # (owned from here: the Python reads below could replace the state)
         # Hyperparameters: Python floats found along the Hyperparameter chain.
         hp = _slot(rp, OFF_R_HP)
         if hp is NULL:
@@ -777,10 +786,11 @@ def scan(list params, StepTable table, object indices=None):
                 lr_o = memo_lr
                 m_o = memo_m
         if lr_o is _MISSING:
+            parent_o = None if hpd_parent is NULL else <object>hpd_parent  # (owned)
             lr_o = _hp_lookup(<object>hp, S_LR)
             m_o = _hp_lookup(<object>hp, S_MOMENTUM)
-            if hpd_parent is not NULL:
-                memo_parent = <object>hpd_parent
+            if parent_o is not None:
+                memo_parent = parent_o
                 memo_lr = lr_o
                 memo_m = m_o
         if not PyFloat_CheckExact(<PyObject*>lr_o) or not PyFloat_CheckExact(<PyObject*>m_o):
@@ -804,7 +814,6 @@ def scan(list params, StepTable table, object indices=None):
             else:
                 continue
             has_ls = 1
-        v = <object>vp
         if grad is None:
             # Zeros are allocated for it before the update; scanned again then.
             table.c_codes[i] = C_NEEDS_GRAD
@@ -987,6 +996,8 @@ cdef int _bump_t(StepTable table, Py_ssize_t lo, Py_ssize_t hi, int code) except
     cdef Counter counter
     if hi > table.n:
         hi = table.n
+    if hi > table.capacity:
+        hi = table.capacity
     for i in range(max(lo, 0), hi):
         if table.c_codes[i] != code:
             continue

@@ -108,3 +108,40 @@ def test_mark_overlaps_matches_brute_force(layout):
     for i in expected:
         table.codes[i] = _step.FAST
     assert _step.mark_overlaps(table, list(extras)) == len(expected)
+
+
+def test_table_references_are_held_until_release():
+    """The table keeps each FAST row's rule and arrays alive until release();
+    then every row is SKIP (its addresses may be stale) and out-of-range
+    rows raise, even with ``n`` set beyond the table's room."""
+    import sys
+
+    import cynag
+
+    link = cynag.Link()
+    with link.init_scope():
+        link.w = cynag.Parameter(np.ones(3, np.float32))
+    opt = cynag.optimizers.NesterovAG().setup(link)
+    link.w.grad = np.ones(3, np.float32)
+    opt.update()  # (the state exists: the row is FAST)
+    table = _step.StepTable()
+    params = list(link.params())
+    table.reserve(len(params))
+    grad = link.w.grad
+    before = sys.getrefcount(grad)
+    assert _step.scan(params, table) == 1
+    assert table.codes[0] == _step.FAST
+    assert table.rule(0) is link.w.update_rule and table.kept(0, 1) is grad
+    assert sys.getrefcount(grad) == before + 1
+    table.release()
+    assert sys.getrefcount(grad) == before
+    assert table.codes[0] == _step.SKIP and table.rule(0) is None
+    table.n = 1 << 40
+    for bad in (lambda: table.rule(1 << 39), lambda: table.kept(1 << 39, 0),
+                lambda: table.kept(0, 3)):
+        try:
+            bad()
+        except IndexError:
+            pass
+        else:
+            raise AssertionError("no IndexError")
