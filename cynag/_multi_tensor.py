@@ -33,14 +33,16 @@ Nothing is cached from one step to the next: a step reads the objects as
 they are.  Results are bit-identical to the per-parameter path on the CPU
 (the kernels share their arithmetic).
 """
+import os
 import sys
 import threading
 
 import numpy
 
 from cynag import _backend, _step, functional
-from cynag.optimizer import UpdateRule, _Hookable, _with_label, _param_label
-from cynag.parameter import Parameter, _zero_grad
+from cynag.optimizer import (UpdateRule, _Hookable, _KERNEL_RULE_METHODS, _with_label,
+                             _param_label)
+from cynag.parameter import Parameter, _STANDARD_UPDATE, _zero_grad
 from cynag_kernels import _nesterov_cpu
 from cynag_kernels.multi_tensor import ITEM_ALIGN, ITEMS_PER_THREAD
 from cynag_kernels.threads import get_num_threads, get_parallel_threshold
@@ -107,15 +109,28 @@ def list_namedparams(target, names):
     return list(target.namedparams())
 
 
+def _chainer_update_as_defined(fn):
+    """True if ``fn`` is ``chainer.Parameter.update`` as Chainer defines it (not
+    replaced or wrapped since: its code is Chainer's own)."""
+    code = getattr(fn, "__code__", None)
+    if code is None or hasattr(fn, "__wrapped__") or code.co_name != "update":
+        return False
+    # (the file by its last two parts: a compiled file keeps the path it was
+    # compiled at, which an installer may have moved)
+    where = os.path.normcase(code.co_filename).replace(os.sep, "/")
+    return (getattr(fn, "__qualname__", None) == "Parameter.update"
+            and where.endswith("chainer/variable.py"))
+
+
 def _standard_update(tp):
     """True if ``tp().update()`` is ``update_rule.update(self)`` (no override)."""
     from cynag.optimizer import _chainer_parameter_class
 
     for base in tp.__mro__:
         if base is Parameter:
-            return tp.update is Parameter.update
+            return tp.update is _STANDARD_UPDATE
         if base is _chainer_parameter_class(base):
-            return tp.update is base.update
+            return tp.update is base.update and _chainer_update_as_defined(base.update)
     # Another class with Chainer's parameter interface: its update() calls
     # update_rule.update(self) (cynag's contract for Chainer-style links).
     return callable(getattr(tp, "update", None))
@@ -137,8 +152,12 @@ def _classify_rule(tp):
     if not (isinstance(tp, type) and issubclass(tp, UpdateRule)):
         return _step.RULE_OTHER
     kind = tp.__dict__.get("_multi_tensor_kind")  # declared by the class itself
-    if kind not in _KERNELS or tp.update is not UpdateRule.update:
+    methods = _KERNEL_RULE_METHODS.get(tp)
+    if kind not in _KERNELS or methods is None:
         return _step.RULE_OTHER
+    for name, method in methods.items():  # (a patched or wrapped one is called)
+        if getattr(tp, name, None) is not method:
+            return _step.RULE_OTHER
     # The properties the native reader bypasses must be UpdateRule's own.
     for name in ("enabled", "t", "hyperparam", "_state"):
         if getattr(tp, name) is not getattr(UpdateRule, name):

@@ -76,6 +76,19 @@ cdef extern from "_nag_coef.h" nogil:
     int cynag_nag_coefficients(int type_num, double lr, double m, int has_ls, double ls,
                                double* out)
 
+cdef extern from *:
+    """
+    static inline unsigned int cynag_type_tag(PyTypeObject *t)
+    {
+    #if PY_VERSION_HEX >= 0x030C0000
+        return t->tp_version_tag;
+    #else
+        return (t->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) ? t->tp_version_tag : 0;
+    #endif
+    }
+    """
+    unsigned int cynag_type_tag(PyTypeObject* t)
+
 cdef extern from "Python.h":
     # Borrowed reference or NULL; a lookup by str key cannot raise here.
     PyObject* PyDict_GetItem "PyDict_GetItemWithError"(PyObject* d, PyObject* key)
@@ -171,11 +184,13 @@ cdef object S_CHAINERX = "_has_chainerx_array"
 cdef object S_GRAD_VALID = "_grad_valid"
 cdef object S_GRAD_VAR = "_grad_var"
 cdef object S_GRAD_PRIV = "_grad"
+cdef object S_UPDATE = "update"
 
 # Slot offsets, set by configure().
 cdef Py_ssize_t OFF_P_ARRAY = -1, OFF_P_GRAD = -1, OFF_P_RULE = -1, OFF_P_LS = -1
+cdef Py_ssize_t OFF_P_UPDATE = -1
 cdef Py_ssize_t OFF_R_ENABLED = -1, OFF_R_T = -1, OFF_R_STATE = -1, OFF_R_HP = -1
-cdef Py_ssize_t OFF_R_HOOKABLE = -1, OFF_R_FP32 = -1
+cdef Py_ssize_t OFF_R_HOOKABLE = -1, OFF_R_FP32 = -1, OFF_R_OVERRIDDEN = -1
 cdef Py_ssize_t OFF_H_COUNT = -1
 cdef bint _configured = False
 # chainer.Variable (the class of a gradient variable), when Chainer 7 is in use.
@@ -199,19 +214,22 @@ cdef Py_ssize_t _member_offset(object cls, str name) except -1:
 
 def configure(param_cls, rule_cls, hookable_cls, classify_param, classify_rule):
     """Record the slot layout of cynag's classes and the class classifiers."""
-    global OFF_P_ARRAY, OFF_P_GRAD, OFF_P_RULE, OFF_P_LS
+    global OFF_P_ARRAY, OFF_P_GRAD, OFF_P_RULE, OFF_P_LS, OFF_P_UPDATE
     global OFF_R_ENABLED, OFF_R_T, OFF_R_STATE, OFF_R_HP, OFF_R_HOOKABLE, OFF_R_FP32
+    global OFF_R_OVERRIDDEN
     global OFF_H_COUNT, _configured, _classify_param, _classify_rule
     OFF_P_ARRAY = _member_offset(param_cls, "_array")
     OFF_P_GRAD = _member_offset(param_cls, "_grad")
     OFF_P_RULE = _member_offset(param_cls, "_update_rule")
     OFF_P_LS = _member_offset(param_cls, "_loss_scale_value")
+    OFF_P_UPDATE = _member_offset(param_cls, "_update_override")
     OFF_R_ENABLED = _member_offset(rule_cls, "_enabled")
     OFF_R_T = _member_offset(rule_cls, "_t")
     OFF_R_STATE = _member_offset(rule_cls, "_state_dict")
     OFF_R_HP = _member_offset(rule_cls, "_hyperparam")
     OFF_R_HOOKABLE = _member_offset(rule_cls, "_hookable")
     OFF_R_FP32 = _member_offset(rule_cls, "_use_fp32_update")
+    OFF_R_OVERRIDDEN = _member_offset(rule_cls, "_overridden")
     OFF_H_COUNT = _member_offset(hookable_cls, "_count")
     _classify_param = classify_param
     _classify_rule = classify_rule
@@ -238,22 +256,43 @@ cdef inline object _slot_or_raise(object o, Py_ssize_t off, str name):
     return <object>v
 
 
-cdef inline int _param_kind(PyTypeObject* tp) except -1:
-    cdef PyObject* k = PyDict_GetItem(<PyObject*>_param_kinds, <PyObject*>tp)
-    if k is not NULL:
-        return <int><object>k
-    kind = _classify_param(<object>tp)
-    _param_kinds[<object>tp] = kind
+# A class's kind is kept with the class's version tag, which CPython clears
+# whenever the class or one of its bases is modified (a method patched or
+# wrapped, even by mock.patch.object): such a class is classified again.  A
+# tag of 0 (none assigned) is never taken as valid.
+cdef inline int _cached_kind(dict kinds, PyTypeObject* tp, object classify) except -1:
+    cdef PyObject* k = PyDict_GetItem(<PyObject*>kinds, <PyObject*>tp)
+    cdef unsigned int tag = cynag_type_tag(tp)
+    cdef long long packed
+    if k is not NULL and tag != 0:
+        packed = <long long><object>k
+        if (packed >> 8) == <long long>tag:
+            return <int>(packed & 0xff)
+    kind = classify(<object>tp)
+    tag = cynag_type_tag(tp)  # (classifying looks the class's attributes up)
+    kinds[<object>tp] = (<long long>tag << 8) | (<int>kind & 0xff)
     return kind
+
+
+cdef inline int _param_kind(PyTypeObject* tp) except -1:
+    return _cached_kind(_param_kinds, tp, _classify_param)
 
 
 cdef inline int _rule_kind(PyTypeObject* tp) except -1:
-    cdef PyObject* k = PyDict_GetItem(<PyObject*>_rule_kinds, <PyObject*>tp)
-    if k is not NULL:
-        return <int><object>k
-    kind = _classify_rule(<object>tp)
-    _rule_kinds[<object>tp] = kind
-    return kind
+    return _cached_kind(_rule_kinds, tp, _classify_rule)
+
+
+cdef bint _instance_overrides(object o) except -1:
+    """True if ``o``'s own dictionary holds ``update``."""
+    cdef PyObject* d
+    try:
+        dct = PyObject_GenericGetDict(o, NULL)
+    except (AttributeError, TypeError):
+        return False  # (no instance dictionary)
+    d = <PyObject*>dct
+    if not PyDict_Check(d) or PyDict_Size(d) == 0:
+        return False
+    return PyDict_GetItem(d, <PyObject*>S_UPDATE) is not NULL
 
 
 # -- reading a parameter ---------------------------------------------------------
@@ -748,7 +787,21 @@ def scan(list params, StepTable table, object indices=None):
         rkind = last_rkind
         if rkind != R_NAG or not (last_pkind & K_UPDATE_OK):
             continue  # REST: the rule updates it
+        # update() or the rule's update methods set on the object itself
+        # (the class's own are checked by the classifiers): the rule's path.
+        if pkind == K_CYNAG:
+            vp = _slot(<PyObject*>p, OFF_P_UPDATE)
+            if vp is not NULL and vp is not <PyObject*>None:
+                continue
+        elif pkind == K_CHAINER:
+            if PyDict_GetItem(<PyObject*>pd, <PyObject*>S_UPDATE) is not NULL:
+                continue
+        elif _instance_overrides(p):
+            continue
         rp = <PyObject*>rule
+        vp = _slot(rp, OFF_R_OVERRIDDEN)  # (set by UpdateRule.__setattr__)
+        if vp is not NULL and vp is not <PyObject*>_FALSE_OBJ:
+            continue
         vp = _slot(rp, OFF_R_ENABLED)
         if vp is NULL:
             continue

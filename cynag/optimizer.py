@@ -263,7 +263,16 @@ class UpdateRule:
     # Slots hold what the optimizer's step reads natively at every step
     # (cynag._step); every other attribute lives in the instance dictionary.
     __slots__ = ("_enabled", "_t", "_state_dict", "_hyperparam", "_hookable",
-                 "_use_fp32_update", "_fp32_param", "__dict__", "__weakref__")
+                 "_use_fp32_update", "_fp32_param", "_checked", "_contiguous_state",
+                 "_overridden", "__dict__", "__weakref__")
+
+    def __setattr__(self, name, value):
+        # An update method assigned to this object (``rule.update_core_cpu =
+        # f``): the optimizer's native step, which reads the flag, leaves the
+        # rule to it from then on, as Chainer's loop calls it.
+        if name in _OVERRIDABLE:
+            object.__setattr__(self, "_overridden", True)
+        object.__setattr__(self, name, value)
 
     def __init__(self, parent_hyperparam=None):
         self._state = None
@@ -1193,6 +1202,24 @@ class GradientMethod(Optimizer):
         if link is not None:
             for param in link.params():
                 param.update_rule.use_fp32_update()
+
+
+#: The update methods an UpdateRule object may be given of its own (see
+#: UpdateRule.__setattr__).
+_OVERRIDABLE = frozenset(("update", "update_core", "update_core_cpu", "update_core_gpu"))
+
+#: Update-rule classes whose update a multi-tensor kernel replaces, with their
+#: update methods as defined: cynag._multi_tensor gives a rule of such a class
+#: to the kernel only while the class still has these (a patched or wrapped
+#: method is called, as Chainer calls it).
+_KERNEL_RULE_METHODS = {}
+
+
+def _register_kernel_rule(cls):
+    """Class decorator: record ``cls``'s update methods (see _KERNEL_RULE_METHODS)."""
+    _KERNEL_RULE_METHODS[cls] = {name: getattr(cls, name) for name in (
+        "update", "update_core", "update_core_cpu", "update_core_gpu")}
+    return cls
 
 
 def _chainer_parameter_class(tp):

@@ -57,8 +57,8 @@ class Parameter:
 
     # Slots hold what the optimizer's step reads natively at every step
     # (cynag._step); every other attribute lives in the instance dictionary.
-    __slots__ = ("_array", "_grad", "_update_rule", "_loss_scale_value", "__dict__",
-                 "__weakref__")
+    __slots__ = ("_array", "_grad", "_update_rule", "_loss_scale_value", "_update_override",
+                 "__dict__", "__weakref__")
 
     def __init__(self, initializer=None, shape=None, name=None, *, array=None):
         if isinstance(shape, str) and name is None:
@@ -269,16 +269,40 @@ class Parameter:
             return view
         return None
 
-    def update(self):
+    def _update(self):
         """Update the array with the attached update rule (if any)."""
         if self.update_rule is not None:
             self.update_rule.update(self)
+
+    def _get_update(self):
+        override = getattr(self, "_update_override", None)
+        return override if override is not None else self._update
+
+    def _set_update(self, value):
+        self._update_override = value
+
+    def _del_update(self):
+        self._update_override = None
+
+    # A property, so that ``param.update = f`` on one object is seen by the
+    # optimizer's native step (which then calls it, as Chainer's loop does).
+    update = property(_get_update, _set_update, _del_update, doc="""\
+``update()``: update the array with the attached update rule (if any).
+
+As in Chainer, the optimizer's step calls it for each parameter; one
+assigned to a parameter object (``param.update = f``) replaces it for that
+parameter, and ``del param.update`` restores it.""")
 
     def __repr__(self):
         if self._array is None:
             return "Parameter(name=%r, uninitialized)" % (self.name,)
         return "Parameter(name=%r, shape=%s, dtype=%s)" % (self.name, self._array.shape,
                                                           self._array.dtype)
+
+
+#: ``Parameter.update`` as defined (the optimizer's native step stands in for
+#: it only while the class still has this one).
+_STANDARD_UPDATE = Parameter.__dict__["update"]
 
 
 def _zero_grad(param):

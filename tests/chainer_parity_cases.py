@@ -1279,6 +1279,68 @@ def edge_step_shared_gradient_after_a_step():
 
 
 @case("step")
+def edge_step_update_methods_replaced_after_steps_are_called():
+    """After two ordinary steps (the rules' states exist), ``update`` methods
+    replaced on one parameter or rule object, or wrapped on the classes, are
+    called at every step, as Chainer's loop calls them."""
+    import functools
+    from unittest import mock
+
+    def build():
+        link = chainer.Link()
+        with link.init_scope():
+            link.a = chainer.Parameter(np.array([1.0, 2.0], np.float32))
+            link.b = chainer.Parameter(np.array([2.0, 3.0], np.float32))
+        return link
+
+    for how in ("param.update", "rule.update", "rule.update_core_cpu",
+                "class chainer.Parameter.update", "class rule update_core_cpu"):
+        twins = _chainer_twins(build)
+        counts = []
+        for link, opt in twins:
+            opt.setup(link)
+            calls = []
+            for step in range(4):
+                for p in link.params():
+                    p.grad = np.full(2, 0.5 + step, np.float32)
+                if step < 2:
+                    opt.update()
+                    continue
+                rule = link.a.update_rule
+                if how == "param.update":
+                    link.a.update = lambda: calls.append(1)
+                    opt.update()
+                elif how == "rule.update":
+                    rule.update = lambda param: calls.append(1)
+                    opt.update()
+                elif how == "rule.update_core_cpu":
+                    orig = rule.update_core_cpu
+
+                    def frozen(param, orig=orig):
+                        calls.append(1)
+                        param.grad[...] = 0
+                        orig(param)
+                    rule.update_core_cpu = frozen
+                    opt.update()
+                elif how == "class chainer.Parameter.update":
+                    orig = chainer.Parameter.update
+
+                    @functools.wraps(orig)
+                    def counted(self, orig=orig):
+                        calls.append(1)
+                        return orig(self)
+                    with mock.patch.object(chainer.Parameter, "update", counted):
+                        opt.update()
+                else:
+                    with mock.patch.object(type(rule), "update_core_cpu",
+                                           lambda self, param: calls.append(1)):
+                        opt.update()
+            counts.append(len(calls))
+        assert_same("%s: calls" % how, counts[0], counts[1])
+        _compare_chainer_links(how, twins[0][0], twins[1][0])
+
+
+@case("step")
 def edge_step_contiguous_keeps_a_shared_array_shared():
     """Two Parameters holding one array stay one array with ``contiguous=True``."""
     def build():

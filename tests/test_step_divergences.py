@@ -169,3 +169,97 @@ def test_uninitialized_parameter_that_is_not_updated_is_not_read(how):
     opt.update()
     opt.update()
     assert link.w.update_rule.t == 2
+
+
+def _override(how, link, calls):
+    """Chainer's loop calls param.update() -> rule.update() -> update_core() ->
+    update_core_cpu(): a replacement of any of them, on the object or on the
+    class, must be called at every step, not only while the state is new."""
+    rule = link.a.update_rule
+    if how == "rule.update_core_cpu":
+        orig = rule.update_core_cpu
+
+        def patched(param):
+            calls.append(1)
+            param.grad[...] = 0  # e.g. freezing by gradient surgery
+            orig(param)
+        rule.update_core_cpu = patched
+    elif how == "rule.update_core":
+        rule.update_core = lambda param: calls.append(1)
+    elif how == "rule.update":
+        rule.update = lambda param: calls.append(1)
+    elif how == "param.update":
+        link.a.update = lambda: calls.append(1)
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["rule.update_core_cpu", "rule.update_core", "rule.update",
+                                 "param.update"])
+def test_update_methods_set_on_objects_after_steps_are_called(how):
+    runs = _pair(_two)
+    calls = [[], []]
+    for step in range(4):
+        for k, (link, opt, _) in enumerate(runs):
+            if step == 2:
+                _override(how, link, calls[k])
+            for p in link.params():
+                p.grad = np.full(2, 0.5 + step, F32)
+            opt.update()
+        _assert_same(runs)
+    assert calls[0] == calls[1] == [1, 1]
+    if how == "param.update":
+        for link, opt, _ in runs:
+            del link.a.update  # back to the rule's update
+            link.a.grad = np.ones(2, F32)
+            link.b.grad = np.ones(2, F32)
+            opt.update()
+        _assert_same(runs)
+        assert calls[0] == [1, 1]
+
+
+@pytest.mark.parametrize("name", ["update_core_cpu", "update_core", "update"])
+def test_update_methods_patched_on_the_class_after_steps_are_called(name):
+    from unittest import mock
+
+    from cynag.optimizers.nesterov_ag import NesterovAGRule
+
+    runs = _pair(_two)
+    calls = [[], []]
+    for step in range(4):
+        for k, (link, opt, _) in enumerate(runs):
+            for p in link.params():
+                p.grad = np.full(2, 0.5 + step, F32)
+            if step >= 2:
+                with mock.patch.object(NesterovAGRule, name,
+                                       lambda self, p, c=calls[k]: c.append(1)):
+                    opt.update()
+            else:
+                opt.update()
+        _assert_same(runs)
+    assert calls[0] == calls[1] == [1, 1, 1, 1]  # two parameters, two steps
+    for link, opt, _ in runs:  # the class as it was: the kernel's again
+        for p in link.params():
+            p.grad = np.ones(2, F32)
+        opt.update()
+    _assert_same(runs)
+    assert runs[0][1].multi_tensor_plan()["groups"][0]["params"] == 2
+
+
+def test_parameter_update_patched_on_the_class_is_called():
+    from unittest import mock
+
+    runs = _pair(_two)
+    calls = [[], []]
+    for step in range(3):
+        for k, (link, opt, _) in enumerate(runs):
+            for p in link.params():
+                p.grad = np.full(2, 0.5 + step, F32)
+            if step == 2:
+                with mock.patch.object(cynag.Parameter, "update",
+                                       lambda self, c=calls[k]: c.append(1)):
+                    opt.update()
+            else:
+                opt.update()
+        _assert_same(runs)
+    assert calls[0] == calls[1] == [1, 1]

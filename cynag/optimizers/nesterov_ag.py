@@ -9,6 +9,7 @@ _default_hyperparam.lr = functional.DEFAULTS["lr"]
 _default_hyperparam.momentum = functional.DEFAULTS["momentum"]
 
 
+@optimizer._register_kernel_rule
 class NesterovAGRule(optimizer.UpdateRule):
     r"""Update rule of Nesterov's Accelerated Gradient.
 
