@@ -206,11 +206,42 @@ class NesterovAG(torch.optim.Optimizer):
         """Count one more epoch (Chainer's ``Optimizer.new_epoch``)."""
         self.epoch += 1
 
+    def add_param_group(self, param_group):
+        """PyTorch's, refusing a group that lists one parameter twice (PyTorch
+        warns that it will be an error; here each listing would be a step)."""
+        if isinstance(param_group, dict):
+            params = param_group.get("params")
+            if isinstance(params, torch.Tensor):
+                params = [params]
+            elif params is not None and not isinstance(params, (set, dict)):
+                params = list(params)
+                param_group = dict(param_group, params=params)
+                seen = set()
+                for pi, p in enumerate(params):
+                    if id(p) in seen:
+                        raise ValueError("param group %d lists the same parameter twice (at "
+                                         "%d); list each parameter once"
+                                         % (len(self.param_groups), pi))
+                    seen.add(id(p))
+        super().add_param_group(param_group)
+
     # -- state_dict ----------------------------------------------------------
     def state_dict(self):
-        """PyTorch's format, with the optimizer's ``t`` and ``epoch`` under ``'cynag'``."""
-        sd = super().state_dict()
+        """PyTorch's format, with the optimizer's ``t`` and ``epoch`` under ``'cynag'``
+        (there when the post-hooks, ``register_state_dict_post_hook``, see it)."""
+        post_hooks = getattr(self, "_optimizer_state_dict_post_hooks", None)
+        if post_hooks:
+            self._optimizer_state_dict_post_hooks = type(post_hooks)()
+        try:
+            sd = super().state_dict()
+        finally:
+            if post_hooks:
+                self._optimizer_state_dict_post_hooks = post_hooks
         sd["cynag"] = {"t": int(self.t), "epoch": int(self.epoch)}
+        for hook in list((post_hooks or {}).values()):
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict):
@@ -291,6 +322,9 @@ class NesterovAG(torch.optim.Optimizer):
                 self._optimizer_load_state_dict_pre_hooks = pre_hooks
             if post_hooks is not None:
                 self._optimizer_load_state_dict_post_hooks = post_hooks
+        for g in self.param_groups:
+            for key, value in self.defaults.items():
+                g.setdefault(key, value)  # (a group saved without one: the default, as torch)
         for st in self.state.values():
             if not st:
                 continue
@@ -557,7 +591,8 @@ class NesterovAG(torch.optim.Optimizer):
                                 [v.data_ptr() for v in vs]], numpy.int64).T.copy()
             sizes = numpy.array([p.numel() for p in ps], numpy.int64)
             # Tensors whose arrays overlap (one another's, or another tensor's)
-            # run one by one through copies, in order, as Chainer's loop would.
+            # run one by one through copies, in their order (see docs/torch.md
+            # for tensors of the copy path: they run after these).
             shared = shared_rows(ptrs, sizes * dtype.itemsize)
             if not shared.any():
                 shared = None
@@ -687,6 +722,14 @@ _NORM_MODULES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "
                  "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d")
 
 
+def _norm_classes():
+    """PyTorch's normalization layers whose weight and bias Chainer calls gamma and beta
+    (subclasses too, e.g. timm's BatchNormAct2d)."""
+    nn = torch.nn
+    return tuple(c for c in (getattr(nn.modules.batchnorm, "_NormBase", None),
+                             nn.LayerNorm, nn.GroupNorm) if isinstance(c, type))
+
+
 def chainer_to_torch_name(path):
     """Chainer's parameter path to PyTorch's name: ``/l1/W`` -> ``l1.weight``.
 
@@ -713,13 +756,23 @@ def torch_to_chainer_name(name, model=None):
             owner = model.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else model
         except AttributeError:
             owner = None
-        norm = owner is not None and type(owner).__name__ in _NORM_MODULES
+        norm = owner is not None and (isinstance(owner, _norm_classes())
+                                      or type(owner).__name__ in _NORM_MODULES)
     last = parts[-1]
     if last == "weight":
         parts[-1] = "gamma" if norm else "W"
     elif last == "bias":
         parts[-1] = "beta" if norm else "b"
     return "/".join(parts)
+
+
+def _count(value, key):
+    """A count read from a file (``t``, ``epoch``): a whole number, as Chainer saves it."""
+    a = numpy.asarray(value)
+    if a.shape != () or a.dtype.kind not in "iuf" or (a.dtype.kind == "f" and (
+            not numpy.isfinite(a) or a != numpy.floor(a))):
+        raise ValueError("%r is not a whole number: %r" % (key, value))
+    return int(a)
 
 
 def _param_index(optimizer):
@@ -750,7 +803,10 @@ def load_chainer_state(optimizer, model, source, name_map=None, path="", strict=
             or a dict of arrays.
         name_map: Chainer path (as in the NPZ, no leading ``/``) to PyTorch
             name, a dict or a callable; default
-            :func:`chainer_to_torch_name`.
+            :func:`chainer_to_torch_name`, or the path's own name where the
+            model has no parameter of that name but one of the literal name
+            (a parameter called ``W``, ``b``, ``gamma`` or ``beta``, as
+            :func:`save_chainer_state` writes it).
         path (str): key prefix, as for a ``Trainer`` snapshot
             (``'updater/optimizer:main/'``).
         strict (bool): every parameter of ``model`` the optimizer holds must
@@ -781,8 +837,15 @@ def load_chainer_state(optimizer, model, source, name_map=None, path="", strict=
                                              path + "epoch"))
         named = dict(model.named_parameters(remove_duplicate=False))  # tied: every name
         index = _param_index(optimizer)
-        mapper = (name_map.get if isinstance(name_map, dict) else name_map) \
-            if name_map is not None else chainer_to_torch_name
+        if name_map is None:
+            def mapper(cpath):
+                # A parameter literally called W, b, gamma or beta (what
+                # save_chainer_state writes for it) keeps its name.
+                tname = chainer_to_torch_name(cpath)
+                literal = ".".join(cpath.strip("/").split("/"))
+                return literal if tname not in named and literal in named else tname
+        else:
+            mapper = name_map.get if isinstance(name_map, dict) else name_map
         found = {}
         for key in keys:
             if not key.startswith(path) or not key.endswith("/t") or key == path + "t":
@@ -800,8 +863,7 @@ def load_chainer_state(optimizer, model, source, name_map=None, path="", strict=
                     raise KeyError("%r: the parameter %r is not in the optimizer's param "
                                    "groups" % (key, tname))
                 continue
-            t = npz[key]
-            t = int(numpy.asarray(t))
+            t = _count(npz[key], key)
             vkey = path + cpath + "/v"
             v = None
             if vkey in keys:
@@ -823,8 +885,8 @@ def load_chainer_state(optimizer, model, source, name_map=None, path="", strict=
                        if id(p) in index and id(p) not in found]
             if missing:
                 raise KeyError("the file has no state for the parameters %s" % missing)
-        opt_t = int(numpy.asarray(npz[path + "t"]))
-        opt_epoch = int(numpy.asarray(npz[path + "epoch"]))
+        opt_t = _count(npz[path + "t"], path + "t")
+        opt_epoch = _count(npz[path + "epoch"], path + "epoch")
         new_state = {}
         for p, v, t in found.values():
             if v is None:
@@ -856,7 +918,10 @@ def save_chainer_state(optimizer, model, target, name_map=None, path=""):
         target: a path or a file object.
         name_map: PyTorch name to Chainer path (no leading ``/``), a dict or
             a callable; default :func:`torch_to_chainer_name` (with
-            ``model``, for the names of normalization layers).
+            ``model``, for the names of normalization layers).  A dict must
+            name every parameter the optimizer holds (``KeyError`` before
+            anything is written); a value of None, or a callable returning
+            None, leaves the parameter out of the file.
         path (str): key prefix (e.g. ``'updater/optimizer:main/'``).
 
     A bfloat16 ``v`` is written as float32 (exactly; NumPy has no bfloat16).
@@ -871,8 +936,14 @@ def save_chainer_state(optimizer, model, target, name_map=None, path=""):
     index = _param_index(optimizer)
     if name_map is None:
         mapper = lambda name: torch_to_chainer_name(name, model)  # noqa: E731
+    elif isinstance(name_map, dict):
+        def mapper(name):
+            if name not in name_map:
+                raise KeyError("name_map has no Chainer path for the parameter %r (map it "
+                               "to None to leave it out)" % (name,))
+            return name_map[name]
     else:
-        mapper = name_map.get if isinstance(name_map, dict) else name_map
+        mapper = name_map
     arrays = {path + "t": numpy.asarray(int(optimizer.t)),
               path + "epoch": numpy.asarray(int(optimizer.epoch))}
     for name, p in model.named_parameters(remove_duplicate=False):  # tied: every name

@@ -341,3 +341,81 @@ def test_bfloat16_state_saved_as_float32_and_loaded_back(tmp_path):
         assert opt2.state[p]["v"].dtype == torch.bfloat16
         assert torch.equal(opt2.state[p]["v"], opt.state[p]["v"])
         assert opt2.state[p]["step"] == 2
+
+
+class _LayerScale(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gamma = torch.nn.Parameter(torch.full((3,), 0.1))
+        self.W = torch.nn.Parameter(torch.ones(2, 3))
+        self.b = torch.nn.Parameter(torch.zeros(2))
+
+
+class _MyBN(torch.nn.BatchNorm1d):
+    pass
+
+
+def _stepped(model, steps=2):
+    opt = ct.NesterovAG(model.parameters(), lr=0.1)
+    for k in range(steps):
+        opt.zero_grad()
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.5 + k)
+        opt.step()
+    return opt
+
+
+def test_parameters_literally_named_like_chainer_round_trip(tmp_path):
+    """A parameter called gamma (LayerScale), W or b is saved under its own
+    name and loaded back without a name_map."""
+    model = torch.nn.Sequential(_LayerScale())
+    opt = _stepped(model)
+    f = str(tmp_path / "ls.npz")
+    ct.save_chainer_state(opt, model, f)
+    with np.load(f) as z:
+        assert {"0/gamma/v", "0/W/v", "0/b/v"} <= set(z.files)
+    opt2 = ct.NesterovAG(model.parameters(), lr=0.1)
+    ct.load_chainer_state(opt2, model, f)
+    for p in model.parameters():
+        assert torch.equal(opt2.state[p]["v"], opt.state[p]["v"])
+
+
+def test_batchnorm_subclass_saved_with_chainer_names_and_read_by_chainer(tmp_path):
+    tmodel = torch.nn.Sequential(torch.nn.Linear(4, 3), _MyBN(3))
+    opt = _stepped(tmodel)
+    f = str(tmp_path / "bn.npz")
+    ct.save_chainer_state(opt, tmodel, f)
+    with np.load(f) as z:
+        assert {"1/gamma/v", "1/beta/v", "0/W/v", "0/b/v"} <= set(z.files)
+    cmodel = chainer.Sequential(L.Linear(4, 3), L.BatchNormalization(3))
+    copt = chainer.optimizers.NesterovAG(lr=0.1).setup(cmodel)
+    chainer.serializers.load_npz(f, copt)
+    assert copt.target[1].gamma.update_rule.t == 2
+
+
+def test_counts_must_be_whole_numbers(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = _stepped(model)
+    f = str(tmp_path / "ok.npz")
+    ct.save_chainer_state(opt, model, f)
+    with np.load(f) as z:
+        arrays = dict(z)
+    for key in ("W/t", "t", "epoch"):
+        bad = dict(arrays)
+        bad[key] = np.asarray(2.7)
+        opt2 = ct.NesterovAG(model.parameters(), lr=0.1)
+        with pytest.raises(ValueError, match="whole number"):
+            ct.load_chainer_state(opt2, model, bad)
+        assert not opt2.state and opt2.t == 0
+
+
+def test_save_with_a_partial_name_map_refuses_before_writing(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = _stepped(model)
+    f = tmp_path / "partial.npz"
+    with pytest.raises(KeyError, match="'bias'"):
+        ct.save_chainer_state(opt, model, str(f), name_map={"weight": "W"})
+    assert not f.exists()
+    ct.save_chainer_state(opt, model, str(f), name_map={"weight": "W", "bias": None})
+    with np.load(str(f)) as z:
+        assert "W/v" in z.files and "b/v" not in z.files

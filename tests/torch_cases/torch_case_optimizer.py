@@ -901,3 +901,30 @@ def test_a_process_ending_during_the_build_does_not_block_the_next(tmp_path):
     assert len(list(cache.glob("*.so")) + list(cache.glob("*.pyd"))) == 1
     # (what the ended process left: its build folder, no lock)
     assert all(".build-" in f.name for f in cache.iterdir() if f.is_dir())
+
+
+def test_state_dict_post_hooks_see_the_counts_and_groups_get_missing_defaults():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ct.NesterovAG([p], lr=0.1, weight_decay=0.01)
+    p.grad = torch.ones(3)
+    opt.step()
+    seen = []
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append(dict(sd["cynag"])))
+    sd = opt.state_dict()
+    assert seen == [{"t": 1, "epoch": 0}] and sd["cynag"] == {"t": 1, "epoch": 0}
+    del sd["param_groups"][0]["weight_decay"]  # (a dict saved before the key existed)
+    opt2 = ct.NesterovAG([p], lr=0.1, weight_decay=0.5)
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["weight_decay"] == 0.5  # the optimizer's default
+    opt2.step()
+    assert opt2.t == 2
+
+
+def test_a_group_listing_one_parameter_twice_is_refused():
+    p, q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="same parameter twice"):
+        ct.NesterovAG([p, q, p])
+    opt = ct.NesterovAG([q])
+    with pytest.raises(ValueError, match="same parameter twice"):
+        opt.add_param_group({"params": [p, p]})
+    assert len(opt.param_groups) == 1
