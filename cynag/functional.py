@@ -102,6 +102,10 @@ def nesterov_ag(params, grads, vs, *, lr=DEFAULTS["lr"], momentum=DEFAULTS["mome
     lrs = _per_tensor(lr, n, "lr")
     ms = _per_tensor(momentum, n, "momentum")
     scales = None if loss_scale is None else _per_tensor(loss_scale, n, "loss_scale")
+    for values, name in ((lrs, "lr"), (ms, "momentum")):
+        for x in values:
+            if type(x) is not float:  # (the common case, a Python float, is fine)
+                cynag_kernels.check_real_scalar(name, x)
     if impl == "single":
         if ops is not None:
             raise ValueError("impl='single' takes no ops (apply the hooks first)")

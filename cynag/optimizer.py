@@ -475,8 +475,16 @@ class UpdateRule:
             self._init_states(param_)
             if loss_scale is not None:
                 _divide_grad(param_.grad, loss_scale)
-        self._hookable.call_hooks("pre", (self, param_))
-        self.update_core(param_)
+        if self._hookable._pre_update_hooks:
+            self._hookable.call_hooks("pre", (self, param_))
+            try:
+                self.update_core(param_)
+            except (TypeError, ValueError) as e:
+                # What a rule-level 'pre' hook set that the update cannot take
+                # (the checks before the hooks passed): named, as Chainer does not.
+                raise _with_label(e, _param_label(param)) from e
+        else:
+            self.update_core(param_)
         self._hookable.call_hooks("post", (self, param_))
         if fp32_param is not None:
             if is_initialized:

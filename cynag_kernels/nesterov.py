@@ -344,8 +344,16 @@ def nesterov_ag_cpu(param, grad, v, lr, momentum, num_threads=None, check=True):
         # NumPy 1.x promotes 0-d arrays like scalars (see _promoted_codes_0d).
         lr_s, m_s = _strong_scalar(lr), _strong_scalar(momentum)
         mm, c = m_s * m_s, (numpy.int64(1) + m_s) * lr_s
-        _nesterov_ag_promoted(param, grad, v, (lr_s, m_s, mm, c),
-                              _promoted_codes_0d(param.dtype, lr_s, m_s, mm, c))
+        codes = _promoted_codes_0d(param.dtype, lr_s, m_s, mm, c)
+        if max(codes) > 64:
+            # A long double hyperparameter: Chainer's lines in NumPy's long
+            # double (strong NumPy scalars: the same result under NumPy 1.x and 2).
+            v *= m_s
+            v -= lr_s * grad
+            param += m_s * m_s * v
+            param -= (numpy.int64(1) + m_s) * lr_s * grad
+            return
+        _nesterov_ag_promoted(param, grad, v, (lr_s, m_s, mm, c), codes)
         return
     coefficients = nesterov_ag_coefficients(lr, momentum, param.dtype)
     if any(type(k) is not type(coefficients[0]) for k in coefficients):

@@ -876,3 +876,31 @@ def test_entry_points_reject_length_mismatch(dtype, view):
         _nesterov_cpu.nesterov_ag_strided(a2, b2, a2.copy(), 0.1, 0.9, 0.81, 0.19, 1)
     with pytest.raises(ValueError):
         _nesterov_cpu.nesterov_ag_strided(a2, a2.copy(), b2, 0.1, 0.9, 0.81, 0.19, 2)
+
+
+@pytest.mark.skipif(np.finfo(np.longdouble).nmant <= np.finfo(np.float64).nmant,
+                    reason="long double is double on this platform")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("which", ["lr", "momentum"])
+def test_zero_d_with_a_long_double_hyperparameter_runs_in_long_double(dtype, which):
+    """0-d arrays are scalars to NumPy 1.x: with a long double hyperparameter
+    Chainer's four operations run in long double, each stored to the dtype."""
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        p0, g0, v0 = (dtype(x) for x in rng.standard_normal(3))
+        lr, m = 0.1, 0.9
+        if which == "lr":
+            lr = np.longdouble(lr) / np.longdouble(3)
+        else:
+            m = np.longdouble(m) / np.longdouble(3)
+        param, grad, v = np.array(p0), np.array(g0), np.array(v0)
+        nesterov_ag_cpu(param, grad, v, lr, m)
+        ep, eg, ev = np.array(p0), np.array(g0), np.array(v0)
+        lr_s = np.float64(lr) if isinstance(lr, float) else lr
+        m_s = np.float64(m) if isinstance(m, float) else m
+        ev *= m_s  # Chainer's lines (strong NumPy scalars: either NumPy's result)
+        ev -= lr_s * eg
+        ep += m_s * m_s * ev
+        ep -= (np.int64(1) + m_s) * lr_s * eg
+        assert_same_bits(v, ev, "v")
+        assert_same_bits(param, ep, "param")

@@ -33,6 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import cynag
 from cynag import Chain, Link, Parameter
 from cynag import optimizer_hooks as H
 from cynag import functional
@@ -1470,3 +1471,27 @@ def test_folded_hooks_keep_chainers_order_on_shared_gradients(kind, hook_set, dt
         trajectories.append(traj)
     for step, (a, b) in enumerate(zip(*trajectories)):
         assert_same_states(a, b, "%s %s step %d" % (kind, hook_set, step))
+
+
+@pytest.mark.parametrize("multi", [True, False])
+@pytest.mark.parametrize("what", ["lr", "grad"])
+def test_bad_input_from_a_rule_pre_hook_names_the_parameter(multi, what):
+    """The checks before the hooks passed; what a rule-level 'pre' hook sets
+    that the update cannot take fails in the update, as in Chainer, but
+    naming the parameter."""
+    link = cynag.Link()
+    with link.init_scope():
+        link.W = cynag.Parameter(np.ones(3, np.float32))
+    opt = cynag.optimizers.NesterovAG().setup(link)
+    opt.use_multi_tensor(multi)
+
+    def bad(rule, param):
+        if what == "lr":
+            rule.hyperparam.lr = "x"
+        else:
+            param.grad = np.ones(4, np.float32)
+    link.W.update_rule.add_hook(bad)
+    link.W.grad = np.ones(3, np.float32)
+    with pytest.raises((TypeError, ValueError), match="parameter 'W'.*(lr must be a real "
+                                                      "number|grad has shape)"):
+        opt.update()
