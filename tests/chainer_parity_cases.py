@@ -1240,6 +1240,14 @@ def _chainer_twins(build):
     return out
 
 
+def _two_chainer_params():
+    link = chainer.Link()
+    with link.init_scope():
+        link.a = chainer.Parameter(np.array([1.0, 2.0], np.float32))
+        link.b = chainer.Parameter(np.array([2.0, 3.0], np.float32))
+    return link
+
+
 def _compare_chainer_links(label, a, b):
     for (path, pa), (_, pb) in zip(a.namedparams(), b.namedparams()):
         assert_same_array("%s %s array" % (label, path), pa.array, pb.array)
@@ -1254,14 +1262,7 @@ def _compare_chainer_links(label, a, b):
 @case("step")
 def edge_step_shared_gradient_after_a_step():
     """``b.grad = a.grad`` after a step with a rule-level WeightDecay on ``a``."""
-    def build():
-        link = chainer.Link()
-        with link.init_scope():
-            link.a = chainer.Parameter(np.array([1.0, 2.0], np.float32))
-            link.b = chainer.Parameter(np.array([2.0, 3.0], np.float32))
-        return link
-
-    twins = _chainer_twins(build)
+    twins = _chainer_twins(_two_chainer_params)
     for link, opt in twins:
         opt.setup(link)
         for p in link.params():
@@ -1286,16 +1287,9 @@ def edge_step_update_methods_replaced_after_steps_are_called():
     import functools
     from unittest import mock
 
-    def build():
-        link = chainer.Link()
-        with link.init_scope():
-            link.a = chainer.Parameter(np.array([1.0, 2.0], np.float32))
-            link.b = chainer.Parameter(np.array([2.0, 3.0], np.float32))
-        return link
-
     for how in ("param.update", "rule.update", "rule.update_core_cpu",
                 "class chainer.Parameter.update", "class rule update_core_cpu"):
-        twins = _chainer_twins(build)
+        twins = _chainer_twins(_two_chainer_params)
         counts = []
         for link, opt in twins:
             opt.setup(link)
