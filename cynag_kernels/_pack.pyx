@@ -54,9 +54,15 @@ cdef inline bint _dense(cnp.ndarray a):
 
 
 cdef inline int8_t _code(object obj, int typenum, int64_t size, bint writeable,
-                        int64_t* ptr) noexcept:
-    """What :func:`scan` reports for one entry; ``ptr[0]`` its address when OK."""
+                        int64_t* ptr, const int64_t* dims=NULL, Py_ssize_t nd=-1) noexcept:
+    """What :func:`scan` reports for one entry; ``ptr[0]`` its address when OK.
+
+    With ``dims`` (``nd`` of them), the array must have that shape, and be C
+    contiguous to be OK: its elements then travel in the order of every
+    other rank's (an F-ordered array is NOT_DENSE, copied in C order).
+    """
     cdef cnp.ndarray a
+    cdef Py_ssize_t d
     ptr[0] = 0
     if obj is None:
         return NONE
@@ -67,7 +73,15 @@ cdef inline int8_t _code(object obj, int typenum, int64_t size, bint writeable,
         return BAD_DTYPE
     if cnp.PyArray_SIZE(a) != size:
         return BAD_SIZE
-    if not _dense(a):
+    if nd >= 0:
+        if cnp.PyArray_NDIM(a) != nd:
+            return BAD_SIZE
+        for d in range(nd):
+            if cnp.PyArray_DIMS(a)[d] != dims[d]:
+                return BAD_SIZE
+        if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+            return NOT_DENSE
+    elif not _dense(a):
         return NOT_DENSE
     if writeable and not cnp.PyArray_ISWRITEABLE(a):
         return READ_ONLY
@@ -76,7 +90,8 @@ cdef inline int8_t _code(object obj, int typenum, int64_t size, bint writeable,
 
 
 def scan(list arrays, int typenum, const int64_t[::1] sizes, int64_t[::1] ptrs,
-         int8_t[::1] codes, bint writeable=True):
+         int8_t[::1] codes, bint writeable=True, const int64_t[::1] shape_at=None,
+         const int64_t[::1] dims=None):
     """Check ``arrays`` against the expected dtype and sizes; return the number of bad entries.
 
     For entry ``i``: ``codes[i]`` is :data:`OK` (a dense NumPy array of type
@@ -84,15 +99,27 @@ def scan(list arrays, int typenum, const int64_t[::1] sizes, int64_t[::1] ptrs,
     the reason it is not (:data:`NONE`, :data:`NOT_NDARRAY`,
     :data:`BAD_DTYPE`, :data:`BAD_SIZE`, :data:`NOT_DENSE`,
     :data:`READ_ONLY`); ``ptrs[i]`` is its data address (0 if not OK).
+    With ``shape_at`` and ``dims`` (entry ``i``'s shape is
+    ``dims[shape_at[i]:shape_at[i + 1]]``), another shape is ``BAD_SIZE``
+    and only a C-contiguous array is dense.
     """
     cdef Py_ssize_t i, n = len(arrays)
     cdef int nbad = 0
     cdef int8_t code
     cdef int64_t ptr
+    cdef bint shaped = shape_at is not None
     if sizes.shape[0] < n or ptrs.shape[0] < n or codes.shape[0] < n:
         raise ValueError("scan: sizes, ptrs and codes need %d entries" % n)
+    if shaped and (dims is None or shape_at.shape[0] < n + 1
+                   or (n and dims.shape[0] < shape_at[n])):
+        raise ValueError("scan: shape_at needs %d entries and dims what they index" % (n + 1))
     for i in range(n):
-        code = _code(arrays[i], typenum, sizes[i], writeable, &ptr)
+        if shaped:
+            code = _code(arrays[i], typenum, sizes[i], writeable, &ptr,
+                         &dims[shape_at[i]] if shape_at[i + 1] > shape_at[i] else NULL,
+                         shape_at[i + 1] - shape_at[i])
+        else:
+            code = _code(arrays[i], typenum, sizes[i], writeable, &ptr)
         ptrs[i] = ptr
         codes[i] = code
         if code != OK:

@@ -472,6 +472,87 @@ def split_and_objects():
 # ---------------------------------------------------------------------------
 # GPU path on an emulated CuPy and NCCL (host memory behind "device" pointers)
 # ---------------------------------------------------------------------------
+@case
+def one_rank_differs():
+    """What one rank alone gets wrong or does differently: the true mean, or an
+    error on every rank that changes nothing (never a hang or a silent
+    divergence)."""
+    comm = mn.create_communicator()
+    rank, size = comm.rank, comm.size
+    # A Fortran-ordered (or transposed) gradient on one rank: averaged by
+    # element, not by memory order.
+    for shape in ((3, 4), (300, 300)):
+        link = flat_link([("W", shape, numpy.float32)], 0)
+        grads = [numpy.random.RandomState(r).randn(*shape).astype(numpy.float32)
+                 for r in range(size)]
+        g = grads[rank].copy()
+        param(link, "W").grad = numpy.asfortranarray(g) if rank == 1 else g
+        comm.multi_node_mean_grad(link)
+        # (more than two ranks: large arrays are summed in a ring, in another order)
+        assert_same(param(link, "W").grad, chainermn_mean(grads), "F-order mean %s" % (shape,),
+                    exact=size == 2 or shape[0] < 100)
+    # A gradient of the right size but another shape on one rank: refused on
+    # every rank before anything changes.
+    link = flat_link([("W", (4, 3), numpy.float32)], 0)
+    g = numpy.full((4, 3), float(rank), numpy.float32)
+    param(link, "W").grad = g.reshape(3, 4) if rank == 1 else g
+    try:
+        comm.multi_node_mean_grad(link)
+    except (ValueError, mn.MultiNodeError) as e:
+        assert (rank == 1) == isinstance(e, ValueError), e
+        assert "grad has shape (3, 4)" in str(e), e
+    else:
+        raise AssertionError("no error for a grad of another shape on rank 1")
+    assert param(link, "W").grad.tobytes() == g.reshape(param(link, "W").grad.shape).tobytes()
+    # An array that is not an array on one rank: every rank raises, none waits.
+    link = flat_link([("W", (3,), numpy.float32)], 0)
+    if rank == 1:
+        link.W.array = [1.0, 2.0, 3.0]  # (cynag's Parameter takes it; the step refuses it)
+    for op in (comm.bcast_data, comm.multi_node_mean_grad):
+        try:
+            op(link)
+        except Exception as e:
+            assert rank == 1 or isinstance(e, mn.MultiNodeError), e
+        else:
+            assert rank != 1 and size == 1, "no error"
+    # A first update (the broadcast) refused on one rank: the next one broadcasts.
+    link = flat_link([("W", (3,), numpy.float32), ("b", (2,), numpy.float32)], rank + 1)
+    opt = mn.create_multi_node_optimizer(cynag.optimizers.NesterovAG(lr=0.1), comm)
+    opt.setup(link)
+    if rank == 1:
+        param(link, "b").array.flags.writeable = False
+    try:
+        opt.update()
+    except Exception:
+        pass
+    else:
+        raise AssertionError("the broadcast into a read-only array was not refused")
+    param(link, "b").array.flags.writeable = True
+    opt.update()  # (the broadcast, again)
+    ws = comm.mpi_comm.allgather(param(link, "W").array.copy())
+    assert all(w.tobytes() == ws[0].tobytes() for w in ws), "copies differ after the retry"
+    # bcast_obj with max_buf_len given on the root only (ChainerMN sends it).
+    obj = list(range(2000)) if rank == 0 else None
+    got = comm.bcast_obj(obj, max_buf_len=64) if rank == 0 else comm.bcast_obj(None)
+    assert got == list(range(2000))
+    # An integer parameter without a gradient: skipped, as ChainerMN skips it.
+    link = flat_link([("W", (3,), numpy.float32)], 0)
+    with link.init_scope():
+        link.n = cynag.Parameter(numpy.arange(2, dtype=numpy.int32))
+    param(link, "W").grad = numpy.full(3, float(rank), numpy.float32)
+    comm.multi_node_mean_grad(link)
+    assert param(link, "W").grad[0] == numpy.float32(sum(range(size)) / size)
+    # finalize() leaves the communicator usable; a dropped model is not kept.
+    comm.finalize()
+    comm.multi_node_mean_grad(link)
+    import gc
+    import weakref
+    ref = weakref.ref(link)
+    del link, opt
+    gc.collect()
+    assert ref() is None, "the communicator keeps a dropped model alive"
+
+
 def install_fake_cupy(with_nccl, log):
     """Install a minimal CuPy (arrays on the host) whose NCCL calls MPI on raw pointers."""
     from mpi4py import MPI

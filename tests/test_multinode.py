@@ -41,7 +41,7 @@ CASES_SCRIPT = os.path.join(HERE, "mpi_cases.py")
 TIMEOUT_S = 120
 CASES = ["mean_grads", "mean_many_small", "mean_zero_fill", "bcast", "trajectory", "mismatch",
          "pending_user_receive",
-         "split_and_objects", "gpu_nccl_mock", "gpu_host_mock"]
+         "split_and_objects", "one_rank_differs", "gpu_nccl_mock", "gpu_host_mock"]
 CHAINERMN_CASES = ["chainermn_mean_grads", "chainermn_parity"]
 
 

@@ -30,6 +30,7 @@ dtype rebuilds the layout.
 import collections
 import hashlib
 import operator
+import weakref
 import zlib
 
 import numpy
@@ -143,6 +144,10 @@ class Group:
         self.shapes = [p.array.shape for p in params]
         self.sizes = numpy.array([p.array.size for p in params], numpy.int64)
         self.scalar = numpy.array([len(s) == 0 for s in self.shapes], bool)
+        # The shapes for the arrays' check (_pack.scan): of entry i,
+        # dims[shape_at[i]:shape_at[i + 1]].
+        self.shape_at = numpy.cumsum([0] + [len(s) for s in self.shapes]).astype(numpy.int64)
+        self.dims = numpy.array([d for s in self.shapes for d in s], numpy.int64)
         self.n = len(params)
         self.ptrs = numpy.zeros(self.n, numpy.int64)
         self.codes = numpy.zeros(self.n, numpy.int8)
@@ -159,7 +164,11 @@ class Layout:
     def __init__(self, model, items, gpu_kind=None, snapshot=None):
         """``items``: from :func:`collect`; ``snapshot``: the :class:`Snapshot` of
         ``model.namedparams()`` they come from (None: the layout is never reused)."""
-        self.model = model
+        # (weakly: a communicator's cache of layouts must not keep models alive)
+        try:
+            self._model = weakref.ref(model)
+        except TypeError:
+            self._model = lambda model=model: model
         self.snapshot = snapshot
         self.paths = [path for path, _ in items]
         self.params = [p for _, p in items]
@@ -185,7 +194,7 @@ class Layout:
     def still_valid(self, model, items):
         """True if ``model``, whose ``namedparams()`` are now ``items``, still has
         exactly these parameters (with arrays of these shapes and dtypes)."""
-        return (model is self.model and self.snapshot is not None
+        return (model is self._model() and self.snapshot is not None
                 and self.snapshot.matches(items))
 
 

@@ -26,6 +26,7 @@ rank's error) instead of blocking in a mismatched collective.
 import collections
 import operator
 import pickle
+import weakref
 import zlib
 
 import numpy
@@ -276,14 +277,12 @@ class MpiCommunicator:
                               direct_min_bytes=self.direct_min_bytes)
 
     def finalize(self):
-        """Release the NCCL communicators and buffers (the MPI one is left to its owner)."""
+        """Release the NCCL communicators and the buffers (the MPI communicators are
+        left to MPI); the communicator stays usable, as ChainerMN's does."""
         self._drop_caches()
         if self._device_ops is not None:
             self._device_ops.finalize()
             self._device_ops = None
-        if self._ring_comm is not None:
-            self._ring_comm.Free()
-            self._ring_comm = None
 
     # -- objects ---------------------------------------------------------------
     def send_obj(self, obj, dest, tag=0):
@@ -302,14 +301,26 @@ class MpiCommunicator:
         Large objects travel in chunks of ``max_buf_len`` bytes (as in
         ChainerMN, so that pickles over 2 GiB work).
         """
-        if not 0 < max_buf_len < 2 ** 31 - 1:
-            raise ValueError("max_buf_len must be in (0, 2**31 - 1), got %r" % (max_buf_len,))
         comm = self.mpi_comm
+        data = None
+        head = None
         if comm.rank == root:
-            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        else:
-            data = None
-        total = comm.bcast(None if data is None else len(data), root=root)
+            # The root's chunk size is every rank's (as ChainerMN sends it).
+            try:
+                if not 0 < max_buf_len < 2 ** 31 - 1:
+                    raise ValueError("max_buf_len must be in (0, 2**31 - 1), got %r"
+                                     % (max_buf_len,))
+                data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+                head = (len(data), max_buf_len, None)
+            except Exception as e:
+                failure = e
+                head = (0, 0, "%s: %s" % (type(e).__name__, e))
+        total, max_buf_len, error = comm.bcast(head, root=root)
+        if error is not None:
+            if comm.rank == root:
+                raise failure
+            raise MultiNodeError("cynag.multinode: bcast_obj failed on the root (rank %d): %s"
+                                 % (root, error))
         if comm.rank != root:
             data = bytearray(total)
         view = memoryview(data)
@@ -347,7 +358,14 @@ class MpiCommunicator:
             return layout
         layout = _layout.Layout(model, _layout.collect(model, items), gpu_kind=self._gpu_kind,
                                 snapshot=_layout.Snapshot(items))
-        self._layouts[id(model)] = layout
+        key = id(model)
+        if key not in self._layouts:
+            # (dropped with the model: the layout holds its parameters)
+            try:
+                weakref.finalize(model, self._layouts.pop, key, None)
+            except TypeError:
+                pass  # (a model without weak references: kept until pushed out)
+        self._layouts[key] = layout
         self._layouts.move_to_end(id(model))
         while len(self._layouts) > 4:
             self._layouts.popitem(last=False)
@@ -403,8 +421,17 @@ class MpiCommunicator:
         """
         self._mean_grad(model, zero_fill, None)
 
+    def _layout_or_agree(self, kind, model, items=None):
+        """:meth:`_layout`; an error reading the model is raised on every rank
+        (the others would wait for this one's messages)."""
+        try:
+            return self._layout(model, items)
+        except Exception as e:
+            self._agree(kind, None, 0, e, 0)
+            raise  # (not reached: _agree raised)
+
     def _mean_grad(self, model, zero_fill, items):
-        layout = self._layout(model, items)
+        layout = self._layout_or_agree(_KIND_MEAN, model, items)
         error = None
         prepared = []
         plans = []
@@ -437,6 +464,8 @@ class MpiCommunicator:
         if self.size == 1:
             return  # the mean of one value is the value (x * 1.0 == x in every dtype)
         for group, (arrays, active, fixups), plan in zip(layout.groups, prepared, plans):
+            if active is not None and not active.any():
+                continue  # (every gradient of the group skipped)
             if group.is_cpu:
                 self._mean_cpu(group, arrays, plan)
             else:
@@ -462,6 +491,10 @@ class MpiCommunicator:
         params = group.params
         if group.dtype not in _layout.FLOAT_DTYPES:
             arrays = list(map(_GRAD if mean else _ARRAY, params))
+            if mean and not zero_fill and all(a is None for a in arrays):
+                # Skipped, as every parameter without a gradient (ChainerMN
+                # skips such integer parameters too).
+                return arrays, numpy.zeros(group.n, bool), []
             if mean:
                 raise TypeError("%s: cannot average gradients of dtype %s (float16, float32 "
                                 "and float64 are supported)"
@@ -477,7 +510,8 @@ class MpiCommunicator:
         # One native pass reads the attributes (cynag's and Chainer's parameters
         # without their properties), one checks the arrays' headers.
         _read_attribute(params, "grad" if mean else "array", arrays)
-        nbad = K.scan(arrays, typenum, group.sizes, group.ptrs, group.codes, writeable)
+        nbad = K.scan(arrays, typenum, group.sizes, group.ptrs, group.codes, writeable,
+                      group.shape_at, group.dims)
         if not nbad:
             return arrays, None, []
         active = numpy.ones(group.n, bool)
@@ -511,7 +545,8 @@ class MpiCommunicator:
                 raise ValueError("%s: %s is read-only; it is %s in place"
                                  % (label, what, "averaged" if mean else "overwritten"))
         if fixups or zero_fill:
-            K.scan(arrays, typenum, group.sizes, group.ptrs, group.codes, writeable)
+            K.scan(arrays, typenum, group.sizes, group.ptrs, group.codes, writeable,
+                   group.shape_at, group.dims)
         return arrays, (None if active.all() else active), fixups
 
     def _ring_buffer(self, dtype, n):
@@ -639,7 +674,7 @@ class MpiCommunicator:
         rank raises :class:`ModelMismatchError` naming the first differing
         one.
         """
-        layout = self._layout(model)
+        layout = self._layout_or_agree(_KIND_BCAST, model)
         error = None
         prepared = []
         plans = []

@@ -58,8 +58,16 @@ class _MultiNodeOptimizer:
                 if isinstance(param, Parameter):
                     param._loss_scale = actual._loss_scale
         items = list_namedparams(target, self._names)
+        saved = (self.target_params, self._snapshot)
         if self._is_changed(target, items):
-            self.communicator.bcast_data(target)
+            try:
+                self.communicator.bcast_data(target)
+            except BaseException:
+                # Refused (on some rank): not broadcast, so the next update
+                # must try again (the errors leave everything unchanged).
+                object.__setattr__(self, "target_params", saved[0])
+                object.__setattr__(self, "_snapshot", saved[1])
+                raise
         else:
             mean = getattr(self.communicator, "_mean_grad", None)
             if mean is not None:  # cynag's communicator: no second namedparams() listing
