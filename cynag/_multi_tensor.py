@@ -8,9 +8,13 @@ addresses of its arrays and its coefficients.  A parameter is updated by the
 kernel (a ``FAST`` row) when its update rule can be replaced by the kernel
 without any visible difference:
 
-* the rule's class declares a multi-tensor kernel (``_multi_tensor_kind``)
-  and does not override ``update``, and the parameter's ``update()`` is
-  ``update_rule.update(self)``;
+* the rule's class declares a multi-tensor kernel (``_multi_tensor_kind``),
+  is registered with ``cynag.optimizer._register_kernel_rule`` and still has
+  the ``update``, ``update_core``, ``update_core_cpu`` and
+  ``update_core_gpu`` it was registered with (a patched class is classified
+  again: the kind is kept with the class's version tag), neither the rule
+  nor the parameter object was given an update method of its own, and the
+  parameter's ``update()`` is ``update_rule.update(self)``;
 * the rule is enabled, has no rule-level hooks and no float32 master copy in
   use, and its state holds exactly the kernel's entries (the first update,
   which creates the state, goes through the rule);
@@ -320,7 +324,7 @@ class Plan:
                 check(param, self._path(i))  # the same error, named by path
                 raise
             if codes[i] == REST:
-                rule._checked = True  # update() need not check again
+                object.__setattr__(rule, "_checked", True)  # update() need not check again
 
     def reallocate(self):
         """Zeros for the cleared gradients (as Chainer's first reallocation), then the

@@ -790,9 +790,8 @@ def scan(list params, StepTable table, object indices=None):
         # update() or the rule's update methods set on the object itself
         # (the class's own are checked by the classifiers): the rule's path.
         if pkind == K_CYNAG:
-            vp = _slot(<PyObject*>p, OFF_P_UPDATE)
-            if vp is not NULL and vp is not <PyObject*>None:
-                continue
+            if _slot(<PyObject*>p, OFF_P_UPDATE) is not NULL:
+                continue  # (assigned, None included: the call fails as in Chainer)
         elif pkind == K_CHAINER:
             if PyDict_GetItem(<PyObject*>pd, <PyObject*>S_UPDATE) is not NULL:
                 continue

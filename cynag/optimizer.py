@@ -274,6 +274,11 @@ class UpdateRule:
             object.__setattr__(self, "_overridden", True)
         object.__setattr__(self, name, value)
 
+    def __delattr__(self, name):
+        object.__delattr__(self, name)
+        if name in _OVERRIDABLE and not any(n in self.__dict__ for n in _OVERRIDABLE):
+            object.__setattr__(self, "_overridden", False)  # (the class's own again)
+
     def __init__(self, parent_hyperparam=None):
         self._state = None
         self.enabled = True
@@ -330,7 +335,7 @@ class UpdateRule:
                 isinstance(value, numpy.ndarray) and value.ndim == 0
                 and value.dtype.kind in "biuf")):
             raise TypeError("update rule's t must be a number, got %r" % (value,))
-        self._t = _step_counter(value)
+        object.__setattr__(self, "_t", _step_counter(value))
 
     def __copy__(self):
         # A shallow copy counts its own steps (the counter is not shared).
@@ -452,7 +457,9 @@ class UpdateRule:
         loss scale that produced it (``param._loss_scale``); then runs
         ``'pre'`` hooks, :meth:`update_core` and ``'post'`` hooks.
         """
-        checked, self._checked = self._checked, False
+        checked = self._checked
+        if checked:  # (object.__setattr__: no flag to look at for this name)
+            object.__setattr__(self, "_checked", False)
         if not self.enabled:
             return
         if not checked:
@@ -466,7 +473,7 @@ class UpdateRule:
             self._update(param)
 
     def _update(self, param):
-        self.t += 1
+        object.__setattr__(self, "t", self._t.value + 1)  # (the property, not __setattr__)
         is_initialized = param.array is not None
         loss_scale = getattr(param, "_loss_scale", None)
         fp32_param = self._fp32_master(param) if self._uses_fp32(param) else None
@@ -1046,7 +1053,7 @@ class GradientMethod(Optimizer):
                 check(param, path)
                 checked.append(rule)
         for rule in checked:
-            rule._checked = True  # update() need not check again
+            object.__setattr__(rule, "_checked", True)  # update() need not check again
 
     def update(self, lossfun=None, *args, **kwds):
         """Update the parameters from a loss function or from computed gradients.

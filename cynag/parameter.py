@@ -1,4 +1,5 @@
 """cynag.Parameter: an array, its gradient and its update rule."""
+import functools
 import warnings
 
 import numpy
@@ -25,6 +26,31 @@ def _generate_array(initializer, shape, dtype=None):
     else:
         raise TypeError("invalid initializer: %r" % (initializer,))
     return arr
+
+
+class _UpdateMethod:
+    """``Parameter.update``: the method, or what was assigned to the object."""
+
+    def __init__(self, func):
+        self.func = func
+        functools.update_wrapper(self, func)
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self.func
+        try:
+            return obj._update_override  # (a slot: set only by an assignment)
+        except AttributeError:
+            return self.func.__get__(obj, cls)
+
+    def __set__(self, obj, value):
+        obj._update_override = value
+
+    def __delete__(self, obj):
+        try:
+            del obj._update_override
+        except AttributeError:
+            raise AttributeError("update") from None
 
 
 class Parameter:
@@ -269,29 +295,20 @@ class Parameter:
             return view
         return None
 
-    def _update(self):
-        """Update the array with the attached update rule (if any)."""
+    def update(self):
+        """Update the array with the attached update rule (if any).
+
+        As in Chainer, the optimizer's step calls it for each parameter; one
+        assigned to a parameter object (``param.update = f``) replaces it for
+        that parameter, and ``del param.update`` restores it.
+        """
         if self.update_rule is not None:
             self.update_rule.update(self)
 
-    def _get_update(self):
-        override = getattr(self, "_update_override", None)
-        return override if override is not None else self._update
-
-    def _set_update(self, value):
-        self._update_override = value
-
-    def _del_update(self):
-        self._update_override = None
-
-    # A property, so that ``param.update = f`` on one object is seen by the
-    # optimizer's native step (which then calls it, as Chainer's loop does).
-    update = property(_get_update, _set_update, _del_update, doc="""\
-``update()``: update the array with the attached update rule (if any).
-
-As in Chainer, the optimizer's step calls it for each parameter; one
-assigned to a parameter object (``param.update = f``) replaces it for that
-parameter, and ``del param.update`` restores it.""")
+    # A data descriptor, so that ``param.update = f`` on one object is seen by
+    # the optimizer's native step (a slot it reads); on the class it is the
+    # function itself (``Parameter.update(p)`` works).
+    update = _UpdateMethod(update)
 
     def __repr__(self):
         if self._array is None:
@@ -302,7 +319,7 @@ parameter, and ``del param.update`` restores it.""")
 
 #: ``Parameter.update`` as defined (the optimizer's native step stands in for
 #: it only while the class still has this one).
-_STANDARD_UPDATE = Parameter.__dict__["update"]
+_STANDARD_UPDATE = Parameter.__dict__["update"].func
 
 
 def _zero_grad(param):

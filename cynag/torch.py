@@ -215,7 +215,7 @@ class NesterovAG(torch.optim.Optimizer):
                 params = [params]
             elif params is not None and not isinstance(params, (set, dict)):
                 params = list(params)
-                param_group = dict(param_group, params=params)
+                param_group["params"] = params  # (in place, as torch does)
                 seen = set()
                 for pi, p in enumerate(params):
                     if id(p) in seen:
@@ -919,9 +919,10 @@ def save_chainer_state(optimizer, model, target, name_map=None, path=""):
         name_map: PyTorch name to Chainer path (no leading ``/``), a dict or
             a callable; default :func:`torch_to_chainer_name` (with
             ``model``, for the names of normalization layers).  A dict must
-            name every parameter the optimizer holds (``KeyError`` before
-            anything is written); a value of None, or a callable returning
-            None, leaves the parameter out of the file.
+            name every parameter the optimizer holds, under at least one of
+            its names (``KeyError`` before anything is written; the other
+            names of a tied parameter may be left out); a value of None, or
+            a callable returning None, leaves a name out of the file.
         path (str): key prefix (e.g. ``'updater/optimizer:main/'``).
 
     A bfloat16 ``v`` is written as float32 (exactly; NumPy has no bfloat16).
@@ -937,11 +938,15 @@ def save_chainer_state(optimizer, model, target, name_map=None, path=""):
     if name_map is None:
         mapper = lambda name: torch_to_chainer_name(name, model)  # noqa: E731
     elif isinstance(name_map, dict):
-        def mapper(name):
-            if name not in name_map:
+        # Every parameter must be named (under one of its names: a tied
+        # parameter's other names may be left out).
+        mapped = {id(p) for name, p in model.named_parameters(remove_duplicate=False)
+                  if name in name_map}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in index and id(p) not in mapped:
                 raise KeyError("name_map has no Chainer path for the parameter %r (map it "
                                "to None to leave it out)" % (name,))
-            return name_map[name]
+        mapper = name_map.get
     else:
         mapper = name_map
     arrays = {path + "t": numpy.asarray(int(optimizer.t)),

@@ -79,12 +79,15 @@ cdef inline int8_t _code(object obj, int typenum, int64_t size, bint writeable,
         for d in range(nd):
             if cnp.PyArray_DIMS(a)[d] != dims[d]:
                 return BAD_SIZE
+    # (before the density: an array that is not dense is copied and written
+    # back after the collective operation, which a read-only one would fail)
+    if writeable and not cnp.PyArray_ISWRITEABLE(a):
+        return READ_ONLY
+    if nd >= 0:
         if not cnp.PyArray_IS_C_CONTIGUOUS(a):
             return NOT_DENSE
     elif not _dense(a):
         return NOT_DENSE
-    if writeable and not cnp.PyArray_ISWRITEABLE(a):
-        return READ_ONLY
     ptr[0] = <int64_t><size_t>cnp.PyArray_DATA(a)
     return OK
 

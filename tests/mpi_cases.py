@@ -504,6 +504,21 @@ def one_rank_differs():
     else:
         raise AssertionError("no error for a grad of another shape on rank 1")
     assert param(link, "W").grad.tobytes() == g.reshape(param(link, "W").grad.shape).tobytes()
+    # A read-only Fortran-order gradient on one rank: refused on every rank
+    # before the average (its C-order copy could not be written back).
+    link = flat_link([("W", (3, 4), numpy.float32)], 0)
+    g = numpy.full((3, 4), float(rank), numpy.float32)
+    if rank == 1:
+        g = numpy.asfortranarray(g)
+        g.flags.writeable = False
+    param(link, "W").grad = g
+    try:
+        comm.multi_node_mean_grad(link)
+    except (ValueError, mn.MultiNodeError) as e:
+        assert "read-only" in str(e), e
+    else:
+        assert size == 1, "a read-only F-order gradient was averaged"
+    assert (param(link, "W").grad == float(rank)).all()
     # An array that is not an array on one rank: every rank raises, none waits.
     link = flat_link([("W", (3,), numpy.float32)], 0)
     if rank == 1:

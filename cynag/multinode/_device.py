@@ -92,7 +92,7 @@ class DeviceOps:
             if a.dtype != group.dtype:
                 raise TypeError("%s: %s has dtype %s but param has dtype %s"
                                 % (label, what, a.dtype, group.dtype))
-            if a.size != group.sizes[i]:
+            if tuple(a.shape) != tuple(group.shapes[i]):
                 raise ValueError("%s: %s has shape %s but param has shape %s"
                                  % (label, what, a.shape, group.shapes[i]))
             if not a.flags.c_contiguous:

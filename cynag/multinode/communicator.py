@@ -182,6 +182,7 @@ class MpiCommunicator:
         if self.bucket_bytes < 8:
             raise ValueError("bucket_bytes must be at least 8, got %d" % self.bucket_bytes)
         self._layouts = collections.OrderedDict()
+        self._finalizers = {}  # id(model) -> weakref.finalize dropping its layout
         self._names = {}  # (see cynag._step.link_namedparams)
         self._ctl = numpy.zeros(5, numpy.int64)
         self._settings_sig = (None, 0)   # ((bucket_bytes, direct_min_bytes), its hash)
@@ -343,6 +344,10 @@ class MpiCommunicator:
         return self.mpi_comm.allreduce(obj)
 
     # -- layouts -----------------------------------------------------------------
+    def _forget(self, key):
+        self._layouts.pop(key, None)
+        self._finalizers.pop(key, None)
+
     def _layout(self, model, items=None):
         """The :class:`~cynag.multinode._layout.Layout` of ``model`` now.
 
@@ -359,10 +364,12 @@ class MpiCommunicator:
         layout = _layout.Layout(model, _layout.collect(model, items), gpu_kind=self._gpu_kind,
                                 snapshot=_layout.Snapshot(items))
         key = id(model)
-        if key not in self._layouts:
-            # (dropped with the model: the layout holds its parameters)
+        fin = self._finalizers.get(key)
+        if fin is None or not fin.alive:
+            # (dropped with the model: the layout holds its parameters; one
+            # finalizer per model, which also forgets itself)
             try:
-                weakref.finalize(model, self._layouts.pop, key, None)
+                self._finalizers[key] = weakref.finalize(model, self._forget, key)
             except TypeError:
                 pass  # (a model without weak references: kept until pushed out)
         self._layouts[key] = layout

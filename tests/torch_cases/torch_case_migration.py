@@ -419,3 +419,15 @@ def test_save_with_a_partial_name_map_refuses_before_writing(tmp_path):
     ct.save_chainer_state(opt, model, str(f), name_map={"weight": "W", "bias": None})
     with np.load(str(f)) as z:
         assert "W/v" in z.files and "b/v" not in z.files
+
+
+def test_dict_name_map_on_save_takes_one_name_of_a_tied_parameter(tmp_path):
+    model = torch.nn.Module()
+    model.emb = torch.nn.Linear(3, 3, bias=False)
+    model.out = torch.nn.Linear(3, 3, bias=False)
+    model.out.weight = model.emb.weight
+    opt = _stepped(model)
+    f = str(tmp_path / "tied.npz")
+    ct.save_chainer_state(opt, model, f, name_map={"emb.weight": "emb/W"})
+    with np.load(f) as z:
+        assert "emb/W/v" in z.files and not any(k.startswith("out") for k in z.files)

@@ -928,3 +928,11 @@ def test_a_group_listing_one_parameter_twice_is_refused():
     with pytest.raises(ValueError, match="same parameter twice"):
         opt.add_param_group({"params": [p, p]})
     assert len(opt.param_groups) == 1
+
+
+def test_add_param_group_keeps_the_users_dict():
+    p, q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = ct.NesterovAG([p])
+    g = {"params": (q,), "lr": 0.5}
+    opt.add_param_group(g)
+    assert opt.param_groups[-1] is g and g["params"] == [q]
