@@ -30,6 +30,7 @@ stream).
 :func:`load_chainer_state` and :func:`save_chainer_state` move an optimizer's
 state between a Chainer (or cynag) optimizer NPZ and this optimizer.
 """
+import functools
 import numbers
 
 import numpy
@@ -722,6 +723,7 @@ _NORM_MODULES = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "
                  "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d")
 
 
+@functools.lru_cache(maxsize=None)
 def _norm_classes():
     """PyTorch's normalization layers whose weight and bias Chainer calls gamma and beta
     (subclasses too, e.g. timm's BatchNormAct2d)."""
