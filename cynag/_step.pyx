@@ -86,8 +86,20 @@ cdef extern from *:
         return (t->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) ? t->tp_version_tag : 0;
     #endif
     }
+
+    /* Whether instances of t can have a __dict__ (a class with __slots__ and
+       no __dict__ slot has neither an offset nor a managed dictionary). */
+    static inline int cynag_type_has_dict(PyTypeObject *t)
+    {
+    #ifdef Py_TPFLAGS_MANAGED_DICT
+        if (t->tp_flags & Py_TPFLAGS_MANAGED_DICT)
+            return 1;
+    #endif
+        return t->tp_dictoffset != 0;
+    }
     """
     unsigned int cynag_type_tag(PyTypeObject* t)
+    bint cynag_type_has_dict(PyTypeObject* t)
 
 cdef extern from "Python.h":
     # Borrowed reference or NULL; a lookup by str key cannot raise here.
@@ -285,6 +297,8 @@ cdef inline int _rule_kind(PyTypeObject* tp) except -1:
 cdef bint _instance_overrides(object o) except -1:
     """True if ``o``'s own dictionary holds ``update``."""
     cdef PyObject* d
+    if not cynag_type_has_dict(Py_TYPE(<PyObject*>o)):
+        return False  # (__slots__ without __dict__: nothing to look up, nothing raised)
     try:
         dct = PyObject_GenericGetDict(o, NULL)
     except (AttributeError, TypeError):

@@ -246,3 +246,79 @@ def test_update_methods_patched_on_the_class_after_steps_are_called(owner, name)
         opt.update()
     _assert_same(runs)
     assert runs[0][1].multi_tensor_plan()["groups"][0]["params"] == 2
+
+
+class _DictParam:
+    """A parameter of neither cynag's nor Chainer's class, with a __dict__."""
+
+    def __init__(self, array):
+        self.array = array
+        self.grad = None
+        self.update_rule = None
+        self.name = None
+
+    data = property(lambda self: self.array)
+
+    def update(self):
+        if self.update_rule is not None:
+            self.update_rule.update(self)
+
+    def cleargrad(self):
+        self.grad = None
+
+
+class _SlotsParam(_DictParam):
+    __slots__ = ()
+
+
+class _OnlySlotsParam:
+    """The same with __slots__ and no instance dictionary at all."""
+
+    __slots__ = ("array", "grad", "update_rule", "name")
+
+    def __init__(self, array):
+        self.array = array
+        self.grad = None
+        self.update_rule = None
+        self.name = None
+
+    data = property(lambda self: self.array)
+    update = _DictParam.update
+    cleargrad = _DictParam.cleargrad
+
+
+class _DuckLink:
+    def __init__(self, cls):
+        self._params = [cls(np.array([1.0, 2.0], F32)), cls(np.array([2.0, 3.0], F32))]
+        for i, p in enumerate(self._params):
+            p.name = "p%d" % i
+
+    def params(self, include_uninit=True):
+        return iter(self._params)
+
+    def namedparams(self, include_uninit=True):
+        return (("/" + p.name, p) for p in self._params)
+
+    def cleargrads(self):
+        for p in self._params:
+            p.cleargrad()
+
+
+@pytest.mark.parametrize("cls", [_DictParam, _SlotsParam, _OnlySlotsParam])
+def test_duck_parameters_with_and_without_an_instance_dictionary(cls):
+    """A duck parameter's own ``update`` is looked up in its instance dictionary
+    where it has one; a class with only __slots__ has none to look up."""
+    runs = _pair(lambda: (_DuckLink(cls), None))
+    calls = [[], []]
+    for step in range(4):
+        for k, (link, opt, _) in enumerate(runs):
+            if step == 2 and cls is not _OnlySlotsParam:
+                link._params[0].update = lambda c=calls[k]: c.append(1)
+            for p in link.params():
+                p.grad = np.full(2, 0.5 + step, F32)
+            opt.update()
+        _assert_same(runs)
+    expected = [] if cls is _OnlySlotsParam else [1, 1]
+    assert calls[0] == calls[1] == expected
+    if cls is _OnlySlotsParam:
+        assert runs[0][0]._params[0].update_rule.t == 4
