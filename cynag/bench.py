@@ -588,6 +588,13 @@ def build_user_cynag_torch(env, shapes, dtype, grads, thread_counts, weight_deca
     fresh = _torch_fresh(opt, params, sources)
     fresh()
     opt.step()
+    # Time the reader a run steps with once its first steps are done: a first
+    # run of CYNAG_TORCH_NATIVE=background builds it meanwhile.
+    from cynag import _torch_native
+
+    _torch_native.wait()
+    reader = cynag_torch.native_status()
+    note = "" if reader.startswith("native") else reader
 
     def prepare_for(t):
         def prepare():
@@ -595,7 +602,7 @@ def build_user_cynag_torch(env, shapes, dtype, grads, thread_counts, weight_deca
             torch.set_num_threads(t)
         return prepare
     return ({t: (prepare_for(t), opt.step) for t in thread_counts}, (params, opt, sources),
-            "", fresh)
+            note, fresh)
 
 
 def build_user_cynag_torch_wd(env, shapes, dtype, grads, thread_counts):

@@ -198,6 +198,30 @@ def test_bench_torch_rows():
     assert sorted(label for line in rows for label in labels
                   if line.startswith(label)) == sorted(labels), proc.stdout[-4000:]
     assert "failed" not in proc.stdout
+    # The rows say when the Python reader was timed; with a native reader they
+    # time it, not the steps taken while it was built (CYNAG_TORCH_NATIVE=background).
+    cynag_rows = [line for line in rows if line.startswith("cynag.torch")]
+    python_reader = os.environ.get("CYNAG_TORCH_NATIVE", "background") == "0"
+    assert all(("Python reader" in line) == python_reader for line in cynag_rows), \
+        proc.stdout[-4000:]
+
+
+@pytest.mark.skipif(os.environ.get("CYNAG_TORCH_NATIVE") == "0",
+                    reason="the Python reader only (CYNAG_TORCH_NATIVE=0)")
+def test_bench_torch_times_the_native_reader_of_a_first_run(tmp_path):
+    """A first run builds the native reader in the background; the rows time it."""
+    env = dict(os.environ, CYNAG_TORCH_NATIVE="background",
+               TORCH_EXTENSIONS_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "cynag.bench", "--torch", "--cases", "small",
+                           "--scale", "0.02", "--quick", "--threads", "1", "--rounds", "1"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("cynag.torch")]
+    assert len(rows) == 2 and not any("reader" in line for line in rows), proc.stdout[-4000:]
+    # The build was waited for: its library is in the cache, not left half-built.
+    built = [n for n in os.listdir(str(tmp_path / "cynag")) if n.endswith((".so", ".pyd"))]
+    assert built, os.listdir(str(tmp_path / "cynag"))
 
 
 def test_bench_e2e_torch():
