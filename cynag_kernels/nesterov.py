@@ -257,6 +257,12 @@ def nesterov_ag_mixed(param, grad, v, lr, momentum):
     check_nesterov_ag_arrays(param, grad, v, v_any_float=True)
     check_real_scalar("lr", lr)
     check_real_scalar("momentum", momentum)
+    _numpy_lines(param, grad, v, lr, momentum)
+
+
+def _numpy_lines(param, grad, v, lr, momentum):
+    """Chainer's four NumPy lines, each scalar expression meeting the arrays as
+    a Python float (NumPy 1.x's value-based casting, whichever NumPy runs)."""
     m = momentum
     v *= _weak(m)
     v -= _weak(lr) * grad
@@ -337,6 +343,12 @@ def nesterov_ag_cpu(param, grad, v, lr, momentum, num_threads=None, check=True):
         return
     if check:
         check_nesterov_ag_arrays(param, grad, v)
+    if not (type(param) is type(grad) is type(v) is numpy.ndarray):
+        # An ndarray subclass (numpy.matrix, numpy.ma.MaskedArray) has its own
+        # arithmetic (a matrix multiplies by a scalar through dot(), in
+        # float64): Chainer's NumPy lines on the objects themselves.
+        _numpy_lines(param, grad, v, lr, momentum)
+        return
     n = param.size
     if n == 0:
         return

@@ -1280,6 +1280,65 @@ def edge_step_shared_gradient_after_a_step():
 
 
 @case("step")
+def edge_step_ndarray_subclasses_have_their_own_arithmetic():
+    """A ``numpy.matrix`` or masked array as gradient, parameter or ``v``:
+    Chainer's NumPy lines run on those objects (a matrix multiplies by a
+    scalar through ``dot``, in float64), with rule-level and optimizer-level
+    WeightDecay, Lasso and GradientHardClipping; nothing is refused."""
+    wraps = {"matrix": np.asmatrix,
+             "masked": lambda x: np.ma.masked_array(x, mask=np.zeros(x.shape, bool))}
+    hooks = (None, ("WeightDecay", (0.1,)), ("Lasso", (0.1,)),
+             ("GradientHardClipping", (-0.5, 0.7)))
+    for kind, wrap in sorted(wraps.items()):
+        for role in ("grad", "param", "v"):
+            for hook in hooks:
+                for level in ("optimizer", "rule"):
+                    if hook is None and level == "rule":
+                        continue
+                    for multi in (True, False):
+                        twins = []
+                        for opt_cls in (chainer.optimizers.NesterovAG,
+                                        cynag.optimizers.NesterovAG):
+                            link = chainer.Link()
+                            with link.init_scope():
+                                link.a = chainer.Parameter(np.ones(2, np.float32))
+                                link.b = chainer.Parameter(
+                                    np.arange(6, dtype=np.float32).reshape(2, 3) / 7)
+                            opt = opt_cls(lr=0.1, momentum=0.9).setup(link)
+                            if hasattr(opt, "use_multi_tensor"):
+                                opt.use_multi_tensor(multi)
+                            if hook is not None:
+                                mod = (chainer if opt_cls is chainer.optimizers.NesterovAG
+                                       else cynag).optimizer_hooks
+                                h = getattr(mod, hook[0])(*hook[1])
+                                if level == "optimizer":
+                                    opt.add_hook(h)
+                                else:
+                                    link.b.update_rule.add_hook(h)
+                            if role == "param":
+                                link.b.array = wrap(link.b.array)
+                            for step in range(3):
+                                link.a.grad = np.full(2, 0.3 + step, np.float32)
+                                g = (np.arange(6, dtype=np.float32).reshape(2, 3) + step) / 3
+                                link.b.grad = wrap(g) if role == "grad" else g
+                                if role == "v" and step == 1:
+                                    state = link.b.update_rule.state
+                                    state["v"] = wrap(state["v"])
+                                opt.update()
+                            twins.append(link)
+                        label = "%s %s %s %s %s" % (kind, role, hook and hook[0], level,
+                                                    "multi" if multi else "single")
+                        for (path, pa), (_, pb) in zip(twins[0].namedparams(),
+                                                       twins[1].namedparams()):
+                            assert_same(label + " type " + path, type(pa.array), type(pb.array))
+                            assert_same_array(label + " " + path, np.asarray(pa.array),
+                                              np.asarray(pb.array))
+                            assert_same_array(label + " v " + path,
+                                              np.asarray(pa.update_rule.state["v"]),
+                                              np.asarray(pb.update_rule.state["v"]))
+
+
+@case("step")
 def edge_step_update_methods_replaced_after_steps_are_called():
     """After two ordinary steps (the rules' states exist), ``update`` methods
     replaced on one parameter or rule object, or wrapped on the classes, are

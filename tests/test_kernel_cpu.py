@@ -853,6 +853,44 @@ def test_check_accepts_good_arrays_and_subclasses():
     assert not buf.any()
 
 
+def _masked(x):
+    return np.ma.masked_array(x, mask=np.zeros(x.shape, bool))
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+@pytest.mark.parametrize("wrap", [np.asmatrix, _masked], ids=["matrix", "masked"])
+@pytest.mark.parametrize("role", ["param", "grad", "v", "all"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_ndarray_subclasses_run_numpys_lines(wrap, role, dtype):
+    # A matrix multiplies by a scalar through dot() (in float64 for a Python
+    # float), a masked array through its own operators: Chainer's four lines
+    # on the objects themselves, not the kernel's float32 arithmetic.
+    rng = np.random.RandomState(3)
+    arrays = [rng.randn(3, 4).astype(dtype) for _ in range(3)]
+    arrays = [wrap(a) if role in (name, "all") else a
+              for name, a in zip(("param", "grad", "v"), arrays)]
+    p, g, v = arrays
+    ep, ev = p.copy(), v.copy()
+    ev *= 0.9
+    ev -= 0.05 * g
+    ep += 0.9 * 0.9 * ev
+    ep -= (1 + 0.9) * 0.05 * g
+    nesterov_ag_cpu(p, g, v, 0.05, 0.9)
+    assert type(p) is type(ep) and type(v) is type(ev)
+    assert np.asarray(p).tobytes() == np.asarray(ep).tobytes()
+    assert np.asarray(v).tobytes() == np.asarray(ev).tobytes()
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+def test_matrix_gradient_differs_from_the_kernels_arithmetic():
+    # (Why the lines above are needed: the kernel's float32 result is another.)
+    p, g, v = (np.full((1, 2), x, np.float32) for x in (0.2857143, 0.6666667, -0.06))
+    ep, ev = p.copy(), v.copy()
+    nesterov_ag_cpu(ep, g, ev, 0.1, 0.9)
+    nesterov_ag_cpu(p, np.asmatrix(g), v, 0.1, 0.9)
+    assert p.tobytes() != ep.tobytes() or v.tobytes() != ev.tobytes()
+
+
 def test_check_false_skips_validation_but_updates():
     p, g, v = _fresh()
     p_exp, v_exp = p.copy(), v.copy()
