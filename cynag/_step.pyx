@@ -1325,8 +1325,16 @@ cdef bint _next_is_link(object tp, object cls, str method, object f_link):
 
 
 cdef int _link_kind(object link, str method, tuple fns) except -2:
-    """0 Link, 1 Chain, 2 ChainList (Chainer's ``method`` throughout), -1 another."""
+    """0 Link, 1 Chain, 2 ChainList (Chainer's ``method`` throughout), -1 another
+    (a class of its own, or ``method`` set on the link object itself)."""
     tp = type(link)
+    try:
+        d = PyObject_GenericGetDict(link, NULL)
+    except (AttributeError, TypeError):
+        d = None
+    if d is not None and PyDict_Check(<PyObject*>d) and \
+            PyDict_GetItem(<PyObject*>d, <PyObject*>method) is not NULL:
+        return -1
     f = getattr(tp, method, None)
     if f is fns[0]:
         return 0

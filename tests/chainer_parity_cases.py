@@ -1527,6 +1527,15 @@ def edge_step_parameter_listing_follows_chainer():
         ("names re-added", lambda: (delattr(root, "m"), setattr_scoped(root, "m", param(9)))),
         ("a child reachable twice", lambda: setattr_scoped(root, "twice", root.lst)),
         ("its set changed", lambda: root.lst.append(chainer.links.Linear(2, 1))),
+        # params()/namedparams() set on one link object (e.g. to freeze a child)
+        ("params set on the root", lambda: setattr(
+            root, "params", lambda include_uninit=True: root.lst.params(include_uninit))),
+        ("namedparams set on the root", lambda: setattr(
+            root, "namedparams", lambda include_uninit=True: root.lst.namedparams(include_uninit))),
+        ("set on a child instead", lambda: (
+            delattr(root, "params"), delattr(root, "namedparams"),
+            setattr(root.lst, "params", lambda include_uninit=True: iter(())),
+            setattr(root.lst, "namedparams", lambda include_uninit=True: iter(())))),
     ]
 
     def setattr_scoped(link, name, value):
@@ -1538,6 +1547,31 @@ def edge_step_parameter_listing_follows_chainer():
         check(label)
         n_set += 1
     assert n_set == len(edits)
+
+
+@case("step")
+def edge_step_params_set_on_the_model_object():
+    """``model.params`` replaced on the object (to freeze a child): Chainer's
+    update() lists ``target.params()``, so the child is not updated."""
+    def build():
+        root = chainer.Chain()
+        with root.init_scope():
+            root.a = chainer.links.Linear(2, 2)
+            root.b = chainer.links.Linear(2, 2)
+        for k, p in enumerate(sorted(root.params(), key=lambda p: p.name + str(p.shape))):
+            p.array[...] = np.arange(p.size, dtype=np.float32).reshape(p.shape) / (k + 3)
+        return root
+    twins = _chainer_twins(build)
+    for root, opt in twins:
+        opt.setup(root)
+        for step in range(3):
+            for p in root.params():
+                p.grad = np.full(p.shape, 0.25 + step, np.float32)
+            if step == 1:
+                root.params = lambda include_uninit=True, r=root: r.b.params(include_uninit)
+            opt.update()
+    _compare_chainer_links("params on the object", twins[0][0], twins[1][0])
+    assert twins[1][0].a.W.update_rule.t == 1 and twins[1][0].b.W.update_rule.t == 3
 
 
 @case("step")
