@@ -104,7 +104,10 @@ class _Hookable:
     def call_hooks(self, timing, args):
         hooks = self.hooks(timing)
         if hooks:
-            for hook in list(hooks.values()):
+            # Over the dictionary itself, as Chainer: a hook that adds or
+            # removes a hook of the same timing ends the loop with
+            # "RuntimeError: OrderedDict mutated during iteration".
+            for hook in hooks.values():
                 self.call_hook(hook, args)
 
     def call_hook(self, hook, args):
@@ -1175,9 +1178,14 @@ class GradientMethod(Optimizer):
                 if n_fold:
                     # Their operations run in the update pass (same results).
                     hooks, fold = hooks[:len(hooks) - n_fold], hooks[len(hooks) - n_fold:]
-            for hook in hooks:
-                self.call_hook(hook)
             if hooks:
+                # Over the dictionary itself, as Chainer (see _Hookable.call_hooks):
+                # the next item after the hooks called is asked for too, which
+                # raises if one of them added or removed a 'pre' hook.
+                it = iter(self._hookable._pre_update_hooks.values())
+                for _ in range(len(hooks)):
+                    self.call_hook(next(it))
+                next(it, None)
                 # Hooks may have replaced gradients or hyperparameters: read
                 # and check everything again, before anything is updated.
                 plan.collect()

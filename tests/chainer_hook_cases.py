@@ -707,6 +707,63 @@ for _key, _spec in _LINK_SPECS.items():
 # edge: the differences found (fail until cynag is fixed)
 # ---------------------------------------------------------------------------
 @case("edge")
+def edge_hooks_added_or_removed_while_the_hooks_run():
+    """Chainer iterates its hook dictionaries themselves: a hook that removes
+    itself or another, or adds one, of its own timing (optimizer or rule
+    level) ends the step with "OrderedDict mutated during iteration" after
+    it returns; adding a hook of the other timing is allowed."""
+    scenarios = ("remove_self", "remove_other", "add_same", "add_other_timing")
+    for level in ("optimizer", "rule"):
+        for timing in ("pre", "post"):
+            for scenario in scenarios:
+                for multi in (True, False):
+                    outcomes = []
+                    for fw, H in ((chainer, CH), (cynag, YH)):
+                        link = fw.Link()
+                        with link.init_scope():
+                            link.w = fw.Parameter(np.ones(3, F32))
+                            link.u = fw.Parameter(np.full(2, 2.0, F32))
+                        opt = fw.optimizers.NesterovAG(lr=0.1, momentum=0.9).setup(link)
+                        if hasattr(opt, "use_multi_tensor"):
+                            opt.use_multi_tensor(multi)
+                        owner = opt if level == "optimizer" else link.w.update_rule
+                        calls = []
+                        other = "post" if timing == "pre" else "pre"
+
+                        def first(*args, owner=owner, calls=calls, other=other):
+                            calls.append("first")
+                            if scenario == "remove_self":
+                                owner.remove_hook("first")
+                            elif scenario == "remove_other":
+                                owner.remove_hook("second")
+                            elif scenario == "add_same":
+                                owner.add_hook(lambda *a: calls.append("new"), name="new",
+                                               timing=timing)
+                            elif "added" not in calls:
+                                calls.append("added")
+                                owner.add_hook(lambda *a: calls.append("new"), name="new",
+                                               timing=other)
+
+                        owner.add_hook(first, name="first", timing=timing)
+                        owner.add_hook(lambda *a, c=calls: c.append("second"), name="second",
+                                       timing=timing)
+                        # a foldable hook after them (cynag folds it into the pass)
+                        if level == "optimizer":
+                            opt.add_hook(H.WeightDecay(0.25), timing=timing)
+                        link.w.grad = np.ones(3, F32)
+                        link.u.grad = np.full(2, 0.5, F32)
+                        try:
+                            opt.update()
+                            err = None
+                        except RuntimeError as e:
+                            err = "RuntimeError: %s" % e
+                        outcomes.append((err, calls, opt.t, link.w.update_rule.t,
+                                         link.w.array.tobytes(), link.u.array.tobytes()))
+                    assert_same("%s %s %s %s" % (level, timing, scenario, multi),
+                                outcomes[0], outcomes[1])
+
+
+@case("edge")
 def edge_tied_weights_get_the_hooks_in_chainers_order():
     """A parameter registered in two links is visited twice by ``params()``:
     Chainer calls each 'pre' hook on every visit before the next hook

@@ -1495,3 +1495,35 @@ def test_bad_input_from_a_rule_pre_hook_names_the_parameter(multi, what):
     with pytest.raises((TypeError, ValueError), match="parameter 'W'.*(lr must be a real "
                                                       "number|grad has shape)"):
         opt.update()
+
+
+@pytest.mark.parametrize("multi", [True, False])
+@pytest.mark.parametrize("timing", ["pre", "post"])
+def test_a_hook_that_removes_a_hook_ends_the_loop_as_in_chainer(multi, timing):
+    # Chainer iterates the OrderedDict itself: after the hook returns, the
+    # next item raises, so 'second' is not called (and, for 'pre', nothing
+    # is updated).
+    link = cynag.Link()
+    with link.init_scope():
+        link.w = cynag.Parameter(np.ones(3, np.float32))
+    opt = cynag.optimizers.NesterovAG(lr=0.1).setup(link)
+    opt.use_multi_tensor(multi)
+    calls = []
+
+    def once(o):
+        calls.append("once")
+        o.remove_hook("once")
+
+    opt.add_hook(once, name="once", timing=timing)
+    opt.add_hook(lambda o: calls.append("second"), name="second", timing=timing)
+    opt.add_hook(cynag.optimizer_hooks.WeightDecay(0.5), timing=timing)
+    link.w.grad = np.ones(3, np.float32)
+    with pytest.raises(RuntimeError, match="mutated during iteration"):
+        opt.update()
+    assert calls == ["once"]
+    if timing == "pre":
+        assert opt.t == 0 and (link.w.array == 1).all() and link.w.update_rule.state is None
+    else:
+        assert opt.t == 1 and link.w.update_rule.t == 1
+    opt.update()  # the hook is gone: the next step runs
+    assert calls == ["once", "second"]
