@@ -31,10 +31,10 @@ into the multi-tensor update pass of the parameters it groups: one pass over
 memory instead of one per hook, with the same results.
 """
 import math
-import numbers
 
 import numpy
 
+import cynag_kernels
 from cynag import _backend
 
 __all__ = ["GradientClipping", "GradientHardClipping", "GradientLARS", "GradientNoise",
@@ -51,7 +51,7 @@ def _check_real(cls, name, value, minimum=0.0, allow_none=False, allow_inf=False
         return value
     if isinstance(value, numpy.ndarray) and value.ndim == 0 and value.dtype.kind in "fiu":
         value = value[()]
-    ok_type = (isinstance(value, (numbers.Real, numpy.floating, numpy.integer))
+    ok_type = (isinstance(value, cynag_kernels.REAL_SCALAR_TYPES)
                and not isinstance(value, (bool, numpy.bool_)))
     if not ok_type:
         raise TypeError("%s: %s must be a real number, got %r" % (cls, name, value))

@@ -24,6 +24,7 @@ try:
 finally:
     _wait_policy.after_load()
 from cynag_kernels.nesterov import (
+    REAL_SCALAR_TYPES,
     SUPPORTED_DTYPES,
     check_nesterov_ag_arrays,
     check_real_scalar,
@@ -49,7 +50,7 @@ def build_info():
 
 
 __all__ = [
-    "SUPPORTED_DTYPES", "DEFAULT_PARALLEL_THRESHOLD", "build_info", "openmp_enabled",
+    "REAL_SCALAR_TYPES", "SUPPORTED_DTYPES", "DEFAULT_PARALLEL_THRESHOLD", "build_info", "openmp_enabled",
     "check_nesterov_ag_arrays", "check_real_scalar", "compute_dtype", "nesterov_ag_coefficients",
     "nesterov_ag_cpu", "nesterov_ag_mixed",
     "nesterov_ag_dense_ok", "get_num_threads", "set_num_threads", "get_parallel_threshold", "set_parallel_threshold",

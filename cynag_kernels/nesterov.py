@@ -3,7 +3,6 @@
 Everything here takes arrays and scalars; it knows nothing of parameters,
 update rules or hooks.
 """
-import numbers
 
 import numpy
 
@@ -224,12 +223,18 @@ def _weak(x):
     return float(x)
 
 
+#: The scalar types NumPy computes with as numbers (``bool`` is an ``int``).
+#: Other ``numbers.Real`` classes (``fractions.Fraction``) meet an array as
+#: objects, and Chainer's NumPy lines fail on them.
+REAL_SCALAR_TYPES = (int, float, numpy.integer, numpy.floating)
+
+
 def check_real_scalar(name, value):
-    """Raise unless ``value`` is a real scalar the kernels can take: a Python or
-    NumPy real number (``bool`` too, as ``numbers.Real`` has it) or a 0-d
-    NumPy array of integers or floats; a Python int must fit int64."""
+    """Raise unless ``value`` is a real scalar the kernels can take: a Python
+    ``int`` (``bool`` too), ``float`` or NumPy integer or float scalar, or a
+    0-d NumPy array of integers or floats; a Python int must fit int64."""
     if not (
-            isinstance(value, (numbers.Real, numpy.floating, numpy.integer))
+            isinstance(value, REAL_SCALAR_TYPES)
             or (isinstance(value, numpy.ndarray) and value.ndim == 0
                 and value.dtype.kind in "fiu")):
         raise TypeError("hyperparameter %s must be a real number, got %r" % (name, value))

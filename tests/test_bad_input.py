@@ -19,6 +19,8 @@ attribute (``device.id == 0``), which is how cynag recognises a CuPy array
 without importing CuPy.
 """
 import copy
+import decimal
+import fractions
 import sys
 
 import numpy as np
@@ -414,6 +416,26 @@ def test_optimizer_level_lr_string():
     with pytest.raises(TypeError, match="lr"):
         opt.update()
     assert_unchanged(model, opt, snap)
+
+
+@pytest.mark.parametrize("name", ["lr", "momentum"])
+@pytest.mark.parametrize("value", [fractions.Fraction(1, 10), decimal.Decimal("0.1"),
+                                   complex(0.1, 0), np.complex64(0.1)])
+def test_hyperparameters_numpy_cannot_compute_with(name, value):
+    # NumPy meets a Fraction or a Decimal as an object (Chainer's lines fail);
+    # a complex one is no real number: refused, naming it, before any change.
+    model, opt = _prepared(warmup=1)
+    setattr(opt, name, value)
+    snap = snapshot(model, opt)
+    with pytest.raises(TypeError, match=r"\b%s\b" % name):
+        opt.update()
+    assert_unchanged(model, opt, snap)
+
+
+@pytest.mark.parametrize("value", [fractions.Fraction(1, 10), decimal.Decimal("0.1")])
+def test_hook_rates_numpy_cannot_compute_with(value):
+    with pytest.raises(TypeError, match="rate"):
+        cynag.optimizer_hooks.WeightDecay(value)
 
 
 def test_chainlist_path_in_message():
