@@ -344,8 +344,12 @@ void collect_rows(py::list lists, py::dict state, Rows& rows, py::list& states_o
         }
         PyObject* vo = PyDict_GetItemWithError(st, v_key);
         if (vo == nullptr) {
+            // Entries of the user's own but neither "v" nor "step": not started
+            // (the Python path adds them); "step" without "v" does not fit.
             PyErr_Clear();
-            c[i] = 3;
+            PyObject* so = PyDict_GetItemWithError(st, step_key);
+            PyErr_Clear();
+            c[i] = so == nullptr ? 2 : 3;
             continue;
         }
         if (!is_tensor(vo)) {

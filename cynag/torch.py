@@ -219,6 +219,9 @@ class NesterovAG(torch.optim.Optimizer):
                 param_group["params"] = params  # (in place, as torch does)
                 seen = set()
                 for pi, p in enumerate(params):
+                    if (isinstance(p, tuple) and len(p) == 2
+                            and isinstance(p[1], torch.Tensor)):
+                        p = p[1]  # (named parameters: (name, tensor) pairs)
                     if id(p) in seen:
                         raise ValueError("param group %d lists the same parameter twice (at "
                                          "%d); list each parameter once"
@@ -289,8 +292,8 @@ class NesterovAG(torch.optim.Optimizer):
             label = _label(gi, pi, p)
             if not isinstance(st, dict):
                 raise ValueError("%s: the saved state is not a dict" % label)
-            if not st:
-                continue  # (a state never filled: PyTorch saves it as it is)
+            if not _started(st):
+                continue  # (not updated yet, entries of the user's own: loaded as they are)
             v = st.get("v")
             if not isinstance(v, torch.Tensor):
                 raise ValueError("%s: the saved state has no tensor 'v'" % label)
@@ -301,15 +304,13 @@ class NesterovAG(torch.optim.Optimizer):
             if torch._debug_has_internal_overlap(v) == 1:
                 raise ValueError("%s: the saved 'v' has elements that share memory (an "
                                  "expanded tensor)" % label)
-            step = st.get("step", 0)
-            if isinstance(step, torch.Tensor):
-                step = step.item() if step.numel() == 1 else None
-            if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-                raise ValueError("%s: the saved 'step' is not a non-negative integer: %r"
-                                 % (label, st.get("step")))
+            _saved_step(st.get("step", 0), "'step'", label)
         extra = state_dict.get("cynag", {})
-        t = int(extra.get("t", 0))
-        epoch = int(extra.get("epoch", 0))
+        if not isinstance(extra, dict):
+            raise ValueError("the state dict's 'cynag' entry is not a dict of 't' and 'epoch': "
+                             "%r" % (extra,))
+        t = _saved_step(extra.get("t", 0), "'cynag' 't'")
+        epoch = _saved_step(extra.get("epoch", 0), "'cynag' 'epoch'")
         sd = {k: v for k, v in state_dict.items() if k != "cynag"}
         # The pre-hooks ran above; the post-hooks run below, once the counts are set.
         if pre_hooks is not None:
@@ -327,7 +328,7 @@ class NesterovAG(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 g.setdefault(key, value)  # (a group saved without one: the default, as torch)
         for st in self.state.values():
-            if not st:
+            if not _started(st):
                 continue
             # (the step's own type: a Python int, 0 if the saved state had none)
             st["step"] = int(st["step"].item() if isinstance(st.get("step"), torch.Tensor)
@@ -431,7 +432,7 @@ class NesterovAG(torch.optim.Optimizer):
             gi = int(group_of[i])
             pi = i - offsets[gi]
             p, st = lists[gi][pi], sts[i]
-            v = st.get("v") if st else None
+            v = st.get("v") if _started(st) else None
             _check_placement(gi, pi, p, p.grad, v)
             plans[gi][4].append(_Entry(p, p.grad, v, st, (gi, pi)))
         return (merged, hyper, lists, offsets) if merged else None, plans
@@ -511,7 +512,7 @@ class NesterovAG(torch.optim.Optimizer):
         if p.is_inference() and not torch.is_inference_mode_enabled():
             raise RuntimeError("%s: an inference tensor (made in torch.inference_mode) cannot "
                                "be updated in place outside it" % _label(gi, pi, p))
-        if not st:
+        if not _started(st):
             _check_placement(gi, pi, p, g, None)
             return None
         v = st.get("v")
@@ -549,7 +550,10 @@ class NesterovAG(torch.optim.Optimizer):
         for e in rest:
             if e.v is None:
                 e.v = torch.zeros_like(e.p, memory_format=torch.preserve_format)
-                e.st = state[e.p] = {"v": e.v, "step": 0}
+                st = state[e.p]  # (entries of the user's own are kept, as in torch.optim)
+                st["v"] = e.v
+                st["step"] = 0
+                e.st = st
         dense = {}
         by_device = {}
         for e in rest:
@@ -768,6 +772,43 @@ def torch_to_chainer_name(name, model=None):
     return "/".join(parts)
 
 
+def _unwrapped(model):
+    """The model that ``torch.compile``'s, ``DistributedDataParallel``'s or
+    ``DataParallel``'s wrapper holds (their parameters' names start with
+    ``_orig_mod.`` or ``module.``, which Chainer's paths do not have)."""
+    for _ in range(8):
+        tp = type(model)
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel,
+                              torch.nn.DataParallel)):
+            inner = getattr(model, "module", None)
+        elif tp.__name__ == "OptimizedModule" and tp.__module__.startswith("torch._dynamo"):
+            inner = getattr(model, "_orig_mod", None)
+        else:
+            inner = None
+        if not isinstance(inner, torch.nn.Module):
+            break
+        model = inner
+    return model
+
+
+def _started(st):
+    """True if the state dict ``st`` is one of a parameter updated at least once:
+    it has ``v`` or ``step`` (a state of only the user's own entries has not)."""
+    return bool(st) and ("v" in st or "step" in st)
+
+
+def _saved_step(value, what, label=None):
+    """A count of a state dict (``step``, ``t``, ``epoch``): a non-negative integer
+    (or a one-element tensor of one), returned as an int; raise otherwise."""
+    step = value
+    if isinstance(step, torch.Tensor):
+        step = step.item() if step.numel() == 1 else None
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise ValueError("%sthe saved %s is not a non-negative integer: %r"
+                         % ("" if label is None else label + ": ", what, value))
+    return int(step)
+
+
 def _count(value, key):
     """A count read from a file (``t``, ``epoch``): a whole number, as Chainer saves it."""
     a = numpy.asarray(value)
@@ -799,7 +840,9 @@ def load_chainer_state(optimizer, model, source, name_map=None, path="", strict=
     Args:
         optimizer (NesterovAG): the PyTorch optimizer (set up on ``model``'s
             parameters).
-        model (torch.nn.Module): gives the parameters their names.
+        model (torch.nn.Module): gives the parameters their names (a model
+            wrapped by ``torch.compile``, ``DistributedDataParallel`` or
+            ``DataParallel``: the names of the model it wraps).
         source: the NPZ file (path or file object) that Chainer's
             ``serializers.save_npz(file, optimizer)`` wrote, an open NpzFile,
             or a dict of arrays.
@@ -837,6 +880,7 @@ def load_chainer_state(optimizer, model, source, name_map=None, path="", strict=
             raise KeyError("%r has no %r / %r: not a Chainer optimizer file (or another "
                            "path prefix)" % (getattr(source, "name", source), path + "t",
                                              path + "epoch"))
+        model = _unwrapped(model)
         named = dict(model.named_parameters(remove_duplicate=False))  # tied: every name
         index = _param_index(optimizer)
         if name_map is None:
@@ -916,7 +960,9 @@ def save_chainer_state(optimizer, model, target, name_map=None, path=""):
 
     Args:
         optimizer (NesterovAG): the PyTorch optimizer.
-        model (torch.nn.Module): gives the parameters their names.
+        model (torch.nn.Module): gives the parameters their names (a model
+            wrapped by ``torch.compile``, ``DistributedDataParallel`` or
+            ``DataParallel``: the names of the model it wraps).
         target: a path or a file object.
         name_map: PyTorch name to Chainer path (no leading ``/``), a dict or
             a callable; default :func:`torch_to_chainer_name` (with
@@ -936,6 +982,7 @@ def save_chainer_state(optimizer, model, target, name_map=None, path=""):
     """
     if path and not path.endswith("/"):
         path = path + "/"
+    model = _unwrapped(model)
     index = _param_index(optimizer)
     if name_map is None:
         mapper = lambda name: torch_to_chainer_name(name, model)  # noqa: E731

@@ -431,3 +431,23 @@ def test_dict_name_map_on_save_takes_one_name_of_a_tied_parameter(tmp_path):
     ct.save_chainer_state(opt, model, f, name_map={"emb.weight": "emb/W"})
     with np.load(f) as z:
         assert "emb/W/v" in z.files and not any(k.startswith("out") for k in z.files)
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_wrapped_models_use_the_names_of_the_model_they_wrap(tmp_path, wrap):
+    # torch.compile's and DataParallel's wrappers prefix their parameters'
+    # names (_orig_mod., module.); Chainer's paths are the model's own.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    wrapped = (torch.compile(model, backend="eager") if wrap == "compile"
+               else torch.nn.DataParallel(model))
+    opt = ct.NesterovAG(wrapped.parameters(), lr=0.1)
+    wrapped(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    ct.save_chainer_state(opt, wrapped, str(tmp_path / "w.npz"))
+    ct.save_chainer_state(opt, model, str(tmp_path / "m.npz"))
+    with np.load(str(tmp_path / "w.npz")) as a, np.load(str(tmp_path / "m.npz")) as b:
+        assert sorted(a.files) == sorted(b.files) == ["0/W/t", "0/W/v", "0/b/t", "0/b/v",
+                                                      "epoch", "t"]
+    opt2 = ct.NesterovAG(model.parameters(), lr=0.1)
+    ct.load_chainer_state(opt2, wrapped, str(tmp_path / "m.npz"))
+    assert torch.equal(opt2.state[model[0].weight]["v"], opt.state[model[0].weight]["v"])

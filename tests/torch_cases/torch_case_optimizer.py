@@ -936,3 +936,57 @@ def test_add_param_group_keeps_the_users_dict():
     g = {"params": (q,), "lr": 0.5}
     opt.add_param_group(g)
     assert opt.param_groups[-1] is g and g["params"] == [q]
+
+
+def test_named_parameters_listing_one_parameter_twice_are_refused():
+    # (name, tensor) pairs, which torch.optim takes: the same check, by tensor.
+    p, q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="same parameter twice"):
+        ct.NesterovAG([("a", p), ("b", p)])
+    with pytest.raises(ValueError, match="same parameter twice"):
+        ct.NesterovAG([{"params": [("a", p), ("q", q), ("a2", p)]}])
+    opt = ct.NesterovAG([("a", p), ("q", q)], lr=0.1, momentum=0.9)
+    p.grad, q.grad = torch.ones(2), torch.ones(2)
+    opt.step()
+    assert torch.equal(p.detach(), torch.full((2,), 0.72900003)) and opt.state[p]["step"] == 1
+
+
+@pytest.mark.parametrize("extra", [{"t": 2.5}, {"t": -7}, {"t": "12"}, {"epoch": True},
+                                   {"t": float("nan")}, None, [1]])
+def test_load_state_dict_refuses_counts_that_are_not_counts(extra):
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = ct.NesterovAG([p], lr=0.1)
+    p.grad = torch.ones(2)
+    opt.step()
+    sd = opt.state_dict()
+    sd["cynag"] = extra
+    opt2 = ct.NesterovAG([p], lr=0.1)
+    with pytest.raises(ValueError, match="cynag"):
+        opt2.load_state_dict(sd)
+    assert opt2.t == 0 and not opt2.state
+
+
+def test_a_state_of_only_the_users_own_entries_is_not_started(reader):
+    # As torch.optim: entries written before the first update are kept, and
+    # the first update adds its own; saved before it, they load as they are.
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = ct.NesterovAG([p], lr=0.1, momentum=0.9)
+    opt.state[p]["lr_scale"] = 0.5
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    p.grad = torch.ones(3)
+    opt.step()
+    assert sorted(opt.state[p]) == ["lr_scale", "step", "v"] and opt.state[p]["step"] == 1
+    assert torch.equal(p.detach(), torch.full((3,), 0.72900003))
+    buf.seek(0)
+    q = torch.nn.Parameter(torch.ones(3))
+    opt2 = ct.NesterovAG([q], lr=0.1, momentum=0.9)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    assert opt2.state[q] == {"lr_scale": 0.5}
+    q.grad = torch.ones(3)
+    opt2.step()
+    assert torch.equal(q.detach(), p.detach()) and opt2.state[q]["step"] == 1
+    # "step" without "v" is no state of this optimizer's
+    opt2.state[q] = {"step": 3}
+    with pytest.raises(ValueError, match="does not fit"):
+        opt2.step()
