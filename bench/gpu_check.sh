@@ -3,10 +3,11 @@
 # cynag.torch CUDA case where PyTorch with CUDA is installed), then the GPU
 # benchmark (single tensors, 2000x64, 1000x1000, ResNet-50's shapes).
 #   bash bench/gpu_check.sh [bench_gpu.py options]     (from anywhere)
-# When the running interpreter already has CuPy and sees a device (a machine
-# without network access, say), cynag's extensions are built in place and
-# used from the checkout; otherwise cynag is installed with the CUDA extra
-# matching the driver into .venv-gpu.  The benchmark runs even when a test
+# The benchmark's results go to $CYNAG_GPU_CHECK_DIR/bench_gpu.json (default:
+# the checkout).  When the running interpreter already has CuPy and sees a
+# device (a machine without network access, say), cynag's extensions are
+# built in place and used from the checkout; otherwise cynag is installed
+# with the CUDA extra matching the driver into .venv-gpu.  The benchmark runs even when a test
 # fails; the exit status is the tests'.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,5 +34,5 @@ if python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev
 else
     echo "gpu_check: no CUDA PyTorch here; the cynag.torch CUDA case not run"
 fi
-python bench/bench_gpu.py --json "${OUT:-.}/bench_gpu.json" "$@"
+python bench/bench_gpu.py --json "${CYNAG_GPU_CHECK_DIR:-.}/bench_gpu.json" "$@"
 exit "$status"

@@ -26,7 +26,7 @@
  * nag_f16          the same on _Float16 storage computed in float32, where
  *                  the compiler supports _Float16 (see probe_has_f16); the
  *                  conversions are whatever the compiler emits for the flags
- *                  above (no -mf16c, as in cynag's build).
+ *                  above (no -mf16c: the compiler's portable conversions).
  * nag_f16_f16c     nag_f16 compiled for AVX2 + F16C (x86 GCC/Clang only; call
  *                  it only if probe_has_f16c() says the CPU has them).
  * probe_noop       nag_f32's signature, no work: the cost of one ctypes call.
@@ -189,7 +189,7 @@ PROBE_EXPORT void nag_f16(_Float16 *RESTRICT p, const _Float16 *RESTRICT g,
 
 /* The same loop compiled for AVX2 + F16C (hardware float16 conversions), used
  * only when the CPU has them (probe_has_f16c): the best a hand-written C loop
- * does on this machine, although cynag's build does not use these flags. */
+ * does on this machine (cynag's kernel uses F16C at run time too). */
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #define PROBE_HAS_F16C_BUILD 1
 __attribute__((target("avx2,f16c")))

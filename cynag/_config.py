@@ -11,7 +11,7 @@ from cynag_kernels import threads
 
 def _cupy_status():
     if importlib.util.find_spec("cupy") is None:
-        return "not installed (CPU only; pip install cupy-cuda12x or cupy-cuda13x for GPUs)"
+        return 'not installed (CPU only; pip install "cynag[cuda12]" or "cynag[cuda13]" for GPUs)'
     try:
         import cupy
 

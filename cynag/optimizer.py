@@ -15,7 +15,9 @@
 cynag adds one guarantee to Chainer's behaviour: :meth:`GradientMethod.update`
 checks every parameter (gradient shape and dtype, device, writeable arrays,
 state, hyperparameters) before it changes anything, and raises an exception
-that names the parameter by its path, so a bad step updates nothing.
+that names the parameter by its path, so a step these checks refuse updates
+nothing.  (An error raised later, by a hook or by what a hook set, leaves the
+parameters before it updated, as in Chainer.)
 """
 import collections
 import copy

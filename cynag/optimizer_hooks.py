@@ -10,9 +10,10 @@
 * :class:`GradientLARS` -- layer-wise adaptive rate scaling.
 
 Each has Chainer's attributes (``name``, ``timing``, ``call_for_each_param``)
-and works as an optimizer hook (``optimizer.add_hook(hook)``) or on a single
-update rule (``rule.add_hook(hook)``), with ``timing='pre'`` (default) or
-``'post'``.
+and works as an optimizer hook (``optimizer.add_hook(hook)``) and, but for
+:class:`GradientClipping` (an optimizer hook only, as in Chainer), on a
+single update rule (``rule.add_hook(hook)``), with ``timing='pre'``
+(default) or ``'post'``.
 
 The arithmetic is native on both devices: the per-element operations of
 :mod:`cynag_kernels.hooks` (Cython) for NumPy arrays and the CUDA kernels of
@@ -25,8 +26,9 @@ order) where Chainer sums float32 dot products: the results agree to a
 relative ``~1e-14`` (float64 gradients) or ``~4e-6`` (float32) of the largest
 magnitude involved.
 
-Registered as optimizer hooks with ``'pre'`` timing, the per-element hooks at
-the end of the hook list (and a GradientClipping just before them) are folded
+Registered as optimizer hooks with ``'pre'`` timing, WeightDecay, Lasso and
+GradientHardClipping at the end of the hook list (and a GradientClipping just
+before them) are folded
 into the multi-tensor update pass of the parameters it groups: one pass over
 memory instead of one per hook, with the same results.
 """

@@ -19,8 +19,8 @@ step hooks, ``torch.amp.GradScaler`` (a step with inf/nan gradients is
 skipped by the scaler).  CPU float32/float64 tensors are updated in place by
 cynag's native multi-tensor kernel (through
 :func:`cynag.functional.nesterov_ag_addresses` or, when every parameter with
-a gradient is such a tensor with a state and no group decays, its C entry
-called by the native reader; no copies), bit for bit as Chainer's NumPy
+a gradient is such a tensor with a state, its C entry called by the native
+reader, with or without weight decay; no copies), bit for bit as Chainer's NumPy
 sequence computes, and their version counters are bumped as by an in-place
 operation.  float16 and bfloat16 are computed in
 float32 and stored rounded.  CUDA tensors go to the same CUDA kernel as

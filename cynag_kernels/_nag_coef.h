@@ -1,5 +1,6 @@
 /*
- * NesterovAG's CPU coefficients: the one place where they are computed.
+ * NesterovAG's CPU coefficients for the native paths (the Python ones use
+ * cynag_kernels.nesterov_ag_coefficients, which the tests hold equal to this).
  *
  * Chainer's numpy sequence  v *= m; v -= lr * g; p += m * m * v;
  * p -= (1 + m) * lr * g  evaluates  mm = m * m  and  c = (1 + m) * lr  on

@@ -19,7 +19,7 @@ change them later.  :func:`before_load` runs before cynag's extensions are
 imported and, unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``
 (theirs always win), puts ``OMP_WAIT_POLICY=passive`` in the environment;
 :func:`after_load` takes it out again, so that OpenMP runtimes loaded later
-by other libraries (PyTorch's own libgomp copy, Intel's or LLVM's runtime)
+by other libraries (a renamed libgomp copy, Intel's or LLVM's runtime)
 and child processes see the environment the user gave.
 
 If ``libgomp.so.1`` was already loaded by another library, the extensions of
@@ -46,8 +46,9 @@ ENV_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 # The soname the extensions of a source build link (``ldd
 # cynag_kernels/_openmp_helpers*.so``); the dynamic loader reuses any object
-# already loaded under it.  Renamed copies (``libgomp-<hash>.so.1``: PyTorch's,
-# or the one a repaired wheel carries) are separate runtimes.
+# already loaded under it (PyTorch's CPU wheels load it under this name too).
+# Renamed copies (``libgomp-<hash>.so.1``: some PyTorch builds', or the one a
+# repaired wheel carries) are separate runtimes.
 _LIBGOMP = re.compile(r"libgomp\.so\.1(\.\d+)*")
 
 

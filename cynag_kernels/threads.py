@@ -87,9 +87,9 @@ _CPU_COUNT = cpu_count()
 _OMP_NUM_THREADS_SET = "OMP_NUM_THREADS" in os.environ
 _env_threads = _env_int("CYNAG_NUM_THREADS", 1)
 _fixed_threads = None
-_parallel_threshold = _env_int("CYNAG_PARALLEL_THRESHOLD", 0)
-if _parallel_threshold is None:
-    _parallel_threshold = DEFAULT_PARALLEL_THRESHOLD
+_env_threshold = _env_int("CYNAG_PARALLEL_THRESHOLD", 0)
+_parallel_threshold = (DEFAULT_PARALLEL_THRESHOLD if _env_threshold is None
+                       else _env_threshold)
 
 
 def openmp_default_threads():
@@ -163,10 +163,12 @@ def get_parallel_threshold():
 
 
 def set_parallel_threshold(n_elements):
-    """Set the parallel threshold (elements, >= 0; ``None`` restores the default)."""
+    """Set the parallel threshold (elements, >= 0; ``None`` returns to
+    ``CYNAG_PARALLEL_THRESHOLD`` or the default, as :func:`set_num_threads`)."""
     global _parallel_threshold
     if n_elements is None:
-        _parallel_threshold = DEFAULT_PARALLEL_THRESHOLD
+        _parallel_threshold = (DEFAULT_PARALLEL_THRESHOLD if _env_threshold is None
+                               else _env_threshold)
         return
     n_elements = _as_int("set_parallel_threshold", "n_elements", n_elements)
     if n_elements < 0:

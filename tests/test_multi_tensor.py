@@ -2078,3 +2078,23 @@ def test_post_hooks_run_after_the_step_is_released():
         assign_grads(model, i)
         opt.update()
     assert len(seen) == 2 and seen[1] == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(dtype=st.sampled_from([np.float16, np.float32, np.float64]),
+       lr=st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                    st.sampled_from([0.01, 0.1, 1e-30, 3.4e38, 1e39, 65504.0, 65520.0])),
+       m=st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                   st.sampled_from([0.9, 0.99, -0.5, 1e20])))
+def test_native_coefficients_equal_the_python_ones(dtype, lr, m):
+    # _nag_coef.h (native paths) and nesterov_ag_coefficients (Python paths)
+    # prepare the same scalars; the native one refuses what NumPy 1.x would
+    # keep in float64, which the Python one returns as numpy.float64.
+    from cynag_kernels import nesterov_ag_coefficients
+
+    table, ok = coefficient_table(dtype, [lr], [m])
+    py = nesterov_ag_coefficients(lr, m, dtype)
+    wide = any(type(k) is np.float64 for k in py) and dtype is not np.float64
+    assert bool(ok[0]) == (not wide)
+    if ok[0]:
+        assert_same_bits(table[0, :4], np.array([float(k) for k in py]))

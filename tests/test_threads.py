@@ -131,7 +131,8 @@ def test_parallel_threshold_default_and_set():
         assert get_parallel_threshold() == n
         assert thread_config()["parallel_threshold"] == n
     set_parallel_threshold(None)
-    assert get_parallel_threshold() == DEFAULT_PARALLEL_THRESHOLD
+    if "CYNAG_PARALLEL_THRESHOLD" not in os.environ:
+        assert get_parallel_threshold() == DEFAULT_PARALLEL_THRESHOLD
 
 
 @pytest.mark.parametrize("bad, error", [(-1, ValueError), (True, TypeError), (1.5, TypeError),
@@ -283,6 +284,19 @@ def test_env_cynag_num_threads_invalid_raises_at_import(value):
 @pytest.mark.parametrize("value,n", [("0", 0), ("1000", 1000), ("65536", 65536)])
 def test_env_parallel_threshold(value, n):
     assert _show(CYNAG_PARALLEL_THRESHOLD=value)[2] == n
+
+
+def test_env_parallel_threshold_overridden_by_set_parallel_threshold():
+    # None returns to the variable, as set_num_threads(None) to CYNAG_NUM_THREADS.
+    r = run_python("""
+        from cynag_kernels import threads
+        threads.set_parallel_threshold(7)
+        a = threads.get_parallel_threshold()
+        threads.set_parallel_threshold(None)
+        print(a, threads.get_parallel_threshold())
+    """, CYNAG_PARALLEL_THRESHOLD="1000")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["7", "1000"]
 
 
 @pytest.mark.parametrize("value", ["-1", "x", "1e3"])

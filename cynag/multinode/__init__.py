@@ -52,7 +52,8 @@ def create_communicator(communicator_name="mpi", mpi_comm=None, **kwargs):
 
     Raises:
         ImportError: mpi4py is not installed (``pip install "cynag[mpi]"``).
-        ValueError: an unknown name or option.
+        ValueError: an unknown communicator name.
+        TypeError: an unknown option.
     """
     if communicator_name not in COMMUNICATOR_NAMES:
         raise ValueError('Unrecognized communicator: "{}" (cynag.multinode provides {})'.format(
