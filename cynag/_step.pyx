@@ -97,9 +97,17 @@ cdef extern from *:
     #endif
         return t->tp_dictoffset != 0;
     }
+
+    /* Whether t looks its instances' attributes up as object does (no
+       __getattribute__ or __getattr__ of its own). */
+    static inline int cynag_generic_getattr(PyTypeObject *t)
+    {
+        return t->tp_getattro == PyObject_GenericGetAttr;
+    }
     """
     unsigned int cynag_type_tag(PyTypeObject* t)
     bint cynag_type_has_dict(PyTypeObject* t)
+    bint cynag_generic_getattr(PyTypeObject* t)
 
 cdef extern from "Python.h":
     # Borrowed reference or NULL; a lookup by str key cannot raise here.
@@ -1326,8 +1334,11 @@ cdef bint _next_is_link(object tp, object cls, str method, object f_link):
 
 cdef int _link_kind(object link, str method, tuple fns) except -2:
     """0 Link, 1 Chain, 2 ChainList (Chainer's ``method`` throughout), -1 another
-    (a class of its own, or ``method`` set on the link object itself)."""
+    (a class of its own, ``method`` set on the link object itself, or a class
+    whose attribute lookup is its own: ``__getattribute__``/``__getattr__``)."""
     tp = type(link)
+    if not cynag_generic_getattr(Py_TYPE(<PyObject*>link)):
+        return -1
     try:
         d = PyObject_GenericGetDict(link, NULL)
     except (AttributeError, TypeError):

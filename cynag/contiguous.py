@@ -128,6 +128,8 @@ def pack(link):
         device = _backend.device_of(array)
         if device is None or array.dtype not in _DTYPES:
             continue
+        if isinstance(array, numpy.ndarray) and type(array) is not numpy.ndarray:
+            continue  # an ndarray subclass (matrix, masked array) keeps its own array
         members_all.append((path, param))
     shared = _shared_arrays([p.array for _, p in members_all])
     for (path, param), share in zip(members_all, shared):

@@ -1182,12 +1182,22 @@ class GradientMethod(Optimizer):
                     hooks, fold = hooks[:len(hooks) - n_fold], hooks[len(hooks) - n_fold:]
             if hooks:
                 # Over the dictionary itself, as Chainer (see _Hookable.call_hooks):
-                # the next item after the hooks called is asked for too, which
-                # raises if one of them added or removed a 'pre' hook.
-                it = iter(self._hookable._pre_update_hooks.values())
+                # asking for the hooks after those called raises if one of them
+                # added or removed a 'pre' hook.
+                pre = self._hookable._pre_update_hooks
+                it = iter(pre.values())
                 for _ in range(len(hooks)):
                     self.call_hook(next(it))
-                next(it, None)
+                rest = list(it)
+                if len(rest) != len(fold) or any(a is not b for a, b in zip(rest, fold)):
+                    # One of them replaced a later hook (same name): Chainer calls
+                    # the new one; so are the rest called, in the dictionary.
+                    fold = ()
+                    it = iter(pre.values())
+                    for _ in range(len(hooks)):
+                        next(it)
+                    for hook in it:
+                        self.call_hook(hook)
                 # Hooks may have replaced gradients or hyperparameters: read
                 # and check everything again, before anything is updated.
                 plan.collect()

@@ -33,6 +33,7 @@ into the multi-tensor update pass of the parameters it groups: one pass over
 memory instead of one per hook, with the same results.
 """
 import math
+import numbers
 
 import numpy
 
@@ -43,17 +44,22 @@ __all__ = ["GradientClipping", "GradientHardClipping", "GradientLARS", "Gradient
            "Lasso", "WeightDecay", "exponential_decay_noise"]
 
 
-def _check_real(cls, name, value, minimum=0.0, allow_none=False, allow_inf=False):
+def _check_real(cls, name, value, minimum=0.0, allow_none=False, allow_inf=False,
+                any_real=False):
     """``value`` if it is a real number >= ``minimum`` (finite unless allowed); raise otherwise.
 
     A 0-d NumPy array of a real dtype, which Chainer takes as well (NumPy
-    computes with it as with a scalar), becomes that scalar.
+    computes with it as with a scalar), becomes that scalar.  Only the
+    scalar types NumPy computes with are taken, unless ``any_real``: a
+    setting that meets only Python floats before any array (a norm's
+    threshold, GradientNoise's eta) may be any ``numbers.Real``, such as a
+    ``fractions.Fraction``, as in Chainer.
     """
     if value is None and allow_none:
         return value
     if isinstance(value, numpy.ndarray) and value.ndim == 0 and value.dtype.kind in "fiu":
         value = value[()]
-    ok_type = (isinstance(value, cynag_kernels.REAL_SCALAR_TYPES)
+    ok_type = (isinstance(value, numbers.Real if any_real else cynag_kernels.REAL_SCALAR_TYPES)
                and not isinstance(value, (bool, numpy.bool_)))
     if not ok_type:
         raise TypeError("%s: %s must be a real number, got %r" % (cls, name, value))
@@ -223,7 +229,7 @@ class GradientNoise:
     _writes_grads = True
 
     def __init__(self, eta, noise_func=exponential_decay_noise):
-        eta = _check_real("GradientNoise", "eta", eta)
+        eta = _check_real("GradientNoise", "eta", eta, any_real=True)
         if not callable(noise_func):
             raise TypeError("GradientNoise: noise_func must be callable, got %r" % (noise_func,))
         self.eta = eta
@@ -311,7 +317,7 @@ class GradientClipping:
     _writes_grads = True
 
     def __init__(self, threshold):
-        self.threshold = _check_real("GradientClipping", "threshold", threshold)
+        self.threshold = _check_real("GradientClipping", "threshold", threshold, any_real=True)
 
     def _rate(self, opt):
         """The scale factor this step, or None if the gradients are left as they are."""
@@ -356,9 +362,9 @@ class GradientLARS:
     _writes_grads = True
 
     def __init__(self, threshold=1e-2, weight_decay=0.0, eps=1e-9):
-        self.threshold = _check_real("GradientLARS", "threshold", threshold)
+        self.threshold = _check_real("GradientLARS", "threshold", threshold, any_real=True)
         self.weight_decay = _check_real("GradientLARS", "weight_decay", weight_decay)
-        self.eps = _check_real("GradientLARS", "eps", eps)
+        self.eps = _check_real("GradientLARS", "eps", eps, any_real=True)
 
     def __call__(self, rule, param):
         p, g = param.data, param.grad

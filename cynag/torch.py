@@ -842,7 +842,8 @@ def load_chainer_state(optimizer, model, source, name_map=None, path="", strict=
             parameters).
         model (torch.nn.Module): gives the parameters their names (a model
             wrapped by ``torch.compile``, ``DistributedDataParallel`` or
-            ``DataParallel``: the names of the model it wraps).
+            ``DataParallel``: without ``name_map``, the names of the model
+            it wraps; a ``name_map`` maps the names the wrapper gives).
         source: the NPZ file (path or file object) that Chainer's
             ``serializers.save_npz(file, optimizer)`` wrote, an open NpzFile,
             or a dict of arrays.
@@ -880,7 +881,8 @@ def load_chainer_state(optimizer, model, source, name_map=None, path="", strict=
             raise KeyError("%r has no %r / %r: not a Chainer optimizer file (or another "
                            "path prefix)" % (getattr(source, "name", source), path + "t",
                                              path + "epoch"))
-        model = _unwrapped(model)
+        if name_map is None:
+            model = _unwrapped(model)  # (a name_map of the wrapper's names keeps them)
         named = dict(model.named_parameters(remove_duplicate=False))  # tied: every name
         index = _param_index(optimizer)
         if name_map is None:
@@ -962,7 +964,8 @@ def save_chainer_state(optimizer, model, target, name_map=None, path=""):
         optimizer (NesterovAG): the PyTorch optimizer.
         model (torch.nn.Module): gives the parameters their names (a model
             wrapped by ``torch.compile``, ``DistributedDataParallel`` or
-            ``DataParallel``: the names of the model it wraps).
+            ``DataParallel``: without ``name_map``, the names of the model
+            it wraps; a ``name_map`` maps the names the wrapper gives).
         target: a path or a file object.
         name_map: PyTorch name to Chainer path (no leading ``/``), a dict or
             a callable; default :func:`torch_to_chainer_name` (with
@@ -982,7 +985,8 @@ def save_chainer_state(optimizer, model, target, name_map=None, path=""):
     """
     if path and not path.endswith("/"):
         path = path + "/"
-    model = _unwrapped(model)
+    if name_map is None:
+        model = _unwrapped(model)  # (a name_map of the wrapper's names keeps them)
     index = _param_index(optimizer)
     if name_map is None:
         mapper = lambda name: torch_to_chainer_name(name, model)  # noqa: E731

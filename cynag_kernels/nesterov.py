@@ -266,13 +266,20 @@ def nesterov_ag_mixed(param, grad, v, lr, momentum):
 
 
 def _numpy_lines(param, grad, v, lr, momentum):
-    """Chainer's four NumPy lines, each scalar expression meeting the arrays as
-    a Python float (NumPy 1.x's value-based casting, whichever NumPy runs)."""
+    """Chainer's four NumPy lines.  Each scalar expression meets a plain array
+    as a Python float (NumPy 1.x's value-based casting, whichever NumPy runs),
+    and an ndarray subclass as Chainer gives it (the subclass's own arithmetic
+    depends on the scalar's type: a matrix's dot() of a NumPy float32 is
+    float32, of a Python float float64)."""
     m = momentum
-    v *= _weak(m)
-    v -= _weak(lr) * grad
-    param += _weak(m * m) * v
-    param -= _weak((1 + m) * lr) * grad
+
+    def at(x, a):
+        return _weak(x) if type(a) is numpy.ndarray else x
+
+    v *= at(m, v)
+    v -= at(lr, grad) * grad
+    param += at(m * m, v) * v
+    param -= at((1 + m) * lr, grad) * grad
 
 
 def nesterov_ag_dense_ok(param, grad, v):

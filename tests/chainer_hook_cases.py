@@ -712,7 +712,8 @@ def edge_hooks_added_or_removed_while_the_hooks_run():
     itself or another, or adds one, of its own timing (optimizer or rule
     level) ends the step with "OrderedDict mutated during iteration" after
     it returns; adding a hook of the other timing is allowed."""
-    scenarios = ("remove_self", "remove_other", "add_same", "add_other_timing")
+    scenarios = ("remove_self", "remove_other", "add_same", "add_other_timing",
+                 "replace_later")
     for level in ("optimizer", "rule"):
         for timing in ("pre", "post"):
             for scenario in scenarios:
@@ -739,6 +740,16 @@ def edge_hooks_added_or_removed_while_the_hooks_run():
                             elif scenario == "add_same":
                                 owner.add_hook(lambda *a: calls.append("new"), name="new",
                                                timing=timing)
+                            elif scenario == "replace_later":
+                                # the same name, a new value: Chainer calls the new one
+                                hooks_of = (owner._hookable if hasattr(owner, "_hookable")
+                                            and not isinstance(owner._hookable, type(None))
+                                            else owner)
+                                table = (hooks_of._pre_update_hooks if timing == "pre"
+                                         else hooks_of._post_update_hooks)
+                                if "WeightDecay" in table:
+                                    table["WeightDecay"] = H.WeightDecay(0.5)
+                                table["second"] = lambda *a: calls.append("second'")
                             elif "added" not in calls:
                                 calls.append("added")
                                 owner.add_hook(lambda *a: calls.append("new"), name="new",

@@ -1291,7 +1291,8 @@ def edge_step_ndarray_subclasses_have_their_own_arithmetic():
              ("GradientHardClipping", (-0.5, 0.7)))
     for kind, wrap in sorted(wraps.items()):
         for role in ("grad", "param", "v"):
-            for hook in hooks:
+            for hook, scalar in [(h, float) for h in hooks] + [(None, np.float32),
+                                                               (None, np.float64)]:
                 for level in ("optimizer", "rule"):
                     if hook is None and level == "rule":
                         continue
@@ -1304,7 +1305,7 @@ def edge_step_ndarray_subclasses_have_their_own_arithmetic():
                                 link.a = chainer.Parameter(np.ones(2, np.float32))
                                 link.b = chainer.Parameter(
                                     np.arange(6, dtype=np.float32).reshape(2, 3) / 7)
-                            opt = opt_cls(lr=0.1, momentum=0.9).setup(link)
+                            opt = opt_cls(lr=scalar(0.1), momentum=scalar(0.9)).setup(link)
                             if hasattr(opt, "use_multi_tensor"):
                                 opt.use_multi_tensor(multi)
                             if hook is not None:
@@ -1326,8 +1327,9 @@ def edge_step_ndarray_subclasses_have_their_own_arithmetic():
                                     state["v"] = wrap(state["v"])
                                 opt.update()
                             twins.append(link)
-                        label = "%s %s %s %s %s" % (kind, role, hook and hook[0], level,
-                                                    "multi" if multi else "single")
+                        label = "%s %s %s %s %s %s" % (kind, role, hook and hook[0], level,
+                                                       "multi" if multi else "single",
+                                                       scalar.__name__)
                         for (path, pa), (_, pb) in zip(twins[0].namedparams(),
                                                        twins[1].namedparams()):
                             assert_same(label + " type " + path, type(pa.array), type(pb.array))
@@ -1572,6 +1574,33 @@ def edge_step_params_set_on_the_model_object():
             opt.update()
     _compare_chainer_links("params on the object", twins[0][0], twins[1][0])
     assert twins[1][0].a.W.update_rule.t == 1 and twins[1][0].b.W.update_rule.t == 3
+
+    class Frozen(chainer.Chain):
+        """Its attribute lookup gives params() of child b only."""
+
+        def __getattribute__(self, name):
+            if name == "params":
+                b = object.__getattribute__(self, "b")
+                return lambda include_uninit=True: b.params(include_uninit)
+            return object.__getattribute__(self, name)
+
+    def build_frozen():
+        root = Frozen()
+        with root.init_scope():
+            root.a = chainer.links.Linear(2, 2)
+            root.b = chainer.links.Linear(2, 2)
+        for k, (_, p) in enumerate(sorted(root.namedparams(), key=lambda x: x[0])):
+            p.array[...] = np.arange(p.size, dtype=np.float32).reshape(p.shape) / (k + 3)
+        return root
+    twins = _chainer_twins(build_frozen)
+    for root, opt in twins:
+        opt.setup(root)
+        for step in range(2):
+            for _, p in root.namedparams():
+                p.grad = np.full(p.shape, 0.25 + step, np.float32)
+            opt.update()
+    _compare_chainer_links("__getattribute__", twins[0][0], twins[1][0])
+    assert twins[1][0].a.W.update_rule is None and twins[1][0].b.W.update_rule.t == 2
 
 
 @case("step")

@@ -1527,3 +1527,35 @@ def test_a_hook_that_removes_a_hook_ends_the_loop_as_in_chainer(multi, timing):
         assert opt.t == 1 and link.w.update_rule.t == 1
     opt.update()  # the hook is gone: the next step runs
     assert calls == ["once", "second"]
+
+
+def test_settings_that_meet_only_floats_may_be_fractions():
+    # A norm's threshold, LARS's eps and the noise's eta meet Python floats
+    # before any array: Chainer computes with a Fraction there, and so does
+    # cynag (the rates and bounds, which meet arrays, are refused).
+    from fractions import Fraction
+
+    H = cynag.optimizer_hooks
+    H.GradientClipping(Fraction(1, 2))
+    H.GradientLARS(threshold=Fraction(1, 100), eps=Fraction(1, 10 ** 9))
+    H.GradientNoise(Fraction(3, 10))
+    for make in (lambda: H.WeightDecay(Fraction(1, 2)), lambda: H.Lasso(Fraction(1, 2)),
+                 lambda: H.GradientHardClipping(Fraction(-1), 1.0),
+                 lambda: H.GradientLARS(weight_decay=Fraction(1, 10))):
+        with pytest.raises(TypeError, match="real number"):
+            make()
+    link = cynag.Link()
+    with link.init_scope():
+        link.w = cynag.Parameter(np.array([3.0, -4.0], np.float32))
+    opt = cynag.optimizers.NesterovAG(lr=0.1).setup(link)
+    opt.add_hook(H.GradientClipping(Fraction(1, 2)))
+    link.w.grad = np.array([3.0, -4.0], np.float32)
+    opt.update()
+    ref = cynag.Link()
+    with ref.init_scope():
+        ref.w = cynag.Parameter(np.array([3.0, -4.0], np.float32))
+    ropt = cynag.optimizers.NesterovAG(lr=0.1).setup(ref)
+    ropt.add_hook(H.GradientClipping(0.5))
+    ref.w.grad = np.array([3.0, -4.0], np.float32)
+    ropt.update()
+    assert link.w.array.tobytes() == ref.w.array.tobytes()

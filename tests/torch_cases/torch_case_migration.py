@@ -451,3 +451,19 @@ def test_wrapped_models_use_the_names_of_the_model_they_wrap(tmp_path, wrap):
     opt2 = ct.NesterovAG(model.parameters(), lr=0.1)
     ct.load_chainer_state(opt2, wrapped, str(tmp_path / "m.npz"))
     assert torch.equal(opt2.state[model[0].weight]["v"], opt.state[model[0].weight]["v"])
+
+
+def test_a_name_map_of_the_wrappers_names_still_maps_them(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    wrapped = torch.nn.DataParallel(model)
+    opt = ct.NesterovAG(wrapped.parameters(), lr=0.1)
+    wrapped(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    names = {"module.0.weight": "l/W", "module.0.bias": "l/b"}
+    ct.save_chainer_state(opt, wrapped, str(tmp_path / "w.npz"), name_map=names)
+    with np.load(str(tmp_path / "w.npz")) as f:
+        assert sorted(f.files) == ["epoch", "l/W/t", "l/W/v", "l/b/t", "l/b/v", "t"]
+    opt2 = ct.NesterovAG(model.parameters(), lr=0.1)
+    ct.load_chainer_state(opt2, wrapped, str(tmp_path / "w.npz"),
+                          name_map={v: k for k, v in names.items()})
+    assert torch.equal(opt2.state[model[0].bias]["v"], opt.state[model[0].bias]["v"])
