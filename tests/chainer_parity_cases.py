@@ -1555,12 +1555,12 @@ def edge_step_parameter_listing_follows_chainer():
 def edge_step_params_set_on_the_model_object():
     """``model.params`` replaced on the object (to freeze a child): Chainer's
     update() lists ``target.params()``, so the child is not updated."""
-    def build():
-        root = chainer.Chain()
+    def build(cls=chainer.Chain):
+        root = cls()
         with root.init_scope():
             root.a = chainer.links.Linear(2, 2)
             root.b = chainer.links.Linear(2, 2)
-        for k, p in enumerate(sorted(root.params(), key=lambda p: p.name + str(p.shape))):
+        for k, (_, p) in enumerate(sorted(root.namedparams(), key=lambda x: x[0])):
             p.array[...] = np.arange(p.size, dtype=np.float32).reshape(p.shape) / (k + 3)
         return root
     twins = _chainer_twins(build)
@@ -1584,15 +1584,7 @@ def edge_step_params_set_on_the_model_object():
                 return lambda include_uninit=True: b.params(include_uninit)
             return object.__getattribute__(self, name)
 
-    def build_frozen():
-        root = Frozen()
-        with root.init_scope():
-            root.a = chainer.links.Linear(2, 2)
-            root.b = chainer.links.Linear(2, 2)
-        for k, (_, p) in enumerate(sorted(root.namedparams(), key=lambda x: x[0])):
-            p.array[...] = np.arange(p.size, dtype=np.float32).reshape(p.shape) / (k + 3)
-        return root
-    twins = _chainer_twins(build_frozen)
+    twins = _chainer_twins(lambda: build(Frozen))
     for root, opt in twins:
         opt.setup(root)
         for step in range(2):

@@ -9,6 +9,7 @@ import pytest
 
 import cynag
 from cynag import optimizer_hooks as H
+from test_step_machine import _DuckParam as _DictParam  # (a class of its own, with a __dict__)
 
 F32 = np.float32
 
@@ -248,25 +249,6 @@ def test_update_methods_patched_on_the_class_after_steps_are_called(owner, name)
     assert runs[0][1].multi_tensor_plan()["groups"][0]["params"] == 2
 
 
-class _DictParam:
-    """A parameter of neither cynag's nor Chainer's class, with a __dict__."""
-
-    def __init__(self, array):
-        self.array = array
-        self.grad = None
-        self.update_rule = None
-        self.name = None
-
-    data = property(lambda self: self.array)
-
-    def update(self):
-        if self.update_rule is not None:
-            self.update_rule.update(self)
-
-    def cleargrad(self):
-        self.grad = None
-
-
 class _SlotsParam(_DictParam):
     __slots__ = ()
 
@@ -274,15 +256,9 @@ class _SlotsParam(_DictParam):
 class _OnlySlotsParam:
     """The same with __slots__ and no instance dictionary at all."""
 
-    __slots__ = ("array", "grad", "update_rule", "name")
-
-    def __init__(self, array):
-        self.array = array
-        self.grad = None
-        self.update_rule = None
-        self.name = None
-
-    data = property(lambda self: self.array)
+    __slots__ = ("array", "grad", "update_rule", "name", "_loss_scale", "_init")
+    __init__ = _DictParam.__init__
+    data = _DictParam.data
     update = _DictParam.update
     cleargrad = _DictParam.cleargrad
 

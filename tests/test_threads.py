@@ -262,16 +262,23 @@ def test_env_cynag_num_threads_empty_is_ignored():
     assert got == got_default
 
 
-def test_env_cynag_num_threads_overridden_by_set_num_threads():
+@pytest.mark.parametrize("what,var,value", [("num_threads", "CYNAG_NUM_THREADS", 3),
+                                            ("parallel_threshold", "CYNAG_PARALLEL_THRESHOLD",
+                                             1000)])
+def test_env_setting_overridden_by_the_setter_and_back_with_none(what, var, value):
+    # set_...(n) overrides the variable; None returns to it.
     r = run_python("""
         from cynag_kernels import threads
-        threads.set_num_threads(2)
-        a = threads.get_num_threads()
-        threads.set_num_threads(None)
-        print(a, threads.get_num_threads())
-    """, CYNAG_NUM_THREADS="3")
+        threads.set_%s(2)
+        a = threads.get_%s()
+        threads.set_%s(None)
+        print(a, threads.get_%s())
+    """ % ((what,) * 4), **{var: str(value)})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == [str(expected_threads(2)), str(expected_threads(3))]
+    if what == "num_threads":
+        assert r.stdout.split() == [str(expected_threads(2)), str(expected_threads(value))]
+    else:
+        assert r.stdout.split() == ["2", str(value)]
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "abc", "1.5", "2x", "two"])
@@ -284,19 +291,6 @@ def test_env_cynag_num_threads_invalid_raises_at_import(value):
 @pytest.mark.parametrize("value,n", [("0", 0), ("1000", 1000), ("65536", 65536)])
 def test_env_parallel_threshold(value, n):
     assert _show(CYNAG_PARALLEL_THRESHOLD=value)[2] == n
-
-
-def test_env_parallel_threshold_overridden_by_set_parallel_threshold():
-    # None returns to the variable, as set_num_threads(None) to CYNAG_NUM_THREADS.
-    r = run_python("""
-        from cynag_kernels import threads
-        threads.set_parallel_threshold(7)
-        a = threads.get_parallel_threshold()
-        threads.set_parallel_threshold(None)
-        print(a, threads.get_parallel_threshold())
-    """, CYNAG_PARALLEL_THRESHOLD="1000")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["7", "1000"]
 
 
 @pytest.mark.parametrize("value", ["-1", "x", "1e3"])
