@@ -79,13 +79,19 @@ def nesterov_ag(params, grads, vs, *, lr=DEFAULTS["lr"], momentum=DEFAULTS["mome
             sequences of them).
         lr, momentum: scalars, or sequences with one value per tensor.
         loss_scale: ``None``, a scalar or a sequence (``None`` entries: no
-            scaling).
+            scaling).  ``"multi"`` refuses a float16 gradient's loss scale of
+            65000 or more (NumPy 1.x divides by it in float32; ``"single"``
+            does so).
         ops: ``(n_ops, 4)`` hook operation program applied to every gradient
             before the loss scale and the update, in the same pass (rows of
-            :func:`cynag_kernels.hooks.op_row`; ``"multi"`` and
-            ``"contiguous"`` on the CPU only).
+            :func:`cynag_kernels.hooks.op_row` for the arrays' one dtype,
+            without ``"add"``; ``"multi"`` and ``"contiguous"`` on the CPU
+            only).  It writes the gradients, which must be writeable.
         impl: ``"single"``, ``"multi"`` or ``"contiguous"`` (see the module
             documentation).
+
+    Every entry is checked before any array changes: bad input raises,
+    naming the entry's index, and changes nothing.
         num_threads: OpenMP threads (``None``: the thread settings of
             :mod:`cynag_kernels.threads`).
     """
@@ -106,9 +112,18 @@ def nesterov_ag(params, grads, vs, *, lr=DEFAULTS["lr"], momentum=DEFAULTS["mome
         for x in values:
             if type(x) is not float:  # (the common case, a Python float, is fine)
                 cynag_kernels.check_real_scalar(name, x)
+    if scales is not None:
+        for x in scales:
+            if x is not None and type(x) is not float:
+                cynag_kernels.check_real_scalar("loss_scale", x)
     if impl == "single":
         if ops is not None:
             raise ValueError("impl='single' takes no ops (apply the hooks first)")
+        if n > 1 or scales is not None:
+            # Every entry is checked before any is changed (a lone entry
+            # without a loss scale is checked by its update, before writing).
+            for i in range(n):
+                _check_single(i, params[i], grads[i], vs[i])
         for i in range(n):
             if scales is not None and scales[i] is not None:
                 _divide(grads[i], scales[i])
@@ -117,6 +132,12 @@ def nesterov_ag(params, grads, vs, *, lr=DEFAULTS["lr"], momentum=DEFAULTS["mome
     groups = {}
     for i, p in enumerate(params):
         groups.setdefault((_backend.device_of(p), getattr(p, "dtype", None)), []).append(i)
+    if ops is not None:
+        ops = _check_ops(ops)
+        if len(groups) > 1:
+            raise ValueError("ops are rows for one dtype (cynag_kernels.hooks.op_row): give "
+                             "arrays of one dtype and device, or call once per dtype")
+    tables = []
     for (device, _), idx in groups.items():
         args = ([params[i] for i in idx], [grads[i] for i in idx], [vs[i] for i in idx],
                 [lrs[i] for i in idx], [ms[i] for i in idx],
@@ -124,16 +145,65 @@ def nesterov_ag(params, grads, vs, *, lr=DEFAULTS["lr"], momentum=DEFAULTS["mome
         if device == "cpu":
             from cynag_kernels.multi_tensor import CPUTable
 
-            nesterov_ag_table(CPUTable(*args), ops=ops, num_threads=num_threads)
+            table = CPUTable(*args, strict=False)
+            if table.excluded:
+                raise ValueError(
+                    "nesterov_ag: entry %d cannot be updated by the multi-tensor kernel "
+                    "(arrays not dense, of another dtype than %s, overlapping another "
+                    "entry, coefficients beyond the compute type, or a read-only gradient "
+                    "to divide by a loss scale); impl='single' takes any layout"
+                    % (idx[table.excluded[0]], table.dtype))
+            if ops is not None:
+                for i in idx:
+                    if not grads[i].flags.writeable:
+                        raise ValueError("nesterov_ag: entry %d: the gradient is read-only "
+                                         "but ops write it" % i)
         elif device is not None:
             if ops is not None:
                 raise ValueError("ops are taken on the CPU only")
             from cynag_kernels.cuda import GPUTable
 
-            nesterov_ag_table(GPUTable(*args))
+            table = GPUTable(*args)
         else:
             raise TypeError("nesterov_ag takes NumPy or CuPy arrays, got %s"
                             % type(params[idx[0]]).__name__)
+        tables.append((device, table))
+    # (every group built and checked before any runs)
+    for device, table in tables:
+        if device == "cpu":
+            nesterov_ag_table(table, ops=ops, num_threads=num_threads)
+        else:
+            nesterov_ag_table(table)
+
+
+def _check_single(i, param, grad, v):
+    """Raise, naming entry ``i``, what ``impl='single'`` would refuse for it."""
+    if grad is None or v is None:
+        raise TypeError("nesterov_ag: entry %d has no %s" % (i, "grad" if grad is None
+                                                               else "v"))
+    if isinstance(param, numpy.ndarray):
+        mixed = isinstance(v, numpy.ndarray) and v.dtype != getattr(param, "dtype", None)
+        try:
+            cynag_kernels.check_nesterov_ag_arrays(param, grad, v, v_any_float=mixed)
+        except (TypeError, ValueError) as e:
+            raise type(e)("nesterov_ag: entry %d: %s" % (i, e)) from e
+
+
+def _check_ops(ops):
+    """``ops`` as a ``(k, 4)`` float64 program of the kernel's operations, or raise."""
+    from cynag_kernels.hooks import OP_CODES, OP_WORDS
+
+    table = numpy.asarray(ops, numpy.float64)
+    if table.ndim != 2 or table.shape[1] != OP_WORDS:
+        raise ValueError("ops must be a (n_ops, %d) program of op_row rows, got shape %s"
+                         % (OP_WORDS, table.shape))
+    fused = {float(c) for name, c in OP_CODES.items() if name != "add"}
+    for code in table[:, 0].tolist():
+        if code not in fused:
+            raise ValueError("ops: operation code %r is not one the update pass runs (%s; "
+                             "add noise to the gradients first)"
+                             % (code, ", ".join(sorted(k for k in OP_CODES if k != "add"))))
+    return numpy.ascontiguousarray(table)
 
 
 def nesterov_ag_table(table, ops=None, num_threads=None):
@@ -205,6 +275,9 @@ def nesterov_ag_addresses(ptrs, sizes, dtype, *, lr, momentum, index=None, ops=N
     from cynag_kernels.multi_tensor import coefficient_table, run_addresses
 
     dtype = numpy.dtype(dtype)
+    if dtype not in cynag_kernels.SUPPORTED_DTYPES:
+        raise TypeError("nesterov_ag_addresses updates float16, float32 and float64 arrays, "
+                        "got %s" % dtype)
     ptrs = numpy.ascontiguousarray(ptrs, numpy.int64).reshape(-1, 3)
     sizes = numpy.ascontiguousarray(sizes, numpy.int64)
     n = len(sizes)
@@ -212,6 +285,10 @@ def nesterov_ag_addresses(ptrs, sizes, dtype, *, lr, momentum, index=None, ops=N
         raise ValueError("ptrs and sizes must have the same length")
     if n == 0:
         return True
+    if sizes.min() < 0:
+        raise ValueError("sizes must not be negative")
+    if ops is not None:
+        ops = _check_ops(ops)
     if index is None:
         coef, ok = coefficient_table(dtype, [lr], [momentum])
         if not ok[0]:
@@ -221,6 +298,11 @@ def nesterov_ag_addresses(ptrs, sizes, dtype, *, lr, momentum, index=None, ops=N
         index = numpy.asarray(index, numpy.intp)
         if index.shape != (n,):
             raise ValueError("index must have one entry per tensor")
+        n_sets = len(lr)
+        if len(momentum) != n_sets:
+            raise ValueError("lr and momentum must have one entry per set")
+        if index.min() < 0 or index.max() >= n_sets:
+            raise ValueError("index must take values in [0, %d)" % n_sets)
         coef, ok = coefficient_table(dtype, list(lr), list(momentum))
         if not ok.all():
             return False
@@ -244,6 +326,11 @@ def _divide(grad, scale):
     """``grad /= scale`` in place, with NumPy 1.x's promotion (as Chainer divides)."""
     if grad.ndim == 0 and isinstance(grad, numpy.ndarray):
         grad[()] = numpy.float64(grad[()]) / numpy.float64(scale)
+    elif isinstance(grad, numpy.ndarray):
+        # The scale meets the array by value (a float16 gradient divided by
+        # 65536 is computed in float32, not by an infinite float16 divisor).
+        t = cynag_kernels.nesterov.np1_result_dtype(scale, grad.dtype)
+        numpy.divide(grad, t.type(scale), out=grad, casting="same_kind")
     else:
         grad /= float(scale)
 

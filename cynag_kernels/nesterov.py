@@ -353,6 +353,9 @@ def nesterov_ag_cpu(param, grad, v, lr, momentum, num_threads=None, check=True):
         num_threads = threads_for(getattr(param, "size", 0))
     if _nesterov_cpu.try_nesterov_ag_dense(param, grad, v, lr, momentum, num_threads):
         return
+    if grad is None or v is None:
+        raise TypeError("nesterov_ag_cpu needs grad and v arrays, got %s None"
+                        % ("grad" if grad is None else "v"))
     if check:
         check_nesterov_ag_arrays(param, grad, v)
     if not (type(param) is type(grad) is type(v) is numpy.ndarray):

@@ -2098,3 +2098,99 @@ def test_native_coefficients_equal_the_python_ones(dtype, lr, m):
     assert bool(ok[0]) == (not wide)
     if ok[0]:
         assert_same_bits(table[0, :4], np.array([float(k) for k in py]))
+
+
+def test_functional_checks_every_entry_before_any_changes():
+    from cynag import functional
+    from cynag_kernels.hooks import op_row
+
+    def fresh(n=3, dtype=np.float32):
+        return ([np.ones(4, dtype) for _ in range(n)], [np.full(4, 0.5, dtype) for _ in range(n)],
+                [np.zeros(4, dtype) for _ in range(n)])
+
+    def unchanged(ps, gs, vs):
+        return (all((p == 1).all() for p in ps) and all((g == 0.5).all() for g in gs)
+                and all((v == 0).all() for v in vs))
+
+    # single: a bad later entry (or with a loss scale, any entry) changes nothing
+    ps, gs, vs = fresh()
+    gs[1] = np.full(3, 0.5, np.float32)
+    with pytest.raises(ValueError, match="entry 1"):
+        functional.nesterov_ag(ps, gs, vs, impl="single")
+    assert unchanged(ps, gs[:1] + gs[2:], vs)
+    ps, gs, vs = fresh()
+    vs[2] = np.zeros(4, np.int32)
+    with pytest.raises(TypeError, match="entry 2"):
+        functional.nesterov_ag(ps, gs, vs, impl="single", loss_scale=2.0)
+    assert unchanged(ps, gs, vs[:2])
+    with pytest.raises(TypeError, match="loss_scale"):
+        functional.nesterov_ag(*fresh(), impl="single", loss_scale="2")
+    # multi: a bad entry of a later dtype group; the caller's index is named
+    ps, gs, vs = fresh()
+    ps.append(np.ones(4, np.float64)[::-1])
+    gs.append(np.full(4, 0.5))
+    vs.append(np.zeros(4))
+    with pytest.raises(ValueError, match="entry 3"):
+        functional.nesterov_ag(ps, gs, vs, impl="multi")
+    assert unchanged(ps[:3], gs[:3], vs[:3])
+    # ops write the gradients: a read-only one is refused, and so is "add"
+    ps, gs, vs = fresh()
+    gs[1].flags.writeable = False
+    ops = np.array([op_row(F32, ("weight_decay", 0.1))])
+    with pytest.raises(ValueError, match="entry 1: the gradient is read-only"):
+        functional.nesterov_ag(ps, gs, vs, ops=ops)
+    assert unchanged(ps, gs, vs)
+    ps, gs, vs = fresh()
+    with pytest.raises(ValueError, match="code 5"):
+        functional.nesterov_ag(ps, gs, vs, ops=np.array([[5.0, 0, 0, 0]]))
+    with pytest.raises(ValueError, match="code 99"):
+        functional.nesterov_ag(ps, gs, vs, ops=np.array([[99.0, 0, 0, 0]]))
+    with pytest.raises(ValueError, match="one dtype"):
+        functional.nesterov_ag(ps + [np.ones(2)], gs + [np.ones(2)], vs + [np.zeros(2)],
+                               ops=ops)
+    assert unchanged(ps, gs, vs)
+
+
+def test_functional_grad_or_v_none_changes_nothing():
+    from cynag import functional
+
+    p, g, v = np.ones(4, np.float32), np.full(4, 0.5, np.float32), np.ones(4, np.float32)
+    with pytest.raises(TypeError, match="grad"):
+        nesterov_ag_cpu(p, None, v, 0.1, 0.9)
+    with pytest.raises(TypeError, match="no v"):
+        functional.nesterov_ag([p, p.copy()], [g, g], [v, None], impl="single")
+    assert (p == 1).all() and (v == 1).all()
+
+
+@pytest.mark.parametrize("scale", [65536.0, 65536, 1e5, 65504.0, 3.0])
+def test_functional_float16_loss_scale_divides_as_numpy_1(scale):
+    # NumPy 1.x meets a scale too large for float16 in float32 (NumPy 2 would
+    # round it to an infinite float16 divisor).
+    from cynag import functional
+
+    g = np.array([1.0, 3.0, 1000.0], np.float16)
+    expected = (g.astype(np.float32) / np.float32(scale)).astype(np.float16) \
+        if scale >= 65520 else g / np.float16(scale)
+    p, v = np.ones(3, np.float16), np.zeros(3, np.float16)
+    functional.nesterov_ag([p], [g], [v], lr=0.0, momentum=0.0, loss_scale=scale,
+                           impl="single")
+    assert g.tobytes() == expected.tobytes()
+
+
+def test_functional_addresses_check_their_arguments():
+    from cynag import functional
+
+    p, g, v = np.ones(4, np.float32), np.full(4, 0.5, np.float32), np.zeros(4, np.float32)
+    ptrs = np.array([[p.ctypes.data, g.ctypes.data, v.ctypes.data]], np.int64)
+    for kwargs, exc, words in [
+            (dict(index=[-1]), ValueError, "index"), (dict(index=[2]), ValueError, "index"),
+            (dict(sizes=[-4]), ValueError, "negative"), (dict(dtype=np.int32), TypeError,
+                                                          "float16")]:
+        args = dict(ptrs=ptrs, sizes=[4], dtype=np.float32, lr=[0.1, 0.2],
+                    momentum=[0.9, 0.9])
+        if "index" not in kwargs:
+            args.update(lr=0.1, momentum=0.9)
+        args.update(kwargs)
+        with pytest.raises(exc, match=words):
+            functional.nesterov_ag_addresses(**args)
+    assert (p == 1).all() and (v == 0).all()
