@@ -70,7 +70,8 @@ def nesterov_ag(params, grads, vs, *, lr=DEFAULTS["lr"], momentum=DEFAULTS["mome
 
     For each tensor: ``grad /= loss_scale`` (if given, in the gradient's
     dtype, in place), then ``v = v * momentum - lr * grad`` and ``param =
-    (param + mm * v) - c * grad``.
+    (param + mm * v) - c * grad``.  Every entry is checked before any array
+    changes: bad input raises, naming the entry's index, and changes nothing.
 
     Args:
         params, grads, vs: sequences of NumPy or CuPy arrays (one entry per
@@ -89,9 +90,6 @@ def nesterov_ag(params, grads, vs, *, lr=DEFAULTS["lr"], momentum=DEFAULTS["mome
             only).  It writes the gradients, which must be writeable.
         impl: ``"single"``, ``"multi"`` or ``"contiguous"`` (see the module
             documentation).
-
-    Every entry is checked before any array changes: bad input raises,
-    naming the entry's index, and changes nothing.
         num_threads: OpenMP threads (``None``: the thread settings of
             :mod:`cynag_kernels.threads`).
     """
