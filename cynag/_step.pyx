@@ -302,8 +302,8 @@ cdef inline int _rule_kind(PyTypeObject* tp) except -1:
     return _cached_kind(_rule_kinds, tp, _classify_rule)
 
 
-cdef bint _instance_overrides(object o) except -1:
-    """True if ``o``'s own dictionary holds ``update``."""
+cdef bint _own_attr(object o, object name) except -1:
+    """True if ``o``'s own dictionary holds ``name`` (a method set on the object)."""
     cdef PyObject* d
     if not cynag_type_has_dict(Py_TYPE(<PyObject*>o)):
         return False  # (__slots__ without __dict__: nothing to look up, nothing raised)
@@ -314,7 +314,7 @@ cdef bint _instance_overrides(object o) except -1:
     d = <PyObject*>dct
     if not PyDict_Check(d) or PyDict_Size(d) == 0:
         return False
-    return PyDict_GetItem(d, <PyObject*>S_UPDATE) is not NULL
+    return PyDict_GetItem(d, <PyObject*>name) is not NULL
 
 
 # -- reading a parameter ---------------------------------------------------------
@@ -817,7 +817,7 @@ def scan(list params, StepTable table, object indices=None):
         elif pkind == K_CHAINER:
             if PyDict_GetItem(<PyObject*>pd, <PyObject*>S_UPDATE) is not NULL:
                 continue
-        elif _instance_overrides(p):
+        elif _own_attr(p, S_UPDATE):
             continue
         rp = <PyObject*>rule
         vp = _slot(rp, OFF_R_OVERRIDDEN)  # (set by UpdateRule.__setattr__)
@@ -1337,14 +1337,7 @@ cdef int _link_kind(object link, str method, tuple fns) except -2:
     (a class of its own, ``method`` set on the link object itself, or a class
     whose attribute lookup is its own: ``__getattribute__``/``__getattr__``)."""
     tp = type(link)
-    if not cynag_generic_getattr(Py_TYPE(<PyObject*>link)):
-        return -1
-    try:
-        d = PyObject_GenericGetDict(link, NULL)
-    except (AttributeError, TypeError):
-        d = None
-    if d is not None and PyDict_Check(<PyObject*>d) and \
-            PyDict_GetItem(<PyObject*>d, <PyObject*>method) is not NULL:
+    if not cynag_generic_getattr(Py_TYPE(<PyObject*>link)) or _own_attr(link, method):
         return -1
     f = getattr(tp, method, None)
     if f is fns[0]:
